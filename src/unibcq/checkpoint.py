@@ -153,21 +153,27 @@ def load_checkpoint(path: str | os.PathLike) -> PreTrainedModel:
     path = Path(path)
     data = read_config(path)
     qcfg = data.pop(QUANT_KEY)
-    hf_config: PretrainedConfig = AutoConfig.for_model(**data)
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=hf_config.dtype or torch.float32)
+    try:
+        hf_config: PretrainedConfig = AutoConfig.for_model(**data)
+        dtype = hf_config.dtype or torch.float32
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    except Exception as exc:  # transformers raises ValueError/TypeError/validation errors here
+        raise CheckpointError(f"{path / 'config.json'} does not describe a model transformers can build: {exc}") from exc
     for name, spec in qcfg["layers"].items():
         try:
             current = model.get_submodule(name)
         except AttributeError as exc:
             raise CheckpointError(f"layer {name!r} in the checkpoint does not exist in a {hf_config.model_type} model") from exc
+        if not isinstance(current, torch.nn.Linear):
+            raise CheckpointError(f"layer {name!r} in the checkpoint is a {type(current).__name__}, not a linear layer")
         if (current.in_features, current.out_features) != (spec["in_features"], spec["out_features"]):
             raise CheckpointError(f"layer {name!r}: shape in quantization_config disagrees with the model config")
         set_module(
             model,
             name,
             BCQLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
-                      bool(spec.get("offset", True)), bool(spec.get("bias", False))),
+                      bool(spec.get("offset", True)), bool(spec.get("bias", False)), dtype=dtype),
         )
     state = _load_tensors(path)
     expected = model.state_dict()

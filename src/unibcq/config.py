@@ -42,14 +42,20 @@ class QuantConfig:
         from unibcq.methods.registry import check_method
 
         check_method(self.method)
+        if not isinstance(self.overrides, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) for k, v in self.overrides.items()
+        ):
+            raise UnibcqError("overrides must map a layer-name pattern to {'bits': N, 'group_size': G}")
         for cfg in [self] + [self.for_pattern(p) for p in self.overrides]:
             if not isinstance(cfg.bits, int) or isinstance(cfg.bits, bool) or not MIN_BITS <= cfg.bits <= MAX_BITS:
                 raise UnibcqError(
                     f"bits must be an integer in {MIN_BITS}..{MAX_BITS} for method {self.method}, got {cfg.bits!r}"
                 )
             validate_group_size(cfg.group_size)
-        if self.iters < 0:
-            raise UnibcqError(f"iters must be >= 0, got {self.iters}")
+        if type(self.iters) is not int or self.iters < 0:
+            raise UnibcqError(f"iters must be an integer >= 0, got {self.iters!r}")
+        if self.init not in ("greedy", "greedy+uniform"):
+            raise UnibcqError(f"unknown alternating init {self.init!r}; use 'greedy' or 'greedy+uniform'")
         return self
 
     def for_pattern(self, pattern: str) -> "QuantConfig":

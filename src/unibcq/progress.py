@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -49,4 +50,4 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[obje
         table.add_column(col, justify="left" if col in ("layer", "name", "metric", "dataset") else "right")
     for row in rows:
         table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)

@@ -1,5 +1,5 @@
 """Deployment modules."""
 
-from unibcq.nn.qlinear import BCQLinear
+from unibcq.nn.qlinear import BCQLinear, dense_weights
 
-__all__ = ["BCQLinear"]
+__all__ = ["BCQLinear", "dense_weights"]

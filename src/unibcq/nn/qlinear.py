@@ -6,7 +6,11 @@ model's `state_dict` is exactly what a checkpoint stores and `load_state_dict` r
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from unibcq.formats.bcq import STORAGE_DTYPE, BCQTensor, num_groups
@@ -37,6 +41,7 @@ class BCQLinear(nn.Module):
         else:
             self.bcq_offset = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.dense_cache: torch.Tensor | None = None
 
     @classmethod
     def from_tensor(cls, weight: BCQTensor, bias: torch.Tensor | None = None) -> "BCQLinear":
@@ -68,6 +73,8 @@ class BCQLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense_cache is not None:
+            return F.linear(x, self.dense_cache.to(x.dtype), self.bias)
         return bcq_linear(x, self.weight_tensor(), self.bias)
 
     def extra_repr(self) -> str:
@@ -75,3 +82,21 @@ class BCQLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, offset={self.bcq_offset is not None}, bias={self.bias is not None}"
         )
+
+
+@contextmanager
+def dense_weights(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator[nn.Module]:
+    """Dequantize every `BCQLinear` once for a loop of forward passes, then drop the copies.
+
+    Evaluation runs hundreds of forward passes; with the reference kernel each one would
+    dequantize every layer again. The cached weights are the same `dequantize()` result, so
+    outputs are identical; only speed and (temporarily) memory change.
+    """
+    layers = [m for m in model.modules() if isinstance(m, BCQLinear)]
+    try:
+        for layer in layers:
+            layer.dense_cache = layer.weight_tensor().dequantize(dtype)
+        yield model
+    finally:
+        for layer in layers:
+            layer.dense_cache = None

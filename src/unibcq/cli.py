@@ -1,0 +1,241 @@
+"""Command-line interface: a thin layer over the Python API.
+
+Every user mistake surfaces as one `unibcq: error: ...` line on stderr and exit code 2;
+results go to stdout as tables and, with --json, to a JSON file written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from unibcq.atomic import write_json_atomic
+from unibcq.errors import UnibcqError
+
+PRESET_HELP = "calibration-free methods ignore the calibration options"
+
+
+def _parse_override(text: str) -> tuple[str, dict[str, int]]:
+    """'PATTERN:bits=4,group_size=64' -> (PATTERN, {...})."""
+    pattern, sep, assignments = text.rpartition(":")
+    if not sep or not pattern:
+        raise UnibcqError(f"--override {text!r}: expected PATTERN:bits=N[,group_size=G]")
+    values: dict[str, int] = {}
+    for item in assignments.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or key.strip() not in ("bits", "group_size"):
+            raise UnibcqError(f"--override {text!r}: settings are bits=N and group_size=G")
+        try:
+            values[key.strip()] = int(value)
+        except ValueError as exc:
+            raise UnibcqError(f"--override {text!r}: {key.strip()} must be an integer") from exc
+    return pattern, values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unibcq", description="Binary-coding quantization of causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model's decoder linear layers and save a checkpoint")
+    q.add_argument("model", help="Hugging Face id, local model dir, .gguf file, or alias (smollm2-135m)")
+    q.add_argument("--method", required=True, help="rtn, bcq-greedy, bcq-refined, bcq-alternating")
+    q.add_argument("--bits", type=int, default=3)
+    q.add_argument("--group-size", type=int, default=128, help="input columns per group; -1 = per output channel")
+    q.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
+    q.add_argument("--symmetric", action="store_true", help="rtn: symmetric grid")
+    q.add_argument("--clip-search", action="store_true", help="rtn: per-group clipping search on an Lp error")
+    q.add_argument("--no-offset", dest="offset", action="store_false", help="bcq-*: no per-group offset")
+    q.add_argument("--iters", type=int, default=15, help="bcq-alternating rounds")
+    q.add_argument("--init", default="greedy+uniform", choices=["greedy", "greedy+uniform"], help="bcq-alternating start")
+    q.add_argument("--override", action="append", default=[], metavar="PATTERN:bits=N[,group_size=G]",
+                   help="per-layer settings for layers whose name matches PATTERN (fnmatch); repeatable")
+    q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (unties embeddings)")
+    q.add_argument("--calib", default="wikitext2", help=f"calibration text source ({PRESET_HELP})")
+    q.add_argument("--calib-samples", type=int, default=128)
+    q.add_argument("--seq-len", type=int, default=2048)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--data-dir", help="folder with the datasets (default: $UNIBCQ_DATA_DIR)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    q.add_argument("--json", help="also write the per-layer summary as JSON here")
+    q.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("eval", help="perplexity, KL divergence and top-1 agreement")
+    e.add_argument("model", help="quantized checkpoint dir, or any MODEL accepted by quantize")
+    e.add_argument("--ppl", default="wikitext2", help="comma-separated: wikitext2, ptb, or .txt/.jsonl files")
+    e.add_argument("--kl-ref", help="reference model for KL (default: a checkpoint's source model; 'none' skips)")
+    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    e.add_argument("--data-dir", help="folder with the datasets (default: $UNIBCQ_DATA_DIR)")
+    e.add_argument("--json", help="write every printed figure to this JSON file")
+    e.add_argument("--no-progress", action="store_true")
+
+    i = sub.add_parser("info", help="method, bits and honest bits per weight of a checkpoint")
+    i.add_argument("path")
+    i.add_argument("--json")
+    i.add_argument("--layers", action="store_true", help="print the per-layer table")
+    return parser
+
+
+def _source_spec(spec: str) -> str:
+    """Record local paths absolutely so the checkpoint's source resolves from anywhere."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from unibcq.checkpoint import checkpoint_info, save_checkpoint
+    from unibcq.config import QuantConfig
+    from unibcq.methods import quantize_model
+    from unibcq.models import load_model, load_tokenizer, resolve_model
+    from unibcq.progress import print_table
+
+    config = QuantConfig(
+        method=args.method, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
+        clip_search=args.clip_search, offset=args.offset, iters=args.iters, init=args.init,
+        include_lm_head=args.quantize_lm_head, overrides=dict(_parse_override(o) for o in args.override),
+        seed=args.seed,
+    ).validate()
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UnibcqError(f"output {out} already exists; remove it or pass --overwrite")
+    resolve_model(args.model)
+    start = time.perf_counter()
+    model = load_model(args.model)
+    tokenizer = load_tokenizer(args.model)
+    load_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    records = quantize_model(model, config, show_progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    save_checkpoint(model, out, config, _source_spec(args.model), tokenizer, overwrite=args.overwrite,
+                    extra={"quantize_seconds": round(seconds, 3)})
+    info = checkpoint_info(out)
+    print_table(
+        f"{config.method} w{config.bits} g{config.group_size}",
+        ["layer", "bits", "group", "bits/weight", "rel. error", "seconds"],
+        [(r.name, r.bits, r.group_size, r.bits_per_weight, r.rel_error, r.seconds) for r in records],
+    )
+    mean_err = sum(r.rel_error * r.numel for r in records) / sum(r.numel for r in records)
+    print(
+        f"quantized {len(records)} layers ({info.quantized_params:,} weights) in {seconds:.1f} s "
+        f"(load {load_seconds:.1f} s); {info.bits_per_weight:.3f} bits/weight; "
+        f"weighted rel. error {mean_err:.4f}; checkpoint {info.file_bytes / 2**20:.1f} MiB -> {out}"
+    )
+    if args.json:
+        write_json_atomic(args.json, {
+            "out": str(out), "config": config.to_dict(), "seconds": seconds,
+            "bits_per_weight": info.bits_per_weight, "file_bytes": info.file_bytes,
+            "layers": [vars(r) for r in records],
+        })
+
+
+def _load_for_eval(spec: str):
+    """(model, tokenizer, bits_per_weight, default KL reference) for a checkpoint or a model."""
+    from unibcq.checkpoint import QUANT_KEY, checkpoint_info, is_checkpoint, load_checkpoint, read_config
+    from unibcq.models import load_model, load_tokenizer
+
+    if is_checkpoint(spec):
+        source = read_config(spec)[QUANT_KEY].get("source_model")
+        model = load_checkpoint(spec)
+        has_tokenizer = (Path(spec) / "tokenizer_config.json").is_file()
+        if not has_tokenizer and not source:
+            raise UnibcqError(f"{spec} has no tokenizer and no source model to take one from")
+        tokenizer = load_tokenizer(spec if has_tokenizer else source)
+        return model, tokenizer, checkpoint_info(spec).bits_per_weight, source
+    model = load_model(spec)
+    bits = float(torch.finfo(next(model.parameters()).dtype).bits)
+    return model, load_tokenizer(spec), bits, None
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from unibcq.data import eval_token_ids
+    from unibcq.eval import evaluate_windows
+    from unibcq.models import load_model
+    from unibcq.progress import print_table
+
+    datasets = [d.strip() for d in args.ppl.split(",") if d.strip()]
+    if not datasets:
+        raise UnibcqError("--ppl needs at least one dataset")
+    model, tokenizer, bits, default_ref = _load_for_eval(args.model)
+    ref_spec = default_ref if args.kl_ref is None else (None if args.kl_ref.lower() == "none" else args.kl_ref)
+    ref_model = load_model(ref_spec) if ref_spec else None
+    start = time.perf_counter()
+    results: dict[str, Any] = {}
+    for name in datasets:
+        ids = eval_token_ids(tokenizer, name, args.data_dir)
+        results[name] = evaluate_windows(model, ids, args.seq_len, args.max_windows, ref_model,
+                                         description=name, show_progress=not args.no_progress)
+    first = results[datasets[0]]
+    report = {
+        "model": args.model,
+        "ppl": {k: v.ppl for k, v in results.items()},
+        "ref_model": ref_spec,
+        "ref_ppl": {k: v.ref_ppl for k, v in results.items()} if ref_model is not None else None,
+        "kl_vs_ref": first.kl,
+        "top1_agreement": first.top1_agreement,
+        "kl_dataset": datasets[0] if ref_model is not None else None,
+        "kl": {k: v.kl for k, v in results.items()} if ref_model is not None else None,
+        "seq_len": args.seq_len,
+        "windows": {k: v.windows for k, v in results.items()},
+        "tokens": {k: v.tokens for k, v in results.items()},
+        "bits_per_weight": bits,
+        "seconds": time.perf_counter() - start,
+    }
+    rows = []
+    for name, r in results.items():
+        rows.append((name, r.windows, r.tokens, r.ppl, r.ref_ppl if r.ref_ppl is not None else "-",
+                     r.kl if r.kl is not None else "-", r.top1_agreement if r.top1_agreement is not None else "-"))
+    print_table(f"{args.model} (seq_len {args.seq_len}, {bits:.3f} bits/weight)",
+                ["dataset", "windows", "tokens", "ppl", "ref ppl", "KL vs ref", "top-1 agree"], rows)
+    if args.json:
+        write_json_atomic(args.json, report)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from unibcq.checkpoint import QUANT_KEY, checkpoint_info, read_config
+    from unibcq.progress import print_table
+
+    info = checkpoint_info(args.path)
+    qcfg = read_config(args.path)[QUANT_KEY]
+    report = info.to_dict() | {"source_model": qcfg.get("source_model"), "quantize_seconds": qcfg.get("quantize_seconds")}
+    if args.layers:
+        print_table("layers", ["layer", "bits", "group", "bits/weight", "bytes"],
+                    [(n, s["bits"], s["group_size"], s["bits_per_weight"], s["bytes"]) for n, s in info.layers.items()])
+    print_table(str(args.path), ["metric", "value"], [
+        ("method", info.method), ("bits", info.bits), ("group_size", info.group_size),
+        ("bits_per_weight (honest: codes + scales + offsets)", info.bits_per_weight),
+        ("quantized_params", f"{info.quantized_params:,}"), ("quantized MiB", info.quantized_bytes / 2**20),
+        ("dense (unquantized) params", f"{info.dense_params:,}"), ("dense MiB", info.dense_bytes / 2**20),
+        ("file MiB", info.file_bytes / 2**20), ("source_model", report["source_model"]),
+    ])
+    if args.json:
+        write_json_atomic(args.json, report)
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        COMMANDS[args.command](args)
+    except UnibcqError as exc:
+        print(f"unibcq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("unibcq: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Text sources for calibration and evaluation.
+
+A source is a known dataset name (`wikitext2`, `ptb`) or a local `.txt` / `.jsonl` file.
+Known datasets are read from a local data directory (`--data-dir`, else $UNIBCQ_DATA_DIR)
+laid out as in the shared datasets folder; when neither has them, the Hugging Face
+`datasets` loader is tried (needs the network and `pip install datasets`).
+
+Calibration never uses the evaluation text: for `wikitext2` it draws from the WikiText-2
+validation split, for `ptb` from PTB validation. A local file is used as given for both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from unibcq.errors import UnibcqError
+
+EVAL = "eval"
+CALIB = "calib"
+
+
+@dataclass(frozen=True)
+class KnownDataset:
+    """Relative paths under the data directory and the Hub fallback for each split."""
+
+    files: dict[str, str]
+    hub: tuple[str, str | None, dict[str, str], str]  # (path, config, split per role, text column)
+
+
+KNOWN: dict[str, KnownDataset] = {
+    "wikitext2": KnownDataset(
+        files={EVAL: "wikitext-2-raw/wiki.test.raw", CALIB: "wikitext-2/wiki.valid.tokens"},
+        hub=("wikitext", "wikitext-2-raw-v1", {EVAL: "test", CALIB: "validation"}, "text"),
+    ),
+    "ptb": KnownDataset(
+        files={EVAL: "ptb/ptb.test.txt", CALIB: "ptb/ptb.valid.txt"},
+        hub=("ptb_text_only", "penn_treebank", {EVAL: "test", CALIB: "validation"}, "sentence"),
+    ),
+}
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
+    chosen = data_dir or os.environ.get("UNIBCQ_DATA_DIR")
+    return Path(chosen).expanduser() if chosen else None
+
+
+def _join_lines(text: str) -> str:
+    """Normalise line endings and join non-empty lines with a blank line between them."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return "\n\n".join(line for line in lines if line.strip())
+
+
+def _read_local_file(path: Path) -> str:
+    if not path.is_file():
+        raise UnibcqError(f"data file {path} not found")
+    if path.suffix == ".jsonl":
+        rows = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UnibcqError(f"{path}:{lineno} is not valid JSON: {exc}") from exc
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise UnibcqError(f"{path}:{lineno} needs a string field 'text'")
+            rows.append(row["text"])
+        return "\n\n".join(rows)
+    return path.read_text(encoding="utf-8")
+
+
+def _from_hub(name: str, role: str) -> str:
+    hub_path, hub_config, splits, column = KNOWN[name].hub
+    try:
+        import datasets
+    except ImportError as exc:
+        raise UnibcqError(
+            f"{name} is not in a local data directory; pass --data-dir / set UNIBCQ_DATA_DIR "
+            "(e.g. to the shared datasets folder), or `pip install datasets` when online"
+        ) from exc
+    try:
+        rows = datasets.load_dataset(hub_path, hub_config, split=splits[role])[column]
+    except Exception as exc:  # the datasets library raises many kinds of network errors
+        raise UnibcqError(f"could not fetch {name} from the Hugging Face Hub: {exc}") from exc
+    return "\n\n".join(rows)
+
+
+def load_text(source: str, role: str = EVAL, data_dir: str | os.PathLike | None = None) -> str:
+    """The text of `source` for `role` (EVAL or CALIB)."""
+    if source in KNOWN:
+        root = resolve_data_dir(data_dir)
+        if root is not None:
+            path = root / KNOWN[source].files[role]
+            if not path.is_file():
+                raise UnibcqError(
+                    f"{source} {role} file {path} not found; point --data-dir / UNIBCQ_DATA_DIR at a "
+                    f"folder containing {KNOWN[source].files[role]}"
+                )
+            return _join_lines(path.read_text(encoding="utf-8"))
+        return _from_hub(source, role)
+    path = Path(source).expanduser()
+    if path.suffix in (".txt", ".jsonl", ".raw", ".tokens") or path.exists():
+        return _read_local_file(path)
+    raise UnibcqError(f"unknown data source {source!r}; use {', '.join(KNOWN)} or a .txt/.jsonl file")
+
+
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False)["input_ids"][0]
+    return ids.to(torch.long)
+
+
+def eval_token_ids(tokenizer, source: str, data_dir: str | os.PathLike | None = None) -> torch.Tensor:
+    """The evaluation text tokenised once (1-D)."""
+    return _tokenize(tokenizer, load_text(source, EVAL, data_dir))
+
+
+def calibration_windows(
+    tokenizer,
+    source: str,
+    n_samples: int,
+    seq_len: int,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+) -> torch.Tensor:
+    """`n_samples` random windows of `seq_len` tokens (seeded) from the calibration split."""
+    if n_samples < 1 or seq_len < 2:
+        raise UnibcqError(f"need at least 1 calibration sample of >= 2 tokens, got {n_samples} x {seq_len}")
+    ids = _tokenize(tokenizer, load_text(source, CALIB, data_dir))
+    if len(ids) <= seq_len:
+        raise UnibcqError(f"calibration text {source} has {len(ids)} tokens, fewer than --seq-len {seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seq_len, (n_samples,), generator=gen)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

@@ -1,0 +1,96 @@
+"""Perplexity with the papers' protocol, and KL divergence / top-1 agreement in the same pass.
+
+Protocol: the evaluation text is joined with "\\n\\n" and tokenised once; it is cut into
+non-overlapping windows of `seq_len` tokens (a final partial window is dropped); each
+window is scored independently and perplexity is exp(mean NLL over every predicted token,
+i.e. seq_len - 1 per window). `max_windows` keeps the first N windows for quick runs.
+
+With a reference model, the same windows also give KL(P_ref || P_model) per token (mean)
+and how often both models' top-1 next tokens agree, as llama.cpp's KL statistics do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unibcq.errors import UnibcqError
+from unibcq.nn.qlinear import dense_weights
+from unibcq.progress import progress_bar
+
+
+@dataclass
+class WindowStats:
+    ppl: float
+    nll: float
+    tokens: int
+    windows: int
+    seq_len: int
+    kl: float | None = None
+    top1_agreement: float | None = None
+    ref_ppl: float | None = None
+
+
+def windows_of(ids: torch.Tensor, seq_len: int, max_windows: int | None) -> torch.Tensor:
+    """Non-overlapping windows (W, seq_len) of a 1-D token tensor."""
+    if seq_len < 2:
+        raise UnibcqError(f"--seq-len must be >= 2, got {seq_len}")
+    count = len(ids) // seq_len
+    if max_windows is not None:
+        if max_windows < 1:
+            raise UnibcqError(f"--max-windows must be >= 1, got {max_windows}")
+        count = min(count, max_windows)
+    if count == 0:
+        raise UnibcqError(f"the evaluation text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    return ids[: count * seq_len].reshape(count, seq_len)
+
+
+def kl_terms(logits: torch.Tensor, ref_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token KL(P_ref || P) and top-1 agreement (bool) for logits (T, V)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    ref_logp = F.log_softmax(ref_logits.float(), dim=-1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    return kl, logits.argmax(-1) == ref_logits.argmax(-1)
+
+
+@torch.no_grad()
+def evaluate_windows(
+    model: nn.Module,
+    ids: torch.Tensor,
+    seq_len: int = 2048,
+    max_windows: int | None = None,
+    ref_model: nn.Module | None = None,
+    description: str = "eval",
+    show_progress: bool = True,
+) -> WindowStats:
+    """Perplexity of `model` on `ids`, plus KL / agreement vs `ref_model` when given."""
+    windows = windows_of(ids, seq_len, max_windows)
+    device = next(model.parameters()).device
+    nll_sum = ref_nll_sum = kl_sum = 0.0
+    agree = tokens = 0
+    with dense_weights(model), progress_bar(show_progress) as bar:
+        task = bar.add_task(description, total=len(windows))
+        for window in windows:
+            x = window.unsqueeze(0).to(device)
+            logits = model(x).logits[0, :-1].float()
+            target = x[0, 1:]
+            nll_sum += F.cross_entropy(logits, target, reduction="sum").item()
+            tokens += target.numel()
+            if ref_model is not None:
+                ref_logits = ref_model(x.to(next(ref_model.parameters()).device)).logits[0, :-1].float().to(device)
+                ref_nll_sum += F.cross_entropy(ref_logits, target, reduction="sum").item()
+                kl, same = kl_terms(logits, ref_logits)
+                kl_sum += kl.sum().item()
+                agree += int(same.sum())
+            bar.update(task, advance=1, description=f"{description} ppl {math.exp(nll_sum / tokens):.3f}")
+    nll = nll_sum / tokens
+    stats = WindowStats(ppl=math.exp(nll), nll=nll, tokens=tokens, windows=len(windows), seq_len=seq_len)
+    if ref_model is not None:
+        stats.kl = kl_sum / tokens
+        stats.top1_agreement = agree / tokens
+        stats.ref_ppl = math.exp(ref_nll_sum / tokens)
+    return stats

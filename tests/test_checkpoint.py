@@ -1,0 +1,527 @@
+"""Quantize tiny models end to end, save, load, inspect, and reject broken checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import unibcq
+import unibcq.checkpoint as checkpoint_module
+from unibcq.checkpoint import WEIGHTS_FILE, quantized_layers
+from unibcq.errors import CheckpointError, UnibcqError, UnsupportedModelError
+from unibcq.nn import BCQLinear
+
+METHODS = ("rtn", "bcq-greedy", "bcq-refined", "bcq-alternating")
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def quantize(model, config):
+    return unibcq.quantize(model, config, show_progress=False)
+
+
+def fast_config(method="rtn", bits=3, group_size=32, **kwargs):
+    if method == "bcq-alternating":
+        kwargs.setdefault("iters", 4)
+    return unibcq.QuantConfig(method, bits=bits, group_size=group_size, **kwargs)
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("tiny_model", ["llama", "qwen2"], indirect=True)
+def test_save_load_bit_identical(tiny_model, method, ckpt_dir, logits_of, hidden_entries):
+    model = tiny_model()
+    reference = logits_of(model)
+    config = fast_config(method)
+    records = quantize(model, config)
+    assert len(records) == 2 * len(LINEARS)
+    layers = quantized_layers(model)
+    assert len(layers) == 2 * len(LINEARS)
+    assert all(0 < r.rel_error < 1 for r in records)
+    expected = logits_of(model)
+    assert not torch.equal(expected, reference)  # quantization changed something ...
+    assert torch.isfinite(expected).all()
+
+    out = ckpt_dir()
+    assert unibcq.save(model, out, config, source_model="tiny", tokenizer=None) == out
+    assert (out / WEIGHTS_FILE).is_file() and (out / "config.json").is_file()
+    assert hidden_entries(out.parent) == []
+
+    loaded = unibcq.load(out)
+    assert not loaded.training
+    assert type(loaded) is type(model)
+    loaded_layers = quantized_layers(loaded)
+    assert set(loaded_layers) == set(layers)
+    for name, layer in layers.items():
+        other = loaded_layers[name]
+        assert (other.bits, other.group_size, other.in_features, other.out_features) == (
+            layer.bits, layer.group_size, layer.in_features, layer.out_features,
+        )
+        for key, tensor in layer.weight_tensor().tensors().items():
+            assert torch.equal(getattr(other, key), tensor), (name, key)
+        if layer.bias is not None:
+            assert torch.equal(other.bias, layer.bias)
+    assert torch.equal(logits_of(loaded), expected)
+
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "unibcq"
+    assert qcfg["method"] == method and qcfg["bits"] == 3 and qcfg["group_size"] == 32
+    assert qcfg["source_model"] == "tiny"
+
+
+def test_qwen2_biases_and_tied_embeddings_survive(tiny_qwen2, ckpt_dir, logits_of):
+    model = tiny_qwen2()
+    assert model.config.tie_word_embeddings
+    quantize(model, fast_config("rtn"))
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, BCQLinear) and q.bias is not None
+    unibcq.save(model, ckpt_dir(), fast_config("rtn"), source_model="tiny")
+    loaded = unibcq.load(ckpt_dir())
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(loaded.model.layers[0].self_attn.q_proj.bias, q.bias)
+    assert torch.equal(logits_of(loaded), logits_of(model))
+
+
+@pytest.mark.parametrize("method", ["bcq-greedy", "bcq-alternating"])
+def test_offset_free_bcq_round_trip(tiny_llama, method, ckpt_dir, logits_of):
+    model = tiny_llama()
+    config = fast_config(method, bits=2, group_size=-1, offset=False)
+    quantize(model, config)
+    assert all(m.bcq_offset is None for m in quantized_layers(model).values())
+    unibcq.save(model, ckpt_dir(), config, source_model="tiny")
+    loaded = unibcq.load(ckpt_dir())
+    assert all(m.bcq_offset is None for m in quantized_layers(loaded).values())
+    assert torch.equal(logits_of(loaded), logits_of(model))
+
+
+def test_bfloat16_llama_round_trip(tiny_llama, ckpt_dir, logits_of):
+    model = tiny_llama(dtype=torch.bfloat16)
+    config = fast_config("rtn")
+    quantize(model, config)
+    expected = logits_of(model)
+    assert expected.dtype == torch.bfloat16
+    unibcq.save(model, ckpt_dir(), config, source_model="tiny")
+    loaded = unibcq.load(ckpt_dir())
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(logits_of(loaded), expected)
+
+
+def test_bfloat16_qwen2_round_trip(tiny_qwen2, ckpt_dir, logits_of):
+    model = tiny_qwen2(dtype=torch.bfloat16)
+    config = fast_config("rtn")
+    quantize(model, config)
+    expected = logits_of(model)
+    unibcq.save(model, ckpt_dir(), config, source_model="tiny")
+    loaded = unibcq.load(ckpt_dir())
+    assert torch.equal(logits_of(loaded), expected)
+
+
+# --------------------------------------------------------------------------- size accounting
+
+
+@pytest.mark.parametrize("method", ["rtn", "bcq-greedy"])
+def test_checkpoint_info_accounts_for_file_size(tiny_llama, ckpt_dir, method):
+    # A larger vocabulary makes the safetensors JSON header (~10 kB here) < 1% of the file.
+    model = tiny_llama(vocab_size=4096)
+    config = fast_config(method, bits=3, group_size=32)
+    records = quantize(model, config)
+    unibcq.save(model, ckpt_dir(), config, source_model="tiny")
+    info = unibcq.checkpoint_info(ckpt_dir())
+
+    quantized_params = sum(r.numel for r in records)
+    assert info.quantized_params == quantized_params
+    assert info.method == method and info.bits == 3 and info.group_size == 32
+    estimate = info.bits_per_weight * info.quantized_params / 8 + info.dense_bytes
+    assert abs(estimate - info.file_bytes) <= 0.01 * info.file_bytes, (estimate, info.file_bytes)
+
+    # Exactly: file = 8-byte header length + JSON header + tensor bytes.
+    with open(ckpt_dir() / WEIGHTS_FILE, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+    assert info.file_bytes == 8 + header_len + info.quantized_bytes + info.dense_bytes
+
+    # Per-layer numbers agree with the in-memory tensors and the quantize records.
+    by_name = {r.name: r for r in records}
+    for name, layer in quantized_layers(model).items():
+        entry = info.layers[name]
+        assert entry["bytes"] == layer.weight_tensor().nbytes
+        assert entry["bits_per_weight"] == pytest.approx(by_name[name].bits_per_weight)
+    # Hand formula for the down_proj (in = 136 = 4 * 32 + 8 -> 5 groups, 17 bytes per row).
+    down = info.layers["model.layers.0.mlp.down_proj"]
+    assert down["groups_per_row"] == 5
+    assert down["bits_per_weight"] == pytest.approx(3 * 17 * 8 / 136 + 16 * 4 * 5 / 136)
+    # Dense part: embeddings + lm_head + norms, in fp32.
+    hidden, vocab = 72, 4096
+    assert info.dense_params == 2 * vocab * hidden + (2 * 2 + 1) * hidden
+    assert info.dense_bytes == 4 * info.dense_params
+    assert info.to_dict()["bits_per_weight"] == info.bits_per_weight
+
+
+# --------------------------------------------------------------------------- overrides, lm_head
+
+
+def test_per_layer_overrides_survive_save_load(tiny_llama, ckpt_dir, logits_of):
+    model = tiny_llama()
+    config = fast_config(
+        "bcq-refined",
+        bits=3,
+        group_size=32,
+        overrides={"*.mlp.down_proj": {"bits": 4}, "model.layers.1.self_attn.q_proj": {"group_size": -1}},
+    )
+    records = quantize(model, config)
+    by_name = {r.name: r for r in records}
+    assert by_name["model.layers.0.mlp.down_proj"].bits == 4
+    assert by_name["model.layers.1.mlp.down_proj"].bits == 4
+    assert by_name["model.layers.0.mlp.up_proj"].bits == 3
+    assert by_name["model.layers.1.self_attn.q_proj"].group_size == -1
+    assert by_name["model.layers.0.self_attn.q_proj"].group_size == 32
+
+    unibcq.save(model, ckpt_dir(), config, source_model="tiny")
+    loaded = unibcq.load(ckpt_dir())
+    for name, layer in quantized_layers(loaded).items():
+        assert layer.bits == by_name[name].bits, name
+        assert layer.group_size == by_name[name].group_size, name
+    assert torch.equal(logits_of(loaded), logits_of(model))
+
+    info = unibcq.checkpoint_info(ckpt_dir())
+    assert info.layers["model.layers.1.mlp.down_proj"]["bits"] == 4
+    assert info.layers["model.layers.1.self_attn.q_proj"]["groups_per_row"] == 1
+    qcfg = json.loads((ckpt_dir() / "config.json").read_text())["quantization_config"]
+    assert qcfg["overrides"]["*.mlp.down_proj"] == {"bits": 4}
+    assert unibcq.QuantConfig.from_dict(qcfg).overrides == config.overrides
+
+
+def test_invalid_override_rejected(tiny_llama):
+    model = tiny_llama()
+    with pytest.raises(UnibcqError):
+        quantize(model, fast_config("rtn", overrides={"*.mlp.*": {"bits": 9}}))
+    with pytest.raises(UnibcqError):
+        quantize(model, fast_config("rtn", overrides={"*.mlp.*": {"method": "bcq-greedy"}}))
+    assert not quantized_layers(model)
+
+
+@pytest.mark.parametrize("tiny_model", ["qwen2", "llama"], indirect=True)
+def test_include_lm_head_with_tied_embeddings(tiny_model, ckpt_dir, logits_of):
+    model = tiny_model(tie_word_embeddings=True)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    embed_before = model.model.embed_tokens.weight.detach().clone()
+    config = fast_config("bcq-greedy", include_lm_head=True)
+    records = quantize(model, config)
+    assert records[-1].name == "lm_head"
+    assert isinstance(model.lm_head, BCQLinear)
+    # The input embedding stays dense and unchanged.
+    assert isinstance(model.model.embed_tokens, torch.nn.Embedding)
+    assert torch.equal(model.model.embed_tokens.weight, embed_before)
+    expected = logits_of(model)
+
+    unibcq.save(model, ckpt_dir(), config, source_model="tiny")
+    loaded = unibcq.load(ckpt_dir())
+    assert isinstance(loaded.lm_head, BCQLinear)
+    assert torch.equal(loaded.model.embed_tokens.weight, embed_before)
+    assert torch.equal(logits_of(loaded), expected)
+    info = unibcq.checkpoint_info(ckpt_dir())
+    assert "lm_head" in info.layers
+
+
+# --------------------------------------------------------------------------- broken checkpoints
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory) -> Path:
+    """One small RTN checkpoint, built once; tests copy it before breaking it."""
+    from transformers import LlamaConfig
+
+    from conftest import _build, _tiny_config_kwargs
+
+    model = _build(LlamaConfig(**_tiny_config_kwargs(False)), seed=0)
+    config = fast_config("rtn")
+    quantize(model, config)
+    out = tmp_path_factory.mktemp("saved") / "ckpt"
+    unibcq.save(model, out, config, source_model="tiny")
+    return out
+
+
+@pytest.fixture
+def broken(saved_checkpoint, tmp_path) -> Path:
+    """A fresh copy of the saved checkpoint to corrupt."""
+    target = tmp_path / "broken"
+    shutil.copytree(saved_checkpoint, target)
+    return target
+
+
+def _expect_checkpoint_error(path, *fragments):
+    with pytest.raises(CheckpointError) as info:
+        unibcq.load(path)
+    message = str(info.value)
+    assert message
+    for fragment in fragments:
+        assert fragment in message, message
+    assert isinstance(info.value, UnibcqError)
+    return message
+
+
+def test_copy_of_saved_checkpoint_loads(broken):
+    assert quantized_layers(unibcq.load(broken))
+
+
+def test_missing_directory(tmp_path):
+    _expect_checkpoint_error(tmp_path / "nope", "not found")
+    with pytest.raises(CheckpointError):
+        unibcq.checkpoint_info(tmp_path / "nope")
+
+
+def test_missing_config(broken):
+    (broken / "config.json").unlink()
+    _expect_checkpoint_error(broken, "config.json")
+
+
+def test_invalid_json_config(broken):
+    cfg = broken / "config.json"
+    cfg.write_text(cfg.read_text()[:-20] + "{,,")
+    _expect_checkpoint_error(broken, "JSON")
+    with pytest.raises(CheckpointError):
+        unibcq.checkpoint_info(broken)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"].update(bits="3"),
+        lambda d: d["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"].update(bits=3.0),
+        lambda d: d["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"].update(bits=0),
+        lambda d: d["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"].update(group_size=0),
+        lambda d: d["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"].pop("in_features"),
+        lambda d: d["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"].update(in_features=64),
+        lambda d: d["quantization_config"]["layers"].update({"model.layers.0.mlp.nope": {
+            "bits": 3, "group_size": 32, "in_features": 72, "out_features": 72}}),
+        lambda d: d["quantization_config"].update(layers={}),
+        lambda d: d["quantization_config"].update(format_version=99),
+        lambda d: d["quantization_config"].update(quant_method="gptq"),
+        lambda d: d.pop("quantization_config"),
+    ],
+    ids=["bits-string", "bits-float", "bits-0", "group-0", "no-in", "wrong-in", "extra-layer",
+         "no-layers", "version", "not-unibcq", "no-qcfg"],
+)
+def test_bad_quantization_config(broken, edit):
+    cfg = broken / "config.json"
+    data = json.loads(cfg.read_text())
+    edit(data)
+    cfg.write_text(json.dumps(data))
+    _expect_checkpoint_error(broken)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d.update(model_type="no-such-model"),
+        lambda d: d.pop("model_type"),
+        lambda d: d.update(hidden_size="big"),
+        lambda d: d["quantization_config"]["layers"].update({"model.norm": {
+            "bits": 3, "group_size": 32, "in_features": 72, "out_features": 72}}),
+    ],
+    ids=["unknown-model-type", "no-model-type", "hidden-size-string", "layer-not-linear"],
+)
+def test_corrupt_model_config_raises_checkpoint_error(broken, edit):
+    cfg = broken / "config.json"
+    data = json.loads(cfg.read_text())
+    edit(data)
+    cfg.write_text(json.dumps(data))
+    _expect_checkpoint_error(broken)
+
+
+def test_bits_string_names_the_layer(broken):
+    cfg = broken / "config.json"
+    data = json.loads(cfg.read_text())
+    data["quantization_config"]["layers"]["model.layers.1.mlp.up_proj"]["bits"] = "3"
+    cfg.write_text(json.dumps(data))
+    _expect_checkpoint_error(broken, "model.layers.1.mlp.up_proj")
+    with pytest.raises(CheckpointError):
+        unibcq.checkpoint_info(broken)
+
+
+def test_config_not_an_object(broken):
+    (broken / "config.json").write_text("[1, 2, 3]\n")
+    _expect_checkpoint_error(broken)
+
+
+def test_missing_weights_file(broken):
+    (broken / WEIGHTS_FILE).unlink()
+    _expect_checkpoint_error(broken, WEIGHTS_FILE)
+    with pytest.raises(CheckpointError):
+        unibcq.checkpoint_info(broken)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99, 8 / 1e9])
+def test_truncated_weights(broken, keep):
+    weights = broken / WEIGHTS_FILE
+    data = weights.read_bytes()
+    weights.write_bytes(data[: max(int(len(data) * keep), 4)])
+    _expect_checkpoint_error(broken, WEIGHTS_FILE)
+
+
+def test_truncated_weights_checkpoint_info(broken):
+    weights = broken / WEIGHTS_FILE
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        unibcq.checkpoint_info(broken)
+
+
+def _rewrite(path: Path, change) -> None:
+    weights = path / WEIGHTS_FILE
+    tensors = load_file(str(weights))
+    change(tensors)
+    weights.unlink()
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "key,new",
+    [
+        ("model.layers.0.mlp.up_proj.bcq_alpha", lambda t: t[:, :2].contiguous()),
+        ("model.layers.0.mlp.up_proj.bcq_planes", lambda t: t[:2].contiguous()),
+        ("model.norm.weight", lambda t: t[:-1].contiguous()),
+        ("model.embed_tokens.weight", lambda t: t.T.contiguous()),
+        ("model.layers.1.self_attn.o_proj.bcq_offset", lambda t: t.float()),
+    ],
+    ids=["alpha-groups", "planes-bits", "norm", "embed-transposed", "offset-dtype"],
+)
+def test_tensor_shape_or_dtype_mismatch(broken, key, new):
+    _rewrite(broken, lambda ts: ts.__setitem__(key, new(ts[key])))
+    _expect_checkpoint_error(broken, key)
+
+
+def test_missing_and_unexpected_tensors(broken, saved_checkpoint):
+    _rewrite(broken, lambda ts: ts.pop("model.layers.0.mlp.up_proj.bcq_offset"))
+    _expect_checkpoint_error(broken, "missing")
+    shutil.rmtree(broken)
+    shutil.copytree(saved_checkpoint, broken)
+    _rewrite(broken, lambda ts: ts.__setitem__("model.layers.0.mlp.extra", torch.zeros(3)))
+    _expect_checkpoint_error(broken, "unexpected")
+
+
+# --------------------------------------------------------------------------- atomic save
+
+
+def test_save_refuses_existing_dir(tiny_llama, ckpt_dir, hidden_entries):
+    model = tiny_llama()
+    config = fast_config("rtn")
+    quantize(model, config)
+    out = ckpt_dir()
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(UnibcqError) as info:
+        unibcq.save(model, out, config, source_model="tiny")
+    assert "exists" in str(info.value)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "precious"
+    assert hidden_entries(out.parent) == []
+
+    unibcq.save(model, out, config, source_model="tiny", overwrite=True)
+    assert not (out / "keep.txt").exists()
+    assert quantized_layers(unibcq.load(out))
+    assert hidden_entries(out.parent) == []
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def _failing_save_file(*args, **kwargs):
+    raise _Boom("disk full (simulated)")
+
+
+def test_failed_save_leaves_nothing_behind(tiny_llama, ckpt_dir, hidden_entries, monkeypatch):
+    model = tiny_llama()
+    config = fast_config("rtn")
+    quantize(model, config)
+    out = ckpt_dir()
+    out.parent.mkdir(parents=True)
+    monkeypatch.setattr(checkpoint_module, "save_file", _failing_save_file)
+    with pytest.raises(_Boom):
+        unibcq.save(model, out, config, source_model="tiny")
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []
+    assert hidden_entries(out.parent) == []
+
+
+def test_failed_overwrite_keeps_old_checkpoint(tiny_llama, ckpt_dir, hidden_entries, monkeypatch, logits_of):
+    model = tiny_llama()
+    config = fast_config("rtn")
+    quantize(model, config)
+    out = ckpt_dir()
+    unibcq.save(model, out, config, source_model="tiny")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(checkpoint_module, "save_file", _failing_save_file)
+    with pytest.raises(_Boom):
+        unibcq.save(model, out, config, source_model="tiny", overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert hidden_entries(out.parent) == []
+    assert torch.equal(logits_of(unibcq.load(out)), logits_of(model))
+
+
+def test_save_requires_quantized_model(tiny_llama, ckpt_dir):
+    with pytest.raises(UnibcqError, match="quantize"):
+        unibcq.save(tiny_llama(), ckpt_dir(), fast_config("rtn"), source_model="tiny")
+    assert not ckpt_dir().exists()
+
+
+# --------------------------------------------------------------------------- bad models
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_weight_names_the_layer(tiny_llama, bad):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = bad
+    with pytest.raises(UnibcqError) as info:
+        quantize(model, fast_config("bcq-greedy"))
+    assert "model.layers.1.mlp.up_proj" in str(info.value)
+
+
+def test_quantizing_twice_rejected(tiny_llama):
+    model = tiny_llama()
+    quantize(model, fast_config("rtn"))
+    with pytest.raises(UnibcqError, match="already quantized"):
+        quantize(model, fast_config("rtn"))
+
+
+def test_unknown_method_rejected(tiny_llama):
+    with pytest.raises(UnibcqError, match="unknown method"):
+        quantize(tiny_llama(), unibcq.QuantConfig("bcq-magic", bits=3, group_size=32))
+
+
+@pytest.mark.parametrize("bits,group_size", [(0, 32), (9, 32), ("3", 32), (3, 0), (3, -2)])
+def test_bad_config_rejected(tiny_llama, bits, group_size):
+    model = tiny_llama()
+    with pytest.raises(UnibcqError):
+        quantize(model, unibcq.QuantConfig("rtn", bits=bits, group_size=group_size))
+    assert not quantized_layers(model)
+
+
+def test_unsupported_architecture():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=32, n_layer=1, n_head=2, n_positions=32)).eval()
+    with pytest.raises(UnsupportedModelError) as info:
+        quantize(model, fast_config("rtn"))
+    message = str(info.value)
+    assert "gpt2" in message
+    for supported in ("llama", "qwen2", "mistral"):
+        assert supported in message
+    assert isinstance(info.value, UnibcqError)
+
+
+def test_cache_dir_fixture_isolated(unibcq_cache_dir):
+    from unibcq.models.loading import cache_root
+
+    assert unibcq_cache_dir is not None
+    assert cache_root() == unibcq_cache_dir
+    assert os.environ["UNIBCQ_CACHE_DIR"] == str(unibcq_cache_dir)
