@@ -1,0 +1,173 @@
+"""End-to-end CLI runs on a tiny model: quantize -> info -> eval, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unibcq.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("method", ["rtn", "bcq-greedy", "bcq-refined", "bcq-alternating"])
+def test_quantize_info_eval(capsys, tmp_path, tiny_model_dir, corpus_file, method):
+    out = tmp_path / "q"
+    code, stdout, err = run(capsys, "quantize", tiny_model_dir, "--method", method, "--bits", "3",
+                            "--group-size", "32", "--out", out, "--no-progress", "--json", tmp_path / "q.json")
+    assert code == 0, err
+    assert "bits/weight" in stdout and "rel. error" in stdout
+    summary = json.loads((tmp_path / "q.json").read_text())
+    assert len(summary["layers"]) == 14
+
+    code, stdout, err = run(capsys, "info", out, "--json", tmp_path / "info.json")
+    assert code == 0, err
+    info = json.loads((tmp_path / "info.json").read_text())
+    for key in ("method", "bits", "group_size", "bits_per_weight", "quantized_params", "file_bytes"):
+        assert key in info
+    assert info["method"] == method and info["bits"] == 3 and info["group_size"] == 32
+    # 3 bit-planes (72 columns pad to 72) + 3 fp16 alphas + 1 fp16 offset per group of 32
+    # (72 = 32 + 32 + 8 -> 3 groups a row); down_proj has 136 = 4 x 32 + 8 -> 5 groups.
+    assert 3 + 16 * 4 * 3 / 72 - 0.5 < info["bits_per_weight"] < 3 + 16 * 4 * 5 / 136 + 0.5
+
+    code, stdout, err = run(capsys, "eval", out, "--ppl", corpus_file, "--seq-len", "32", "--max-windows", "3",
+                            "--no-progress", "--json", tmp_path / "eval.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "eval.json").read_text())
+    for key in ("ppl", "kl_vs_ref", "top1_agreement", "seq_len", "windows", "bits_per_weight"):
+        assert key in report
+    ppl = report["ppl"][str(corpus_file)]
+    assert 1 < ppl < 1e4
+    assert report["kl_vs_ref"] > 0 and 0 <= report["top1_agreement"] <= 1
+    assert report["windows"][str(corpus_file)] == 3 and report["seq_len"] == 32
+    assert report["bits_per_weight"] == pytest.approx(info["bits_per_weight"])
+
+
+def test_eval_full_precision_model_has_no_kl(capsys, tmp_path, tiny_model_dir, corpus_file):
+    code, _, err = run(capsys, "eval", tiny_model_dir, "--ppl", corpus_file, "--seq-len", "32",
+                       "--max-windows", "2", "--no-progress", "--json", tmp_path / "e.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["kl_vs_ref"] is None and report["bits_per_weight"] == 32
+
+
+def test_eval_kl_against_itself_is_zero(capsys, tmp_path, tiny_model_dir, corpus_file):
+    code, _, err = run(capsys, "eval", tiny_model_dir, "--ppl", corpus_file, "--seq-len", "32",
+                       "--max-windows", "2", "--kl-ref", tiny_model_dir, "--no-progress", "--json", tmp_path / "e.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["kl_vs_ref"] == pytest.approx(0, abs=1e-6) and report["top1_agreement"] == 1.0
+
+
+@pytest.mark.skipif(not os.environ.get("UNIBCQ_DATA_DIR"), reason="needs UNIBCQ_DATA_DIR (the shared datasets)")
+def test_eval_on_wikitext2_and_ptb(capsys, tmp_path, tiny_model_dir):
+    code, _, err = run(capsys, "eval", tiny_model_dir, "--ppl", "wikitext2,ptb", "--seq-len", "32",
+                       "--max-windows", "2", "--no-progress", "--json", tmp_path / "e.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert set(report["ppl"]) == {"wikitext2", "ptb"}
+
+
+def test_overrides_and_lm_head(capsys, tmp_path, tiny_model_dir):
+    out = tmp_path / "q"
+    code, _, err = run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--bits", "2", "--group-size", "-1",
+                       "--override", "*.mlp.down_proj:bits=4,group_size=64", "--quantize-lm-head",
+                       "--out", out, "--no-progress")
+    assert code == 0, err
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
+    assert layers["model.layers.0.mlp.down_proj"]["bits"] == 4
+    assert layers["model.layers.0.mlp.down_proj"]["group_size"] == 64
+    assert layers["model.layers.0.mlp.up_proj"]["bits"] == 2
+    assert "lm_head" in layers
+
+
+BAD_QUANTIZE = [
+    (["--bits", "9"], "bits"),
+    (["--bits", "0"], "bits"),
+    (["--bits", "-1"], "bits"),
+    (["--group-size", "0"], "group size"),
+    (["--group-size", "-2"], "group size"),
+    (["--method", "awq"], "unknown method"),
+    (["--override", "nocolon"], "override"),
+    (["--override", "*:bits=x"], "integer"),
+]
+
+
+@pytest.mark.parametrize("extra,needle", BAD_QUANTIZE, ids=[" ".join(e) for e, _ in BAD_QUANTIZE])
+def test_bad_quantize_flags(capsys, tmp_path, tiny_model_dir, extra, needle):
+    out = tmp_path / "q"
+    args = ["quantize", tiny_model_dir, "--method", "rtn", "--out", out, "--no-progress"]
+    code, _, err = run(capsys, *args, *extra)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("unibcq: error:") and needle in lines[0].lower()
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_nan_weights_fail_cleanly(capsys, tmp_path, nan_model_dir):
+    out = tmp_path / "q"
+    code, _, err = run(capsys, "quantize", nan_model_dir, "--method", "bcq-greedy", "--out", out, "--no-progress")
+    assert code == 2
+    assert "model.layers.1.mlp.up_proj" in err and "NaN" in err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("model", ["no-such-alias-or/dir/x", "./missing-dir", "missing.gguf"])
+def test_unknown_model(capsys, tmp_path, model):
+    code, _, err = run(capsys, "quantize", model, "--method", "rtn", "--out", tmp_path / "q", "--no-progress")
+    assert code == 2 and err.startswith("unibcq: error:")
+    assert not (tmp_path / "q").exists()
+
+
+def test_missing_data_file(capsys, tmp_path, tiny_model_dir):
+    code, _, err = run(capsys, "eval", tiny_model_dir, "--ppl", tmp_path / "nope.txt", "--no-progress")
+    assert code == 2 and "not found" in err
+
+
+def test_missing_known_dataset(capsys, tmp_path, tiny_model_dir):
+    code, _, err = run(capsys, "eval", tiny_model_dir, "--ppl", "ptb", "--data-dir", tmp_path, "--no-progress")
+    assert code == 2 and "ptb" in err and "not found" in err
+
+
+def test_existing_output_is_kept(capsys, tmp_path, tiny_model_dir):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--out", out, "--no-progress")
+    assert code == 2 and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_corrupt_checkpoint_cli(capsys, tmp_path, tiny_model_dir):
+    out = tmp_path / "q"
+    assert run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--out", out, "--no-progress")[0] == 0
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for command in (["info", out], ["eval", out, "--ppl", "x.txt"]):
+        code, _, err = run(capsys, *command)
+        assert code == 2 and ("corrupt" in err.lower() or "truncated" in err.lower())
+    (out / "config.json").write_text("{not json")
+    code, _, err = run(capsys, "info", out)
+    assert code == 2 and "JSON" in err
+
+
+def test_console_script(tmp_path, tiny_model_dir):
+    """The installed entry point runs and maps errors to exit code 2."""
+    exe = Path(sys.executable).with_name("unibcq")
+    result = subprocess.run([str(exe), "quantize", str(tiny_model_dir), "--method", "rtn", "--bits", "12",
+                             "--out", str(tmp_path / "q")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("unibcq: error: bits")
