@@ -238,7 +238,7 @@ def saved_checkpoint(tmp_path_factory) -> Path:
     """One small RTN checkpoint, built once; tests copy it before breaking it."""
     from transformers import LlamaConfig
 
-    from conftest import _build, _tiny_config_kwargs
+    from tiny_models import _build, _tiny_config_kwargs
 
     model = _build(LlamaConfig(**_tiny_config_kwargs(False)), seed=0)
     config = fast_config("rtn")
