@@ -33,6 +33,8 @@ from typing import Literal, TypeVar, Union
 import numpy as np
 import torch
 
+from unibcq.errors import UnibcqError
+
 Algorithm = Literal["windowed", "greedy", "dp"]
 Granularity = Union[Literal["matrix", "row"], tuple[Literal["block"], int]]
 
@@ -45,28 +47,28 @@ ArrayLike = TypeVar("ArrayLike", np.ndarray, torch.Tensor, float)
 
 def _check_max_groups(max_groups: int) -> None:
     if max_groups < 1:
-        raise ValueError(f"max_groups must be >= 1, got {max_groups}")
+        raise UnibcqError(f"max_groups must be >= 1, got {max_groups}")
 
 
 def _check_lam(lam: float) -> None:
     if not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"lam must be a finite number >= 0, got {lam}")
+        raise UnibcqError(f"lam must be a finite number >= 0, got {lam}")
 
 
 def _check_window(window: int, name: str = "window") -> None:
     if window < 1:
-        raise ValueError(f"{name} must be >= 1, got {window}")
+        raise UnibcqError(f"{name} must be >= 1, got {window}")
 
 
 def _sorted_mags_array(sorted_mags: torch.Tensor) -> np.ndarray:
     """Check that the input is a finite, ascending 1-D tensor and return it as float64."""
     if not isinstance(sorted_mags, torch.Tensor) or sorted_mags.dim() != 1:
-        raise ValueError("sorted_mags must be a 1-D torch tensor of ascending magnitudes")
+        raise UnibcqError("sorted_mags must be a 1-D torch tensor of ascending magnitudes")
     x = sorted_mags.detach().cpu().to(torch.float64).numpy()
     if not np.isfinite(x).all():
-        raise ValueError("sorted_mags contains NaN or inf")
+        raise UnibcqError("sorted_mags contains NaN or inf")
     if x.size > 1 and not (x[1:] >= x[:-1]).all():
-        raise ValueError("sorted_mags must be sorted ascending (sort |w| before segmenting)")
+        raise UnibcqError("sorted_mags must be sorted ascending (sort |w| before segmenting)")
     return x
 
 
@@ -126,7 +128,7 @@ def run_cost(
     j_t = torch.as_tensor(j, dtype=torch.int64)
     n_max = prefix.first.numel() - 1
     if not bool(((0 <= i_t) & (i_t < j_t) & (j_t <= n_max)).all()):
-        raise ValueError(f"runs need 0 <= i < j <= {n_max}")
+        raise UnibcqError(f"runs need 0 <= i < j <= {n_max}")
     return _cost_from_sums(
         (j_t - i_t).to(torch.float64),
         prefix.first[j_t] - prefix.first[i_t],
@@ -163,7 +165,7 @@ def segmentation_objective(sorted_mags: torch.Tensor, boundaries: torch.Tensor, 
 def _check_boundaries(boundaries: torch.Tensor, n: int) -> np.ndarray:
     b = torch.as_tensor(boundaries).cpu().numpy().astype(np.int64)
     if b.ndim != 1 or b.size < 1 or b[0] != 0 or b[-1] != n or (b.size > 1 and (np.diff(b) <= 0).any()):
-        raise ValueError(f"boundaries must be strictly ascending from 0 to {n}")
+        raise UnibcqError(f"boundaries must be strictly ascending from 0 to {n}")
     return b
 
 
@@ -226,7 +228,7 @@ def segment_dp(
     else:
         a = torch.as_tensor(atoms).cpu().numpy()
         if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) or ((a < 0) | (a > x.size)).any():
-            raise ValueError(f"atoms must be a 1-D integer tensor of positions in [0, {x.size}]")
+            raise UnibcqError(f"atoms must be a 1-D integer tensor of positions in [0, {x.size}]")
         cuts = np.unique(np.concatenate([[0, x.size], a.astype(np.int64)]))
     return torch.from_numpy(_dp_np(prefix, cuts, max_groups, lam))
 
@@ -512,7 +514,7 @@ def _parse_granularity(granularity: Granularity) -> Granularity:
     ):
         _check_window(granularity[1], "block width")
         return ("block", granularity[1])
-    raise ValueError(f"granularity must be 'matrix', 'row' or ('block', ncols), got {granularity!r}")
+    raise UnibcqError(f"granularity must be 'matrix', 'row' or ('block', ncols), got {granularity!r}")
 
 
 def _segments(granularity: Granularity, rows: int, cols: int) -> list[tuple[slice, slice]]:
@@ -574,18 +576,18 @@ def dyngroup_quantize(
     _check_window(window)
     _check_window(dp_atom_size, "dp_atom_size")
     if algorithm not in _ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {_ALGORITHMS}, got {algorithm!r}")
+        raise UnibcqError(f"algorithm must be one of {_ALGORITHMS}, got {algorithm!r}")
     granularity = _parse_granularity(granularity)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"weight must be a 2-D torch tensor, got {shape}")
+        raise UnibcqError(f"weight must be a 2-D torch tensor, got {shape}")
     if not weight.is_floating_point():
-        raise ValueError(f"weight must be floating point, got {weight.dtype}")
+        raise UnibcqError(f"weight must be floating point, got {weight.dtype}")
     w = weight.detach().cpu()
     if w.dtype != torch.float64:
         w = w.to(torch.float32)
     if not bool(torch.isfinite(w).all()):
-        raise ValueError("weight contains NaN or inf values")
+        raise UnibcqError("weight contains NaN or inf values")
 
     w_np = w.numpy()
     mags = np.abs(w_np)
@@ -644,12 +646,12 @@ def bits_per_weight(result: DynGroupResult) -> dict[str, float]:
              using its own G_s (0 bits for a single group).
     entropy: plus the entropy of the segment's group-size distribution, the average index
              cost an ideal entropy coder reaches.
-    G counts the groups of all segments, N all weights. Raises ValueError for an empty
+    G counts the groups of all segments, N all weights. Raises UnibcqError for an empty
     weight, whose cost per weight is undefined.
     """
     n = result.signs.numel()
     if n == 0:
-        raise ValueError("bits_per_weight is undefined for an empty weight")
+        raise UnibcqError("bits_per_weight is undefined for an empty weight")
     sizes = result.group_sizes.to(torch.float64)
     seg_n = sizes.sum(dim=1)  # > 0 for every segment once the weight is not empty
     base = 1.0 + 16.0 * int(result.num_groups.sum()) / n
