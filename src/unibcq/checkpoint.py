@@ -26,32 +26,24 @@ from unibcq import __version__
 from unibcq.atomic import atomic_directory
 from unibcq.config import FORMAT_VERSION, QuantConfig
 from unibcq.errors import CheckpointError, UnibcqError
-from unibcq.formats.bcq import num_groups
 from unibcq.models.architectures import set_module
-from unibcq.nn.qlinear import BCQLinear
+from unibcq.formats.bcq import num_groups
+from unibcq.formats.grouped_binary import parse_granularity
+from unibcq.nn.qlinear import PACKED_MODULES, PackedLinear
 
 WEIGHTS_FILE = "model.safetensors"
 QUANT_KEY = "quantization_config"
-BCQ_SUFFIXES = ("bcq_planes", "bcq_alpha", "bcq_offset")
+PACKED_SUFFIXES = ("bcq_planes", "bcq_alpha", "bcq_offset", "gb_signs", "gb_index", "gb_scales")
+ACCOUNTING_KEYS = ("bits_per_weight_paper", "bits_per_weight_fixed", "bits_per_weight_entropy")
 
 
-def quantized_layers(model: torch.nn.Module) -> dict[str, BCQLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, BCQLinear)}
+def quantized_layers(model: torch.nn.Module) -> dict[str, PackedLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, PackedLinear)}
 
 
 def layer_layout(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     """Per quantized layer: what the loader needs to rebuild its module."""
-    return {
-        name: {
-            "bits": m.bits,
-            "group_size": m.group_size,
-            "offset": m.bcq_offset is not None,
-            "in_features": m.in_features,
-            "out_features": m.out_features,
-            "bias": m.bias is not None,
-        }
-        for name, m in quantized_layers(model).items()
-    }
+    return {name: m.layout() for name, m in quantized_layers(model).items()}
 
 
 def save_checkpoint(
@@ -118,14 +110,34 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(layers, dict) or not layers:
         raise CheckpointError(f"{cfg_file}: quantization_config.layers must be a non-empty object")
     for name, spec in layers.items():
-        ints = ("bits", "group_size", "in_features", "out_features")
-        if not isinstance(spec, dict) or any(type(spec.get(k)) is not int for k in ints):
-            raise CheckpointError(f"{cfg_file}: layer {name!r} needs integer {', '.join(ints)}")
-        if not 1 <= spec["bits"] <= 8 or spec["in_features"] < 1 or spec["out_features"] < 1:
-            raise CheckpointError(f"{cfg_file}: layer {name!r} has out-of-range bits or shape")
+        _check_layer_spec(cfg_file, name, spec)
+    return data
+
+
+def _check_layer_spec(cfg_file: Path, name: str, spec: Any) -> None:
+    """Types and ranges of one layer's layout entry, so hostile configs fail clearly."""
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{cfg_file}: layer {name!r} must be an object")
+    fmt = spec.get("format", "bcq")
+    if fmt not in PACKED_MODULES:
+        raise CheckpointError(f"{cfg_file}: layer {name!r} has unknown format {fmt!r}")
+    ints = ("in_features", "out_features") + (("bits", "group_size") if fmt == "bcq" else ("max_groups",))
+    if any(type(spec.get(k)) is not int for k in ints):
+        raise CheckpointError(f"{cfg_file}: layer {name!r} needs integer {', '.join(ints)}")
+    if not 1 <= spec["in_features"] <= 2**24 or not 1 <= spec["out_features"] <= 2**24:
+        raise CheckpointError(f"{cfg_file}: layer {name!r} has an out-of-range shape")
+    if fmt == "bcq":
+        if not 1 <= spec["bits"] <= 8:
+            raise CheckpointError(f"{cfg_file}: layer {name!r} has out-of-range bits {spec['bits']}")
         if spec["group_size"] == 0 or spec["group_size"] < -1:
             raise CheckpointError(f"{cfg_file}: layer {name!r} has invalid group_size {spec['group_size']}")
-    return data
+    else:
+        if not 1 <= spec["max_groups"] <= 256:
+            raise CheckpointError(f"{cfg_file}: layer {name!r} has out-of-range max_groups {spec['max_groups']}")
+        try:
+            parse_granularity(spec.get("granularity"))
+        except (UnibcqError, AttributeError) as exc:
+            raise CheckpointError(f"{cfg_file}: layer {name!r}: {exc}") from exc
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -149,7 +161,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(path: str | os.PathLike) -> PreTrainedModel:
-    """Rebuild the quantized model: config -> empty model -> BCQLinear layers -> tensors."""
+    """Rebuild the quantized model: config -> empty model -> packed layers -> tensors."""
     path = Path(path)
     data = read_config(path)
     qcfg = data.pop(QUANT_KEY)
@@ -169,12 +181,7 @@ def load_checkpoint(path: str | os.PathLike) -> PreTrainedModel:
             raise CheckpointError(f"layer {name!r} in the checkpoint is a {type(current).__name__}, not a linear layer")
         if (current.in_features, current.out_features) != (spec["in_features"], spec["out_features"]):
             raise CheckpointError(f"layer {name!r}: shape in quantization_config disagrees with the model config")
-        set_module(
-            model,
-            name,
-            BCQLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
-                      bool(spec.get("offset", True)), bool(spec.get("bias", False)), dtype=dtype),
-        )
+        set_module(model, name, PACKED_MODULES[spec.get("format", "bcq")].from_layout(spec, dtype))
     state = _load_tensors(path)
     expected = model.state_dict()
     if getattr(hf_config, "tie_word_embeddings", False):
@@ -217,12 +224,26 @@ class CheckpointInfo:
     def bits_per_weight(self) -> float:
         return 8.0 * self.quantized_bytes / max(self.quantized_params, 1)
 
+    def accounting(self) -> dict[str, float]:
+        """Whole-model bits per weight under the paper's / fixed-index / entropy-index counts.
+
+        BCQ layers cost the same under all three; grouped-binary layers differ by how their
+        per-weight group index is counted. Weighted by each layer's number of weights.
+        """
+        totals = dict.fromkeys(ACCOUNTING_KEYS, 0.0)
+        for spec in self.layers.values():
+            numel = spec["in_features"] * spec["out_features"]
+            for key in ACCOUNTING_KEYS:
+                totals[key] += spec.get(key, spec["bits_per_weight"]) * numel
+        return {k: v / max(self.quantized_params, 1) for k, v in totals.items()}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
             "bits": self.bits,
             "group_size": self.group_size,
             "bits_per_weight": self.bits_per_weight,
+            **self.accounting(),
             "quantized_params": self.quantized_params,
             "quantized_bytes": self.quantized_bytes,
             "dense_params": self.dense_params,
@@ -250,7 +271,7 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
                     numel *= d
                 nbytes = numel * _dtype_size(sl.get_dtype())
                 layer, _, suffix = key.rpartition(".")
-                if suffix in BCQ_SUFFIXES and layer in qcfg["layers"]:
+                if suffix in PACKED_SUFFIXES and layer in qcfg["layers"]:
                     layers.setdefault(layer, {"bytes": 0})["bytes"] += nbytes
                 else:
                     dense_params += numel
@@ -263,8 +284,9 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         nbytes = layers.get(name, {}).get("bytes", 0)
         if not nbytes:
             raise CheckpointError(f"{weights} has no packed tensors for layer {name}")
-        layers[name] = {**spec, "bytes": nbytes, "bits_per_weight": 8.0 * nbytes / numel,
-                        "groups_per_row": num_groups(spec["in_features"], spec["group_size"])}
+        layers[name] = {**spec, "bytes": nbytes, "bits_per_weight": 8.0 * nbytes / numel}
+        if spec.get("format", "bcq") == "bcq":
+            layers[name]["groups_per_row"] = num_groups(spec["in_features"], spec["group_size"])
         qparams += numel
         qbytes += nbytes
     return CheckpointInfo(

@@ -43,9 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model's decoder linear layers and save a checkpoint")
     q.add_argument("model", help="Hugging Face id, local model dir, .gguf file, or alias (smollm2-135m)")
-    q.add_argument("--method", required=True, help="rtn, bcq-greedy, bcq-refined, bcq-alternating")
-    q.add_argument("--bits", type=int, default=3)
-    q.add_argument("--group-size", type=int, default=128, help="input columns per group; -1 = per output channel")
+    q.add_argument("--method", required=True, help="rtn, bcq-greedy, bcq-refined, bcq-alternating, dyngroup")
+    q.add_argument("--bits", type=int, help="bits per weight code (default 3; dyngroup is 1-bit)")
+    q.add_argument("--group-size", type=int,
+                   help="input columns per group; -1 = per output channel (default 128; unused by dyngroup)")
     q.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     q.add_argument("--symmetric", action="store_true", help="rtn: symmetric grid")
     q.add_argument("--clip-search", action="store_true", help="rtn: per-group clipping search on an Lp error")
@@ -54,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--init", default="greedy+uniform", choices=["greedy", "greedy+uniform"], help="bcq-alternating start")
     q.add_argument("--override", action="append", default=[], metavar="PATTERN:bits=N[,group_size=G]",
                    help="per-layer settings for layers whose name matches PATTERN (fnmatch); repeatable")
+    q.add_argument("--algorithm", default="windowed", choices=["dp", "greedy", "windowed"], help="dyngroup solver")
+    q.add_argument("--max-groups", type=int, default=32, help="dyngroup: groups per segment")
+    q.add_argument("--lambda", dest="lam", type=float, default=0.75, help="dyngroup: penalty on small groups")
+    q.add_argument("--raw-lambda", action="store_true", help="dyngroup: use --lambda unnormalised")
+    q.add_argument("--window", type=int, default=256, help="dyngroup windowed: initial run length")
+    q.add_argument("--granularity", default="matrix", help="dyngroup: matrix | row | block:N")
+    q.add_argument("--dp-atom-size", type=int, default=1, help="dyngroup dp: cut only every N sorted weights")
+    q.add_argument("--workers", type=int, default=1, help="parallel worker processes for per-matrix methods")
     q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (unties embeddings)")
     q.add_argument("--calib", default="wikitext2", help=f"calibration text source ({PRESET_HELP})")
     q.add_argument("--calib-samples", type=int, default=128)
@@ -94,11 +103,15 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from unibcq.models import load_model, load_tokenizer, resolve_model
     from unibcq.progress import print_table
 
+    binary = args.method == "dyngroup"
     config = QuantConfig(
-        method=args.method, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
-        clip_search=args.clip_search, offset=args.offset, iters=args.iters, init=args.init,
-        include_lm_head=args.quantize_lm_head, overrides=dict(_parse_override(o) for o in args.override),
-        seed=args.seed,
+        method=args.method, bits=args.bits if args.bits is not None else (1 if binary else 3),
+        group_size=args.group_size if args.group_size is not None else (-1 if binary else 128),
+        symmetric=args.symmetric, clip_search=args.clip_search, offset=args.offset, iters=args.iters,
+        init=args.init, include_lm_head=args.quantize_lm_head,
+        overrides=dict(_parse_override(o) for o in args.override), seed=args.seed,
+        algorithm=args.algorithm, max_groups=args.max_groups, lam=args.lam, window=args.window,
+        granularity=args.granularity, normalize_lambda=not args.raw_lambda, dp_atom_size=args.dp_atom_size,
     ).validate()
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -109,16 +122,24 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.model)
     load_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    records = quantize_model(model, config, show_progress=not args.no_progress)
+    records = quantize_model(model, config, show_progress=not args.no_progress, workers=args.workers)
     seconds = time.perf_counter() - start
     save_checkpoint(model, out, config, _source_spec(args.model), tokenizer, overwrite=args.overwrite,
                     extra={"quantize_seconds": round(seconds, 3)})
     info = checkpoint_info(out)
-    print_table(
-        f"{config.method} w{config.bits} g{config.group_size}",
-        ["layer", "bits", "group", "bits/weight", "rel. error", "seconds"],
-        [(r.name, r.bits, r.group_size, r.bits_per_weight, r.rel_error, r.seconds) for r in records],
-    )
+    if binary:
+        print_table(
+            f"dyngroup {config.algorithm} G<={config.max_groups} lambda {config.lam} ({config.granularity})",
+            ["layer", "groups", "bits paper", "bits fixed", "bits entropy", "bits stored", "rel. error", "seconds"],
+            [(r.name, layer_groups(r), r.accounting["bits_per_weight_paper"], r.accounting["bits_per_weight_fixed"],
+              r.accounting["bits_per_weight_entropy"], r.bits_per_weight, r.rel_error, r.seconds) for r in records],
+        )
+    else:
+        print_table(
+            f"{config.method} w{config.bits} g{config.group_size}",
+            ["layer", "bits", "group", "bits/weight", "rel. error", "seconds"],
+            [(r.name, r.bits, r.group_size, r.bits_per_weight, r.rel_error, r.seconds) for r in records],
+        )
     mean_err = sum(r.rel_error * r.numel for r in records) / sum(r.numel for r in records)
     print(
         f"quantized {len(records)} layers ({info.quantized_params:,} weights) in {seconds:.1f} s "
@@ -131,6 +152,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             "bits_per_weight": info.bits_per_weight, "file_bytes": info.file_bytes,
             "layers": [vars(r) for r in records],
         })
+
+
+def layer_groups(record) -> int:
+    """Groups of a dyngroup layer, recovered from its paper-count bits (1 + 16 G / N)."""
+    return round((record.accounting["bits_per_weight_paper"] - 1) * record.numel / 16)
 
 
 def _load_for_eval(spec: str):
@@ -207,7 +233,8 @@ def cmd_info(args: argparse.Namespace) -> None:
                     [(n, s["bits"], s["group_size"], s["bits_per_weight"], s["bytes"]) for n, s in info.layers.items()])
     print_table(str(args.path), ["metric", "value"], [
         ("method", info.method), ("bits", info.bits), ("group_size", info.group_size),
-        ("bits_per_weight (honest: codes + scales + offsets)", info.bits_per_weight),
+        ("bits_per_weight (what the file stores: codes + scales + offsets + indices)", info.bits_per_weight),
+        *[(f"{k} (paper: no index)" if k.endswith("paper") else k, v) for k, v in info.accounting().items()],
         ("quantized_params", f"{info.quantized_params:,}"), ("quantized MiB", info.quantized_bytes / 2**20),
         ("dense (unquantized) params", f"{info.dense_params:,}"), ("dense MiB", info.dense_bytes / 2**20),
         ("file MiB", info.file_bytes / 2**20), ("source_model", report["source_model"]),

@@ -34,6 +34,13 @@ class QuantConfig:
     iters: int = 15
     init: str = "greedy+uniform"
     include_lm_head: bool = False
+    algorithm: str = "windowed"
+    max_groups: int = 32
+    lam: float = 0.75
+    window: int = 256
+    granularity: str = "matrix"
+    normalize_lambda: bool = True
+    dp_atom_size: int = 1
     overrides: dict[str, dict[str, int]] = field(default_factory=dict)
     seed: int = 0
     version: int = FORMAT_VERSION
@@ -52,11 +59,30 @@ class QuantConfig:
                     f"bits must be an integer in {MIN_BITS}..{MAX_BITS} for method {self.method}, got {cfg.bits!r}"
                 )
             validate_group_size(cfg.group_size)
+        if self.method == "dyngroup":
+            self._validate_dyngroup()
         if type(self.iters) is not int or self.iters < 0:
             raise UnibcqError(f"iters must be an integer >= 0, got {self.iters!r}")
         if self.init not in ("greedy", "greedy+uniform"):
             raise UnibcqError(f"unknown alternating init {self.init!r}; use 'greedy' or 'greedy+uniform'")
         return self
+
+    def _validate_dyngroup(self) -> None:
+        from unibcq.formats.grouped_binary import parse_granularity
+
+        if self.bits != 1 or any("bits" in o and o["bits"] != 1 for o in self.overrides.values()):
+            raise UnibcqError(f"dyngroup stores 1-bit signs; bits must be 1, got {self.bits}")
+        if self.algorithm not in ("dp", "greedy", "windowed"):
+            raise UnibcqError(f"unknown dyngroup algorithm {self.algorithm!r}; use dp, greedy or windowed")
+        for name in ("max_groups", "window", "dp_atom_size"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise UnibcqError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_groups > 256:
+            raise UnibcqError(f"max_groups must be <= 256 (8-bit group index), got {self.max_groups}")
+        if not isinstance(self.lam, (int, float)) or not self.lam >= 0 or self.lam == float("inf"):
+            raise UnibcqError(f"lambda must be a finite number >= 0, got {self.lam!r}")
+        parse_granularity(self.granularity)
 
     def for_pattern(self, pattern: str) -> "QuantConfig":
         allowed = {"bits", "group_size"}

@@ -171,3 +171,25 @@ def test_console_script(tmp_path, tiny_model_dir):
                              "--out", str(tmp_path / "q")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("unibcq: error: bits")
+
+
+def test_dyngroup_cli_reports_three_bit_counts(capsys, tmp_path, tiny_model_dir):
+    out = tmp_path / "dg"
+    code, stdout, err = run(capsys, "quantize", tiny_model_dir, "--method", "dyngroup", "--max-groups", "4",
+                            "--window", "8", "--out", out, "--no-progress")
+    assert code == 0, err
+    assert "bits paper" in stdout and "bits entropy" in stdout
+    code, stdout, err = run(capsys, "info", out, "--json", tmp_path / "info.json")
+    assert code == 0, err
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert info["method"] == "dyngroup" and info["bits"] == 1
+    assert info["bits_per_weight_paper"] < info["bits_per_weight_entropy"] <= info["bits_per_weight_fixed"]
+    # The file stores a fixed-length 2-bit index: 1 + 2 + scales.
+    assert info["bits_per_weight"] == pytest.approx(info["bits_per_weight_fixed"], rel=0.02)
+    assert "paper: no index" in stdout
+
+
+def test_dyngroup_rejects_other_bit_widths(capsys, tmp_path, tiny_model_dir):
+    code, _, err = run(capsys, "quantize", tiny_model_dir, "--method", "dyngroup", "--bits", "2",
+                       "--out", tmp_path / "dg", "--no-progress")
+    assert code == 2 and "1-bit" in err and not (tmp_path / "dg").exists()

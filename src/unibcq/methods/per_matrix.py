@@ -1,8 +1,15 @@
-"""Calibration-free quantization: every decoder linear layer on its own, layer by layer."""
+"""Calibration-free quantization: every decoder linear layer on its own.
+
+Matrices are independent, so with `workers > 1` they are quantized in parallel worker
+processes (spawned, one torch thread each); results are identical to a serial run. At most
+2 x workers matrices are in flight, so memory stays bounded on large models.
+"""
 
 from __future__ import annotations
 
+import multiprocessing
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +19,7 @@ from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
 from unibcq.methods.registry import METHODS
 from unibcq.models.architectures import quantizable_linears, set_module
-from unibcq.nn.qlinear import BCQLinear
+from unibcq.nn.qlinear import PackedLinear, PackedTensor, packed_module
 from unibcq.progress import progress_bar
 
 
@@ -28,38 +35,68 @@ class LayerRecord:
     bits_per_weight: float
     rel_error: float
     seconds: float
+    accounting: dict[str, float] | None = None
 
 
-def quantize_model(model: nn.Module, config: QuantConfig, show_progress: bool = True) -> list[LayerRecord]:
-    """Replace every decoder linear layer of `model` by a `BCQLinear`, in place."""
+def quantize_matrix(name: str, weight: torch.Tensor, config: QuantConfig) -> tuple[PackedTensor, float, float]:
+    """(packed weight, relative Frobenius error, seconds) for one layer."""
+    start = time.perf_counter()
+    try:
+        packed = METHODS[config.method](weight, config)
+    except UnibcqError as exc:
+        raise UnibcqError(f"{name}: {exc}") from exc
+    seconds = time.perf_counter() - start
+    weight = weight.float()
+    error = (packed.dequantize() - weight).norm() / weight.norm().clamp(min=1e-30)
+    return packed, float(error), seconds
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def quantize_model(
+    model: nn.Module, config: QuantConfig, show_progress: bool = True, workers: int = 1
+) -> list[LayerRecord]:
+    """Replace every decoder linear layer of `model` by its packed module, in place."""
     config.validate()
-    quantizer = METHODS[config.method]
+    if type(workers) is not int or workers < 1:
+        raise UnibcqError(f"--workers must be an integer >= 1, got {workers!r}")
     layers = quantizable_linears(model, config.include_lm_head)
+    for name, layer in layers.items():
+        if isinstance(layer, PackedLinear):
+            raise UnibcqError(f"{name} is already quantized; start from a full-precision model")
     if config.include_lm_head:
         model.config.tie_word_embeddings = False
     torch.manual_seed(config.seed)
     records = []
+
+    def install(name: str, result: tuple[PackedTensor, float, float]) -> None:
+        packed, error, seconds = result
+        layer, layer_cfg = layers[name], config.for_layer(name)
+        bias = layer.bias.detach() if layer.bias is not None else None
+        module = packed_module(packed, bias)
+        set_module(model, name, module)
+        accounting = packed.accounting() if hasattr(packed, "accounting") else None
+        records.append(LayerRecord(name, config.method, layer_cfg.bits, layer_cfg.group_size, packed.numel,
+                                   packed.bits_per_weight, error, seconds, accounting))
+
     with progress_bar(show_progress) as bar:
         task = bar.add_task(f"{config.method} w{config.bits}", total=len(layers))
-        for name, layer in layers.items():
-            if isinstance(layer, BCQLinear):
-                raise UnibcqError(f"{name} is already quantized; start from a full-precision model")
-            layer_cfg = config.for_layer(name)
-            start = time.perf_counter()
-            weight = layer.weight.detach()
-            try:
-                qweight = quantizer(weight, layer_cfg)
-            except UnibcqError as exc:
-                raise UnibcqError(f"{name}: {exc}") from exc
-            seconds = time.perf_counter() - start
-            error = (qweight.dequantize() - weight.float()).norm() / weight.float().norm().clamp(min=1e-30)
-            bias = layer.bias.detach() if layer.bias is not None else None
-            set_module(model, name, BCQLinear.from_tensor(qweight, bias))
-            records.append(
-                LayerRecord(
-                    name, config.method, layer_cfg.bits, layer_cfg.group_size, qweight.numel,
-                    qweight.bits_per_weight, float(error), seconds,
-                )
-            )
-            bar.update(task, advance=1, description=f"{config.method} {name}")
+        if workers == 1:
+            for name, layer in layers.items():
+                install(name, quantize_matrix(name, layer.weight.detach(), config.for_layer(name)))
+                bar.update(task, advance=1, description=f"{config.method} {name}")
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+                pending: list[tuple[str, Future]] = []
+                names = list(layers)
+                for i, name in enumerate(names):
+                    pending.append((name, pool.submit(quantize_matrix, name, layers[name].weight.detach().clone(),
+                                                      config.for_layer(name))))
+                    while pending and (len(pending) >= 2 * workers or i == len(names) - 1):
+                        done_name, future = pending.pop(0)
+                        install(done_name, future.result())
+                        bar.update(task, advance=1, description=f"{config.method} {done_name}")
     return records

@@ -8,16 +8,27 @@ import torch
 
 from unibcq.errors import UnibcqError
 from unibcq.formats.bcq import BCQTensor
+from unibcq.formats.grouped_binary import GroupedBinaryTensor, parse_granularity
 from unibcq.quantizers import quantize_bcq, quantize_rtn
+from unibcq.quantizers.dyngroup import dyngroup_quantize
+from unibcq.quantizers.grouping import check_weight
 
 if TYPE_CHECKING:
     from unibcq.config import QuantConfig
 
-MatrixQuantizer = Callable[[torch.Tensor, "QuantConfig"], BCQTensor]
+MatrixQuantizer = Callable[[torch.Tensor, "QuantConfig"], BCQTensor | GroupedBinaryTensor]
 
 
 def _bcq(algorithm: str) -> MatrixQuantizer:
     return lambda w, c: quantize_bcq(w, c.bits, c.group_size, algorithm, c.offset, c.iters, c.init)
+
+
+def _dyngroup(weight: torch.Tensor, c: "QuantConfig") -> GroupedBinaryTensor:
+    result = dyngroup_quantize(
+        check_weight(weight), c.max_groups, c.lam, c.algorithm, c.window, parse_granularity(c.granularity),
+        c.normalize_lambda, c.dp_atom_size,
+    )
+    return GroupedBinaryTensor.from_parts(result.signs, result.group_index, result.scales, c.granularity)
 
 
 METHODS: dict[str, MatrixQuantizer] = {
@@ -25,6 +36,7 @@ METHODS: dict[str, MatrixQuantizer] = {
     "bcq-greedy": _bcq("greedy"),
     "bcq-refined": _bcq("refined"),
     "bcq-alternating": _bcq("alternating"),
+    "dyngroup": _dyngroup,
 }
 
 

@@ -1,5 +1,5 @@
-"""Deployment modules."""
+"""Deployment modules holding packed weights."""
 
-from unibcq.nn.qlinear import BCQLinear, dense_weights
+from unibcq.nn.qlinear import PACKED_MODULES, BCQLinear, GroupedBinaryLinear, PackedLinear, dense_weights, packed_module
 
-__all__ = ["BCQLinear", "dense_weights"]
+__all__ = ["PACKED_MODULES", "BCQLinear", "GroupedBinaryLinear", "PackedLinear", "dense_weights", "packed_module"]

@@ -1,23 +1,59 @@
-"""`BCQLinear`: an nn.Linear replacement that holds packed BCQ tensors.
+"""Deployment linear layers that hold packed weights: `BCQLinear` and `GroupedBinaryLinear`.
 
-The packed tensors are buffers (`bcq_planes`, `bcq_alpha`, optional `bcq_offset`), so a
-model's `state_dict` is exactly what a checkpoint stores and `load_state_dict` restores it.
+The packed tensors are buffers, so a model's `state_dict` is exactly what a checkpoint
+stores and `load_state_dict` restores it. Both compute through the same matmul op, which
+dequantizes with the weight's own `dequantize()`.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from unibcq.formats.bcq import STORAGE_DTYPE, BCQTensor, num_groups
+from unibcq.formats.grouped_binary import GroupedBinaryTensor, index_bits_for, num_segments
 from unibcq.kernels import bcq_linear
 
+PackedTensor = BCQTensor | GroupedBinaryTensor
 
-class BCQLinear(nn.Module):
+
+class PackedLinear(nn.Module):
+    """Common part: shape, bias, the forward pass and the layout a checkpoint records."""
+
+    format_name: str = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.dense_cache: torch.Tensor | None = None
+
+    def weight_tensor(self) -> PackedTensor:
+        raise NotImplementedError
+
+    def layout(self) -> dict[str, Any]:
+        """What the loader needs to rebuild this module."""
+        return {"format": self.format_name, "in_features": self.in_features,
+                "out_features": self.out_features, "bias": self.bias is not None}
+
+    def _set_bias(self, bias: torch.Tensor | None) -> None:
+        if bias is not None:
+            self.bias.data = bias.detach().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense_cache is not None:
+            return F.linear(x, self.dense_cache.to(x.dtype), self.bias)
+        return bcq_linear(x, self.weight_tensor(), self.bias)
+
+
+class BCQLinear(PackedLinear):
+    format_name = "bcq"
+
     def __init__(
         self,
         in_features: int,
@@ -28,9 +64,7 @@ class BCQLinear(nn.Module):
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features, bias, dtype)
         self.bits = bits
         self.group_size = group_size
         groups = num_groups(in_features, group_size)
@@ -40,42 +74,31 @@ class BCQLinear(nn.Module):
             self.register_buffer("bcq_offset", torch.zeros(out_features, groups, dtype=STORAGE_DTYPE))
         else:
             self.bcq_offset = None
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
-        self.dense_cache: torch.Tensor | None = None
 
     @classmethod
     def from_tensor(cls, weight: BCQTensor, bias: torch.Tensor | None = None) -> "BCQLinear":
         out_features, in_features = weight.shape
-        layer = cls(
-            in_features,
-            out_features,
-            weight.bits,
-            weight.group_size,
-            has_offset=weight.offset is not None,
-            bias=bias is not None,
-            dtype=bias.dtype if bias is not None else torch.float32,
-        )
+        layer = cls(in_features, out_features, weight.bits, weight.group_size, weight.offset is not None,
+                    bias is not None, bias.dtype if bias is not None else torch.float32)
         layer.bcq_planes = weight.planes
         layer.bcq_alpha = weight.alpha
         if weight.offset is not None:
             layer.bcq_offset = weight.offset
-        if bias is not None:
-            layer.bias.data = bias.detach().clone()
+        layer._set_bias(bias)
         return layer
 
-    def weight_tensor(self) -> BCQTensor:
-        return BCQTensor(
-            planes=self.bcq_planes,
-            alpha=self.bcq_alpha,
-            offset=self.bcq_offset,
-            shape=(self.out_features, self.in_features),
-            group_size=self.group_size,
-        )
+    @classmethod
+    def from_layout(cls, spec: dict[str, Any], dtype: torch.dtype) -> "BCQLinear":
+        return cls(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
+                   bool(spec.get("offset", True)), bool(spec.get("bias", False)), dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense_cache is not None:
-            return F.linear(x, self.dense_cache.to(x.dtype), self.bias)
-        return bcq_linear(x, self.weight_tensor(), self.bias)
+    def weight_tensor(self) -> BCQTensor:
+        return BCQTensor(self.bcq_planes, self.bcq_alpha, self.bcq_offset,
+                         (self.out_features, self.in_features), self.group_size)
+
+    def layout(self) -> dict[str, Any]:
+        return super().layout() | {"bits": self.bits, "group_size": self.group_size,
+                                   "offset": self.bcq_offset is not None}
 
     def extra_repr(self) -> str:
         return (
@@ -84,15 +107,75 @@ class BCQLinear(nn.Module):
         )
 
 
+class GroupedBinaryLinear(PackedLinear):
+    """1-bit signs with per-weight dynamic group indices (see formats/grouped_binary.py)."""
+
+    format_name = "grouped-binary"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        max_groups: int,
+        granularity: str,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, dtype)
+        self.max_groups = max_groups
+        self.granularity = granularity
+        packed = -(-in_features // 8)
+        segments = num_segments(granularity, (out_features, in_features))
+        self.register_buffer("gb_signs", torch.zeros(out_features, packed, dtype=torch.uint8))
+        self.register_buffer("gb_index", torch.zeros(index_bits_for(max_groups), out_features, packed, dtype=torch.uint8))
+        self.register_buffer("gb_scales", torch.zeros(segments, max_groups, dtype=STORAGE_DTYPE))
+
+    @classmethod
+    def from_tensor(cls, weight: GroupedBinaryTensor, bias: torch.Tensor | None = None) -> "GroupedBinaryLinear":
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, weight.scales.shape[1], weight.granularity, bias is not None,
+                    bias.dtype if bias is not None else torch.float32)
+        layer.gb_signs, layer.gb_index, layer.gb_scales = weight.signs, weight.index, weight.scales
+        layer._set_bias(bias)
+        return layer
+
+    @classmethod
+    def from_layout(cls, spec: dict[str, Any], dtype: torch.dtype) -> "GroupedBinaryLinear":
+        return cls(spec["in_features"], spec["out_features"], spec["max_groups"], spec["granularity"],
+                   bool(spec.get("bias", False)), dtype)
+
+    def weight_tensor(self) -> GroupedBinaryTensor:
+        return GroupedBinaryTensor(self.gb_signs, self.gb_index, self.gb_scales,
+                                   (self.out_features, self.in_features), self.granularity)
+
+    def layout(self) -> dict[str, Any]:
+        return super().layout() | {"bits": 1, "max_groups": self.max_groups, "granularity": self.granularity,
+                                   **self.weight_tensor().accounting()}
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"max_groups={self.max_groups}, granularity={self.granularity}, bias={self.bias is not None}")
+
+
+PACKED_MODULES: dict[str, type[PackedLinear]] = {m.format_name: m for m in (BCQLinear, GroupedBinaryLinear)}
+
+
+def packed_module(weight: PackedTensor, bias: torch.Tensor | None) -> PackedLinear:
+    """The deployment module for a packed weight of either format."""
+    if isinstance(weight, GroupedBinaryTensor):
+        return GroupedBinaryLinear.from_tensor(weight, bias)
+    return BCQLinear.from_tensor(weight, bias)
+
+
 @contextmanager
 def dense_weights(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator[nn.Module]:
-    """Dequantize every `BCQLinear` once for a loop of forward passes, then drop the copies.
+    """Dequantize every packed layer once for a loop of forward passes, then drop the copies.
 
     Evaluation runs hundreds of forward passes; with the reference kernel each one would
     dequantize every layer again. The cached weights are the same `dequantize()` result, so
     outputs are identical; only speed and (temporarily) memory change.
     """
-    layers = [m for m in model.modules() if isinstance(m, BCQLinear)]
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     try:
         for layer in layers:
             layer.dense_cache = layer.weight_tensor().dequantize(dtype)
