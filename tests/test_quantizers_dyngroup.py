@@ -383,3 +383,29 @@ def test_segmenters_reject_bad_input():
         segment_greedy(x, 2, -1.0)
     with pytest.raises(UnibcqError, match="atoms"):
         segment_dp(x, 2, 0.0, atoms=torch.tensor([7]))
+
+
+# --------------------------------------------------------------------------- refinement
+
+
+@pytest.mark.parametrize("algorithm,window", [("windowed", 64), ("greedy", 1)])
+def test_refinement_never_worse_and_close_to_dp(algorithm, window):
+    w = torch.randn(40, 50, generator=torch.Generator().manual_seed(3))
+    plain = dyngroup_quantize(w, max_groups=16, algorithm=algorithm, window=window)
+    refined = dyngroup_quantize(w, max_groups=16, algorithm=algorithm, window=window, refine_sweeps=50)
+    exact = dyngroup_quantize(w, max_groups=16, algorithm="dp")
+    assert exact.objective <= refined.objective + 1e-9 <= plain.objective + 2e-9
+    assert refined.objective <= 1.02 * exact.objective
+    assert int(refined.num_groups.sum()) == int(plain.num_groups.sum())
+
+
+def test_refinement_coarse_to_fine_path():
+    from unibcq.quantizers.dyngroup import _refine_np, _windowed_np
+
+    x = np.sort(np.abs(np.random.default_rng(0).standard_normal(5000)))
+    bounds = _windowed_np(x, 8, 0.0, 100)
+    coarse = _refine_np(x, bounds, 0.0, 10, fine_limit=1000)
+    full = _refine_np(x, bounds, 0.0, 10)
+    cost = lambda b: segmentation_objective(torch.from_numpy(x), torch.from_numpy(b), 0.0)  # noqa: E731
+    assert cost(coarse) <= cost(bounds) and cost(full) <= cost(bounds)
+    assert cost(coarse) <= 1.01 * cost(full)

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--window", type=int, default=256, help="dyngroup windowed: initial run length")
     q.add_argument("--granularity", default="matrix", help="dyngroup: matrix | row | block:N")
     q.add_argument("--dp-atom-size", type=int, default=1, help="dyngroup dp: cut only every N sorted weights")
+    q.add_argument("--refine-sweeps", type=int, default=0,
+                   help="dyngroup greedy/windowed: boundary-refinement sweeps after merging (0 = the paper's)")
     q.add_argument("--workers", type=int, default=1, help="parallel worker processes for per-matrix methods")
     q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (unties embeddings)")
     q.add_argument("--calib", default="wikitext2", help=f"calibration text source ({PRESET_HELP})")
@@ -87,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json")
     i.add_argument("--layers", action="store_true", help="print the per-layer table")
+    b = sub.add_parser("bench", help="benchmarks that print tables")
+    bench = b.add_subparsers(dest="bench", required=True)
+    bd = bench.add_parser("dyngroup", help="dynamic-grouping solvers: seconds and objective on one core")
+    bd.add_argument("--rows", type=int, default=4096)
+    bd.add_argument("--cols", type=int, default=4096)
+    bd.add_argument("--max-groups", type=int, default=32)
+    bd.add_argument("--lambda", dest="lam", type=float, default=0.75)
+    bd.add_argument("--window", type=int, default=256)
+    bd.add_argument("--with-greedy", action="store_true", help="also run plain greedy on the large matrix (minutes)")
+    bd.add_argument("--no-real", action="store_true", help="skip the real SmolLM2 matrix")
+    bd.add_argument("--json")
     return parser
 
 
@@ -112,6 +125,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         overrides=dict(_parse_override(o) for o in args.override), seed=args.seed,
         algorithm=args.algorithm, max_groups=args.max_groups, lam=args.lam, window=args.window,
         granularity=args.granularity, normalize_lambda=not args.raw_lambda, dp_atom_size=args.dp_atom_size,
+        refine_sweeps=args.refine_sweeps,
     ).validate()
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -243,7 +257,23 @@ def cmd_info(args: argparse.Namespace) -> None:
         write_json_atomic(args.json, report)
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info}
+def cmd_bench(args: argparse.Namespace) -> None:
+    from unibcq.bench.dyngroup import benchmark_dyngroup
+    from unibcq.progress import print_table
+
+    if args.rows < 1 or args.cols < 1:
+        raise UnibcqError("--rows and --cols must be >= 1")
+    entries = benchmark_dyngroup(args.rows, args.cols, args.max_groups, args.lam, args.window,
+                                 args.with_greedy, not args.no_real)
+    print_table("dyngroup solvers (1 thread)", ["matrix", "algorithm", "dp atoms", "seconds", "objective",
+                                                 "groups", "vs dp"],
+                [(e["matrix"], e["algorithm"], e["dp_atom_size"] or "-", e["seconds"], e["objective"], e["groups"],
+                  e["ratio_to_dp"]) for e in entries])
+    if args.json:
+        write_json_atomic(args.json, entries)
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,6 +41,7 @@ class QuantConfig:
     granularity: str = "matrix"
     normalize_lambda: bool = True
     dp_atom_size: int = 1
+    refine_sweeps: int = 0
     overrides: dict[str, dict[str, int]] = field(default_factory=dict)
     seed: int = 0
     version: int = FORMAT_VERSION
@@ -78,6 +79,8 @@ class QuantConfig:
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise UnibcqError(f"{name} must be an integer >= 1, got {value!r}")
+        if type(self.refine_sweeps) is not int or self.refine_sweeps < 0:
+            raise UnibcqError(f"refine_sweeps must be an integer >= 0, got {self.refine_sweeps!r}")
         if self.max_groups > 256:
             raise UnibcqError(f"max_groups must be <= 256 (8-bit group index), got {self.max_groups}")
         if not isinstance(self.lam, (int, float)) or not self.lam >= 0 or self.lam == float("inf"):

@@ -26,7 +26,7 @@ def _bcq(algorithm: str) -> MatrixQuantizer:
 def _dyngroup(weight: torch.Tensor, c: "QuantConfig") -> GroupedBinaryTensor:
     result = dyngroup_quantize(
         check_weight(weight), c.max_groups, c.lam, c.algorithm, c.window, parse_granularity(c.granularity),
-        c.normalize_lambda, c.dp_atom_size,
+        c.normalize_lambda, c.dp_atom_size, c.refine_sweeps,
     )
     return GroupedBinaryTensor.from_parts(result.signs, result.group_index, result.scales, c.granularity)
 
