@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input columns per group; -1 = per output channel (default 128; unused by dyngroup)")
     q.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     q.add_argument("--symmetric", action="store_true", help="rtn: symmetric grid")
+    q.add_argument("--integer-zero", action="store_true",
+                   help="rtn: GPTQ-style integer zero point and a range that contains 0 (default: real-valued)")
     q.add_argument("--clip-search", action="store_true", help="rtn: per-group clipping search on an Lp error")
     q.add_argument("--no-offset", dest="offset", action="store_false", help="bcq-*: no per-group offset")
     q.add_argument("--iters", type=int, default=15, help="bcq-alternating rounds")
@@ -120,7 +122,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     config = QuantConfig(
         method=args.method, bits=args.bits if args.bits is not None else (1 if binary else 3),
         group_size=args.group_size if args.group_size is not None else (-1 if binary else 128),
-        symmetric=args.symmetric, clip_search=args.clip_search, offset=args.offset, iters=args.iters,
+        symmetric=args.symmetric, clip_search=args.clip_search, integer_zero=args.integer_zero, offset=args.offset, iters=args.iters,
         init=args.init, include_lm_head=args.quantize_lm_head,
         overrides=dict(_parse_override(o) for o in args.override), seed=args.seed,
         algorithm=args.algorithm, max_groups=args.max_groups, lam=args.lam, window=args.window,

@@ -30,6 +30,7 @@ class QuantConfig:
     group_size: int = 128
     symmetric: bool = False
     clip_search: bool = False
+    integer_zero: bool = False
     offset: bool = True
     iters: int = 15
     init: str = "greedy+uniform"

@@ -32,7 +32,7 @@ def _dyngroup(weight: torch.Tensor, c: "QuantConfig") -> GroupedBinaryTensor:
 
 
 METHODS: dict[str, MatrixQuantizer] = {
-    "rtn": lambda w, c: quantize_rtn(w, c.bits, c.group_size, c.symmetric, c.clip_search),
+    "rtn": lambda w, c: quantize_rtn(w, c.bits, c.group_size, c.symmetric, c.clip_search, integer_zero=c.integer_zero),
     "bcq-greedy": _bcq("greedy"),
     "bcq-refined": _bcq("refined"),
     "bcq-alternating": _bcq("alternating"),

@@ -24,27 +24,41 @@ def check_bits(bits: int, low: int = 1, high: int = 8) -> None:
 
 
 def minmax_params(
-    x: torch.Tensor, bits: int, symmetric: bool, ratio: float | torch.Tensor = 1.0
+    x: torch.Tensor, bits: int, symmetric: bool, ratio: float | torch.Tensor = 1.0, integer_zero: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (scale, integer zero point) of the min-max grid, range shrunk by `ratio`.
+    """Per-row (scale, zero point) of the min-max grid, range shrunk by `ratio`.
 
-    The range always contains 0 (as GPTQ's quantizer does), so zero weights stay exact-ish
-    and constant groups get a usable scale. Scales are rounded to fp16, as stored.
+    integer_zero=True is GPTQ's quantizer: the range is widened to contain 0 and the zero
+    point rounded to an integer, which int-zero-point kernels need. The BCQ format stores
+    the offset s * (c - z) as fp16 anyway, so by default the zero point stays real-valued
+    and the grid spans exactly [min, max]: never a wider step, and a grid that already is
+    uniform (e.g. a Q4_1 GGUF block) is reproduced instead of shifted by up to s / 2.
+    Scales are rounded to fp16, as stored.
     """
     maxq = 2**bits - 1
-    xmin = x.min(dim=1).values.clamp(max=0) * ratio
-    xmax = x.max(dim=1).values.clamp(min=0) * ratio
+    xmin, xmax = x.min(dim=1).values, x.max(dim=1).values
+    # Integer zero points need 0 on the grid; a (near-)constant group needs it too, or its
+    # tiny step would leave the fp16 offset's rounding as the whole error.
+    degenerate = (xmax - xmin) <= 2.0**-10 * torch.maximum(xmin.abs(), xmax.abs())
+    widen = torch.ones_like(degenerate) if (integer_zero or symmetric) else degenerate
+    xmin = torch.where(widen, xmin.clamp(max=0), xmin)
+    xmax = torch.where(widen, xmax.clamp(min=0), xmax)
+    xmin, xmax = xmin * ratio, xmax * ratio
     if symmetric:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
-    both_zero = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(both_zero, -torch.ones_like(xmin), xmin)
-    xmax = torch.where(both_zero, torch.ones_like(xmax), xmax)
+    if integer_zero or symmetric:
+        # An all-zero group would get a zero scale; any grid through 0 reproduces it.
+        both_zero = (xmin == 0) & (xmax == 0)
+        xmin = torch.where(both_zero, -torch.ones_like(xmin), xmin)
+        xmax = torch.where(both_zero, torch.ones_like(xmax), xmax)
     scale = ((xmax - xmin) / maxq).clamp(min=MIN_SCALE).to(STORAGE_DTYPE).float()
     if symmetric:
         zero = torch.full_like(scale, (maxq + 1) / 2)
-    else:
+    elif integer_zero:
         zero = torch.round(-xmin / scale).clamp(0, maxq)
+    else:
+        zero = -xmin / scale
     return scale, zero
 
 
@@ -59,17 +73,18 @@ def lp_error(x: torch.Tensor, x_hat: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def search_clipping(
-    x: torch.Tensor, bits: int, symmetric: bool, p: float = 2.4, grid: int = 100, max_shrink: float = 0.8
+    x: torch.Tensor, bits: int, symmetric: bool, p: float = 2.4, grid: int = 100, max_shrink: float = 0.8,
+    integer_zero: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row best (scale, zero) over ratios 1, 1 - 1/grid, ... down to 1 - max_shrink.
 
     Shrinking the range clips outliers but refines the grid for the bulk of the weights;
     the Lp error with p = 2.4 (as in GPTQ's search) weighs large errors a bit more than MSE.
     """
-    best_scale, best_zero = minmax_params(x, bits, symmetric)
+    best_scale, best_zero = minmax_params(x, bits, symmetric, integer_zero=integer_zero)
     best_err = lp_error(x, dequantize_grid(quantize_to_grid(x, best_scale, best_zero, bits), best_scale, best_zero), p)
     for i in range(1, int(max_shrink * grid) + 1):
-        scale, zero = minmax_params(x, bits, symmetric, 1 - i / grid)
+        scale, zero = minmax_params(x, bits, symmetric, 1 - i / grid, integer_zero)
         err = lp_error(x, dequantize_grid(quantize_to_grid(x, scale, zero, bits), scale, zero), p)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -93,13 +108,14 @@ def uniform_to_bcq(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
 
 
 def rtn_groups(
-    x: torch.Tensor, bits: int, symmetric: bool = False, clip_search: bool = False, p: float = 2.4
+    x: torch.Tensor, bits: int, symmetric: bool = False, clip_search: bool = False, p: float = 2.4,
+    integer_zero: bool = False,
 ) -> GroupCodes:
     """RTN on a group matrix (R, g), returned in BCQ form."""
     if clip_search:
-        scale, zero = search_clipping(x, bits, symmetric, p)
+        scale, zero = search_clipping(x, bits, symmetric, p, integer_zero=integer_zero)
     else:
-        scale, zero = minmax_params(x, bits, symmetric)
+        scale, zero = minmax_params(x, bits, symmetric, integer_zero=integer_zero)
     return uniform_to_bcq(quantize_to_grid(x, scale, zero, bits), scale, zero, bits)
 
 
@@ -110,7 +126,10 @@ def quantize_rtn(
     symmetric: bool = False,
     clip_search: bool = False,
     p: float = 2.4,
+    integer_zero: bool = False,
 ) -> BCQTensor:
     """Round-to-nearest uniform quantization of one weight matrix, in the packed BCQ format."""
     check_bits(bits)
-    return quantize_by_groups(weight, group_size, lambda x: rtn_groups(x, bits, symmetric, clip_search, p))
+    return quantize_by_groups(
+        weight, group_size, lambda x: rtn_groups(x, bits, symmetric, clip_search, p, integer_zero)
+    )
