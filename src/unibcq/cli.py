@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model's decoder linear layers and save a checkpoint")
     q.add_argument("model", help="Hugging Face id, local model dir, .gguf file, or alias (smollm2-135m)")
-    q.add_argument("--method", required=True, help="rtn, bcq-greedy, bcq-refined, bcq-alternating, dyngroup")
+    q.add_argument("--method", required=True,
+                   help="rtn, bcq-greedy, bcq-refined, bcq-alternating, dyngroup (calibration-free); gptq, gptq-bcq")
     q.add_argument("--bits", type=int, help="bits per weight code (default 3; dyngroup is 1-bit)")
     q.add_argument("--group-size", type=int,
                    help="input columns per group; -1 = per output channel (default 128; unused by dyngroup)")
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--refine-sweeps", type=int, default=0,
                    help="dyngroup greedy/windowed: boundary-refinement sweeps after merging (0 = the paper's)")
     q.add_argument("--workers", type=int, default=1, help="parallel worker processes for per-matrix methods")
+    q.add_argument("--damp", type=float, default=0.01, help="gptq: Hessian damping, fraction of the mean diagonal")
+    q.add_argument("--act-order", action="store_true", help="gptq: process columns by decreasing Hessian diagonal")
+    q.add_argument("--device", default="cpu", help="compute device for calibrated methods (cpu, cuda)")
     q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (unties embeddings)")
     q.add_argument("--calib", default="wikitext2", help=f"calibration text source ({PRESET_HELP})")
     q.add_argument("--calib-samples", type=int, default=128)
@@ -114,7 +118,8 @@ def _source_spec(spec: str) -> str:
 def cmd_quantize(args: argparse.Namespace) -> None:
     from unibcq.checkpoint import checkpoint_info, save_checkpoint
     from unibcq.config import QuantConfig
-    from unibcq.methods import quantize_model
+    from unibcq.data import calibration_windows
+    from unibcq.methods import CALIBRATED, quantize_model
     from unibcq.models import load_model, load_tokenizer, resolve_model
     from unibcq.progress import print_table
 
@@ -127,8 +132,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         overrides=dict(_parse_override(o) for o in args.override), seed=args.seed,
         algorithm=args.algorithm, max_groups=args.max_groups, lam=args.lam, window=args.window,
         granularity=args.granularity, normalize_lambda=not args.raw_lambda, dp_atom_size=args.dp_atom_size,
-        refine_sweeps=args.refine_sweeps,
+        refine_sweeps=args.refine_sweeps, damp=args.damp, act_order=args.act_order,
     ).validate()
+    calibrated = config.method in CALIBRATED
+    if calibrated:
+        config.calib, config.calib_samples, config.calib_seq_len = args.calib, args.calib_samples, args.seq_len
+    if args.device != "cpu" and not torch.cuda.is_available():
+        raise UnibcqError(f"--device {args.device} requested but no CUDA GPU is available; use --device cpu")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UnibcqError(f"output {out} already exists; remove it or pass --overwrite")
@@ -138,7 +148,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.model)
     load_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    records = quantize_model(model, config, show_progress=not args.no_progress, workers=args.workers)
+    windows = (calibration_windows(tokenizer, args.calib, args.calib_samples, args.seq_len, args.seed, args.data_dir)
+               if calibrated else None)
+    records = quantize_model(model, config, windows, show_progress=not args.no_progress, workers=args.workers,
+                             device=args.device)
     seconds = time.perf_counter() - start
     save_checkpoint(model, out, config, _source_spec(args.model), tokenizer, overwrite=args.overwrite,
                     extra={"quantize_seconds": round(seconds, 3)})

@@ -43,6 +43,11 @@ class QuantConfig:
     normalize_lambda: bool = True
     dp_atom_size: int = 1
     refine_sweeps: int = 0
+    damp: float = 0.01
+    act_order: bool = False
+    calib: str | None = None
+    calib_samples: int = 128
+    calib_seq_len: int = 2048
     overrides: dict[str, dict[str, int]] = field(default_factory=dict)
     seed: int = 0
     version: int = FORMAT_VERSION
@@ -63,6 +68,8 @@ class QuantConfig:
             validate_group_size(cfg.group_size)
         if self.method == "dyngroup":
             self._validate_dyngroup()
+        if not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1e3:
+            raise UnibcqError(f"damp must be a number >= 0, got {self.damp!r}")
         if type(self.iters) is not int or self.iters < 0:
             raise UnibcqError(f"iters must be an integer >= 0, got {self.iters!r}")
         if self.init not in ("greedy", "greedy+uniform"):

@@ -17,9 +17,9 @@ from torch import nn
 
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
-from unibcq.methods.registry import METHODS
+from unibcq.methods.registry import PER_MATRIX_METHODS as METHODS
 from unibcq.models.architectures import quantizable_linears, set_module
-from unibcq.nn.qlinear import PackedLinear, PackedTensor, packed_module
+from unibcq.nn.qlinear import PackedTensor, packed_module
 from unibcq.progress import progress_bar
 
 
@@ -55,20 +55,13 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def quantize_model(
+def quantize_per_matrix(
     model: nn.Module, config: QuantConfig, show_progress: bool = True, workers: int = 1
 ) -> list[LayerRecord]:
     """Replace every decoder linear layer of `model` by its packed module, in place."""
-    config.validate()
-    if type(workers) is not int or workers < 1:
-        raise UnibcqError(f"--workers must be an integer >= 1, got {workers!r}")
     layers = quantizable_linears(model, config.include_lm_head)
-    for name, layer in layers.items():
-        if isinstance(layer, PackedLinear):
-            raise UnibcqError(f"{name} is already quantized; start from a full-precision model")
     if config.include_lm_head:
         model.config.tie_word_embeddings = False
-    torch.manual_seed(config.seed)
     records = []
 
     def install(name: str, result: tuple[PackedTensor, float, float]) -> None:

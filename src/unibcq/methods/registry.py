@@ -31,13 +31,28 @@ def _dyngroup(weight: torch.Tensor, c: "QuantConfig") -> GroupedBinaryTensor:
     return GroupedBinaryTensor.from_parts(result.signs, result.group_index, result.scales, c.granularity)
 
 
-METHODS: dict[str, MatrixQuantizer] = {
+def _gptq(inner: str) -> Callable[[torch.Tensor, torch.Tensor, "QuantConfig"], BCQTensor]:
+    def quantize(w: torch.Tensor, hessian: torch.Tensor, c: "QuantConfig") -> BCQTensor:
+        from unibcq.quantizers.gptq import gptq_quantize
+
+        return gptq_quantize(w, hessian, c.bits, c.group_size, damp=c.damp, act_order=c.act_order,
+                             symmetric=c.symmetric, integer_zero=c.integer_zero, inner=inner, bcq_iters=c.iters)
+    return quantize
+
+
+PER_MATRIX_METHODS: dict[str, MatrixQuantizer] = {
     "rtn": lambda w, c: quantize_rtn(w, c.bits, c.group_size, c.symmetric, c.clip_search, integer_zero=c.integer_zero),
     "bcq-greedy": _bcq("greedy"),
     "bcq-refined": _bcq("refined"),
     "bcq-alternating": _bcq("alternating"),
     "dyngroup": _dyngroup,
 }
+
+# Calibrated methods: (weight, input Hessian, config) -> packed weight, run block by block.
+HESSIAN_METHODS = {"gptq": _gptq("uniform"), "gptq-bcq": _gptq("bcq")}
+
+METHODS = [*PER_MATRIX_METHODS, *HESSIAN_METHODS]
+CALIBRATED = set(HESSIAN_METHODS)
 
 
 def check_method(method: str) -> None:

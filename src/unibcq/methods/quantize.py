@@ -1,0 +1,40 @@
+"""One entry point for every method: per-matrix or block-by-block calibrated."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from unibcq.config import QuantConfig
+from unibcq.errors import UnibcqError
+from unibcq.methods.per_matrix import LayerRecord, quantize_per_matrix
+from unibcq.methods.registry import CALIBRATED, HESSIAN_METHODS
+from unibcq.methods.sequential import quantize_sequential
+from unibcq.models.architectures import quantizable_linears
+from unibcq.nn.qlinear import PackedLinear
+
+
+def quantize_model(
+    model: nn.Module,
+    config: QuantConfig,
+    calibration: torch.Tensor | None = None,
+    show_progress: bool = True,
+    workers: int = 1,
+    device: str = "cpu",
+) -> list[LayerRecord]:
+    """Quantize `model` in place with `config`; calibrated methods need `calibration` (n, L) token ids."""
+    config.validate()
+    if type(workers) is not int or workers < 1:
+        raise UnibcqError(f"--workers must be an integer >= 1, got {workers!r}")
+    for name, layer in quantizable_linears(model, config.include_lm_head).items():
+        if isinstance(layer, PackedLinear):
+            raise UnibcqError(f"{name} is already quantized; start from a full-precision model")
+    torch.manual_seed(config.seed)
+    if config.method in CALIBRATED:
+        if calibration is None:
+            raise UnibcqError(f"{config.method} needs calibration data (token windows)")
+        if config.include_lm_head:
+            raise UnibcqError(f"{config.method} quantizes decoder blocks only; drop --quantize-lm-head")
+        return quantize_sequential(model, config, calibration, HESSIAN_METHODS[config.method], device,
+                                   show_progress)
+    return quantize_per_matrix(model, config, show_progress, workers)

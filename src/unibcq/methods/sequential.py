@@ -1,0 +1,148 @@
+"""The sequential (block-by-block) calibration pipeline shared by calibrated methods.
+
+Calibration windows run through the model once up to the first decoder block, whose inputs
+are captured; then each block in turn sees the outputs of the already-quantized blocks
+before it, so later blocks are calibrated on the activations they will really receive.
+Activations stay on the CPU; only the current block is on the compute device.
+
+GPTQ uses it through `quantize_sequential` with a per-layer quantizer that receives the
+layer's input Hessian H = 2 X^T X / n, accumulated by forward hooks on the block's linear
+layers during one pass over the calibration set.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from unibcq.config import QuantConfig
+from unibcq.errors import UnibcqError
+from unibcq.methods.per_matrix import LayerRecord
+from unibcq.models.architectures import block_linears, decoder_blocks, set_module
+from unibcq.nn.qlinear import PackedTensor, packed_module
+from unibcq.progress import progress_bar
+
+HessianQuantizer = Callable[[torch.Tensor, torch.Tensor, QuantConfig], PackedTensor]
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass at the first block."""
+
+
+@dataclass
+class BlockInputs:
+    """Per-sample hidden states entering the current block, and the shared block kwargs."""
+
+    hidden: list[torch.Tensor]
+    kwargs: dict[str, Any]
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device) -> BlockInputs:
+    """Run each calibration window (n, L) up to the first decoder block and keep its inputs."""
+    first = decoder_blocks(model)[0]
+    hidden: list[torch.Tensor] = []
+    shared: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden.append((args[0] if args else kwargs["hidden_states"]).detach().cpu())
+        if not shared:
+            shared.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for window in windows:
+            try:
+                model(window.unsqueeze(0).to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    if len(hidden) != len(windows):
+        raise UnibcqError("could not capture the first decoder block's inputs; is this a supported architecture?")
+    return BlockInputs(hidden, shared)
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device) -> list[torch.Tensor]:
+    """The block's outputs for every captured sample (kept on the CPU)."""
+    kwargs = {k: _to(v, device) for k, v in inputs.kwargs.items()}
+    outputs = []
+    for hidden in inputs.hidden:
+        out = block(hidden.to(device), **kwargs)
+        outputs.append((out[0] if isinstance(out, tuple) else out).detach().cpu())
+    return outputs
+
+
+def accumulate_input_hessians(
+    block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """H = 2 X^T X / n for every linear layer of the block, from one pass over the samples."""
+    from unibcq.quantizers.gptq import accumulate_hessian
+
+    state: dict[str, tuple[torch.Tensor | None, int]] = {name: (None, 0) for name in layers}
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            state[name] = accumulate_hessian(*state[name], args[0].detach())
+        return hook
+
+    handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
+    try:
+        run_block(block, inputs, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: h for name, (h, _) in state.items()}
+
+
+def quantize_sequential(
+    model: nn.Module,
+    config: QuantConfig,
+    windows: torch.Tensor,
+    quantizer: HessianQuantizer,
+    device: str | torch.device = "cpu",
+    show_progress: bool = True,
+) -> list[LayerRecord]:
+    """Quantize the decoder blocks in order, each on the outputs of the quantized ones before it."""
+    device = torch.device(device)
+    blocks = decoder_blocks(model)
+    records: list[LayerRecord] = []
+    inputs = capture_block_inputs(model, windows, device)
+    with progress_bar(show_progress) as bar:
+        task = bar.add_task(f"{config.method} w{config.bits}", total=len(blocks))
+        for index, block in enumerate(blocks):
+            block.to(device)
+            layers = block_linears(model, index)
+            hessians = accumulate_input_hessians(block, layers, inputs, device)
+            for name, layer in layers.items():
+                layer_cfg = config.for_layer(name)
+                start = time.perf_counter()
+                weight = layer.weight.detach().float()
+                try:
+                    packed = quantizer(weight, hessians.pop(name), layer_cfg)
+                except UnibcqError as exc:
+                    raise UnibcqError(f"{name}: {exc}") from exc
+                seconds = time.perf_counter() - start
+                error = float((packed.dequantize().to(weight.device) - weight).norm() / weight.norm().clamp(min=1e-30))
+                bias = layer.bias.detach() if layer.bias is not None else None
+                set_module(model, name, packed_module(packed, bias).to(device))
+                records.append(LayerRecord(name, config.method, layer_cfg.bits, layer_cfg.group_size, packed.numel,
+                                           packed.bits_per_weight, error, seconds))
+            inputs = BlockInputs(run_block(block, inputs, device), inputs.kwargs)
+            block.to("cpu")
+            bar.update(task, advance=1, description=f"{config.method} block {index}")
+    return records
