@@ -123,3 +123,19 @@ def test_parallel_workers_match_serial(tiny_llama, method, extra):
     a, b = serial.state_dict(), parallel.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dyngroup_all_zero_layer_is_a_clear_error(tiny_llama):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.zero_()
+    with pytest.raises(UnibcqError, match="model.layers.0.mlp.up_proj.*all zeros"):
+        unibcq.quantize(model, unibcq.QuantConfig("dyngroup", bits=1), show_progress=False)
+
+
+def test_dyngroup_nan_is_a_clear_error(tiny_llama):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.weight[0, 0] = float("nan")
+    with pytest.raises(UnibcqError, match="q_proj.*NaN"):
+        unibcq.quantize(model, unibcq.QuantConfig("dyngroup", bits=1), show_progress=False)

@@ -24,8 +24,11 @@ def _bcq(algorithm: str) -> MatrixQuantizer:
 
 
 def _dyngroup(weight: torch.Tensor, c: "QuantConfig") -> GroupedBinaryTensor:
+    weight = check_weight(weight)
+    if not weight.any():
+        raise UnibcqError("weight is all zeros: there are no magnitudes to group (a broken or pruned layer?)")
     result = dyngroup_quantize(
-        check_weight(weight), c.max_groups, c.lam, c.algorithm, c.window, parse_granularity(c.granularity),
+        weight, c.max_groups, c.lam, c.algorithm, c.window, parse_granularity(c.granularity),
         c.normalize_lambda, c.dp_atom_size, c.refine_sweeps,
     )
     return GroupedBinaryTensor.from_parts(result.signs, result.group_index, result.scales, c.granularity)
