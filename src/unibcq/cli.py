@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model's decoder linear layers and save a checkpoint")
     q.add_argument("model", help="Hugging Face id, local model dir, .gguf file, or alias (smollm2-135m)")
     q.add_argument("--method", required=True,
-                   help="rtn, bcq-greedy, bcq-refined, bcq-alternating, dyngroup (calibration-free); gptq, gptq-bcq")
+                   help="rtn, bcq-greedy, bcq-refined, bcq-alternating, dyngroup (calibration-free); "
+                        "gptq, gptq-bcq, uniquanf, flexround (calibrated)")
     q.add_argument("--bits", type=int, help="bits per weight code (default 3; dyngroup is 1-bit)")
     q.add_argument("--group-size", type=int,
                    help="input columns per group; -1 = per output channel (default 128; unused by dyngroup)")
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rtn: GPTQ-style integer zero point and a range that contains 0 (default: real-valued)")
     q.add_argument("--clip-search", action="store_true", help="rtn: per-group clipping search on an Lp error")
     q.add_argument("--no-offset", dest="offset", action="store_false", help="bcq-*: no per-group offset")
-    q.add_argument("--iters", type=int, default=15, help="bcq-alternating rounds")
+    q.add_argument("--iters", type=int, help="alternating BCQ rounds (bcq-alternating: 15; uniquanf init T: preset)")
     q.add_argument("--init", default="greedy+uniform", choices=["greedy", "greedy+uniform"], help="bcq-alternating start")
     q.add_argument("--override", action="append", default=[], metavar="PATTERN:bits=N[,group_size=G]",
                    help="per-layer settings for layers whose name matches PATTERN (fnmatch); repeatable")
@@ -73,8 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu", help="compute device for calibrated methods (cpu, cuda)")
     q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (unties embeddings)")
     q.add_argument("--calib", default="wikitext2", help=f"calibration text source ({PRESET_HELP})")
-    q.add_argument("--calib-samples", type=int, default=128)
-    q.add_argument("--seq-len", type=int, default=2048)
+    q.add_argument("--calib-samples", type=int, help="calibration windows (preset: fast 32, paper 128)")
+    q.add_argument("--seq-len", type=int, help="tokens per calibration window (preset: fast 256, paper 2048)")
+    q.add_argument("--preset", default="fast", help="calibrated methods: fast (CPU, default) or paper")
+    q.add_argument("--epochs", type=int, help="uniquanf/flexround: passes over the calibration set per block")
+    q.add_argument("--u-lr", type=float, help="uniquanf/flexround: learning rate of the mapping parameters")
+    q.add_argument("--b-lr", type=float, help="uniquanf: learning rate of the BCQ alphas")
+    q.add_argument("--remap-every", type=int, help="uniquanf: periodic re-mapping period p")
+    q.add_argument("--grid-points", type=int, help="uniquanf: clipping-ratio grid size at init")
+    q.add_argument("--batch-size", type=int, help="uniquanf/flexround: samples per step")
+    q.add_argument("--input-prob", type=float, help="uniquanf/flexround: probability of taking an FP input element")
+    q.add_argument("--mapping", default="local", choices=["local", "global", "direct"],
+                   help="uniquanf: re-mapping to value-neighbour levels (local), all levels every p steps "
+                        "(global), or all levels every step (direct, for ablation)")
+    q.add_argument("--shift", action="store_true", help="uniquanf: fit a BCQ shift beta at init (authors: off)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--data-dir", help="folder with the datasets (default: $UNIBCQ_DATA_DIR)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
@@ -123,20 +136,32 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from unibcq.models import load_model, load_tokenizer, resolve_model
     from unibcq.progress import print_table
 
+    from unibcq.methods.presets import preset_values
+
     binary = args.method == "dyngroup"
+    preset = preset_values(args.preset, {
+        "calib_samples": args.calib_samples, "seq_len": args.seq_len, "epochs": args.epochs, "u_lr": args.u_lr,
+        "b_lr": args.b_lr, "remap_every": args.remap_every, "grid_points": args.grid_points,
+        "batch_size": args.batch_size, "input_prob": args.input_prob, "iters": args.iters,
+    })
+    reconstruction = args.method in ("uniquanf", "flexround")
+    iters = preset["iters"] if reconstruction else (args.iters if args.iters is not None else 15)
     config = QuantConfig(
         method=args.method, bits=args.bits if args.bits is not None else (1 if binary else 3),
         group_size=args.group_size if args.group_size is not None else (-1 if binary else 128),
-        symmetric=args.symmetric, clip_search=args.clip_search, integer_zero=args.integer_zero, offset=args.offset, iters=args.iters,
+        symmetric=args.symmetric, clip_search=args.clip_search, integer_zero=args.integer_zero, offset=args.offset, iters=iters,
         init=args.init, include_lm_head=args.quantize_lm_head,
         overrides=dict(_parse_override(o) for o in args.override), seed=args.seed,
         algorithm=args.algorithm, max_groups=args.max_groups, lam=args.lam, window=args.window,
         granularity=args.granularity, normalize_lambda=not args.raw_lambda, dp_atom_size=args.dp_atom_size,
         refine_sweeps=args.refine_sweeps, damp=args.damp, act_order=args.act_order,
+        epochs=preset["epochs"], u_lr=preset["u_lr"], b_lr=preset["b_lr"], remap_every=preset["remap_every"],
+        grid_points=preset["grid_points"], batch_size=preset["batch_size"], input_prob=preset["input_prob"],
+        mapping=args.mapping, shift=args.shift,
     ).validate()
     calibrated = config.method in CALIBRATED
     if calibrated:
-        config.calib, config.calib_samples, config.calib_seq_len = args.calib, args.calib_samples, args.seq_len
+        config.calib, config.calib_samples, config.calib_seq_len = args.calib, preset["calib_samples"], preset["seq_len"]
     if args.device != "cpu" and not torch.cuda.is_available():
         raise UnibcqError(f"--device {args.device} requested but no CUDA GPU is available; use --device cpu")
     out = Path(args.out)
@@ -148,8 +173,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.model)
     load_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    windows = (calibration_windows(tokenizer, args.calib, args.calib_samples, args.seq_len, args.seed, args.data_dir)
-               if calibrated else None)
+    windows = (calibration_windows(tokenizer, args.calib, config.calib_samples, config.calib_seq_len, args.seed,
+                                   args.data_dir) if calibrated else None)
     records = quantize_model(model, config, windows, show_progress=not args.no_progress, workers=args.workers,
                              device=args.device)
     seconds = time.perf_counter() - start

@@ -45,6 +45,16 @@ class QuantConfig:
     refine_sweeps: int = 0
     damp: float = 0.01
     act_order: bool = False
+    epochs: int = 2
+    u_lr: float = 5e-3
+    b_lr: float = 5e-4
+    remap_every: int = 2
+    grid_points: int = 1
+    p_norm: float = 2.4
+    shift: bool = False
+    mapping: str = "local"
+    batch_size: int = 1
+    input_prob: float = 0.5
     calib: str | None = None
     calib_samples: int = 128
     calib_seq_len: int = 2048
@@ -70,6 +80,8 @@ class QuantConfig:
             self._validate_dyngroup()
         if not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1e3:
             raise UnibcqError(f"damp must be a number >= 0, got {self.damp!r}")
+        if self.method in ("uniquanf", "flexround"):
+            self._validate_reconstruction()
         if type(self.iters) is not int or self.iters < 0:
             raise UnibcqError(f"iters must be an integer >= 0, got {self.iters!r}")
         if self.init not in ("greedy", "greedy+uniform"):
@@ -94,6 +106,20 @@ class QuantConfig:
         if not isinstance(self.lam, (int, float)) or not self.lam >= 0 or self.lam == float("inf"):
             raise UnibcqError(f"lambda must be a finite number >= 0, got {self.lam!r}")
         parse_granularity(self.granularity)
+
+    def _validate_reconstruction(self) -> None:
+        for name in ("epochs", "remap_every", "grid_points", "batch_size"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise UnibcqError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("u_lr", "b_lr", "p_norm"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value < 1e3:
+                raise UnibcqError(f"{name} must be a number >= 0, got {value!r}")
+        if not isinstance(self.input_prob, (int, float)) or not 0 <= self.input_prob <= 1:
+            raise UnibcqError(f"input_prob must be in [0, 1], got {self.input_prob!r}")
+        if self.mapping not in ("local", "global", "direct"):
+            raise UnibcqError(f"mapping must be local, global or direct, got {self.mapping!r}")
 
     def for_pattern(self, pattern: str) -> "QuantConfig":
         allowed = {"bits", "group_size"}

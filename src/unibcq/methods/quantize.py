@@ -8,6 +8,7 @@ from torch import nn
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
 from unibcq.methods.per_matrix import LayerRecord, quantize_per_matrix
+from unibcq.methods.reconstruction import reconstruct_blocks
 from unibcq.methods.registry import CALIBRATED, HESSIAN_METHODS
 from unibcq.methods.sequential import quantize_sequential
 from unibcq.models.architectures import quantizable_linears
@@ -35,6 +36,8 @@ def quantize_model(
             raise UnibcqError(f"{config.method} needs calibration data (token windows)")
         if config.include_lm_head:
             raise UnibcqError(f"{config.method} quantizes decoder blocks only; drop --quantize-lm-head")
-        return quantize_sequential(model, config, calibration, HESSIAN_METHODS[config.method], device,
-                                   show_progress)
+        if config.method in HESSIAN_METHODS:
+            return quantize_sequential(model, config, calibration, HESSIAN_METHODS[config.method], device,
+                                       show_progress)
+        return reconstruct_blocks(model, config, calibration, device, show_progress)[0]
     return quantize_per_matrix(model, config, show_progress, workers)

@@ -54,8 +54,11 @@ PER_MATRIX_METHODS: dict[str, MatrixQuantizer] = {
 # Calibrated methods: (weight, input Hessian, config) -> packed weight, run block by block.
 HESSIAN_METHODS = {"gptq": _gptq("uniform"), "gptq-bcq": _gptq("bcq")}
 
-METHODS = [*PER_MATRIX_METHODS, *HESSIAN_METHODS]
-CALIBRATED = set(HESSIAN_METHODS)
+# Calibrated methods trained by block-wise reconstruction (methods/reconstruction.py).
+RECONSTRUCTION_METHODS = ("uniquanf", "flexround")
+
+METHODS = [*PER_MATRIX_METHODS, *HESSIAN_METHODS, *RECONSTRUCTION_METHODS]
+CALIBRATED = {*HESSIAN_METHODS, *RECONSTRUCTION_METHODS}
 
 
 def check_method(method: str) -> None:

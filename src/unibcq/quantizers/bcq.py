@@ -60,24 +60,30 @@ def least_squares_scales(
     return sol[:, :n], (sol[:, n] if offset else None)
 
 
-def nearest_codes(x: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
-    """For every value, the sign vector of the nearest level sum_i alpha_i s_i + o.
+def level_values(alpha: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """All 2^n levels of each group, (R, 2^n): level k uses sign pattern k (`sign_patterns`)."""
+    levels = alpha @ sign_patterns(alpha.shape[-1], alpha.device).T
+    return levels + offset[:, None] if offset is not None else levels
 
-    Returns B as +-1 float (R, g, n). Levels are sorted per group and searched with
-    `torch.searchsorted`, comparing each value with its two bracketing levels.
+
+def nearest_level_index(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index k of the level nearest to each value; x (R, g), levels (R, 2^n) -> (R, g) int64.
+
+    Levels are sorted per group and searched with `torch.searchsorted`, comparing each value
+    with its two bracketing levels, so memory is O(R 2^n + R g), never O(R g 2^n).
     """
-    bits = alpha.shape[-1]
-    patterns = sign_patterns(bits, x.device)
-    levels = alpha @ patterns.T
-    if offset is not None:
-        levels = levels + offset[:, None]
     sorted_levels, order = torch.sort(levels, dim=1)
-    hi = torch.searchsorted(sorted_levels, x.contiguous()).clamp(max=2**bits - 1)
+    hi = torch.searchsorted(sorted_levels, x.contiguous()).clamp(max=levels.shape[1] - 1)
     lo = (hi - 1).clamp(min=0)
     d_hi = (sorted_levels.gather(1, hi) - x).abs()
     d_lo = (sorted_levels.gather(1, lo) - x).abs()
-    idx = torch.where(d_lo <= d_hi, lo, hi)
-    return patterns[order.gather(1, idx)]
+    return order.gather(1, torch.where(d_lo <= d_hi, lo, hi))
+
+
+def nearest_codes(x: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """For every value, the sign vector (+-1 float, (R, g, n)) of the nearest level."""
+    patterns = sign_patterns(alpha.shape[-1], x.device)
+    return patterns[nearest_level_index(x, level_values(alpha, offset))]
 
 
 def reconstruct(b: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:

@@ -60,8 +60,8 @@ def accumulate_hessian(
     GPTQ is invariant to the overall scale of H (damping is relative to its mean diagonal),
     so counting tokens rather than sequences changes nothing in the result.
 
-    `h` (None on the first call) is updated IN PLACE, to avoid a second in x in matrix
-    for wide layers, and returned with the new count. A new H has `dtype` (float32 as in
+    `h` (None on the first call) is updated IN PLACE, so wide layers never hold a second
+    (in, in) matrix, and returned with the new count. A new H has `dtype` (float32 as in
     the reference; float64 for long calibration runs) and lives on x's device.
     """
     if x.dim() < 1 or x.shape[-1] == 0:

@@ -70,3 +70,27 @@ def quantize_by_groups(weight: torch.Tensor, group_size: int, quantizer: GroupQu
     sign_planes = torch.cat(signs, dim=1).permute(2, 0, 1)
     offset = torch.cat(offsets, dim=1) if offsets else None
     return BCQTensor.from_codes(sign_planes, torch.cat(alphas, dim=1), offset, group_size)
+
+
+def to_padded_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """View a weight (out, in) as (out, G, gs) groups plus a mask of real (non-pad) entries.
+
+    The shorter tail group of each row is padded with its own last value, so statistics
+    that ignore the mask (min / max) are unaffected; trainable per-weight parameters for the
+    pad entries exist but never reach the output (see `from_padded_groups`).
+    """
+    out_features, in_features = weight.shape
+    gs = effective_group_size(in_features, group_size)
+    groups = -(-in_features // gs)
+    pad = groups * gs - in_features
+    mask = torch.ones(out_features, groups * gs, dtype=torch.bool, device=weight.device)
+    if pad:
+        weight = torch.cat([weight, weight[:, -1:].expand(out_features, pad)], dim=1)
+        mask[:, in_features:] = False
+    return weight.reshape(out_features, groups, gs), mask.reshape(out_features, groups, gs)
+
+
+def from_padded_groups(grouped: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of `to_padded_groups`: (out, G, gs, ...) -> (out, in, ...)."""
+    out_features, groups, gs = grouped.shape[:3]
+    return grouped.reshape(out_features, groups * gs, *grouped.shape[3:])[:, :in_features]

@@ -1,0 +1,187 @@
+"""GSM8K by greedy generation with an 8-shot chain-of-thought prompt, scored by exact match.
+
+There is no local train split to draw exemplars from, so the prompt uses the eight
+exemplars of the chain-of-thought paper (Wei et al., 2022), written in GSM8K's own answer
+format ("reasoning\\n#### N") so that the model's answer can be read after "####":
+
+    Question: {exemplar}\\nAnswer: {reasoning}\\n#### {n}\\n\\n  (x 8)
+    Question: {test question}\\nAnswer:
+
+Generation is greedy, at most 256 new tokens, cut at the first "Question:" or blank line
+(lm-eval's `until`). Two scores, as lm-eval's gsm8k:
+  strict    the number right after "####" in the output;
+  flexible  the last number anywhere in the output (the reported `acc`).
+Numbers are compared by value after dropping "$" and thousands commas ("1,000.0" == 1000),
+against the gold number after "####" in the reference answer.
+
+`evaluate_gsm8k` takes any function from a batch of prompts to completions, so tests can
+stub the model; `greedy_generator` is the one backed by a Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from unibcq.errors import UnibcqError
+from unibcq.eval.zeroshot import (
+    ProgressFn, data_file, encode, model_max_length, no_progress, parse_rows, read_jsonl, stderr_of_mean,
+)
+
+GSM8K_FILE = "zeroshot/gsm8k/test.jsonl"
+STOP_SEQUENCES = ("Question:", "\n\n")
+MAX_NEW_TOKENS = 256
+
+# (question, reasoning, answer): the chain-of-thought paper's eight GSM8K-style exemplars.
+EXEMPLARS: tuple[tuple[str, str, int], ...] = (
+    ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, "
+     "there will be 21 trees. How many trees did the grove workers plant today?",
+     "There are 15 trees originally. Then there were 21 trees after some more were planted. "
+     "So there must have been 21 - 15 = 6.", 6),
+    ("If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
+     "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5.", 5),
+    ("Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
+     "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. "
+     "After eating 35, they had 74 - 35 = 39.", 39),
+    ("Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. "
+     "How many lollipops did Jason give to Denny?",
+     "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny 20 - 12 = 8.", 8),
+    ("Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many toys does he have now?",
+     "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. 5 + 4 = 9.", 9),
+    ("There were nine computers in the server room. Five more computers were installed each day, "
+     "from monday to thursday. How many computers are now in the server room?",
+     "There were originally 9 computers. For each of 4 days, 5 more computers were added. "
+     "So 5 * 4 = 20 computers were added. 9 + 20 is 29.", 29),
+    ("Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. "
+     "How many golf balls did he have at the end of wednesday?",
+     "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. "
+     "After losing 2 more, he had 35 - 2 = 33 golf balls.", 33),
+    ("Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
+     "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. "
+     "So she has 23 - 15 dollars left. 23 - 15 is 8.", 8),
+)
+
+_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
+_STRICT = re.compile(r"####\s*(" + _NUMBER + ")")
+_ANY_NUMBER = re.compile(_NUMBER)
+
+GenerateFn = Callable[[list[str]], list[str]]
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    gold: Decimal
+
+
+def to_number(text: str) -> Decimal | None:
+    """The value of a number as written ("$1,234.50", "-7", "12."), or None."""
+    try:
+        return Decimal(text.replace(",", "").replace("$", "").rstrip("."))
+    except InvalidOperation:
+        return None
+
+
+def extract_strict(output: str) -> Decimal | None:
+    """The number right after the first "####", or None when the output has no such answer."""
+    match = _STRICT.search(output)
+    return to_number(match.group(1)) if match else None
+
+
+def extract_flexible(output: str) -> Decimal | None:
+    """The last number anywhere in the output, or None."""
+    numbers = _ANY_NUMBER.findall(output)
+    return to_number(numbers[-1]) if numbers else None
+
+
+def truncate_at_stop(text: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:
+    """The text before the earliest stop sequence."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def build_prompt(question: str) -> str:
+    """The 8-shot prompt ending with "Answer:" after `question`."""
+    shots = "".join(f"Question: {q}\nAnswer: {r}\n#### {n}\n\n" for q, r, n in EXEMPLARS)
+    return f"{shots}Question: {question}\nAnswer:"
+
+
+def load_gsm8k(root: Path, limit: int | None) -> list[Problem]:
+    """The first `limit` test problems with their gold numbers."""
+    path = data_file(root, GSM8K_FILE)
+
+    def build(row: dict[str, Any]) -> Problem:
+        _, sep, tail = row["answer"].rpartition("####")
+        gold = to_number(tail.strip()) if sep else None
+        if gold is None:
+            raise ValueError("answer does not end with '#### <number>'")
+        return Problem(row["question"], gold)
+
+    return parse_rows(path, read_jsonl(path), build, limit)
+
+
+def greedy_generator(
+    model: nn.Module,
+    tokenizer,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    max_length: int | None = None,
+    stops: Sequence[str] = STOP_SEQUENCES,
+) -> GenerateFn:
+    """Batched greedy decoding with `model.generate`, prompts left-padded and left-truncated."""
+    room = (max_length or model_max_length(model)) - max_new_tokens
+    if room < 1:
+        raise UnibcqError(f"the model's window leaves no room for a prompt before {max_new_tokens} new tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def generate(prompts: list[str]) -> list[str]:
+        encoded = [encode(tokenizer, p)[-room:] for p in prompts]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, e in enumerate(encoded):
+            ids[row, width - len(e):] = torch.tensor(e)
+            mask[row, width - len(e):] = 1
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=pad, stop_strings=list(stops), tokenizer=tokenizer,
+        )
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        return [truncate_at_stop(t, stops) for t in texts]
+
+    return generate
+
+
+def evaluate_gsm8k(
+    problems: Sequence[Problem],
+    generate: GenerateFn,
+    batch_size: int = 8,
+    progress: ProgressFn = no_progress,
+) -> dict[str, Any]:
+    """Flexible (`acc`) and strict exact match; prompts go out longest first to limit padding."""
+    if not problems:
+        raise UnibcqError("gsm8k has no problems to score")
+    if batch_size < 1:
+        raise UnibcqError(f"--batch-size must be >= 1, got {batch_size}")
+    prompts = [build_prompt(p.question) for p in problems]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    outputs: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        for i, text in zip(batch, generate([prompts[i] for i in batch])):
+            outputs[i] = truncate_at_stop(text)
+        progress(min(start + batch_size, len(order)), len(order))
+    n = len(problems)
+    flexible = sum(extract_flexible(o) == p.gold for o, p in zip(outputs, problems)) / n
+    strict = sum(extract_strict(o) == p.gold for o, p in zip(outputs, problems)) / n
+    return {
+        "acc": flexible, "acc_norm": None, "stderr": stderr_of_mean(flexible, n), "n": n,
+        "acc_strict": strict, "acc_strict_stderr": stderr_of_mean(strict, n), "shots": len(EXEMPLARS),
+    }

@@ -1,0 +1,118 @@
+"""MMLU (Hendrycks et al.) 0- to 5-shot, scored like lm-evaluation-harness's `mmlu` task.
+
+The prompt for a subject is
+
+    The following are multiple choice questions (with answers) about {subject}.\\n\\n
+    {k exemplars from the dev split, each "{question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer: X\\n\\n"}
+    {test question in the same form, ending with "Answer:"}
+
+and the model's answer is the choice among " A", " B", " C", " D" with the highest
+log-likelihood after it (the next-token logits when each letter is one token; the four
+share one forward pass). `--limit N` keeps the first N test questions of every subject.
+Micro accuracy counts every question equally; macro accuracy averages the subjects.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+
+from unibcq.errors import UnibcqError
+from unibcq.eval.zeroshot import (
+    ProgressFn, argmax_first, data_file, encode_pair, loglikelihoods, no_progress, stderr_of_mean,
+)
+
+LETTERS = ("A", "B", "C", "D")
+MAX_SHOTS = 5
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    choices: tuple[str, str, str, str]
+    answer: str  # one of LETTERS
+
+
+def format_question(q: Question, with_answer: bool) -> str:
+    """One block of the prompt; exemplars carry their answer, the test question stops at 'Answer:'."""
+    lines = [q.question.strip(), *(f"{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices))]
+    body = "\n".join(lines) + "\nAnswer:"
+    return f"{body} {q.answer}\n\n" if with_answer else body
+
+
+def build_prompt(subject: str, exemplars: Sequence[Question], question: Question) -> str:
+    """The full k-shot prompt for `question` (k = len(exemplars))."""
+    header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    return header + "".join(format_question(e, True) for e in exemplars) + format_question(question, False)
+
+
+def read_questions(path: Path, limit: int | None = None) -> list[Question]:
+    """The first `limit` rows of an MMLU csv (no header: question, A, B, C, D, answer)."""
+    questions = []
+    with path.open(encoding="utf-8", newline="") as handle:
+        for lineno, row in enumerate(csv.reader(handle), 1):
+            if limit is not None and len(questions) >= limit:
+                break
+            if len(row) != 6 or row[5].strip() not in LETTERS:
+                raise UnibcqError(f"{path} row {lineno}: expected question,A,B,C,D,answer with answer in A-D")
+            questions.append(Question(row[0], (row[1], row[2], row[3], row[4]), row[5].strip()))
+    return questions
+
+
+def subjects(root: Path) -> list[str]:
+    """Subject names from mmlu/test/{subject}_test.csv, sorted."""
+    folder = root / "mmlu" / "test"
+    names = sorted(p.name[: -len("_test.csv")] for p in folder.glob("*_test.csv"))
+    if not names:
+        raise UnibcqError(f"no MMLU files {folder}/*_test.csv; point --data-dir / UNIBCQ_DATA_DIR at a folder "
+                          "containing mmlu/test and mmlu/dev")
+    return names
+
+
+def check_shots(shots: int) -> None:
+    """The dev split holds five exemplars per subject, so 0..5 shots are possible."""
+    if not 0 <= shots <= MAX_SHOTS:
+        raise UnibcqError(f"--mmlu-shots must be between 0 and {MAX_SHOTS} (the dev split has 5), got {shots}")
+
+
+def evaluate_mmlu(
+    model: nn.Module,
+    tokenizer,
+    root: Path,
+    shots: int = 5,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: ProgressFn = no_progress,
+) -> dict[str, Any]:
+    """Micro and macro accuracy over every subject, with per-subject accuracy and counts."""
+    check_shots(shots)
+    requests: list[tuple[list[int], list[int]]] = []
+    golds: list[tuple[str, int]] = []  # (subject, gold letter index) per question
+    for subject in subjects(root):
+        exemplars = read_questions(data_file(root, f"mmlu/dev/{subject}_dev.csv"), shots) if shots else []
+        if len(exemplars) < shots:
+            raise UnibcqError(f"mmlu/dev/{subject}_dev.csv has {len(exemplars)} exemplars, fewer than {shots} shots")
+        for q in read_questions(data_file(root, f"mmlu/test/{subject}_test.csv"), limit):
+            prompt = build_prompt(subject, exemplars, q)
+            requests.extend(encode_pair(tokenizer, prompt, f" {letter}") for letter in LETTERS)
+            golds.append((subject, LETTERS.index(q.answer)))
+    scores = loglikelihoods(model, requests, batch_size, max_length, progress)
+    per_subject: dict[str, list[int]] = {}
+    for i, (subject, gold) in enumerate(golds):
+        hit = argmax_first([ll for ll, _ in scores[4 * i: 4 * i + 4]]) == gold
+        per_subject.setdefault(subject, []).append(int(hit))
+    n = len(golds)
+    if n == 0:
+        raise UnibcqError(f"the MMLU test files under {root / 'mmlu' / 'test'} hold no questions")
+    acc = sum(sum(h) for h in per_subject.values()) / n
+    subject_acc = {s: sum(h) / len(h) for s, h in per_subject.items()}
+    return {
+        "acc": acc, "acc_norm": None, "stderr": stderr_of_mean(acc, n), "n": n,
+        "acc_macro": sum(subject_acc.values()) / len(subject_acc), "shots": shots,
+        "subjects": {s: {"acc": subject_acc[s], "n": len(h)} for s, h in per_subject.items()},
+    }

@@ -1,0 +1,126 @@
+"""Dispatcher for the benchmark tasks behind `unibcq eval --tasks`.
+
+Task names: piqa, arc_easy, arc_challenge, hellaswag, winogrande, boolq, openbookqa,
+lambada (zero-shot, log-likelihood), mmlu (k-shot, log-likelihood) and gsm8k (8-shot
+generation). "all" means every zero-shot task whose files are in the data directory plus
+mmlu; gsm8k is left out of it because generation is far slower than scoring.
+
+`run_tasks` returns one entry per task,
+
+    {"acc", "acc_norm" (None where the task defines none), "stderr" (of acc), "n", "seconds", ...}
+
+with task-specific extras: acc_norm_stderr (multiple choice), ppl (lambada), acc_macro,
+shots and subjects (mmlu: acc is the micro average), acc_strict (gsm8k: acc is the
+flexible match). A summary sits under the key "_mean" (leading underscore: not a task):
+{"mean_acc": mean over the zero-shot tasks run of acc_norm where defined, else acc,
+"tasks": their names}; mean_acc is None when no zero-shot task ran.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from unibcq.errors import UnibcqError
+from unibcq.eval.gsm8k import GSM8K_FILE, evaluate_gsm8k, greedy_generator, load_gsm8k
+from unibcq.eval.mmlu import check_shots, evaluate_mmlu, subjects
+from unibcq.eval.zeroshot import (
+    LAMBADA_FILE, MULTIPLE_CHOICE, ProgressFn, data_file, data_root, evaluate_lambada, evaluate_multiple_choice,
+    load_lambada,
+)
+from unibcq.nn.qlinear import dense_weights
+from unibcq.progress import progress_bar
+
+ZEROSHOT_TASKS = (*MULTIPLE_CHOICE, "lambada")
+TASKS = (*ZEROSHOT_TASKS, "mmlu", "gsm8k")
+MEAN_KEY = "_mean"
+
+
+def _required_files(name: str) -> tuple[str, ...]:
+    """Files a task reads (MMLU's per-subject files are found by listing its folder)."""
+    if name in MULTIPLE_CHOICE:
+        return MULTIPLE_CHOICE[name].files
+    return {"lambada": (LAMBADA_FILE,), "gsm8k": (GSM8K_FILE,)}.get(name, ())
+
+
+def _present(root: Path, name: str) -> bool:
+    return all((root / f).is_file() for f in _required_files(name))
+
+
+def resolve_tasks(tasks: Sequence[str], root: Path) -> list[str]:
+    """Validated task names in the order given, duplicates dropped and "all" expanded."""
+    chosen: list[str] = []
+    for name in (t.strip().lower() for t in tasks):
+        if name == "all":
+            expanded = [t for t in ZEROSHOT_TASKS if _present(root, t)] + ["mmlu"]
+        elif name in TASKS:
+            expanded = [name]
+        else:
+            raise UnibcqError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}, all")
+        chosen.extend(t for t in expanded if t not in chosen)
+    if not chosen:
+        raise UnibcqError(f"no tasks given; valid tasks: {', '.join(TASKS)}, all")
+    return chosen
+
+
+def _run_one(
+    name: str, model: nn.Module, tokenizer, root: Path, limit: int | None, mmlu_shots: int, batch_size: int,
+    progress: ProgressFn,
+) -> dict[str, Any]:
+    if name in MULTIPLE_CHOICE:
+        task = MULTIPLE_CHOICE[name]
+        return evaluate_multiple_choice(model, tokenizer, task.load(root, limit), task.normalize, batch_size,
+                                        progress=progress)
+    if name == "lambada":
+        return evaluate_lambada(model, tokenizer, load_lambada(root, limit), batch_size, progress=progress)
+    if name == "mmlu":
+        return evaluate_mmlu(model, tokenizer, root, mmlu_shots, limit, batch_size, progress=progress)
+    return evaluate_gsm8k(load_gsm8k(root, limit), greedy_generator(model, tokenizer), batch_size, progress)
+
+
+def run_tasks(
+    model: nn.Module,
+    tokenizer,
+    tasks: Sequence[str],
+    limit: int | None,
+    data_dir: str | Path | None,
+    mmlu_shots: int = 5,
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Run `tasks` (names or "all") on the first `limit` items of each and return the results.
+
+    Names, the data directory and the task files are checked before any scoring starts, so
+    a typo does not surface after an hour of evaluation.
+    """
+    if limit is not None and limit < 1:
+        raise UnibcqError(f"--limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise UnibcqError(f"--batch-size must be >= 1, got {batch_size}")
+    root = data_root(data_dir)
+    names = resolve_tasks(tasks, root)
+    for name in names:
+        for relative in _required_files(name):
+            data_file(root, relative)
+    if "mmlu" in names:
+        check_shots(mmlu_shots)
+        subjects(root)
+    results: dict[str, dict[str, Any]] = {}
+    with torch.inference_mode(), dense_weights(model), progress_bar(show_progress) as bar:
+        for name in names:
+            bar_id = bar.add_task(name, total=None)
+
+            def progress(done: int, total: int, bar_id=bar_id) -> None:
+                bar.update(bar_id, completed=done, total=total)
+
+            start = time.perf_counter()
+            results[name] = _run_one(name, model, tokenizer, root, limit, mmlu_shots, batch_size, progress)
+            results[name]["seconds"] = time.perf_counter() - start
+    zeroshot = [n for n in names if n in ZEROSHOT_TASKS]
+    scores = [results[n]["acc_norm"] if results[n]["acc_norm"] is not None else results[n]["acc"] for n in zeroshot]
+    results[MEAN_KEY] = {"mean_acc": sum(scores) / len(scores) if scores else None, "tasks": zeroshot}
+    return results

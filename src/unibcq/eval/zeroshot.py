@@ -1,0 +1,384 @@
+"""Zero-shot multiple-choice tasks scored by log-likelihood, following lm-evaluation-harness.
+
+Every choice is a continuation scored after a context: the model's summed log-probability
+of the continuation tokens. `acc` takes the argmax of that sum; `acc_norm` divides it by
+the UTF-8 byte length of the choice text first (without the " " that joins it to the
+context, as lm-eval's `completion_len`), which removes the bias towards short answers.
+Standard errors are those of a mean of 0/1 outcomes, sqrt(p (1 - p) / (n - 1)).
+
+Prompts are lm-eval's:
+  piqa        "Question: {goal}\\nAnswer:" + " {sol}"
+  arc_*       "Question: {stem}\\nAnswer:" + " {choice}"
+  openbookqa  "{stem}" + " {choice}"
+  boolq       "{passage}\\nQuestion: {question}?\\nAnswer:" + " no" / " yes"   (acc only)
+  hellaswag   "{activity_label}: {ctx}" + " {ending}"
+  winogrande  partial scoring: the same " {continuation}" after each of two contexts (acc only)
+  lambada     last word: "{text without it}" + " {last word}"; correct iff greedy decoding
+              reproduces every target token; also the perplexity exp(-mean target log-lik).
+
+The local HellaSwag file comes pre-processed with a single-part context (ctx_b is not
+re-capitalised), so its scores are close to, not identical with, lm-eval's.
+
+Tokenisation copies lm-eval's `_encode_pair`: trailing whitespace of the context moves to
+the continuation, the context and the concatenation are encoded without special tokens,
+and the continuation tokens are the concatenation's tail after the context's length.
+Inputs longer than the model's window are cut from the left.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from unibcq.data.sources import resolve_data_dir
+from unibcq.errors import UnibcqError
+
+# Reports (done, total) in the caller's units; run_tasks turns it into a progress bar.
+ProgressFn = Callable[[int, int], None]
+
+DEFAULT_MAX_LENGTH = 2048
+
+
+def no_progress(done: int, total: int) -> None:
+    """Progress sink for callers that show none."""
+
+
+# ----------------------------------------------------------------------------- data files
+
+
+def data_root(data_dir: str | Path | None) -> Path:
+    """The datasets folder; the tasks read local files only, so a missing folder is an error."""
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        raise UnibcqError(
+            "benchmark tasks read local files: pass --data-dir or set UNIBCQ_DATA_DIR to the "
+            "datasets folder (the one holding zeroshot/ and mmlu/)"
+        )
+    return root
+
+
+def data_file(root: Path, relative: str) -> Path:
+    """`root / relative`, or an error that names the path and the fix."""
+    path = root / relative
+    if not path.is_file():
+        raise UnibcqError(f"{path} not found; point --data-dir / UNIBCQ_DATA_DIR at a folder containing {relative}")
+    return path
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-empty line, lazily, so --limit reads little."""
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UnibcqError(f"{path}:{lineno} is not valid JSON: {exc}") from exc
+            yield lineno, row
+
+
+def parse_rows(path: Path, rows: Iterator[tuple[int, Any]], build: Callable[[Any], Any], limit: int | None) -> list:
+    """Apply `build` to the first `limit` rows; a schema mismatch names the file and line."""
+    items = []
+    for lineno, row in itertools.islice(rows, limit):
+        try:
+            items.append(build(row))
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise UnibcqError(f"{path}:{lineno}: unexpected format ({type(exc).__name__}: {exc})") from exc
+    return items
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+@dataclass(frozen=True)
+class MultipleChoiceDoc:
+    """One question: choice i is `" " + choices[i]` scored after `contexts[i]`."""
+
+    contexts: tuple[str, ...]
+    choices: tuple[str, ...]
+    gold: int
+
+    @classmethod
+    def shared(cls, context: str, choices: Sequence[str], gold: int) -> MultipleChoiceDoc:
+        """The usual case: every choice follows the same context."""
+        if not 0 <= gold < len(choices):
+            raise ValueError(f"gold index {gold} outside {len(choices)} choices")
+        return cls((context,) * len(choices), tuple(choices), gold)
+
+
+def _piqa(root: Path, limit: int | None) -> list[MultipleChoiceDoc]:
+    path = data_file(root, "zeroshot/piqa/valid.jsonl")
+    labels_path = data_file(root, "zeroshot/piqa/valid-labels.lst")
+    labels = labels_path.read_text(encoding="utf-8").split()
+    rows = list(read_jsonl(path))
+    if len(labels) != len(rows):
+        raise UnibcqError(f"{labels_path} has {len(labels)} labels for {len(rows)} questions in {path}")
+    labelled = ((lineno, (row, label)) for (lineno, row), label in zip(rows, labels))
+    return parse_rows(path, labelled, lambda r: MultipleChoiceDoc.shared(
+        f"Question: {r[0]['goal']}\nAnswer:", [r[0]["sol1"], r[0]["sol2"]], int(r[1])), limit)
+
+
+def _arc_doc(row: dict[str, Any], with_question_prefix: bool) -> MultipleChoiceDoc:
+    question = row["question"]
+    choices = question["choices"]
+    labels = [c["label"] for c in choices]
+    context = f"Question: {question['stem']}\nAnswer:" if with_question_prefix else question["stem"]
+    return MultipleChoiceDoc.shared(context, [c["text"] for c in choices], labels.index(row["answerKey"]))
+
+
+def _arc_loader(relative: str, with_question_prefix: bool) -> Callable[[Path, int | None], list[MultipleChoiceDoc]]:
+    def load(root: Path, limit: int | None) -> list[MultipleChoiceDoc]:
+        path = data_file(root, relative)
+        return parse_rows(path, read_jsonl(path), lambda r: _arc_doc(r, with_question_prefix), limit)
+
+    return load
+
+
+def _boolq_doc(row: dict[str, Any]) -> MultipleChoiceDoc:
+    label = str(row["label"]).lower()
+    if label not in ("true", "false"):
+        raise ValueError(f"label {row['label']!r} is neither true nor false")
+    context = f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:"
+    return MultipleChoiceDoc.shared(context, ["no", "yes"], int(label == "true"))
+
+
+def _boolq(root: Path, limit: int | None) -> list[MultipleChoiceDoc]:
+    path = data_file(root, "zeroshot/boolq/val.jsonl")
+    return parse_rows(path, read_jsonl(path), _boolq_doc, limit)
+
+
+def _hellaswag(root: Path, limit: int | None) -> list[MultipleChoiceDoc]:
+    path = data_file(root, "zeroshot/hellaswag/hellaswag_val_from_text.jsonl")
+    return parse_rows(path, read_jsonl(path), lambda r: MultipleChoiceDoc.shared(
+        f"{r['activity_label']}: {r['ctx']}", r["endings"], int(r["label"])), limit)
+
+
+def _winogrande_doc(row: dict[str, Any]) -> MultipleChoiceDoc:
+    contexts = tuple(row["context_options"])
+    gold = int(row["gold"])
+    if len(contexts) != 2 or gold not in (0, 1):
+        raise ValueError("expected two context_options and gold 0/1")
+    return MultipleChoiceDoc(contexts, (row["continuation"],) * 2, gold)
+
+
+def _winogrande(root: Path, limit: int | None) -> list[MultipleChoiceDoc]:
+    path = data_file(root, "zeroshot/winogrande/winogrande_llmfoundry.jsonl")
+    return parse_rows(path, read_jsonl(path), _winogrande_doc, limit)
+
+
+@dataclass(frozen=True)
+class ZeroShotTask:
+    """A multiple-choice task: its files (for presence checks), loader, and whether acc_norm applies."""
+
+    files: tuple[str, ...]
+    load: Callable[[Path, int | None], list[MultipleChoiceDoc]]
+    normalize: bool
+
+
+MULTIPLE_CHOICE: dict[str, ZeroShotTask] = {
+    "piqa": ZeroShotTask(("zeroshot/piqa/valid.jsonl", "zeroshot/piqa/valid-labels.lst"), _piqa, True),
+    "arc_easy": ZeroShotTask(("zeroshot/arc_easy/ARC-Easy-Test.jsonl",),
+                             _arc_loader("zeroshot/arc_easy/ARC-Easy-Test.jsonl", True), True),
+    "arc_challenge": ZeroShotTask(("zeroshot/arc_challenge/ARC-Challenge-Test.jsonl",),
+                                  _arc_loader("zeroshot/arc_challenge/ARC-Challenge-Test.jsonl", True), True),
+    "hellaswag": ZeroShotTask(("zeroshot/hellaswag/hellaswag_val_from_text.jsonl",), _hellaswag, True),
+    "winogrande": ZeroShotTask(("zeroshot/winogrande/winogrande_llmfoundry.jsonl",), _winogrande, False),
+    "boolq": ZeroShotTask(("zeroshot/boolq/val.jsonl",), _boolq, False),
+    "openbookqa": ZeroShotTask(("zeroshot/openbookqa/test.jsonl",),
+                               _arc_loader("zeroshot/openbookqa/test.jsonl", False), True),
+}
+
+LAMBADA_FILE = "zeroshot/lambada/lambada_test.jsonl"
+
+
+def load_lambada(root: Path, limit: int | None) -> list[tuple[str, str]]:
+    """(context, target) pairs: the text without its last word, and " " + that word."""
+    path = data_file(root, LAMBADA_FILE)
+
+    def build(row: dict[str, Any]) -> tuple[str, str]:
+        context, sep, word = row["text"].rpartition(" ")
+        if not sep:
+            raise ValueError("text has no space to split off the last word")
+        return context, " " + word
+
+    return parse_rows(path, read_jsonl(path), build, limit)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids without special tokens, as lm-eval's causal-LM default (no BOS)."""
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) the way lm-eval splits them.
+
+    BPE tokenizers attach a space to the following word, so trailing spaces of the context
+    move to the continuation; the continuation ids are then the tail of the jointly encoded
+    text, so they are the tokens the model would really see after that context.
+    """
+    stripped = context.rstrip()
+    if stripped != context:
+        continuation = context[len(stripped):] + continuation
+        context = stripped
+    if not context:
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [prefix], encode(tokenizer, continuation)
+    context_ids = encode(tokenizer, context)
+    continuation_ids = encode(tokenizer, context + continuation)[len(context_ids):]
+    # A merge across the boundary can swallow a very short continuation; score it on its own then.
+    return context_ids, continuation_ids or encode(tokenizer, continuation)
+
+
+def model_max_length(model: nn.Module) -> int:
+    """The model's context window from its config, lm-eval's 2048 when it names none."""
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return DEFAULT_MAX_LENGTH
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@torch.no_grad()
+def loglikelihoods(
+    model: nn.Module,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: ProgressFn = no_progress,
+) -> list[tuple[float, bool]]:
+    """(sum of log p(continuation | context), greedy decoding reproduces it) per request.
+
+    Requests whose model input is identical (same context, one-token continuations, as in
+    MMLU's " A".." D") share one forward pass. Inputs are sorted longest first and
+    right-padded per batch, so the real tokens never attend to padding and padding costs
+    little; only the logits over the continuation span are computed (`logits_to_keep`),
+    which keeps the vocabulary projection off the long contexts.
+    """
+    if batch_size < 1:
+        raise UnibcqError(f"--batch-size must be >= 1, got {batch_size}")
+    max_length = max_length or model_max_length(model)
+    device = next(model.parameters()).device
+    inputs: dict[tuple[int, ...], int] = {}
+    plans: list[tuple[int, list[int]]] = []  # per request: (input index, target ids)
+    for context, continuation in requests:
+        if not continuation:
+            raise UnibcqError("a continuation encodes to no tokens; cannot score it")
+        full = (list(context) + list(continuation))[-(max_length + 1):]
+        key = tuple(full[:-1])
+        target = full[len(full) - min(len(continuation), len(key)):]
+        plans.append((inputs.setdefault(key, len(inputs)), target))
+    unique = list(inputs)
+    span = [0] * len(unique)  # longest continuation read from each input
+    for index, target in plans:
+        span[index] = max(span[index], len(target))
+    by_input: list[list[int]] = [[] for _ in unique]
+    for request, (index, _) in enumerate(plans):
+        by_input[index].append(request)
+
+    order = sorted(range(len(unique)), key=lambda i: -len(unique[i]))
+    keep_arg = _accepts_logits_to_keep(model)
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(plans)
+    done = 0
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        width = len(unique[batch[0]])
+        keep = max(width - len(unique[i]) + span[i] for i in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, : len(unique[i])] = torch.tensor(unique[i])
+            mask[row, : len(unique[i])] = 1
+        kwargs = {"logits_to_keep": keep} if keep_arg else {}
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits[:, -keep:]
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for row, i in enumerate(batch):
+            end = len(unique[i]) - (width - keep)  # one past the input's last position, in kept coordinates
+            for request in by_input[i]:
+                target = torch.tensor(plans[request][1])
+                scores = logprobs[row, end - len(target):end]
+                total = scores.gather(-1, target.unsqueeze(-1)).sum().item()
+                results[request] = (total, bool((scores.argmax(-1) == target).all()))
+            done += len(by_input[i])
+        progress(done, len(plans))
+    return results
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def stderr_of_mean(p: float, n: int) -> float | None:
+    """Standard error of a mean of n 0/1 outcomes (sample variance), lm-eval's `mean_stderr`."""
+    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None
+
+
+def argmax_first(values: Sequence[float]) -> int:
+    """First index of the maximum (ties go to the earlier choice, like numpy.argmax)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def evaluate_multiple_choice(
+    model: nn.Module,
+    tokenizer,
+    docs: Sequence[MultipleChoiceDoc],
+    normalize: bool = True,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: ProgressFn = no_progress,
+) -> dict[str, Any]:
+    """acc (and acc_norm when `normalize`) with standard errors over `docs`."""
+    if not docs:
+        raise UnibcqError("the task has no questions to score")
+    requests = [encode_pair(tokenizer, ctx, " " + choice) for doc in docs for ctx, choice in zip(doc.contexts, doc.choices)]
+    scores = iter(loglikelihoods(model, requests, batch_size, max_length, progress))
+    correct = correct_norm = 0
+    for doc in docs:
+        lls = [next(scores)[0] for _ in doc.choices]
+        correct += argmax_first(lls) == doc.gold
+        if normalize:
+            per_byte = [ll / max(len(choice.encode("utf-8")), 1) for ll, choice in zip(lls, doc.choices)]
+            correct_norm += argmax_first(per_byte) == doc.gold
+    n = len(docs)
+    acc = correct / n
+    acc_norm = correct_norm / n if normalize else None
+    return {
+        "acc": acc, "acc_norm": acc_norm, "stderr": stderr_of_mean(acc, n),
+        "acc_norm_stderr": stderr_of_mean(acc_norm, n) if acc_norm is not None else None, "n": n,
+    }
+
+
+def evaluate_lambada(
+    model: nn.Module,
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: ProgressFn = no_progress,
+) -> dict[str, Any]:
+    """Last-word accuracy (greedy match of every target token) and target perplexity."""
+    if not pairs:
+        raise UnibcqError("lambada has no passages to score")
+    results = loglikelihoods(model, [encode_pair(tokenizer, c, t) for c, t in pairs], batch_size, max_length, progress)
+    n = len(results)
+    acc = sum(greedy for _, greedy in results) / n
+    return {
+        "acc": acc, "acc_norm": None, "stderr": stderr_of_mean(acc, n), "n": n,
+        "ppl": math.exp(-sum(ll for ll, _ in results) / n),
+    }

@@ -1,0 +1,32 @@
+"""Named settings for calibrated methods; every value can be overridden by its own flag.
+
+`paper` is the authors' UniQuanF run (128 samples x 2048 tokens, 20 epochs, u_lr 5e-3,
+b_lr 5e-4, periodic re-mapping every p = 2 steps, T = 15 alternating rounds at init, a
+one-point clipping grid, batch 1, input_prob 0.5); GPTQ uses the same calibration set.
+`fast` keeps the method but shrinks the calibration set and training so SmolLM2-135M
+quantizes in about ten minutes on a 2-core CPU (see docs/BENCHMARKS.md for what it costs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from unibcq.errors import UnibcqError
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "calib_samples": 128, "seq_len": 2048, "epochs": 20, "u_lr": 5e-3, "b_lr": 5e-4, "remap_every": 2,
+        "iters": 15, "grid_points": 1, "batch_size": 1, "input_prob": 0.5,
+    },
+    "fast": {
+        "calib_samples": 32, "seq_len": 256, "epochs": 2, "u_lr": 5e-3, "b_lr": 5e-4, "remap_every": 2,
+        "iters": 5, "grid_points": 1, "batch_size": 1, "input_prob": 0.5,
+    },
+}
+
+
+def preset_values(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The preset's values with every non-None override applied."""
+    if name not in PRESETS:
+        raise UnibcqError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name] | {k: v for k, v in overrides.items() if v is not None}

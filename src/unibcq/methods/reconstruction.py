@@ -1,0 +1,162 @@
+"""Block-wise reconstruction: the one training engine for calibrated fake-quant methods.
+
+For each decoder block in order: the full-precision inputs X_fp and outputs Y_fp on the
+calibration set, and the inputs X_q produced by the already-quantized earlier blocks, are
+kept on the CPU. The block's linear layers become trainable fake-quant modules (UniQuanF
+or FlexRound); Adam (one learning rate for mapping parameters, one for BCQ levels) with a
+cosine schedule minimises MSE(block(X), Y_fp), where X mixes X_q and X_fp element-wise
+(an element is taken from X_fp with probability `input_prob`, as QDrop does). Then the
+block is frozen, each layer exported to packed BCQ (for UniQuanF through the unification
+theorem), and the block's quantized outputs become the next block's X_q. Only one block's
+trainable state exists at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unibcq.config import QuantConfig
+from unibcq.errors import UnibcqError
+from unibcq.methods.per_matrix import LayerRecord
+from unibcq.methods.sequential import BlockInputs, _to, capture_block_inputs, run_block
+from unibcq.models.architectures import block_linears, decoder_blocks, set_module
+from unibcq.nn.fake_quant import FlexRoundLinear, UniQuanFLinear
+from unibcq.nn.qlinear import packed_module
+from unibcq.progress import print_table, progress_bar
+
+@dataclass
+class BlockRecord:
+    """One row of the reconstruction summary: loss on quantized inputs before / after training."""
+
+    block: int
+    initial_loss: float
+    final_loss: float
+    iterations: int
+    seconds: float
+
+
+def make_fake_quant(linear: nn.Linear, config: QuantConfig) -> UniQuanFLinear | FlexRoundLinear:
+    if config.method == "flexround":
+        return FlexRoundLinear(linear, config.bits, config.group_size)
+    return UniQuanFLinear(linear, config.bits, config.group_size, config.grid_points, config.iters,
+                          config.p_norm, config.shift, config.mapping, config.remap_every)
+
+
+@torch.no_grad()
+def block_loss(block: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs: dict,
+               device: torch.device) -> float:
+    """Mean MSE of the block on quantized inputs against the FP targets."""
+    total = 0.0
+    for x, y in zip(inputs, targets):
+        out = block(x.to(device), **kwargs)
+        total += F.mse_loss((out[0] if isinstance(out, tuple) else out), y.to(device)).item()
+    return total / len(inputs)
+
+
+def _train_block(block: nn.Module, fakes: dict[str, nn.Module], q_in: list[torch.Tensor],
+                 fp_in: list[torch.Tensor], targets: list[torch.Tensor], kwargs: dict, config: QuantConfig,
+                 device: torch.device, generator: torch.Generator, on_step) -> int:
+    groups = {"mapping": [], "levels": []}
+    for fake in fakes.values():
+        for key, params in fake.param_groups().items():
+            groups[key].extend(params)
+    optimizer = torch.optim.Adam([
+        {"params": groups["mapping"], "lr": config.u_lr},
+        {"params": groups["levels"], "lr": config.b_lr},
+    ])
+    samples = len(q_in)
+    steps_per_epoch = max(1, samples // config.batch_size)
+    total = steps_per_epoch * config.epochs
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
+    for fake in fakes.values():
+        fake.train()
+    for _ in range(config.epochs):
+        order = torch.randperm(samples, generator=generator)
+        for start in range(0, steps_per_epoch * config.batch_size, config.batch_size):
+            idx = order[start : start + config.batch_size].tolist()
+            x_q = torch.cat([q_in[i] for i in idx]).to(device)
+            x_fp = torch.cat([fp_in[i] for i in idx]).to(device)
+            y = torch.cat([targets[i] for i in idx]).to(device)
+            take_fp = torch.rand(x_q.shape, generator=generator).to(device) < config.input_prob
+            out = block(torch.where(take_fp, x_fp, x_q), **kwargs)
+            loss = F.mse_loss(out[0] if isinstance(out, tuple) else out, y)
+            if not math.isfinite(loss.item()):
+                raise UnibcqError("reconstruction loss became NaN/inf; lower --u-lr / --b-lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            on_step(loss.item())
+    for fake in fakes.values():
+        fake.eval()
+        if isinstance(fake, UniQuanFLinear):
+            fake.remap(local=config.mapping == "local")
+    return total
+
+
+def reconstruct_blocks(
+    model: nn.Module,
+    config: QuantConfig,
+    windows: torch.Tensor,
+    device: str | torch.device = "cpu",
+    show_progress: bool = True,
+) -> tuple[list[LayerRecord], list[BlockRecord]]:
+    """Quantize every decoder block of `model` in place by block-wise reconstruction."""
+    device = torch.device(device)
+    blocks = decoder_blocks(model)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    captured = capture_block_inputs(model, windows, device)
+    kwargs = {k: _to(v, device) for k, v in captured.kwargs.items()}
+    q_in, fp_in = captured.hidden, captured.hidden
+    layer_records: list[LayerRecord] = []
+    block_records: list[BlockRecord] = []
+    with progress_bar(show_progress) as bar:
+        steps = config.epochs * max(1, len(windows) // config.batch_size)
+        overall = bar.add_task(f"{config.method} w{config.bits}", total=len(blocks))
+        for index, block in enumerate(blocks):
+            start = time.perf_counter()
+            block.to(device)
+            targets = run_block(block, BlockInputs(fp_in, captured.kwargs), device)
+            layers = block_linears(model, index)
+            fakes = {}
+            for name, layer in layers.items():
+                try:
+                    fakes[name] = make_fake_quant(layer, config.for_layer(name)).to(device)
+                except UnibcqError as exc:
+                    raise UnibcqError(f"{name}: {exc}") from exc
+                set_module(model, name, fakes[name])
+            initial = block_loss(block, q_in, targets, kwargs, device)
+            task = bar.add_task(f"block {index}", total=steps)
+            generator = torch.Generator().manual_seed(config.seed * 100_003 + index)
+            iterations = _train_block(
+                block, fakes, q_in, fp_in, targets, kwargs, config, device, generator,
+                lambda loss: bar.update(task, advance=1, description=f"block {index} loss {loss:.3g}"),
+            )
+            bar.update(task, visible=False)
+            for name, fake in fakes.items():
+                packed = fake.export()
+                weight = layers[name].weight.detach().float().to(device)
+                error = float((packed.dequantize() - weight).norm() / weight.norm().clamp(min=1e-30))
+                set_module(model, name, packed_module(packed, fake.bias).to(device))
+                layer_records.append(LayerRecord(name, config.method, config.for_layer(name).bits,
+                                                 config.for_layer(name).group_size, packed.numel,
+                                                 packed.bits_per_weight, error, 0.0))
+            del fakes
+            final = block_loss(block, q_in, targets, kwargs, device)
+            q_in = run_block(block, BlockInputs(q_in, captured.kwargs), device)
+            fp_in = targets
+            block.to("cpu")
+            block_records.append(BlockRecord(index, initial, final, iterations, time.perf_counter() - start))
+            bar.update(overall, advance=1)
+    if show_progress:
+        print_table(f"{config.method} block reconstruction", ["block", "initial loss", "final loss", "iterations",
+                                                              "seconds"],
+                    [(r.block, r.initial_loss, r.final_loss, r.iterations, r.seconds) for r in block_records])
+    return layer_records, block_records
