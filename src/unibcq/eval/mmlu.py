@@ -23,7 +23,7 @@ from torch import nn
 
 from unibcq.errors import UnibcqError
 from unibcq.eval.zeroshot import (
-    ProgressFn, argmax_first, data_file, encode_pair, loglikelihoods, no_progress, stderr_of_mean,
+    ProgressFn, argmax_first, data_file, encode, encode_pair, loglikelihoods, no_progress, stderr_of_mean,
 )
 
 LETTERS = ("A", "B", "C", "D")
@@ -44,10 +44,23 @@ def format_question(q: Question, with_answer: bool) -> str:
     return f"{body} {q.answer}\n\n" if with_answer else body
 
 
+def few_shot_prefix(subject: str, exemplars: Sequence[Question]) -> str:
+    """The part of the prompt shared by every question of a subject: header and exemplars."""
+    header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    return header + "".join(format_question(e, True) for e in exemplars)
+
+
 def build_prompt(subject: str, exemplars: Sequence[Question], question: Question) -> str:
     """The full k-shot prompt for `question` (k = len(exemplars))."""
-    header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-    return header + "".join(format_question(e, True) for e in exemplars) + format_question(question, False)
+    return few_shot_prefix(subject, exemplars) + format_question(question, False)
+
+
+def _common_prefix(sequences: Sequence[Sequence[int]]) -> list[int]:
+    first = sequences[0]
+    length = len(first)
+    for other in sequences[1:]:
+        length = next((i for i, (a, b) in enumerate(zip(first[:length], other)) if a != b), min(length, len(other)))
+    return list(first[:length])
 
 
 def read_questions(path: Path, limit: int | None = None) -> list[Question]:
@@ -91,22 +104,30 @@ def evaluate_mmlu(
 ) -> dict[str, Any]:
     """Micro and macro accuracy over every subject, with per-subject accuracy and counts."""
     check_shots(shots)
-    requests: list[tuple[list[int], list[int]]] = []
-    golds: list[tuple[str, int]] = []  # (subject, gold letter index) per question
+    per_subject: dict[str, list[int]] = {}
+    plans = []  # per subject: (name, token-level shared prefix, requests, gold letter indices)
     for subject in subjects(root):
         exemplars = read_questions(data_file(root, f"mmlu/dev/{subject}_dev.csv"), shots) if shots else []
         if len(exemplars) < shots:
             raise UnibcqError(f"mmlu/dev/{subject}_dev.csv has {len(exemplars)} exemplars, fewer than {shots} shots")
-        for q in read_questions(data_file(root, f"mmlu/test/{subject}_test.csv"), limit):
-            prompt = build_prompt(subject, exemplars, q)
-            requests.extend(encode_pair(tokenizer, prompt, f" {letter}") for letter in LETTERS)
-            golds.append((subject, LETTERS.index(q.answer)))
-    scores = loglikelihoods(model, requests, batch_size, max_length, progress)
-    per_subject: dict[str, list[int]] = {}
-    for i, (subject, gold) in enumerate(golds):
-        hit = argmax_first([ll for ll, _ in scores[4 * i: 4 * i + 4]]) == gold
-        per_subject.setdefault(subject, []).append(int(hit))
-    n = len(golds)
+        questions = read_questions(data_file(root, f"mmlu/test/{subject}_test.csv"), limit)
+        if not questions:
+            continue
+        requests = [encode_pair(tokenizer, build_prompt(subject, exemplars, q), f" {letter}")
+                    for q in questions for letter in LETTERS]
+        # Tokens can merge across the prefix's end ("\n\n" + next word), so share only the
+        # token prefix that the encoded few-shot text and every question really have in common.
+        prefix = _common_prefix([encode(tokenizer, few_shot_prefix(subject, exemplars))] + [c for c, _ in requests])
+        plans.append((subject, prefix, requests, [LETTERS.index(q.answer) for q in questions]))
+    total = sum(len(requests) for _, _, requests, _ in plans)
+    done = 0
+    for subject, prefix, requests, golds in plans:
+        scores = loglikelihoods(model, requests, batch_size, max_length,
+                                lambda d, _, done=done: progress(done + d, total), prefix)
+        per_subject[subject] = [int(argmax_first([ll for ll, _ in scores[4 * i: 4 * i + 4]]) == gold)
+                                for i, gold in enumerate(golds)]
+        done += len(requests)
+    n = sum(len(hits) for hits in per_subject.values())
     if n == 0:
         raise UnibcqError(f"the MMLU test files under {root / 'mmlu' / 'test'} hold no questions")
     acc = sum(sum(h) for h in per_subject.values()) / n

@@ -27,6 +27,7 @@ Inputs longer than the model's window are cut from the left.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import json
@@ -256,6 +257,11 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def _cache_argument(model: nn.Module) -> str:
+    """The key/value cache's name in forward() and its output: transformers 5.24 renamed it to `cache`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def loglikelihoods(
     model: nn.Module,
@@ -263,6 +269,7 @@ def loglikelihoods(
     batch_size: int = 8,
     max_length: int | None = None,
     progress: ProgressFn = no_progress,
+    prefix: Sequence[int] = (),
 ) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), greedy decoding reproduces it) per request.
 
@@ -271,10 +278,41 @@ def loglikelihoods(
     right-padded per batch, so the real tokens never attend to padding and padding costs
     little; only the logits over the continuation span are computed (`logits_to_keep`),
     which keeps the vocabulary projection off the long contexts.
+
+    With `prefix` (token ids that many contexts start with, such as MMLU's few-shot
+    exemplars) the prefix runs once and its key/value cache is reused by every request
+    whose context extends it and needs no truncation; the others are scored in full.
+    The model must then return `past_key_values` (every Hugging Face causal LM does).
     """
     if batch_size < 1:
         raise UnibcqError(f"--batch-size must be >= 1, got {batch_size}")
     max_length = max_length or model_max_length(model)
+    prefix = list(prefix)
+    extends = [bool(prefix) and len(c) > len(prefix) and list(c[: len(prefix)]) == prefix
+               and len(c) + len(k) <= max_length + 1 for c, k in requests]
+    groups = [[i for i, e in enumerate(extends) if e], [i for i, e in enumerate(extends) if not e]]
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    offset = 0
+    for group, group_prefix in zip(groups, (prefix, [])):
+        if not group:
+            continue
+        scores = _score(model, [requests[i] for i in group], batch_size, max_length, group_prefix,
+                        lambda done, _, offset=offset: progress(offset + done, len(requests)))
+        for i, score in zip(group, scores):
+            results[i] = score
+        offset += len(group)
+    return results
+
+
+def _score(
+    model: nn.Module,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int,
+    max_length: int,
+    prefix: list[int],
+    progress: ProgressFn,
+) -> list[tuple[float, bool]]:
+    """`loglikelihoods` for requests that all extend `prefix` untruncated, or any requests when it is empty."""
     device = next(model.parameters()).device
     inputs: dict[tuple[int, ...], int] = {}
     plans: list[tuple[int, list[int]]] = []  # per request: (input index, target ids)
@@ -282,19 +320,24 @@ def loglikelihoods(
         if not continuation:
             raise UnibcqError("a continuation encodes to no tokens; cannot score it")
         full = (list(context) + list(continuation))[-(max_length + 1):]
-        key = tuple(full[:-1])
+        key = tuple(full[len(prefix):-1])
         target = full[len(full) - min(len(continuation), len(key)):]
         plans.append((inputs.setdefault(key, len(inputs)), target))
     unique = list(inputs)
     span = [0] * len(unique)  # longest continuation read from each input
-    for index, target in plans:
-        span[index] = max(span[index], len(target))
     by_input: list[list[int]] = [[] for _ in unique]
-    for request, (index, _) in enumerate(plans):
+    for request, (index, target) in enumerate(plans):
+        span[index] = max(span[index], len(target))
         by_input[index].append(request)
 
-    order = sorted(range(len(unique)), key=lambda i: -len(unique[i]))
     keep_arg = _accepts_logits_to_keep(model)
+    cache_arg = _cache_argument(model)
+    prefix_cache = None
+    if prefix:
+        kwargs = {"logits_to_keep": 1} if keep_arg else {}
+        out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **kwargs)
+        prefix_cache = getattr(out, cache_arg)
+    order = sorted(range(len(unique)), key=lambda i: -len(unique[i]))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(plans)
     done = 0
     for start in range(0, len(order), batch_size):
@@ -302,11 +345,18 @@ def loglikelihoods(
         width = len(unique[batch[0]])
         keep = max(width - len(unique[i]) + span[i] for i in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), len(prefix) + width, dtype=torch.long)
+        mask[:, : len(prefix)] = 1
         for row, i in enumerate(batch):
             ids[row, : len(unique[i])] = torch.tensor(unique[i])
-            mask[row, : len(unique[i])] = 1
+            mask[row, len(prefix): len(prefix) + len(unique[i])] = 1
         kwargs = {"logits_to_keep": keep} if keep_arg else {}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)  # the forward appends to the cache it is given
+            cache.batch_repeat_interleave(len(batch))
+            kwargs.update({cache_arg: cache, "use_cache": True})
+        else:
+            kwargs.update(use_cache=False)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits[:, -keep:]
         logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
         for row, i in enumerate(batch):

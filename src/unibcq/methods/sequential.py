@@ -97,7 +97,8 @@ def accumulate_input_hessians(
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            state[name] = accumulate_hessian(*state[name], args[0].detach())
+            hessian, count = state[name]
+            state[name] = accumulate_hessian(hessian, args[0].detach(), count)
         return hook
 
     handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
