@@ -94,13 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", help="also write the per-layer summary as JSON here")
     q.add_argument("--no-progress", action="store_true")
 
-    e = sub.add_parser("eval", help="perplexity, KL divergence and top-1 agreement")
+    e = sub.add_parser("eval", help="perplexity, KL divergence, top-1 agreement and benchmark tasks")
     e.add_argument("model", help="quantized checkpoint dir, or any MODEL accepted by quantize")
-    e.add_argument("--ppl", default="wikitext2", help="comma-separated: wikitext2, ptb, or .txt/.jsonl files")
+    e.add_argument("--ppl", default="wikitext2",
+                   help="comma-separated: wikitext2, ptb, or .txt/.jsonl files; 'none' skips perplexity")
     e.add_argument("--kl-ref", help="reference model for KL (default: a checkpoint's source model; 'none' skips)")
     e.add_argument("--seq-len", type=int, default=2048)
     e.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
     e.add_argument("--data-dir", help="folder with the datasets (default: $UNIBCQ_DATA_DIR)")
+    e.add_argument("--tasks", help="comma-separated: piqa, arc_easy, arc_challenge, hellaswag, winogrande, boolq, "
+                                   "openbookqa, lambada, mmlu, gsm8k, or all (the zero-shot ones present + mmlu)")
+    e.add_argument("--limit", type=int, help="--tasks: only the first N items of each task (MMLU: of each subject)")
+    e.add_argument("--mmlu-shots", type=int, default=5, help="MMLU exemplars from the dev split (0-5)")
+    e.add_argument("--batch-size", type=int, default=8, help="--tasks: sequences per forward pass")
     e.add_argument("--json", help="write every printed figure to this JSON file")
     e.add_argument("--no-progress", action="store_true")
 
@@ -234,14 +240,21 @@ def _load_for_eval(spec: str):
 def cmd_eval(args: argparse.Namespace) -> None:
     from unibcq.data import eval_token_ids
     from unibcq.eval import evaluate_windows
+    from unibcq.eval.tasks import SUMMARY_COLUMNS, check_tasks, run_tasks, summary_rows
     from unibcq.models import load_model
     from unibcq.progress import print_table
 
-    datasets = [d.strip() for d in args.ppl.split(",") if d.strip()]
-    if not datasets:
-        raise UnibcqError("--ppl needs at least one dataset")
+    skip_ppl = args.ppl.strip().lower() == "none"
+    datasets = [] if skip_ppl else [d.strip() for d in args.ppl.split(",") if d.strip()]
+    if not datasets and not skip_ppl:
+        raise UnibcqError("--ppl needs at least one dataset, or 'none'")
+    if args.tasks is not None:
+        check_tasks(args.tasks.split(","), args.limit, args.data_dir, args.mmlu_shots, args.batch_size)
+    elif skip_ppl:
+        raise UnibcqError("--ppl none leaves nothing to evaluate; add --tasks")
     model, tokenizer, bits, default_ref = _load_for_eval(args.model)
     ref_spec = default_ref if args.kl_ref is None else (None if args.kl_ref.lower() == "none" else args.kl_ref)
+    ref_spec = ref_spec if datasets else None  # KL is measured on the perplexity windows only
     ref_model = load_model(ref_spec) if ref_spec else None
     start = time.perf_counter()
     results: dict[str, Any] = {}
@@ -249,14 +262,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
         ids = eval_token_ids(tokenizer, name, args.data_dir)
         results[name] = evaluate_windows(model, ids, args.seq_len, args.max_windows, ref_model,
                                          description=name, show_progress=not args.no_progress)
-    first = results[datasets[0]]
+    tasks = None
+    if args.tasks is not None:
+        tasks = run_tasks(model, tokenizer, args.tasks.split(","), args.limit, args.data_dir, args.mmlu_shots,
+                          args.batch_size, show_progress=not args.no_progress)
+    first = results[datasets[0]] if datasets else None
     report = {
         "model": args.model,
         "ppl": {k: v.ppl for k, v in results.items()},
         "ref_model": ref_spec,
         "ref_ppl": {k: v.ref_ppl for k, v in results.items()} if ref_model is not None else None,
-        "kl_vs_ref": first.kl,
-        "top1_agreement": first.top1_agreement,
+        "kl_vs_ref": first.kl if first else None,
+        "top1_agreement": first.top1_agreement if first else None,
         "kl_dataset": datasets[0] if ref_model is not None else None,
         "kl": {k: v.kl for k, v in results.items()} if ref_model is not None else None,
         "seq_len": args.seq_len,
@@ -264,13 +281,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
         "tokens": {k: v.tokens for k, v in results.items()},
         "bits_per_weight": bits,
         "seconds": time.perf_counter() - start,
+        "tasks": tasks,
     }
     rows = []
     for name, r in results.items():
         rows.append((name, r.windows, r.tokens, r.ppl, r.ref_ppl if r.ref_ppl is not None else "-",
                      r.kl if r.kl is not None else "-", r.top1_agreement if r.top1_agreement is not None else "-"))
-    print_table(f"{args.model} (seq_len {args.seq_len}, {bits:.3f} bits/weight)",
-                ["dataset", "windows", "tokens", "ppl", "ref ppl", "KL vs ref", "top-1 agree"], rows)
+    if rows:
+        print_table(f"{args.model} (seq_len {args.seq_len}, {bits:.3f} bits/weight)",
+                    ["dataset", "windows", "tokens", "ppl", "ref ppl", "KL vs ref", "top-1 agree"], rows)
+    if tasks is not None:
+        print_table(f"{args.model} tasks (limit {args.limit or 'none'}, {bits:.3f} bits/weight)",
+                    SUMMARY_COLUMNS, summary_rows(tasks))
     if args.json:
         write_json_atomic(args.json, report)
 

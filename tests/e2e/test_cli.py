@@ -193,3 +193,38 @@ def test_dyngroup_rejects_other_bit_widths(capsys, tmp_path, tiny_model_dir):
     code, _, err = run(capsys, "quantize", tiny_model_dir, "--method", "dyngroup", "--bits", "2",
                        "--out", tmp_path / "dg", "--no-progress")
     assert code == 2 and "1-bit" in err and not (tmp_path / "dg").exists()
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("gptq", ["--act-order"]),
+    ("gptq-bcq", []),
+    ("uniquanf", ["--epochs", "1", "--iters", "2"]),
+    ("flexround", ["--epochs", "1"]),
+])
+def test_calibrated_methods(capsys, tmp_path, tiny_model_dir, corpus_file, method, extra):
+    out = tmp_path / "q"
+    code, stdout, err = run(capsys, "quantize", tiny_model_dir, "--method", method, "--bits", "3",
+                            "--group-size", "32", "--calib", corpus_file, "--calib-samples", "4", "--seq-len", "16",
+                            "--out", out, "--no-progress", *extra)
+    assert code == 0, err
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["method"] == method and qcfg["calib"] == str(corpus_file)
+    assert qcfg["calib_samples"] == 4 and qcfg["calib_seq_len"] == 16
+    code, _, err = run(capsys, "eval", out, "--ppl", corpus_file, "--seq-len", "32", "--max-windows", "2",
+                       "--no-progress")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--preset", "huge"], "preset"),
+    (["--input-prob", "2"], "input_prob"),
+    (["--epochs", "0"], "epochs"),
+    (["--calib", "missing-file.txt"], "not found"),
+    (["--device", "cuda:7"], "cuda"),
+])
+def test_calibrated_bad_input(capsys, tmp_path, tiny_model_dir, extra, needle):
+    out = tmp_path / "q"
+    code, _, err = run(capsys, "quantize", tiny_model_dir, "--method", "uniquanf", "--calib-samples", "2",
+                       "--seq-len", "8", "--out", out, "--no-progress", *extra)
+    assert code == 2 and needle in err.lower() and not out.exists()
+    assert leftovers(tmp_path) == []

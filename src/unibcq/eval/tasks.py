@@ -82,20 +82,13 @@ def _run_one(
     return evaluate_gsm8k(load_gsm8k(root, limit), greedy_generator(model, tokenizer), batch_size, progress)
 
 
-def run_tasks(
-    model: nn.Module,
-    tokenizer,
-    tasks: Sequence[str],
-    limit: int | None,
-    data_dir: str | Path | None,
-    mmlu_shots: int = 5,
-    batch_size: int = 8,
-    show_progress: bool = True,
-) -> dict[str, dict[str, Any]]:
-    """Run `tasks` (names or "all") on the first `limit` items of each and return the results.
+def check_tasks(
+    tasks: Sequence[str], limit: int | None, data_dir: str | Path | None, mmlu_shots: int = 5, batch_size: int = 8,
+) -> tuple[Path, list[str]]:
+    """(data directory, task names) after checking every option and task file.
 
-    Names, the data directory and the task files are checked before any scoring starts, so
-    a typo does not surface after an hour of evaluation.
+    The CLI calls this before loading a model or computing perplexity, so a typo or a
+    missing file does not surface after an hour of evaluation.
     """
     if limit is not None and limit < 1:
         raise UnibcqError(f"--limit must be >= 1, got {limit}")
@@ -109,6 +102,21 @@ def run_tasks(
     if "mmlu" in names:
         check_shots(mmlu_shots)
         subjects(root)
+    return root, names
+
+
+def run_tasks(
+    model: nn.Module,
+    tokenizer,
+    tasks: Sequence[str],
+    limit: int | None,
+    data_dir: str | Path | None,
+    mmlu_shots: int = 5,
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Run `tasks` (names or "all") on the first `limit` items of each; see the module docstring."""
+    root, names = check_tasks(tasks, limit, data_dir, mmlu_shots, batch_size)
     results: dict[str, dict[str, Any]] = {}
     with torch.inference_mode(), dense_weights(model), progress_bar(show_progress) as bar:
         for name in names:
@@ -124,3 +132,27 @@ def run_tasks(
     scores = [results[n]["acc_norm"] if results[n]["acc_norm"] is not None else results[n]["acc"] for n in zeroshot]
     results[MEAN_KEY] = {"mean_acc": sum(scores) / len(scores) if scores else None, "tasks": zeroshot}
     return results
+
+
+SUMMARY_COLUMNS = ("task", "n", "acc", "acc_norm", "stderr", "seconds", "notes")
+
+
+def summary_rows(results: dict[str, dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Table rows for `results` (SUMMARY_COLUMNS), with each task's extra figures as notes."""
+    rows: list[tuple[Any, ...]] = []
+    for name, r in results.items():
+        if name == MEAN_KEY:
+            continue
+        notes = ""
+        if name == "lambada":
+            notes = f"ppl {r['ppl']:.3f}"
+        elif name == "mmlu":
+            notes = f"{r['shots']}-shot, macro {r['acc_macro']:.4f}"
+        elif name == "gsm8k":
+            notes = f"acc = flexible; strict {r['acc_strict']:.4f}"
+        rows.append((name, r["n"], r["acc"], "-" if r["acc_norm"] is None else r["acc_norm"],
+                     "-" if r["stderr"] is None else r["stderr"], r["seconds"], notes))
+    mean = results[MEAN_KEY]
+    if mean["mean_acc"] is not None:
+        rows.append(("mean (zero-shot)", "-", mean["mean_acc"], "-", "-", "-", "acc_norm where defined, else acc"))
+    return rows
