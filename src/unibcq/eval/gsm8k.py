@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from unibcq.errors import UnibcqError
 from unibcq.eval.zeroshot import (
@@ -126,6 +127,23 @@ def load_gsm8k(root: Path, limit: int | None) -> list[Problem]:
     return parse_rows(path, read_jsonl(path), build, limit)
 
 
+class _StopOnText(StoppingCriteria):
+    """Marks a sequence finished once its decoded completion contains a stop sequence.
+
+    transformers' own `stop_strings` maps stop strings onto the vocabulary and fails on
+    some tokenizers (word-level ones, for instance); decoding the completion works for all.
+    """
+
+    def __init__(self, tokenizer, prompt_width: int, stops: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.prompt_width = prompt_width
+        self.stops = tuple(stops)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+
+
 def greedy_generator(
     model: nn.Module,
     tokenizer,
@@ -151,7 +169,8 @@ def greedy_generator(
             mask[row, width - len(e):] = 1
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=pad, stop_strings=list(stops), tokenizer=tokenizer,
+            do_sample=False, pad_token_id=pad,
+            stopping_criteria=StoppingCriteriaList([_StopOnText(tokenizer, width, stops)]),
         )
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         return [truncate_at_stop(t, stops) for t in texts]

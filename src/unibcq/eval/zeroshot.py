@@ -282,7 +282,7 @@ def loglikelihoods(
     With `prefix` (token ids that many contexts start with, such as MMLU's few-shot
     exemplars) the prefix runs once and its key/value cache is reused by every request
     whose context extends it and needs no truncation; the others are scored in full.
-    The model must then return `past_key_values` (every Hugging Face causal LM does).
+    The model must then return its key/value cache (every Hugging Face causal LM does).
     """
     if batch_size < 1:
         raise UnibcqError(f"--batch-size must be >= 1, got {batch_size}")

@@ -78,8 +78,27 @@ def unpack_signs(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return bits.reshape(*packed.shape[:-1], -1)[..., :in_features].bool()
 
 
+class StoredSize:
+    """Honest size of a packed weight, from the tensors it really stores (padding included).
+
+    Subclasses provide `tensors()` and `numel`.
+    """
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Every stored bit (codes, scales, offsets, indices) per quantized weight."""
+        return 8.0 * self.nbytes / max(self.numel, 1)
+
+
 @dataclass
-class BCQTensor:
+class BCQTensor(StoredSize):
     """One quantized weight matrix in the packed BCQ format (see the module docstring)."""
 
     planes: torch.Tensor
@@ -162,11 +181,3 @@ class BCQTensor:
             out["bcq_offset"] = self.offset
         return out
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Honest storage cost: code bits (with byte padding) + fp16 scales + offsets."""
-        return 8.0 * self.nbytes / max(self.numel, 1)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from unibcq.errors import UnibcqError
-from unibcq.formats.bcq import STORAGE_DTYPE, pack_signs, unpack_signs
+from unibcq.formats.bcq import STORAGE_DTYPE, StoredSize, pack_signs, unpack_signs
 
 
 def parse_granularity(granularity: str) -> str | tuple[str, int]:
@@ -61,7 +61,7 @@ def index_bits_for(groups: int) -> int:
 
 
 @dataclass
-class GroupedBinaryTensor:
+class GroupedBinaryTensor(StoredSize):
     signs: torch.Tensor
     index: torch.Tensor
     scales: torch.Tensor
@@ -116,15 +116,6 @@ class GroupedBinaryTensor:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"gb_signs": self.signs, "gb_index": self.index, "gb_scales": self.scales}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-    @property
-    def bits_per_weight(self) -> float:
-        """What the stored tensors cost: sign + fixed-length index + fp16 scales (+ padding)."""
-        return 8.0 * self.nbytes / max(self.numel, 1)
 
     def accounting(self) -> dict[str, float]:
         """Bits per weight three ways: the paper's (no index), fixed-length and entropy index.

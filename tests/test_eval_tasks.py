@@ -1,0 +1,449 @@
+"""Benchmark tasks: scoring, prompts, answer extraction, loaders and the CLI, without a real model.
+
+A bigram stub model (logits depend only on the current token, set by hand) makes every
+log-likelihood known exactly, so accuracies are checked against exact expected values; a
+tiny random Llama checks that batching, padding, truncation and the shared-prefix cache
+change nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from decimal import Decimal
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from unibcq.cli import main
+from unibcq.errors import UnibcqError
+from unibcq.eval import gsm8k, mmlu, zeroshot
+from unibcq.eval.tasks import MEAN_KEY, TASKS, resolve_tasks, run_tasks
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "datasets"
+
+WORDS = [f"w{i}" for i in range(200)]
+EXTRA = ["Question", "Answer", "The", "following", "are", "multiple", "choice", "questions", "with", "answers",
+         "about", "biology", "chemistry", "A", "B", "C", "D", "yes", "no", "####", ":", "?", ".", "(", ")", "$"]
+VOCAB = {"[UNK]": 0, "[EOS]": 1, **{w: i + 2 for i, w in enumerate(EXTRA + WORDS)}}
+VOCAB_SIZE = 256 + 64  # >= len(VOCAB); the tiny models' vocabulary
+
+
+def word_tokenizer():
+    """A word-level fast tokenizer (punctuation split off), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(VOCAB, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[EOS]")
+
+
+class _NoCache:
+    """What the bigram stub returns as its key/value cache: it needs none."""
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        return None
+
+
+class BigramLM(nn.Module):
+    """logits[b, t] = table[input_ids[b, t]]: log p(next | current) is set by hand."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = nn.Parameter(table, requires_grad=False)
+
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=0, cache=None, use_cache=False, **kwargs):
+        logits = self.table[input_ids]
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        return SimpleNamespace(logits=logits, cache=_NoCache() if use_cache else None)
+
+
+def bigram(*favours: tuple[str, str, float]) -> BigramLM:
+    """A stub whose logit for `next` after `current` is `value` (0 elsewhere)."""
+    table = torch.zeros(VOCAB_SIZE, VOCAB_SIZE)
+    for current, nxt, value in favours:
+        table[VOCAB[current], VOCAB[nxt]] = value
+    return BigramLM(table)
+
+
+def logp(model: BigramLM, current: str, nxt: str) -> float:
+    return torch.log_softmax(model.table[VOCAB[current]], -1)[VOCAB[nxt]].item()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return word_tokenizer()
+
+
+@pytest.fixture
+def llama(tiny_llama):
+    return tiny_llama(seed=3, hidden_size=64, vocab_size=VOCAB_SIZE)
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+
+class CharTokenizer:
+    """One token per character, except that "ab" merges into one token (id 1000)."""
+
+    bos_token_id = None
+    eos_token_id = 7
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids, i = [], 0
+        while i < len(text):
+            if text.startswith("ab", i):
+                ids.append(1000)
+                i += 2
+            else:
+                ids.append(ord(text[i]))
+                i += 1
+        return ids
+
+
+def test_encode_pair_moves_trailing_space_to_the_continuation():
+    ctx, cont = zeroshot.encode_pair(CharTokenizer(), "Answer: ", "yes")
+    assert ctx == [ord(c) for c in "Answer:"] and cont == [ord(c) for c in " yes"]
+
+
+def test_encode_pair_takes_the_joint_encodings_tail_and_survives_a_boundary_merge():
+    # "xab" encodes as [x, ab]: the tail after the context's two tokens would be empty.
+    assert zeroshot.encode_pair(CharTokenizer(), "xa", "b") == ([ord("x"), ord("a")], [ord("b")])
+    assert zeroshot.encode_pair(CharTokenizer(), "xy", "abc") == ([ord("x"), ord("y")], [1000, ord("c")])
+
+
+def test_encode_pair_with_empty_context_scores_after_eos():
+    assert zeroshot.encode_pair(CharTokenizer(), "", "hi") == ([7], [ord("h"), ord("i")])
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def test_loglikelihoods_are_exact_sums_of_token_logprobs(tok):
+    model = bigram((":", "w5", 4.0), ("w5", "w6", 2.0))
+    ctx, cont = zeroshot.encode_pair(tok, "Question: w1\nAnswer:", " w5 w6")
+    [(ll, greedy)] = zeroshot.loglikelihoods(model, [(ctx, cont)])
+    assert ll == pytest.approx(logp(model, ":", "w5") + logp(model, "w5", "w6"), abs=1e-5)
+    assert greedy
+    [(_, greedy)] = zeroshot.loglikelihoods(model, [zeroshot.encode_pair(tok, "Answer:", " w5 w7")])
+    assert not greedy
+
+
+def test_accuracy_follows_the_models_preference():
+    model = bigram((":", "w5", 5.0))
+    docs = [zeroshot.MultipleChoiceDoc.shared(f"Question: w{i}\nAnswer:", ["w5", "w6"], gold)
+            for i, gold in enumerate([0, 0, 0, 1])]
+    result = zeroshot.evaluate_multiple_choice(model, word_tokenizer(), docs, batch_size=3)
+    assert result["acc"] == 0.75 and result["acc_norm"] == 0.75 and result["n"] == 4
+    assert result["stderr"] == pytest.approx(math.sqrt(0.75 * 0.25 / 3))
+
+
+def test_acc_norm_divides_by_byte_length_and_can_disagree_with_acc(tok):
+    # Choice 0 is four tokens (11 bytes) with a lower total but a higher per-byte score.
+    model = bigram((":", "w8", 3.0), ("w7", "w7", 10.0))
+    long_ll = logp(model, ":", "w7") + 3 * logp(model, "w7", "w7")
+    short_ll = logp(model, ":", "w8")
+    assert short_ll > long_ll and long_ll / 11 > short_ll / 2
+    docs = [zeroshot.MultipleChoiceDoc.shared("Answer:", ["w7 w7 w7 w7", "w8"], 0)]
+    result = zeroshot.evaluate_multiple_choice(model, tok, docs)
+    assert result["acc"] == 0.0 and result["acc_norm"] == 1.0
+    assert zeroshot.evaluate_multiple_choice(model, tok, docs, normalize=False)["acc_norm"] is None
+
+
+def test_partial_scoring_compares_the_continuation_after_each_context(tok):
+    # Winogrande-style: same continuation, two contexts; only the continuation is scored.
+    model = bigram(("w2", "w9", 6.0))
+    doc = zeroshot.MultipleChoiceDoc(("w0 w1 w3", "w0 w1 w2"), ("w9 .",) * 2, 1)
+    assert zeroshot.evaluate_multiple_choice(model, tok, [doc], normalize=False)["acc"] == 1.0
+
+
+def test_lambada_needs_every_target_token_greedy(tok):
+    model = bigram(("w1", "w2", 8.0), ("w2", "w3", 8.0))
+    pairs = [("w0 w1", " w2"), ("w0 w2", " w3"), ("w0 w1", " w4")]
+    result = zeroshot.evaluate_lambada(model, tok, pairs)
+    assert result["acc"] == pytest.approx(2 / 3) and result["acc_norm"] is None
+    expected = [logp(model, "w1", "w2"), logp(model, "w2", "w3"), logp(model, "w1", "w4")]
+    assert result["ppl"] == pytest.approx(math.exp(-sum(expected) / 3), rel=1e-5)
+
+
+def _reference_ll(model, ids: list[int], n_cont: int) -> float:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids[:-1]])).logits[0].float()
+    logprobs = torch.log_softmax(logits, -1)[-n_cont:]
+    return logprobs.gather(-1, torch.tensor(ids[-n_cont:]).unsqueeze(-1)).sum().item()
+
+
+def _random_requests(seed: int, count: int, prefix: list[int] = ()) -> list[tuple[list[int], list[int]]]:
+    gen = torch.Generator().manual_seed(seed)
+    requests = []
+    for _ in range(count):
+        n_ctx, n_cont = torch.randint(1, 12, (1,), generator=gen).item(), torch.randint(1, 4, (1,), generator=gen).item()
+        tokens = torch.randint(2, VOCAB_SIZE, (n_ctx + n_cont,), generator=gen).tolist()
+        requests.append((list(prefix) + tokens[:n_ctx], tokens[n_ctx:]))
+    return requests
+
+
+def test_batched_right_padded_scoring_matches_one_sequence_at_a_time(llama):
+    requests = _random_requests(0, 9)
+    requests.append((requests[0][0], [requests[0][1][0]]))  # same input as another one-token request
+    batched = zeroshot.loglikelihoods(llama, requests, batch_size=4)
+    for (ctx, cont), (ll, _) in zip(requests, batched):
+        assert ll == pytest.approx(_reference_ll(llama, ctx + cont, len(cont)), abs=1e-4)
+
+
+def test_long_inputs_are_cut_from_the_left(llama):
+    ctx, cont = list(range(2, 30)), [40, 41]
+    [(ll, _)] = zeroshot.loglikelihoods(llama, [(ctx, cont)], max_length=10)
+    assert ll == pytest.approx(_reference_ll(llama, (ctx + cont)[-11:], 2), abs=1e-4)
+
+
+def test_shared_prefix_cache_changes_nothing(llama):
+    prefix = list(range(50, 70))
+    requests = _random_requests(1, 7, prefix) + [(prefix[:5], [3, 4])]  # the last one does not extend it
+    plain = zeroshot.loglikelihoods(llama, requests, batch_size=3)
+    cached = zeroshot.loglikelihoods(llama, requests, batch_size=3, prefix=prefix)
+    assert [g for _, g in plain] == [g for _, g in cached]
+    assert [ll for ll, _ in cached] == pytest.approx([ll for ll, _ in plain], abs=1e-4)
+
+
+def test_progress_reports_every_request(llama):
+    seen = []
+    zeroshot.loglikelihoods(llama, _random_requests(2, 5), batch_size=2, progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (5, 5) and all(t == 5 for _, t in seen)
+
+
+# ----------------------------------------------------------------------------- MMLU
+
+
+def test_mmlu_prompt_is_the_standard_one():
+    exemplar = mmlu.Question("What is 2 + 2?", ("3", "4", "5", "6"), "B")
+    question = mmlu.Question("Which organelle makes ATP?", ("Nucleus", "Ribosome", "Mitochondrion", "Golgi"), "C")
+    expected = (
+        "The following are multiple choice questions (with answers) about high school biology.\n\n"
+        "What is 2 + 2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer: B\n\n"
+        "Which organelle makes ATP?\nA. Nucleus\nB. Ribosome\nC. Mitochondrion\nD. Golgi\nAnswer:"
+    )
+    assert mmlu.build_prompt("high_school_biology", [exemplar], question) == expected
+    assert mmlu.build_prompt("anatomy", [], question).startswith(
+        "The following are multiple choice questions (with answers) about anatomy.\n\nWhich organelle")
+
+
+def _write_csv(path: Path, rows: list[list[str]]) -> None:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(rows)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A miniature data folder: PIQA (4 items) and MMLU with two subjects."""
+    root = tmp_path / "data"
+    _write_jsonl(root / "zeroshot/piqa/valid.jsonl",
+                 [{"goal": f"w{i} ?", "sol1": "w5 w6", "sol2": "w9"} for i in range(4)])
+    (root / "zeroshot/piqa/valid-labels.lst").write_text("0\n0\n1\n0\n")
+    for subject, answers in (("biology", "BBC"), ("chemistry", "BA")):
+        _write_csv(root / f"mmlu/dev/{subject}_dev.csv", [["w1 ?", "w2", "w3", "w4", "w5", "A"]])
+        _write_csv(root / f"mmlu/test/{subject}_test.csv",
+                   [[f"w{10 + i}, w{20 + i} ?", "w2", "w3", "w4", "w5", a] for i, a in enumerate(answers)])
+    return root
+
+
+def test_mmlu_micro_and_macro_accuracy(tok, data_dir):
+    model = bigram((":", "B", 6.0))  # always answers B
+    result = mmlu.evaluate_mmlu(model, tok, data_dir, shots=1)
+    assert result["n"] == 5 and result["acc"] == pytest.approx(3 / 5)
+    assert result["acc_macro"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert result["subjects"] == {"biology": {"acc": pytest.approx(2 / 3), "n": 3},
+                                  "chemistry": {"acc": 0.5, "n": 2}}
+    limited = mmlu.evaluate_mmlu(model, tok, data_dir, shots=0, limit=1)
+    assert limited["n"] == 2 and limited["acc"] == 1.0 and limited["shots"] == 0
+
+
+def test_mmlu_shots_beyond_the_dev_split_are_refused(tok, data_dir):
+    with pytest.raises(UnibcqError, match="fewer than 2 shots"):
+        mmlu.evaluate_mmlu(bigram(), tok, data_dir, shots=2)
+    with pytest.raises(UnibcqError, match="between 0 and 5"):
+        mmlu.evaluate_mmlu(bigram(), tok, data_dir, shots=6)
+
+
+# ----------------------------------------------------------------------------- GSM8K
+
+
+@pytest.mark.parametrize(("text", "strict", "flexible"), [
+    ("She makes 9 * 2 = 18 dollars.\n#### 18", "18", "18"),
+    ("#### 1,234", "1234", "1234"),
+    ("The total is -5 degrees.\n#### -5", "-5", "-5"),
+    ("#### $3.50", "3.5", "3.50"),
+    ("so 12 apples and 7.5 kg, total $1,000.", None, "1000"),
+    ("#### 7 because 8", "7", "8"),
+    ("I do not know", None, None),
+])
+def test_gsm8k_answer_extraction(text, strict, flexible):
+    assert gsm8k.extract_strict(text) == (Decimal(strict) if strict else None)
+    assert gsm8k.extract_flexible(text) == (Decimal(flexible) if flexible else None)
+
+
+def test_gsm8k_stop_sequences_and_prompt():
+    assert gsm8k.truncate_at_stop("a #### 4\n\nQuestion: b") == "a #### 4"
+    assert gsm8k.truncate_at_stop("a\nQuestion: b\n\nc") == "a\n"
+    prompt = gsm8k.build_prompt("How many?")
+    assert prompt.count("Question:") == 9 and prompt.endswith("\n\nQuestion: How many?\nAnswer:")
+    assert "There are 15 trees in the grove." in prompt and "\n#### 6\n\n" in prompt
+
+
+def test_gsm8k_scores_a_stub_generator():
+    problems = [gsm8k.Problem(f"q{i}", Decimal(g)) for i, g in enumerate(["18", "3", "7", "10", "1000"])]
+    canned = {"q0": "x #### 18\n\nQuestion: 99", "q1": "The answer is 3.", "q2": "#### 7 because 8",
+              "q3": "I do not know", "q4": "Total: $1,000"}
+    batches = []
+
+    def generate(prompts: list[str]) -> list[str]:
+        batches.append(len(prompts))
+        return [canned[p.rsplit("Question: ", 1)[1].split("\n")[0]] for p in prompts]
+
+    result = gsm8k.evaluate_gsm8k(problems, generate, batch_size=2)
+    assert batches == [2, 2, 1]
+    assert result["acc"] == pytest.approx(3 / 5) and result["acc_strict"] == pytest.approx(2 / 5)
+    assert result["n"] == 5 and result["acc_norm"] is None
+
+
+def test_gsm8k_hf_generation_is_the_same_batched_and_alone(llama, tok):
+    generate = gsm8k.greedy_generator(llama, tok, max_new_tokens=4, max_length=64)
+    prompts = ["w1 w2 w3 w4 w5 w6 w7", "w9 w8"]
+    together = generate(prompts)
+    assert together == [generate([p])[0] for p in prompts]
+    assert all(isinstance(t, str) for t in together)
+
+
+# ----------------------------------------------------------------------------- dispatcher
+
+
+def test_unknown_task_lists_the_valid_names(data_dir):
+    with pytest.raises(UnibcqError, match="unknown task 'pika'.*piqa.*gsm8k"):
+        resolve_tasks(["pika"], data_dir)
+
+
+def test_all_means_the_zero_shot_tasks_present_plus_mmlu(data_dir):
+    assert resolve_tasks(["all", "piqa", "gsm8k"], data_dir) == ["piqa", "mmlu", "gsm8k"]
+
+
+def test_missing_files_and_data_dir_are_user_errors(data_dir, tok, monkeypatch):
+    with pytest.raises(UnibcqError, match=r"boolq/val\.jsonl not found.*--data-dir"):
+        run_tasks(bigram(), tok, ["boolq"], None, data_dir, show_progress=False)
+    monkeypatch.delenv("UNIBCQ_DATA_DIR", raising=False)
+    with pytest.raises(UnibcqError, match="UNIBCQ_DATA_DIR"):
+        run_tasks(bigram(), tok, ["piqa"], None, None, show_progress=False)
+    with pytest.raises(UnibcqError, match="--limit"):
+        run_tasks(bigram(), tok, ["piqa"], 0, data_dir, show_progress=False)
+
+
+def test_run_tasks_reports_every_task_and_the_zero_shot_mean(data_dir, tok):
+    model = bigram((":", "w5", 5.0), ("w5", "w6", 5.0), (":", "B", 6.0))  # PIQA picks sol1 ("w5 w6"), MMLU B
+    results = run_tasks(model, tok, ["piqa", "mmlu"], None, data_dir, mmlu_shots=1, batch_size=2, show_progress=False)
+    assert results["piqa"]["acc"] == 0.75 and results["piqa"]["n"] == 4
+    assert results["mmlu"]["acc"] == pytest.approx(3 / 5) and results["mmlu"]["shots"] == 1
+    assert results[MEAN_KEY] == {"mean_acc": results["piqa"]["acc_norm"], "tasks": ["piqa"]}
+    assert all(results[name]["seconds"] >= 0 for name in ("piqa", "mmlu"))
+
+
+# ----------------------------------------------------------------------------- real data files
+
+
+@pytest.fixture
+def real_data(monkeypatch) -> Path:
+    """The shared datasets folder ($UNIBCQ_DATA_DIR, else ../shared/datasets next to the repo)."""
+    if SHARED_DATA.is_dir():
+        monkeypatch.setenv("UNIBCQ_DATA_DIR", str(SHARED_DATA))
+    root = zeroshot.resolve_data_dir(None)
+    if root is None or not root.is_dir():
+        pytest.skip("needs UNIBCQ_DATA_DIR (the shared datasets)")
+    return root
+
+
+CHOICES = {"piqa": {2}, "arc_easy": {3, 4, 5}, "arc_challenge": {3, 4, 5}, "hellaswag": {4}, "winogrande": {2},
+           "boolq": {2}, "openbookqa": {4}}
+
+
+@pytest.mark.parametrize("name", sorted(CHOICES))
+def test_real_multiple_choice_files_load(real_data, name):
+    docs = zeroshot.MULTIPLE_CHOICE[name].load(real_data, 5)
+    assert len(docs) == 5
+    for doc in docs:
+        assert len(doc.choices) in CHOICES[name] and len(doc.contexts) == len(doc.choices)
+        assert 0 <= doc.gold < len(doc.choices) and all(doc.contexts) and all(doc.choices)
+
+
+def test_real_lambada_gsm8k_and_mmlu_files_load(real_data):
+    pairs = zeroshot.load_lambada(real_data, 5)
+    assert len(pairs) == 5 and all(t.startswith(" ") and " " not in t[1:] for _, t in pairs)
+    problems = gsm8k.load_gsm8k(real_data, 3)
+    assert [p.gold for p in problems] == [Decimal(18), Decimal(3), Decimal(70000)]
+    subjects = mmlu.subjects(real_data)
+    assert len(subjects) == 57
+    for subject in subjects:
+        assert len(mmlu.read_questions(real_data / f"mmlu/dev/{subject}_dev.csv")) == 5
+        assert len(mmlu.read_questions(real_data / f"mmlu/test/{subject}_test.csv", 3)) == 3
+
+
+def test_every_task_name_is_known():
+    assert set(TASKS) == set(CHOICES) | {"lambada", "mmlu", "gsm8k"}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path, llama) -> Path:
+    out = tmp_path / "tiny"
+    llama.save_pretrained(out)
+    word_tokenizer().save_pretrained(out)
+    return out
+
+
+def test_cli_eval_tasks_writes_json(capsys, tmp_path, model_dir, data_dir):
+    report_path = tmp_path / "report.json"
+    code = main(["eval", str(model_dir), "--ppl", "none", "--tasks", "piqa,mmlu", "--limit", "3", "--mmlu-shots", "1",
+                 "--data-dir", str(data_dir), "--no-progress", "--json", str(report_path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "piqa" in out and "mmlu" in out
+    report = json.loads(report_path.read_text())
+    assert report["ppl"] == {} and report["kl_vs_ref"] is None
+    tasks = report["tasks"]
+    assert tasks["piqa"]["n"] == 3 and tasks["mmlu"]["n"] == 5 and tasks["mmlu"]["shots"] == 1
+    assert 0 <= tasks["piqa"]["acc"] <= 1 and tasks[MEAN_KEY]["tasks"] == ["piqa"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--ppl", "none"], "nothing to evaluate"),
+    (["--ppl", "none", "--tasks", "piqa,nope"], "unknown task 'nope'"),
+    (["--ppl", "none", "--tasks", "mmlu", "--mmlu-shots", "7"], "--mmlu-shots"),
+])
+def test_cli_eval_task_errors(capsys, model_dir, data_dir, argv, message):
+    code = main(["eval", str(model_dir), "--data-dir", str(data_dir), "--no-progress", *argv])
+    _, err = capsys.readouterr()
+    assert code == 2 and message in err
+
+
+def test_generation_stops_once_the_completion_holds_a_stop_sequence():
+    class Chars:
+        def batch_decode(self, rows, skip_special_tokens=True):
+            return ["".join(chr(int(i)) for i in row) for row in rows]
+
+    stop = gsm8k._StopOnText(Chars(), 2, gsm8k.STOP_SEQUENCES)
+    rows = ["ab#\n\nxxxxxx", "\n\nabcdefghi", "abQuestion:"]
+    ids = torch.tensor([[ord(c) for c in row] for row in rows])
+    assert stop(ids, None).tolist() == [True, False, True]  # a blank line inside the prompt does not count
