@@ -236,3 +236,19 @@ def test_bcq_alternating_reference_for_uniquanf_init():
     alt = quantize_bcq(linear.weight.detach(), 3, 32, offset=False)
     err_alt = (alt.dequantize() - linear.weight).norm() / linear.weight.norm()
     assert err <= 1.3 * err_alt
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_local_mapping_equals_direct_for_small_moves(bits):
+    """When levels and values move by less than half the smallest level gap, re-mapping to the
+    previous level or a value neighbour finds the same level as a search over all levels."""
+    gen = torch.Generator().manual_seed(bits)
+    alpha = torch.rand(50, bits, generator=gen) + 0.2
+    u = (torch.rand(50, 40, generator=gen) - 0.5) * 2 * alpha.sum(1, keepdim=True)
+    previous = global_remap(u, alpha)
+    levels = torch.sort(level_values(alpha), dim=1).values
+    gap = (levels[:, 1:] - levels[:, :-1]).min(1).values
+    scale = (gap / 4 / bits)[:, None]
+    new_alpha = alpha + scale * (torch.rand(alpha.shape, generator=gen) - 0.5)
+    new_u = u + scale * (torch.rand(u.shape, generator=gen) - 0.5)
+    assert torch.equal(local_remap(new_u, new_alpha, previous), global_remap(new_u, new_alpha))
