@@ -30,23 +30,27 @@ RUNS: list[tuple[str, list[str]]] = [
     ("dyngroup-G4", ["--method", "dyngroup", "--max-groups", "4"]),
     ("dyngroup-G8", ["--method", "dyngroup", "--max-groups", "8"]),
     ("dyngroup-G32", ["--method", "dyngroup", "--max-groups", "32"]),
-    ("dyngroup-G32-refine", ["--method", "dyngroup", "--max-groups", "32", "--refine-sweeps", "20"]),
     ("rtn-w3-g-1", ["--method", "rtn", "--bits", "3", "--group-size", "-1"]),
     ("bcq-alternating-w3-g-1", ["--method", "bcq-alternating", "--bits", "3", "--group-size", "-1"]),
     ("rtn-w4-g-1", ["--method", "rtn", "--bits", "4", "--group-size", "-1"]),
     ("bcq-alternating-w4-g-1", ["--method", "bcq-alternating", "--bits", "4", "--group-size", "-1"]),
     ("rtn-w6-g-1", ["--method", "rtn", "--bits", "6", "--group-size", "-1"]),
     ("bcq-alternating-w6-g-1", ["--method", "bcq-alternating", "--bits", "6", "--group-size", "-1"]),
+    ("dyngroup-G32-refine", ["--method", "dyngroup", "--max-groups", "32", "--refine-sweeps", "20"]),
 ]
 
 
-def row(args: argparse.Namespace, exe: str, name: str, flags: list[str]) -> dict:
+def row(args: argparse.Namespace, exe: str, name: str, flags: list[str]) -> dict | None:
+    """Quantize / inspect / evaluate one run (reusing what exists); None when --no-run and it is missing."""
     ckpt = args.out / name
+    if args.no_run and not (args.out / f"{name}.eval.json").is_file():
+        return None
     if not is_complete_checkpoint(ckpt):
         run([exe, "quantize", args.model, *flags, "--out", str(ckpt), "--json", str(args.out / f"{name}.quantize.json"),
              "--no-progress"], args.out / "logs" / f"{name}.quantize.log")
     info_json, eval_json = args.out / f"{name}.info.json", args.out / f"{name}.eval.json"
-    run([exe, "info", str(ckpt), "--json", str(info_json)], args.out / "logs" / f"{name}.info.log")
+    if not (args.no_run and info_json.is_file()):
+        run([exe, "info", str(ckpt), "--json", str(info_json)], args.out / "logs" / f"{name}.info.log")
     if not eval_json.is_file():
         run([exe, "eval", str(ckpt), *eval_flags(args), "--json", str(eval_json)], args.out / "logs" / f"{name}.eval.log")
     info, ev, quant = read_json(info_json), read_json(eval_json), read_json(args.out / f"{name}.quantize.json")
@@ -76,12 +80,13 @@ def main() -> int:
     parser.add_argument("--max-windows", type=int, default=40)
     parser.add_argument("--data-dir")
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument("--no-run", action="store_true", help="only tabulate the runs that are already evaluated")
     parser.add_argument("--docs", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
     args = parser.parse_args()
     exe = default_unibcq()
     args.out.mkdir(parents=True, exist_ok=True)
     fp = fp_row(args, exe)
-    rows = [row(args, exe, name, flags) for name, flags in RUNS]
+    rows = [r for name, flags in RUNS if (r := row(args, exe, name, flags)) is not None]
     table = markdown(rows, fp.ppl)
     print(table)
     if args.write_docs:

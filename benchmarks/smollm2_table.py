@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="passed to unibcq (default: $UNIBCQ_DATA_DIR)")
     p.add_argument("--unibcq", default=None, help="path of the unibcq CLI (default: the repo's .venv)")
     p.add_argument("--write-docs", action="store_true", help="update the table section of --docs")
+    p.add_argument("--no-run", action="store_true", help="only tabulate rows whose evaluation already exists")
     p.add_argument("--docs", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
     return p
 
@@ -302,7 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [fp_row(args, exe)]
     for method in args.methods:
         for bits, group in args.configs:
-            rows.append(quant_row(args, exe, method, bits, group))
+            done = (args.out / f"{method}-w{bits}-g{group}.eval-L{args.seq_len}-N{args.max_windows}.json").is_file()
+            if not args.no_run or done:
+                rows.append(quant_row(args, exe, method, bits, group))
     total = time.perf_counter() - start
     (args.out / "summary.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
     print()
