@@ -146,7 +146,7 @@ def test_identity_hessian_is_rtn():
     for bits in (2, 3, 4):
         for group_size in (32, -1):
             for opts in ({}, {"symmetric": True}, {"integer_zero": True}):
-                rtn = quantize_rtn(w, bits, group_size, **opts)
+                rtn = quantize_rtn(w, bits, group_size, **({"integer_zero": False} | opts))
                 for act_order in (False, True):
                     t = gptq_quantize(w, h, bits, group_size, act_order=act_order, **opts)
                     assert torch.equal(t.planes, rtn.planes)
@@ -162,7 +162,7 @@ def test_identity_hessian_is_rtn():
 def test_gptq_beats_rtn_and_gptq_bcq_beats_bcq(bits, group_size, act_order):
     w, x, h = correlated_layer(seed=0)
     gptq = output_error(w, gptq_quantize(w, h, bits, group_size, act_order=act_order).dequantize(), x)
-    rtn = output_error(w, quantize_rtn(w, bits, group_size).dequantize(), x)
+    rtn = output_error(w, quantize_rtn(w, bits, group_size, integer_zero=False).dequantize(), x)
     assert gptq < rtn, (gptq, rtn)
     gptq_bcq = gptq_quantize(w, h, bits, group_size, act_order=act_order, inner="bcq")
     bcq = output_error(w, quantize_bcq(w, bits, group_size, "alternating").dequantize(), x)
@@ -181,7 +181,7 @@ def test_act_order_uses_original_groups():
     assert h.diagonal().max() / h.diagonal().min() > 100
     plain = gptq_quantize(w, h, 3, 32)
     ordered = gptq_quantize(w, h, 3, 32, act_order=True)
-    rtn = quantize_rtn(w, 3, 32)
+    rtn = quantize_rtn(w, 3, 32, integer_zero=False)
     assert not torch.equal(plain.dequantize(), ordered.dequantize())
     assert torch.equal(ordered.alpha, rtn.alpha) and torch.equal(ordered.offset, rtn.offset)
     # Each column decodes to one of its own (original) group's levels.
@@ -210,7 +210,7 @@ def test_dead_inputs(inner, act_order):
     for c in dead:
         nearest_to_zero = levels[:, c // 32].abs().min(1).values
         torch.testing.assert_close(dq[:, c].abs(), nearest_to_zero)
-    rtn = quantize_rtn(w, 3, 32)
+    rtn = quantize_rtn(w, 3, 32, integer_zero=False)
     assert output_error(w, dq, x) < output_error(w, rtn.dequantize(), x)
 
 

@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input columns per group; -1 = per output channel (default 128; unused by dyngroup)")
     q.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     q.add_argument("--symmetric", action="store_true", help="rtn: symmetric grid")
-    q.add_argument("--integer-zero", action="store_true",
-                   help="rtn: GPTQ-style integer zero point and a range that contains 0 (default: real-valued)")
+    q.add_argument("--float-zero", dest="integer_zero", action="store_false",
+                   help="rtn/gptq: real-valued zero point over the exact [min, max] (default: GPTQ's integer zero "
+                        "point with 0 on the grid, which measured much better)")
     q.add_argument("--clip-search", action="store_true", help="rtn: per-group clipping search on an Lp error")
     q.add_argument("--no-offset", dest="offset", action="store_false", help="bcq-*: no per-group offset")
     q.add_argument("--iters", type=int, help="alternating BCQ rounds (bcq-alternating: 15; uniquanf init T: preset)")

@@ -30,7 +30,7 @@ class QuantConfig:
     group_size: int = 128
     symmetric: bool = False
     clip_search: bool = False
-    integer_zero: bool = False
+    integer_zero: bool = True
     offset: bool = True
     iters: int = 15
     init: str = "greedy+uniform"

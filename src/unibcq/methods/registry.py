@@ -39,7 +39,8 @@ def _gptq(inner: str) -> Callable[[torch.Tensor, torch.Tensor, "QuantConfig"], B
         from unibcq.quantizers.gptq import gptq_quantize
 
         return gptq_quantize(w, hessian, c.bits, c.group_size, damp=c.damp, act_order=c.act_order,
-                             symmetric=c.symmetric, integer_zero=c.integer_zero, inner=inner, bcq_iters=c.iters)
+                             symmetric=c.symmetric, integer_zero=c.integer_zero and inner == "uniform",
+                             inner=inner, bcq_iters=c.iters)
     return quantize
 
 

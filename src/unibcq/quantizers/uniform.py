@@ -24,15 +24,16 @@ def check_bits(bits: int, low: int = 1, high: int = 8) -> None:
 
 
 def minmax_params(
-    x: torch.Tensor, bits: int, symmetric: bool, ratio: float | torch.Tensor = 1.0, integer_zero: bool = False
+    x: torch.Tensor, bits: int, symmetric: bool, ratio: float | torch.Tensor = 1.0, integer_zero: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (scale, zero point) of the min-max grid, range shrunk by `ratio`.
 
-    integer_zero=True is GPTQ's quantizer: the range is widened to contain 0 and the zero
-    point rounded to an integer, which int-zero-point kernels need. The BCQ format stores
-    the offset s * (c - z) as fp16 anyway, so by default the zero point stays real-valued
-    and the grid spans exactly [min, max]: never a wider step, and a grid that already is
-    uniform (e.g. a Q4_1 GGUF block) is reproduced instead of shifted by up to s / 2.
+    integer_zero=True (default) is GPTQ's quantizer: the range is widened to contain 0 and
+    the zero point rounded to an integer, so 0 is exactly a grid level. integer_zero=False
+    keeps a real-valued zero point and the exact [min, max] range (the BCQ offset is fp16
+    anyway). Measured on SmolLM2-135M (docs/BENCHMARKS.md), the real-valued zero point is much
+    worse (w4 per-channel perplexity 82.9 vs 49.4): without an exact 0 level every near-zero
+    weight of a row is pushed the same way, a systematic per-row bias in the layer output.
     Scales are rounded to fp16, as stored.
     """
     maxq = 2**bits - 1
@@ -74,7 +75,7 @@ def lp_error(x: torch.Tensor, x_hat: torch.Tensor, p: float) -> torch.Tensor:
 
 def search_clipping(
     x: torch.Tensor, bits: int, symmetric: bool, p: float = 2.4, grid: int = 100, max_shrink: float = 0.8,
-    integer_zero: bool = False,
+    integer_zero: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row best (scale, zero) over ratios 1, 1 - 1/grid, ... down to 1 - max_shrink.
 
@@ -109,7 +110,7 @@ def uniform_to_bcq(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
 
 def rtn_groups(
     x: torch.Tensor, bits: int, symmetric: bool = False, clip_search: bool = False, p: float = 2.4,
-    integer_zero: bool = False,
+    integer_zero: bool = True,
 ) -> GroupCodes:
     """RTN on a group matrix (R, g), returned in BCQ form."""
     if clip_search:
@@ -126,7 +127,7 @@ def quantize_rtn(
     symmetric: bool = False,
     clip_search: bool = False,
     p: float = 2.4,
-    integer_zero: bool = False,
+    integer_zero: bool = True,
 ) -> BCQTensor:
     """Round-to-nearest uniform quantization of one weight matrix, in the packed BCQ format."""
     check_bits(bits)
