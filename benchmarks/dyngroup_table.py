@@ -43,9 +43,9 @@ RUNS: list[tuple[str, list[str]]] = [
 def row(args: argparse.Namespace, exe: str, name: str, flags: list[str]) -> dict | None:
     """Quantize / inspect / evaluate one run (reusing what exists); None when --no-run and it is missing."""
     ckpt = args.out / name
-    if args.no_run and not (args.out / f"{name}.eval.json").is_file():
+    if args.no_run and not all((args.out / f"{name}.{kind}.json").is_file() for kind in ("eval", "info", "quantize")):
         return None
-    if not is_complete_checkpoint(ckpt):
+    if not args.no_run and not is_complete_checkpoint(ckpt):
         run([exe, "quantize", args.model, *flags, "--out", str(ckpt), "--json", str(args.out / f"{name}.quantize.json"),
              "--no-progress"], args.out / "logs" / f"{name}.quantize.log")
     info_json, eval_json = args.out / f"{name}.info.json", args.out / f"{name}.eval.json"
