@@ -183,7 +183,8 @@ def _random_requests(seed: int, count: int, prefix: list[int] = ()) -> list[tupl
     gen = torch.Generator().manual_seed(seed)
     requests = []
     for _ in range(count):
-        n_ctx, n_cont = torch.randint(1, 12, (1,), generator=gen).item(), torch.randint(1, 4, (1,), generator=gen).item()
+        n_ctx = int(torch.randint(1, 12, (1,), generator=gen))
+        n_cont = int(torch.randint(1, 4, (1,), generator=gen))
         tokens = torch.randint(2, VOCAB_SIZE, (n_ctx + n_cont,), generator=gen).tolist()
         requests.append((list(prefix) + tokens[:n_ctx], tokens[n_ctx:]))
     return requests

@@ -396,7 +396,8 @@ def evaluate_multiple_choice(
     """acc (and acc_norm when `normalize`) with standard errors over `docs`."""
     if not docs:
         raise UnibcqError("the task has no questions to score")
-    requests = [encode_pair(tokenizer, ctx, " " + choice) for doc in docs for ctx, choice in zip(doc.contexts, doc.choices)]
+    requests = [encode_pair(tokenizer, ctx, " " + choice)
+                for doc in docs for ctx, choice in zip(doc.contexts, doc.choices)]
     scores = iter(loglikelihoods(model, requests, batch_size, max_length, progress))
     correct = correct_norm = 0
     for doc in docs:
