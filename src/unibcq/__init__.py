@@ -11,13 +11,14 @@ __version__ = "0.1.0"
 
 from unibcq.checkpoint import checkpoint_info, load_checkpoint as load, save_checkpoint as save  # noqa: E402
 from unibcq.config import QuantConfig  # noqa: E402
-from unibcq.errors import UnibcqError  # noqa: E402
+from unibcq.errors import CheckpointError, UnibcqError  # noqa: E402
 from unibcq.methods import quantize_model as quantize  # noqa: E402
 from unibcq.models import load_model, load_tokenizer  # noqa: E402
 from unibcq.nn import BCQLinear  # noqa: E402
 
 __all__ = [
     "BCQLinear",
+    "CheckpointError",
     "QuantConfig",
     "UnibcqError",
     "checkpoint_info",

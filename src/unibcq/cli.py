@@ -7,6 +7,8 @@ results go to stdout as tables and, with --json, to a JSON file written atomical
 from __future__ import annotations
 
 import argparse
+import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -92,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--data-dir", help="folder with the datasets (default: $UNIBCQ_DATA_DIR)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    q.add_argument("--resume", action="store_true",
+                   help="calibrated methods: continue a killed run from its last finished block (progress is "
+                        "kept in OUT.partial until the checkpoint is written)")
     q.add_argument("--json", help="also write the per-layer summary as JSON here")
     q.add_argument("--no-progress", action="store_true")
 
@@ -144,6 +149,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from unibcq.progress import print_table
 
     from unibcq.methods.presets import preset_values
+    from unibcq.methods.run_state import state_dir_for
 
     binary = args.method == "dyngroup"
     preset = preset_values(args.preset, {
@@ -182,11 +188,15 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     windows = (calibration_windows(tokenizer, args.calib, config.calib_samples, config.calib_seq_len, args.seed,
                                    args.data_dir) if calibrated else None)
+    state_dir = state_dir_for(out) if calibrated else None
     records = quantize_model(model, config, windows, show_progress=not args.no_progress, workers=args.workers,
-                             device=args.device)
+                             device=args.device, state_dir=state_dir, resume=args.resume)
     seconds = time.perf_counter() - start
     save_checkpoint(model, out, config, _source_spec(args.model), tokenizer, overwrite=args.overwrite,
                     extra={"quantize_seconds": round(seconds, 3)})
+    if state_dir is not None:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    peak_mib = peak_rss_mib()
     info = checkpoint_info(out)
     if binary:
         print_table(
@@ -205,14 +215,22 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(
         f"quantized {len(records)} layers ({info.quantized_params:,} weights) in {seconds:.1f} s "
         f"(load {load_seconds:.1f} s); {info.bits_per_weight:.3f} bits/weight; "
-        f"weighted rel. error {mean_err:.4f}; checkpoint {info.file_bytes / 2**20:.1f} MiB -> {out}"
+        f"weighted rel. error {mean_err:.4f}; checkpoint {info.file_bytes / 2**20:.1f} MiB -> {out}; "
+        f"peak memory {peak_mib:.0f} MiB"
     )
     if args.json:
         write_json_atomic(args.json, {
             "out": str(out), "config": config.to_dict(), "seconds": seconds,
-            "bits_per_weight": info.bits_per_weight, "file_bytes": info.file_bytes,
+            "bits_per_weight": info.bits_per_weight, "file_bytes": info.file_bytes, "peak_rss_mib": peak_mib,
             "layers": [vars(r) for r in records],
         })
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process or its largest worker, in MiB (Linux reports KiB)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, workers) / 1024
 
 
 def layer_groups(record) -> int:

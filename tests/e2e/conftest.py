@@ -53,3 +53,13 @@ def nan_model_dir(tmp_path: Path, tiny_llama) -> Path:
     model.save_pretrained(out)
     _word_tokenizer().save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def deep_model_dir(tmp_path: Path, tiny_llama) -> Path:
+    """Like tiny_model_dir with four decoder blocks, for runs that must be stopped half-way."""
+    model = tiny_llama(seed=1, vocab_size=256, num_hidden_layers=4)
+    out = tmp_path / "deep-llama"
+    model.save_pretrained(out)
+    _word_tokenizer().save_pretrained(out)
+    return out

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from unibcq.cli import main
 
@@ -228,3 +231,38 @@ def test_calibrated_bad_input(capsys, tmp_path, tiny_model_dir, extra, needle):
                        "--seq-len", "8", "--out", out, "--no-progress", *extra)
     assert code == 2 and needle in err.lower() and not out.exists()
     assert leftovers(tmp_path) == []
+
+
+def test_sigkilled_run_resumes_to_the_same_checkpoint(capsys, tmp_path, deep_model_dir, corpus_file):
+    """SIGKILL a real `unibcq quantize` after its first block; --resume finishes it identically."""
+    from safetensors.torch import load_file
+
+    flags = ["--method", "uniquanf", "--bits", "2", "--group-size", "32", "--calib", str(corpus_file),
+             "--calib-samples", "4", "--seq-len", "16", "--epochs", "12", "--iters", "2", "--no-progress"]
+    killed_out = tmp_path / "killed"
+    state = tmp_path / "killed.partial"
+    exe = Path(sys.executable).with_name("unibcq")
+    proc = subprocess.Popen([str(exe), "quantize", str(deep_model_dir), *flags, "--out", str(killed_out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while not (state / "state.json").is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run finished (or failed) before it could be killed: " + proc.stderr.read().decode()
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    assert not killed_out.exists()
+    assert json.loads((state / "state.json").read_text())["completed"] in (1, 2, 3)
+
+    code, _, err = run(capsys, "quantize", deep_model_dir, *flags, "--out", killed_out)
+    assert code == 2 and "--resume" in err and state.is_dir()
+    code, _, err = run(capsys, "quantize", deep_model_dir, *flags, "--out", killed_out, "--resume")
+    assert code == 0, err
+    assert not state.exists()
+    code, _, err = run(capsys, "quantize", deep_model_dir, *flags, "--out", tmp_path / "whole")
+    assert code == 0, err
+    resumed, whole = load_file(str(killed_out / "model.safetensors")), load_file(str(tmp_path / "whole" / "model.safetensors"))
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)

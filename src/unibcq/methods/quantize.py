@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -9,6 +11,7 @@ from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
 from unibcq.methods.per_matrix import LayerRecord, quantize_per_matrix
 from unibcq.methods.reconstruction import reconstruct_blocks
+from unibcq.methods.run_state import RunState, run_fingerprint
 from unibcq.methods.registry import CALIBRATED, HESSIAN_METHODS
 from unibcq.methods.sequential import quantize_sequential
 from unibcq.models.architectures import quantizable_linears
@@ -22,8 +25,16 @@ def quantize_model(
     show_progress: bool = True,
     workers: int = 1,
     device: str = "cpu",
+    state_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> list[LayerRecord]:
-    """Quantize `model` in place with `config`; calibrated methods need `calibration` (n, L) token ids."""
+    """Quantize `model` in place with `config`; calibrated methods need `calibration` (n, L) token ids.
+
+    Calibrated methods run block by block; with `state_dir` each finished block is committed
+    there, and `resume=True` continues a killed run from its last committed block (same
+    result as an uninterrupted run). The caller removes `state_dir` once it has saved the
+    checkpoint. Per-matrix methods keep no state: rerunning them costs minutes, not hours.
+    """
     config.validate()
     if type(workers) is not int or workers < 1:
         raise UnibcqError(f"--workers must be an integer >= 1, got {workers!r}")
@@ -36,8 +47,10 @@ def quantize_model(
             raise UnibcqError(f"{config.method} needs calibration data (token windows)")
         if config.include_lm_head:
             raise UnibcqError(f"{config.method} quantizes decoder blocks only; drop --quantize-lm-head")
+        state = (RunState.open(state_dir, run_fingerprint(model, config, calibration), resume)
+                 if state_dir is not None else None)
         if config.method in HESSIAN_METHODS:
             return quantize_sequential(model, config, calibration, HESSIAN_METHODS[config.method], device,
-                                       show_progress)
-        return reconstruct_blocks(model, config, calibration, device, show_progress)[0]
+                                       show_progress, state)
+        return reconstruct_blocks(model, config, calibration, device, show_progress, state)[0]
     return quantize_per_matrix(model, config, show_progress, workers)

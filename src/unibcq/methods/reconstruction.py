@@ -8,7 +8,8 @@ cosine schedule minimises MSE(block(X), Y_fp), where X mixes X_q and X_fp elemen
 (an element is taken from X_fp with probability `input_prob`, as QDrop does). Then the
 block is frozen, each layer exported to packed BCQ (for UniQuanF through the unification
 theorem), and the block's quantized outputs become the next block's X_q. Only one block's
-trainable state exists at a time.
+trainable state exists at a time. With a `RunState`, every finished block is committed to
+disk and a killed run continues from the last committed block with the same result.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from torch import nn
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
 from unibcq.methods.per_matrix import LayerRecord
+from unibcq.methods.run_state import RunState
 from unibcq.methods.sequential import BlockInputs, _to, capture_block_inputs, run_block
 from unibcq.models.architectures import block_linears, decoder_blocks, set_module
 from unibcq.nn.fake_quant import FlexRoundLinear, UniQuanFLinear
 from unibcq.nn.qlinear import packed_module
 from unibcq.progress import print_table, progress_bar
+
 
 @dataclass
 class BlockRecord:
@@ -106,8 +109,13 @@ def reconstruct_blocks(
     windows: torch.Tensor,
     device: str | torch.device = "cpu",
     show_progress: bool = True,
+    state: RunState | None = None,
 ) -> tuple[list[LayerRecord], list[BlockRecord]]:
-    """Quantize every decoder block of `model` in place by block-wise reconstruction."""
+    """Quantize every decoder block of `model` in place by block-wise reconstruction.
+
+    With `state`, blocks it already holds are restored instead of retrained, and each newly
+    finished block is committed to it.
+    """
     device = torch.device(device)
     blocks = decoder_blocks(model)
     for param in model.parameters():
@@ -117,10 +125,20 @@ def reconstruct_blocks(
     q_in, fp_in = captured.hidden, captured.hidden
     layer_records: list[LayerRecord] = []
     block_records: list[BlockRecord] = []
+    first = 0
+    if state is not None and state.completed:
+        state.restore_blocks(model)
+        streams = state.activations()
+        q_in, fp_in = streams["quantized"], streams["full_precision"]
+        layer_records = [LayerRecord(**r) for r in state.records.get("layers", [])]
+        block_records = [BlockRecord(**r) for r in state.records.get("blocks", [])]
+        first = state.completed
     with progress_bar(show_progress) as bar:
         steps = config.epochs * max(1, len(windows) // config.batch_size)
-        overall = bar.add_task(f"{config.method} w{config.bits}", total=len(blocks))
+        overall = bar.add_task(f"{config.method} w{config.bits}", total=len(blocks), completed=first)
         for index, block in enumerate(blocks):
+            if index < first:
+                continue
             start = time.perf_counter()
             block.to(device)
             targets = run_block(block, BlockInputs(fp_in, captured.kwargs), device)
@@ -154,6 +172,9 @@ def reconstruct_blocks(
             fp_in = targets
             block.to("cpu")
             block_records.append(BlockRecord(index, initial, final, iterations, time.perf_counter() - start))
+            if state is not None:
+                state.commit_block(model, index, {"quantized": q_in, "full_precision": fp_in},
+                                   {"layers": layer_records, "blocks": block_records})
             bar.update(overall, advance=1)
     if show_progress:
         print_table(f"{config.method} block reconstruction", ["block", "initial loss", "final loss", "iterations",

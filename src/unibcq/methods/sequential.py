@@ -22,6 +22,7 @@ from torch import nn
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
 from unibcq.methods.per_matrix import LayerRecord
+from unibcq.methods.run_state import RunState
 from unibcq.models.architectures import block_linears, decoder_blocks, set_module
 from unibcq.nn.qlinear import PackedTensor, packed_module
 from unibcq.progress import progress_bar
@@ -117,15 +118,24 @@ def quantize_sequential(
     quantizer: HessianQuantizer,
     device: str | torch.device = "cpu",
     show_progress: bool = True,
+    state: RunState | None = None,
 ) -> list[LayerRecord]:
     """Quantize the decoder blocks in order, each on the outputs of the quantized ones before it."""
     device = torch.device(device)
     blocks = decoder_blocks(model)
     records: list[LayerRecord] = []
     inputs = capture_block_inputs(model, windows, device)
+    first = 0
+    if state is not None and state.completed:
+        state.restore_blocks(model)
+        inputs = BlockInputs(state.activations()["quantized"], inputs.kwargs)
+        records = [LayerRecord(**r) for r in state.records.get("layers", [])]
+        first = state.completed
     with progress_bar(show_progress) as bar:
-        task = bar.add_task(f"{config.method} w{config.bits}", total=len(blocks))
+        task = bar.add_task(f"{config.method} w{config.bits}", total=len(blocks), completed=first)
         for index, block in enumerate(blocks):
+            if index < first:
+                continue
             block.to(device)
             layers = block_linears(model, index)
             hessians = accumulate_input_hessians(block, layers, inputs, device)
@@ -145,5 +155,7 @@ def quantize_sequential(
                                            packed.bits_per_weight, error, seconds))
             inputs = BlockInputs(run_block(block, inputs, device), inputs.kwargs)
             block.to("cpu")
+            if state is not None:
+                state.commit_block(model, index, {"quantized": inputs.hidden}, {"layers": records})
             bar.update(task, advance=1, description=f"{config.method} block {index}")
     return records

@@ -1,0 +1,165 @@
+"""On-disk progress of a block-by-block run, so a run killed half-way can continue.
+
+Calibrated methods (GPTQ, UniQuanF, FlexRound) walk the decoder blocks in order, and
+everything block k needs is: the packed layers of blocks < k, and the activation streams
+entering block k (the quantized stream, plus the full-precision one for reconstruction).
+After each block those are written to a state directory, each file through a temporary
+name and an atomic rename, and `state.json` (the commit record) is rewritten last. A kill
+at any instant therefore leaves either the previous or the new commit, never a mixture.
+
+A resumed run reloads the committed blocks' packed layers and activation streams
+bit-for-bit, and every block's training randomness is seeded from (seed, block index), so
+it produces the same checkpoint as an uninterrupted run. The state records a fingerprint of
+the quantization config, the model and the calibration tokens; resuming with anything
+different is refused rather than silently mixing two runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from unibcq.atomic import write_json_atomic
+from unibcq.config import QuantConfig
+from unibcq.errors import CheckpointError, UnibcqError
+from unibcq.models.architectures import block_linears, set_module
+from unibcq.nn.qlinear import PACKED_MODULES, PackedLinear
+
+STATE_FILE = "state.json"
+STATE_VERSION = 1
+
+
+def state_dir_for(out_dir: str | os.PathLike) -> Path:
+    """Where a run writing `out_dir` keeps its progress: a sibling `<out>.partial`."""
+    out = Path(out_dir).absolute()
+    return out.with_name(out.name + ".partial")
+
+
+def run_fingerprint(model: nn.Module, config: QuantConfig, windows: torch.Tensor) -> dict[str, Any]:
+    """What must be equal for a saved state to be continued: config, model shape and name, calibration tokens."""
+    model_config = model.config.to_dict() if hasattr(model, "config") else {}
+    return {
+        "config": config.to_dict(),
+        "model": {k: model_config.get(k) for k in ("_name_or_path", "model_type", "hidden_size",
+                                                   "num_hidden_layers", "intermediate_size", "vocab_size")},
+        "calibration_sha256": hashlib.sha256(windows.cpu().contiguous().numpy().tobytes()).hexdigest(),
+        "calibration_shape": list(windows.shape),
+    }
+
+
+def _save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is missing or corrupt ({exc}); remove {path.parent} to start over") from exc
+
+
+class RunState:
+    """Committed progress of one run in a directory (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.fingerprint = json.loads(json.dumps(fingerprint))
+        self.completed = 0
+        self.records: dict[str, list[dict[str, Any]]] = {}
+        self.layouts: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, fingerprint: dict[str, Any], resume: bool) -> "RunState":
+        """A fresh state at `path`, or (with `resume`) the one saved there by the same run.
+
+        Without `resume` an existing state is an error, so a half-finished run is never
+        discarded by accident; with `resume` and nothing saved the run simply starts.
+        """
+        state = cls(path, fingerprint)
+        record = state.path / STATE_FILE
+        if not record.is_file():
+            if state.path.exists() and any(state.path.iterdir()) and resume:
+                raise UnibcqError(f"{state.path} has no {STATE_FILE}; it is not a unibcq run state, remove it")
+            state.path.mkdir(parents=True, exist_ok=True)
+            return state
+        if not resume:
+            raise UnibcqError(f"{state.path} holds a half-finished run; pass --resume to continue it, "
+                              f"or remove that directory to start over")
+        try:
+            saved = json.loads(record.read_text())
+            if saved.get("version") != STATE_VERSION:
+                raise ValueError(f"state version {saved.get('version')!r}, expected {STATE_VERSION}")
+            completed, records, layouts = int(saved["completed"]), saved["records"], saved["layouts"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{record} is corrupt ({exc}); remove {state.path} to start over") from exc
+        if saved.get("fingerprint") != state.fingerprint:
+            differs = sorted(key for key in set(saved.get("fingerprint", {})) | set(state.fingerprint)
+                             if saved.get("fingerprint", {}).get(key) != state.fingerprint.get(key))
+            raise UnibcqError(f"{state.path} was saved by a different run (differs in: {', '.join(differs)}); "
+                              f"rerun the same command to resume, or remove that directory to start over")
+        state.completed, state.records, state.layouts = completed, records, layouts
+        return state
+
+    def restore_blocks(self, model: nn.Module) -> None:
+        """Put the packed layers of every committed block back into `model`."""
+        for index in range(self.completed):
+            tensors = _load_tensors(self.path / f"block-{index:04d}.safetensors")
+            for name, layer in block_linears(model, index).items():
+                spec = self.layouts.get(name)
+                if spec is None:
+                    raise CheckpointError(f"{self.path}: no saved layout for {name}; remove it to start over")
+                dtype = layer.bias.dtype if getattr(layer, "bias", None) is not None else torch.float32
+                module = PACKED_MODULES[spec["format"]].from_layout(spec, dtype)
+                prefix = f"{name}."
+                module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                       strict=True, assign=True)
+                set_module(model, name, module)
+
+    def activations(self) -> dict[str, list[torch.Tensor]]:
+        """The activation streams entering the first uncommitted block."""
+        tensors = _load_tensors(self.path / f"activations-{self.completed:04d}.safetensors")
+        streams: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        for key, tensor in tensors.items():
+            stream, _, index = key.rpartition(".")
+            streams.setdefault(stream, []).append((int(index), tensor))
+        return {name: [t for _, t in sorted(items)] for name, items in streams.items()}
+
+    def commit_block(self, model: nn.Module, index: int, activations: dict[str, list[torch.Tensor]],
+                     records: dict[str, list[Any]]) -> None:
+        """Record block `index` as done: its packed layers, the next block's inputs, the summary rows."""
+        if index != self.completed:
+            raise UnibcqError(f"internal error: committing block {index} after {self.completed} completed blocks")
+        layers = {name: module for name, module in block_linears(model, index).items()}
+        tensors: dict[str, torch.Tensor] = {}
+        for name, module in layers.items():
+            if not isinstance(module, PackedLinear):
+                raise UnibcqError(f"internal error: {name} is not quantized at commit time")
+            tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+            self.layouts[name] = module.layout()
+        _save_tensors_atomic(tensors, self.path / f"block-{index:04d}.safetensors")
+        _save_tensors_atomic({f"{stream}.{i}": t for stream, items in activations.items() for i, t in enumerate(items)},
+                             self.path / f"activations-{index + 1:04d}.safetensors")
+        for key, rows in records.items():
+            self.records[key] = [asdict(r) if not isinstance(r, dict) else r for r in rows]
+        write_json_atomic(self.path / STATE_FILE, {
+            "version": STATE_VERSION, "completed": index + 1, "fingerprint": self.fingerprint,
+            "records": self.records, "layouts": self.layouts,
+        })
+        self.completed = index + 1
+        (self.path / f"activations-{index:04d}.safetensors").unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        """Delete the state once the final checkpoint is safely written."""
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,93 @@
+"""Resume: a block-by-block run killed after any block continues to the same checkpoint."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import unibcq
+from unibcq.methods import run_state
+from unibcq.methods.run_state import RunState
+
+
+class _Killed(Exception):
+    """Stands in for SIGKILL: raised right after a given number of blocks were committed."""
+
+
+def _kill_after(monkeypatch, blocks: int) -> None:
+    original = RunState.commit_block
+
+    def commit(self, model, index, activations, records):
+        original(self, model, index, activations, records)
+        if self.completed == blocks:
+            raise _Killed
+
+    monkeypatch.setattr(RunState, "commit_block", commit)
+
+
+CONFIGS = {
+    "uniquanf": dict(bits=2, group_size=32, epochs=2, iters=2, u_lr=1e-2, b_lr=1e-3),
+    "flexround": dict(bits=3, group_size=32, epochs=2),
+    "gptq": dict(bits=3, group_size=32),
+}
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+@pytest.mark.parametrize("kill_after", [1, 2])
+def test_resumed_run_equals_uninterrupted(tiny_llama, tmp_path, monkeypatch, method, kill_after):
+    calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(5))
+    base = tiny_llama(num_hidden_layers=3)
+    config = unibcq.QuantConfig(method, **CONFIGS[method])
+
+    whole = copy.deepcopy(base)
+    whole_records = unibcq.quantize(whole, config, calib, show_progress=False, state_dir=tmp_path / "a")
+
+    state = tmp_path / "b"
+    killed = copy.deepcopy(base)
+    with monkeypatch.context() as patch:
+        _kill_after(patch, kill_after)
+        with pytest.raises(_Killed):
+            unibcq.quantize(killed, config, calib, show_progress=False, state_dir=state)
+    assert (state / run_state.STATE_FILE).is_file()
+
+    resumed = copy.deepcopy(base)  # a fresh process starts again from the full-precision model
+    records = unibcq.quantize(resumed, config, calib, show_progress=False, state_dir=state, resume=True)
+    expected, got = whole.state_dict(), resumed.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert [r.name for r in records] == [r.name for r in whole_records]
+    assert [r.rel_error for r in records] == [r.rel_error for r in whole_records]
+
+
+def test_existing_state_needs_resume_and_the_same_run(tiny_llama, tmp_path, monkeypatch):
+    calib = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(6))
+    config = unibcq.QuantConfig("gptq", bits=3, group_size=32)
+    with monkeypatch.context() as patch:
+        _kill_after(patch, 1)
+        with pytest.raises(_Killed):
+            unibcq.quantize(tiny_llama(), config, calib, show_progress=False, state_dir=tmp_path / "s")
+    with pytest.raises(unibcq.UnibcqError, match="--resume"):
+        unibcq.quantize(tiny_llama(), config, calib, show_progress=False, state_dir=tmp_path / "s")
+    other = unibcq.QuantConfig("gptq", bits=4, group_size=32)
+    with pytest.raises(unibcq.UnibcqError, match="differs in: config"):
+        unibcq.quantize(tiny_llama(), other, calib, show_progress=False, state_dir=tmp_path / "s", resume=True)
+    with pytest.raises(unibcq.UnibcqError, match="calibration_sha256"):
+        unibcq.quantize(tiny_llama(), config, calib + 1, show_progress=False, state_dir=tmp_path / "s", resume=True)
+
+
+def test_corrupt_state_is_a_clear_error(tiny_llama, tmp_path, monkeypatch):
+    calib = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(7))
+    config = unibcq.QuantConfig("gptq", bits=3, group_size=32)
+    with monkeypatch.context() as patch:
+        _kill_after(patch, 1)
+        with pytest.raises(_Killed):
+            unibcq.quantize(tiny_llama(), config, calib, show_progress=False, state_dir=tmp_path / "s")
+    block = tmp_path / "s" / "block-0000.safetensors"
+    block.write_bytes(block.read_bytes()[:50])
+    with pytest.raises(unibcq.CheckpointError, match="corrupt"):
+        unibcq.quantize(tiny_llama(), config, calib, show_progress=False, state_dir=tmp_path / "s", resume=True)
+    (tmp_path / "s" / run_state.STATE_FILE).write_text("{not json")
+    with pytest.raises(unibcq.CheckpointError, match="corrupt"):
+        unibcq.quantize(tiny_llama(), config, calib, show_progress=False, state_dir=tmp_path / "s", resume=True)
