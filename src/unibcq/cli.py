@@ -257,55 +257,26 @@ def _load_for_eval(spec: str):
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from unibcq.data import eval_token_ids
-    from unibcq.eval import evaluate_windows
-    from unibcq.eval.tasks import SUMMARY_COLUMNS, check_tasks, run_tasks, summary_rows
+    from unibcq.eval.suite import EvalSettings, evaluate_suite
+    from unibcq.eval.tasks import SUMMARY_COLUMNS, summary_rows
     from unibcq.models import load_model
     from unibcq.progress import print_table
 
-    skip_ppl = args.ppl.strip().lower() == "none"
-    datasets = [] if skip_ppl else [d.strip() for d in args.ppl.split(",") if d.strip()]
-    if not datasets and not skip_ppl:
-        raise UnibcqError("--ppl needs at least one dataset, or 'none'")
-    if args.tasks is not None:
-        check_tasks(args.tasks.split(","), args.limit, args.data_dir, args.mmlu_shots, args.batch_size)
-    elif skip_ppl:
-        raise UnibcqError("--ppl none leaves nothing to evaluate; add --tasks")
+    settings = EvalSettings.from_flags(args.ppl, args.tasks, seq_len=args.seq_len, max_windows=args.max_windows,
+                                       limit=args.limit, mmlu_shots=args.mmlu_shots, batch_size=args.batch_size,
+                                       data_dir=args.data_dir)
+    settings.check()
     model, tokenizer, bits, default_ref = _load_for_eval(args.model)
     ref_spec = default_ref if args.kl_ref is None else (None if args.kl_ref.lower() == "none" else args.kl_ref)
-    ref_spec = ref_spec if datasets else None  # KL is measured on the perplexity windows only
+    ref_spec = ref_spec if settings.datasets else None  # KL is measured on the perplexity windows only
     ref_model = load_model(ref_spec) if ref_spec else None
-    start = time.perf_counter()
-    results: dict[str, Any] = {}
-    for name in datasets:
-        ids = eval_token_ids(tokenizer, name, args.data_dir)
-        results[name] = evaluate_windows(model, ids, args.seq_len, args.max_windows, ref_model,
-                                         description=name, show_progress=not args.no_progress)
-    tasks = None
-    if args.tasks is not None:
-        tasks = run_tasks(model, tokenizer, args.tasks.split(","), args.limit, args.data_dir, args.mmlu_shots,
-                          args.batch_size, show_progress=not args.no_progress)
-    first = results[datasets[0]] if datasets else None
-    report = {
-        "model": args.model,
-        "ppl": {k: v.ppl for k, v in results.items()},
-        "ref_model": ref_spec,
-        "ref_ppl": {k: v.ref_ppl for k, v in results.items()} if ref_model is not None else None,
-        "kl_vs_ref": first.kl if first else None,
-        "top1_agreement": first.top1_agreement if first else None,
-        "kl_dataset": datasets[0] if ref_model is not None else None,
-        "kl": {k: v.kl for k, v in results.items()} if ref_model is not None else None,
-        "seq_len": args.seq_len,
-        "windows": {k: v.windows for k, v in results.items()},
-        "tokens": {k: v.tokens for k, v in results.items()},
-        "bits_per_weight": bits,
-        "seconds": time.perf_counter() - start,
-        "tasks": tasks,
-    }
-    rows = []
-    for name, r in results.items():
-        rows.append((name, r.windows, r.tokens, r.ppl, r.ref_ppl if r.ref_ppl is not None else "-",
-                     r.kl if r.kl is not None else "-", r.top1_agreement if r.top1_agreement is not None else "-"))
+    measured = evaluate_suite(model, tokenizer, settings, ref_model, show_progress=not args.no_progress)
+    report = {"model": args.model, "ref_model": ref_spec, "bits_per_weight": bits, **measured}
+    tasks = report["tasks"]
+    per_ref = {key: report[key] or {} for key in ("ref_ppl", "kl", "top1")}
+    rows = [(name, report["windows"][name], report["tokens"][name], ppl,
+             *(_or_dash(per_ref[key].get(name)) for key in ("ref_ppl", "kl", "top1")))
+            for name, ppl in report["ppl"].items()]
     if rows:
         print_table(f"{args.model} (seq_len {args.seq_len}, {bits:.3f} bits/weight)",
                     ["dataset", "windows", "tokens", "ppl", "ref ppl", "KL vs ref", "top-1 agree"], rows)
@@ -314,6 +285,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
                     SUMMARY_COLUMNS, summary_rows(tasks))
     if args.json:
         write_json_atomic(args.json, report)
+
+
+def _or_dash(value: Any) -> Any:
+    return "-" if value is None else value
 
 
 def cmd_info(args: argparse.Namespace) -> None:

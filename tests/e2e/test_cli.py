@@ -17,6 +17,7 @@ from unibcq.cli import main
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what fixtures printed (e.g. transformers' save progress bars)
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err

@@ -1,0 +1,89 @@
+"""One evaluation protocol (perplexity + KL + tasks) shared by `unibcq eval` and `unibcq compare`.
+
+Keeping it in one place guarantees that every row of a comparison report was measured
+exactly as a standalone `unibcq eval` with the same flags would measure it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from unibcq.errors import UnibcqError
+
+
+@dataclass
+class EvalSettings:
+    """What to measure: perplexity datasets (KL on the first), and optional benchmark tasks."""
+
+    datasets: list[str]
+    seq_len: int = 2048
+    max_windows: int | None = None
+    tasks: list[str] | None = None
+    limit: int | None = None
+    mmlu_shots: int = 5
+    batch_size: int = 8
+    data_dir: str | Path | None = None
+
+    @classmethod
+    def from_flags(cls, ppl: str, tasks: str | None, **kwargs: Any) -> "EvalSettings":
+        """Parse `--ppl a,b|none` and `--tasks x,y` as the CLI spells them."""
+        skip_ppl = ppl.strip().lower() == "none"
+        datasets = [] if skip_ppl else [d.strip() for d in ppl.split(",") if d.strip()]
+        if not datasets and not skip_ppl:
+            raise UnibcqError("--ppl needs at least one dataset, or 'none'")
+        task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None
+        if task_list is None and skip_ppl:
+            raise UnibcqError("--ppl none leaves nothing to evaluate; add --tasks")
+        return cls(datasets, tasks=task_list, **kwargs)
+
+    def check(self) -> None:
+        """Fail before any model is loaded when a task, its files or its options are wrong."""
+        from unibcq.eval.tasks import check_tasks
+
+        if self.seq_len < 2:
+            raise UnibcqError(f"--seq-len must be >= 2, got {self.seq_len}")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise UnibcqError(f"--max-windows must be >= 1, got {self.max_windows}")
+        if self.tasks is not None:
+            check_tasks(self.tasks, self.limit, self.data_dir, self.mmlu_shots, self.batch_size)
+
+
+def evaluate_suite(model: nn.Module, tokenizer, settings: EvalSettings, ref_model: nn.Module | None = None,
+                   show_progress: bool = True) -> dict[str, Any]:
+    """Every figure of the protocol as a JSON-ready dict (the keys of `unibcq eval --json`)."""
+    from unibcq.data import eval_token_ids
+    from unibcq.eval.perplexity import evaluate_windows
+    from unibcq.eval.tasks import run_tasks
+
+    ref_model = ref_model if settings.datasets else None  # KL is measured on the perplexity windows only
+    start = time.perf_counter()
+    results = {}
+    for name in settings.datasets:
+        ids = eval_token_ids(tokenizer, name, settings.data_dir)
+        results[name] = evaluate_windows(model, ids, settings.seq_len, settings.max_windows, ref_model,
+                                         description=name, show_progress=show_progress)
+    tasks = None
+    if settings.tasks is not None:
+        tasks = run_tasks(model, tokenizer, settings.tasks, settings.limit, settings.data_dir, settings.mmlu_shots,
+                          settings.batch_size, show_progress=show_progress)
+    first = results[settings.datasets[0]] if settings.datasets else None
+    measured = ref_model is not None
+    return {
+        "ppl": {k: v.ppl for k, v in results.items()},
+        "ref_ppl": {k: v.ref_ppl for k, v in results.items()} if measured else None,
+        "kl_vs_ref": first.kl if first else None,
+        "top1_agreement": first.top1_agreement if first else None,
+        "kl_dataset": settings.datasets[0] if measured else None,
+        "kl": {k: v.kl for k, v in results.items()} if measured else None,
+        "top1": {k: v.top1_agreement for k, v in results.items()} if measured else None,
+        "seq_len": settings.seq_len,
+        "windows": {k: v.windows for k, v in results.items()},
+        "tokens": {k: v.tokens for k, v in results.items()},
+        "seconds": time.perf_counter() - start,
+        "tasks": tasks,
+    }
