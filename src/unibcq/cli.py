@@ -102,19 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity, KL divergence, top-1 agreement and benchmark tasks")
     e.add_argument("model", help="quantized checkpoint dir, or any MODEL accepted by quantize")
-    e.add_argument("--ppl", default="wikitext2",
-                   help="comma-separated: wikitext2, ptb, or .txt/.jsonl files; 'none' skips perplexity")
     e.add_argument("--kl-ref", help="reference model for KL (default: a checkpoint's source model; 'none' skips)")
-    e.add_argument("--seq-len", type=int, default=2048)
-    e.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
-    e.add_argument("--data-dir", help="folder with the datasets (default: $UNIBCQ_DATA_DIR)")
-    e.add_argument("--tasks", help="comma-separated: piqa, arc_easy, arc_challenge, hellaswag, winogrande, boolq, "
-                                   "openbookqa, lambada, mmlu, gsm8k, or all (the zero-shot ones present + mmlu)")
-    e.add_argument("--limit", type=int, help="--tasks: only the first N items of each task (MMLU: of each subject)")
-    e.add_argument("--mmlu-shots", type=int, default=5, help="MMLU exemplars from the dev split (0-5)")
-    e.add_argument("--batch-size", type=int, default=8, help="--tasks: sequences per forward pass")
+    _add_eval_flags(e)
     e.add_argument("--json", help="write every printed figure to this JSON file")
     e.add_argument("--no-progress", action="store_true")
+
+    c = sub.add_parser("compare", help="quantize with several methods and bit widths, evaluate all, write a report")
+    c.add_argument("model", help="any MODEL accepted by quantize; also the KL reference")
+    c.add_argument("--methods", required=True, help="comma-separated methods, e.g. rtn,gptq,bcq-alternating,uniquanf")
+    c.add_argument("--bits", default="2,3,4", help="comma-separated bit widths (dyngroup always gets one 1-bit cell)")
+    c.add_argument("--group-size", type=int, default=128, help="input columns per group; -1 = per output channel")
+    c.add_argument("--out", required=True, help="report folder: checkpoints/, results/, report.md, plots")
+    c.add_argument("--preset", default="fast", help="calibrated methods: fast (default) or paper")
+    c.add_argument("--calib", default="wikitext2", help="calibration text (validation split of wikitext2/ptb, or a file)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--workers", type=int, default=1, help="parallel worker processes for per-matrix methods")
+    c.add_argument("--device", default="cpu", help="cpu, or cuda when a GPU exists")
+    _add_eval_flags(c)
+    c.add_argument("--no-progress", action="store_true")
 
     i = sub.add_parser("info", help="method, bits and honest bits per weight of a checkpoint")
     i.add_argument("path")
@@ -134,6 +139,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
+    """The evaluation protocol's flags, identical for `eval` and `compare`."""
+    parser.add_argument("--ppl", default="wikitext2",
+                        help="comma-separated: wikitext2, ptb, or .txt/.jsonl files; 'none' skips perplexity")
+    parser.add_argument("--seq-len", type=int, default=2048, help="perplexity window length")
+    parser.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    parser.add_argument("--data-dir", help="folder with the datasets (default: $UNIBCQ_DATA_DIR)")
+    parser.add_argument("--tasks", help="comma-separated: piqa, arc_easy, arc_challenge, hellaswag, winogrande, "
+                                        "boolq, openbookqa, lambada, mmlu, gsm8k, or all (the zero-shot ones "
+                                        "present + mmlu)")
+    parser.add_argument("--limit", type=int, help="--tasks: only the first N items of each task (MMLU: of each subject)")
+    parser.add_argument("--mmlu-shots", type=int, default=5, help="MMLU exemplars from the dev split (0-5)")
+    parser.add_argument("--batch-size", type=int, default=8, help="--tasks: sequences per forward pass")
+
+
+def _eval_settings(args: argparse.Namespace):
+    from unibcq.eval.suite import EvalSettings
+
+    return EvalSettings.from_flags(args.ppl, args.tasks, seq_len=args.seq_len, max_windows=args.max_windows,
+                                   limit=args.limit, mmlu_shots=args.mmlu_shots, batch_size=args.batch_size,
+                                   data_dir=args.data_dir)
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UnibcqError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
 def _source_spec(spec: str) -> str:
     """Record local paths absolutely so the checkpoint's source resolves from anywhere."""
     path = Path(spec).expanduser()
@@ -148,7 +183,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from unibcq.models import load_model, load_tokenizer, resolve_model
     from unibcq.progress import print_table
 
-    from unibcq.methods.presets import preset_values
+    from unibcq.methods.presets import apply_preset, preset_values
     from unibcq.methods.run_state import state_dir_for
 
     binary = args.method == "dyngroup"
@@ -157,24 +192,19 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         "b_lr": args.b_lr, "remap_every": args.remap_every, "grid_points": args.grid_points,
         "batch_size": args.batch_size, "input_prob": args.input_prob, "iters": args.iters,
     })
-    reconstruction = args.method in ("uniquanf", "flexround")
-    iters = preset["iters"] if reconstruction else (args.iters if args.iters is not None else 15)
-    config = QuantConfig(
+    config = apply_preset(QuantConfig(
         method=args.method, bits=args.bits if args.bits is not None else (1 if binary else 3),
         group_size=args.group_size if args.group_size is not None else (-1 if binary else 128),
-        symmetric=args.symmetric, clip_search=args.clip_search, integer_zero=args.integer_zero, offset=args.offset, iters=iters,
+        symmetric=args.symmetric, clip_search=args.clip_search, integer_zero=args.integer_zero, offset=args.offset,
+        iters=args.iters if args.iters is not None else 15,
         init=args.init, include_lm_head=args.quantize_lm_head,
         overrides=dict(_parse_override(o) for o in args.override), seed=args.seed,
         algorithm=args.algorithm, max_groups=args.max_groups, lam=args.lam, window=args.window,
         granularity=args.granularity, normalize_lambda=not args.raw_lambda, dp_atom_size=args.dp_atom_size,
         refine_sweeps=args.refine_sweeps, damp=args.damp, act_order=args.act_order,
-        epochs=preset["epochs"], u_lr=preset["u_lr"], b_lr=preset["b_lr"], remap_every=preset["remap_every"],
-        grid_points=preset["grid_points"], batch_size=preset["batch_size"], input_prob=preset["input_prob"],
         mapping=args.mapping, shift=args.shift,
-    ).validate()
+    ), preset, args.calib).validate()
     calibrated = config.method in CALIBRATED
-    if calibrated:
-        config.calib, config.calib_samples, config.calib_seq_len = args.calib, preset["calib_samples"], preset["seq_len"]
     if args.device != "cpu" and not torch.cuda.is_available():
         raise UnibcqError(f"--device {args.device} requested but no CUDA GPU is available; use --device cpu")
     out = Path(args.out)
@@ -257,14 +287,12 @@ def _load_for_eval(spec: str):
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from unibcq.eval.suite import EvalSettings, evaluate_suite
+    from unibcq.eval.suite import evaluate_suite
     from unibcq.eval.tasks import SUMMARY_COLUMNS, summary_rows
     from unibcq.models import load_model
     from unibcq.progress import print_table
 
-    settings = EvalSettings.from_flags(args.ppl, args.tasks, seq_len=args.seq_len, max_windows=args.max_windows,
-                                       limit=args.limit, mmlu_shots=args.mmlu_shots, batch_size=args.batch_size,
-                                       data_dir=args.data_dir)
+    settings = _eval_settings(args)
     settings.check()
     model, tokenizer, bits, default_ref = _load_for_eval(args.model)
     ref_spec = default_ref if args.kl_ref is None else (None if args.kl_ref.lower() == "none" else args.kl_ref)
@@ -289,6 +317,35 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def _or_dash(value: Any) -> Any:
     return "-" if value is None else value
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    import shlex
+
+    from unibcq.models import resolve_model
+    from unibcq.progress import print_table
+    from unibcq.report import CompareSettings, run_compare
+    from unibcq.report.render import dataset_label, task_names, zero_shot_mean
+
+    settings = CompareSettings(
+        model=args.model, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        bits=_int_list(args.bits, "--bits"), group_size=args.group_size, out=Path(args.out),
+        evaluation=_eval_settings(args), preset=args.preset, calib=args.calib, seed=args.seed, workers=args.workers,
+        device=args.device, command=shlex.join(["unibcq", *map(str, args.argv)]),
+    )
+    if args.device != "cpu" and not torch.cuda.is_available():
+        raise UnibcqError(f"--device {args.device} requested but no CUDA GPU is available; use --device cpu")
+    resolve_model(args.model)
+    results = run_compare(settings, show_progress=not args.no_progress)
+    first = settings.evaluation.datasets[0] if settings.evaluation.datasets else None
+    tasks = task_names(results)
+    print_table(f"{args.model}: methods compared (report: {settings.out / 'report.md'})",
+                ["name", "bits/weight", f"ppl {dataset_label(first) if first else '-'}", "KL vs FP", "zero-shot mean",
+                 *(["mmlu"] if "mmlu" in tasks else [])],
+                [(r["name"], r["bits_per_weight"], _or_dash(r["ppl"].get(first)), _or_dash(r.get("kl_vs_ref")),
+                  _or_dash(zero_shot_mean(r)),
+                  *([_or_dash(((r.get("tasks") or {}).get("mmlu") or {}).get("acc"))] if "mmlu" in tasks else []))
+                 for r in results])
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -329,12 +386,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
         write_json_atomic(args.json, entries)
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench}
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "info": cmd_info, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

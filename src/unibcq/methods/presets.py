@@ -9,9 +9,12 @@ quantizes in about ten minutes on a 2-core CPU (see docs/BENCHMARKS.md for what 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unibcq.errors import UnibcqError
+
+if TYPE_CHECKING:
+    from unibcq.config import QuantConfig
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
@@ -30,3 +33,23 @@ def preset_values(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
     if name not in PRESETS:
         raise UnibcqError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name] | {k: v for k, v in overrides.items() if v is not None}
+
+
+TRAINING_KEYS = ("epochs", "u_lr", "b_lr", "remap_every", "grid_points", "batch_size", "input_prob")
+
+
+def apply_preset(config: QuantConfig, values: dict[str, Any], calib: str) -> QuantConfig:
+    """Fill `config`'s training and calibration fields from `values` (see `preset_values`).
+
+    Only calibrated methods read these; reconstruction methods also take their init rounds
+    T (`iters`) from the preset, while bcq-alternating keeps its own `iters`.
+    """
+    from unibcq.methods.registry import CALIBRATED, RECONSTRUCTION_METHODS
+
+    for key in TRAINING_KEYS:
+        setattr(config, key, values[key])
+    if config.method in RECONSTRUCTION_METHODS:
+        config.iters = values["iters"]
+    if config.method in CALIBRATED:
+        config.calib, config.calib_samples, config.calib_seq_len = calib, values["calib_samples"], values["seq_len"]
+    return config

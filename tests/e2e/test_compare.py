@@ -1,0 +1,94 @@
+"""`unibcq compare` end to end on a tiny model: cells, report, plots, resumability."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from unibcq.cli import main
+from unibcq.errors import UnibcqError
+from unibcq.report import Cell, plan_cells
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _piqa_dir(root: Path) -> Path:
+    piqa = root / "zeroshot" / "piqa"
+    piqa.mkdir(parents=True)
+    (piqa / "valid.jsonl").write_text("".join(
+        json.dumps({"goal": f"w{i} w{i + 1}", "sol1": f"w{i + 2}", "sol2": f"w{i + 40} w{i + 41}"}) + "\n"
+        for i in range(6)))
+    (piqa / "valid-labels.lst").write_text("0\n1\n0\n1\n0\n1\n")
+    return root
+
+
+def test_plan_cells():
+    assert plan_cells(["rtn", "dyngroup", "gptq"], [2, 3], 128) == [
+        Cell("rtn", 2, 128), Cell("rtn", 3, 128), Cell("dyngroup", 1, -1), Cell("gptq", 2, 128), Cell("gptq", 3, 128)]
+    assert Cell("rtn", 3, -1).name == "rtn-w3-g-1"
+    with pytest.raises(UnibcqError, match="unknown method"):
+        plan_cells(["rtn", "magic"], [3], 128)
+    with pytest.raises(UnibcqError, match="at least one"):
+        plan_cells([], [3], 128)
+
+
+def test_compare_report_end_to_end_and_resume(capsys, tmp_path, tiny_model_dir, corpus_file, monkeypatch):
+    data = _piqa_dir(tmp_path / "data")
+    out = tmp_path / "report"
+    argv = ["compare", str(tiny_model_dir), "--methods", "rtn,gptq,dyngroup", "--bits", "2,3", "--group-size", "32",
+            "--out", str(out), "--ppl", str(corpus_file), "--seq-len", "32", "--max-windows", "2", "--tasks", "piqa",
+            "--calib", str(corpus_file), "--data-dir", str(data), "--no-progress"]
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    names = ["unquantized", "rtn-w2-g32", "rtn-w3-g32", "dyngroup-w1-g-1", "gptq-w2-g32", "gptq-w3-g32"]
+    results = {n: json.loads((out / "results" / f"{n}.json").read_text()) for n in names}
+    fp = results["unquantized"]
+    assert fp["kl_vs_ref"] is None and fp["tasks"]["piqa"]["n"] == 6
+    for name in names[1:]:
+        r = results[name]
+        assert (out / "checkpoints" / name / "model.safetensors").is_file()
+        assert r["kl_vs_ref"] > 0 and 0 <= r["tasks"]["piqa"]["acc"] <= 1
+        assert r["bits_per_weight"] > r["bits"]  # scales and offsets (or group indices) are counted
+    assert results["rtn-w2-g32"]["bits_per_weight"] < results["rtn-w3-g32"]["bits_per_weight"]
+    assert results["dyngroup-w1-g-1"]["bits_per_weight_paper"] < results["dyngroup-w1-g-1"]["bits_per_weight"]
+    report = (out / "report.md").read_text()
+    assert "unibcq compare" in report and "Machine" in report
+    assert all(f"| {n.split('-w')[0]} |" in report for n in names[1:])
+    for plot in ("ppl_vs_bits.png", "accuracy_vs_bits.png"):
+        assert (out / plot).read_bytes()[:8] == PNG_MAGIC and f"]({plot})" in report
+
+    # A rerun finishes nothing new: no quantization, no evaluation, the same results.
+    import unibcq.report.compare as compare
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished cell was redone")
+
+    monkeypatch.setattr(compare, "quantize_model", forbidden)
+    monkeypatch.setattr(compare, "evaluate_suite", forbidden)
+    assert main(argv) == 0, capsys.readouterr().err
+    assert json.loads((out / "results" / "gptq-w3-g32.json").read_text()) == results["gptq-w3-g32"]
+
+    # A different protocol re-evaluates every cell but reuses the checkpoints.
+    monkeypatch.undo()
+    monkeypatch.setattr(compare, "quantize_model", forbidden)
+    argv[argv.index("--max-windows") + 1] = "1"
+    assert main(argv) == 0, capsys.readouterr().err
+    again = json.loads((out / "results" / "gptq-w3-g32.json").read_text())
+    assert again["windows"][str(corpus_file)] == 1 and again["bits_per_weight"] == results["gptq-w3-g32"]["bits_per_weight"]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--methods", "rtn,nope"], "unknown method"),
+    (["--methods", "rtn", "--bits", "3,x"], "--bits"),
+    (["--methods", "rtn", "--bits", "12"], "bits"),
+    (["--methods", "rtn", "--tasks", "nope"], "nope"),
+    (["--methods", "rtn", "--group-size", "0"], "group"),
+])
+def test_compare_bad_input(capsys, tmp_path, tiny_model_dir, extra, needle):
+    capsys.readouterr()
+    code = main(["compare", str(tiny_model_dir), "--out", str(tmp_path / "r"), "--data-dir", str(tmp_path),
+                 "--no-progress", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and not (tmp_path / "r").exists()
