@@ -1,0 +1,80 @@
+"""transformers integration: `AutoModelForCausalLM.from_pretrained(checkpoint_dir)` after `import unibcq`.
+
+A unibcq checkpoint's config.json carries `quantization_config` with `quant_method:
+"unibcq"` and the per-layer layout. Registering a config class and an `HfQuantizer` for that
+method (transformers' out-of-tree registration API) lets transformers build the model, swap
+the listed linear layers for unibcq's packed modules before the weights are read, and load
+the packed tensors as ordinary buffers. The result is the same model `unibcq.load()` builds,
+so anything that takes a transformers model (pipelines, lm-evaluation-harness's
+`HFLM(pretrained=model)`) works with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING, register_quantization_config, register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from unibcq.errors import CheckpointError
+
+QUANT_METHOD = "unibcq"
+
+
+class UnibcqHfConfig(QuantizationConfigMixin):
+    """The checkpoint's `quantization_config`, kept whole so saving writes it back unchanged."""
+
+    def __init__(self, layers: dict[str, dict[str, Any]] | None = None, **kwargs: Any) -> None:
+        self.quant_method = QUANT_METHOD
+        self.layers = layers or {}
+        for key, value in kwargs.items():
+            if key != "quant_method":
+                setattr(self, key, value)
+
+
+class UnibcqHfQuantizer(HfQuantizer):
+    """Loads pre-quantized unibcq checkpoints; quantizing happens with unibcq itself."""
+
+    requires_calibration = True
+
+    def _process_model_before_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
+        from unibcq.models.architectures import set_module
+        from unibcq.nn.qlinear import PACKED_MODULES
+
+        dtype = kwargs.get("dtype") or getattr(model.config, "dtype", None) or torch.float32
+        if not isinstance(dtype, torch.dtype):
+            dtype = torch.float32
+        for name, spec in self.quantization_config.layers.items():
+            try:
+                current = model.get_submodule(name)
+            except AttributeError as exc:
+                raise CheckpointError(f"quantized layer {name!r} does not exist in this model") from exc
+            if not isinstance(current, torch.nn.Linear):
+                raise CheckpointError(f"quantized layer {name!r} is a {type(current).__name__}, not a linear layer")
+            fmt = spec.get("format", "bcq")
+            if fmt not in PACKED_MODULES:
+                raise CheckpointError(f"layer {name!r} has unknown format {fmt!r}")
+            set_module(model, name, PACKED_MODULES[fmt].from_layout(spec, dtype))
+
+    def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
+        model.eval()
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def register() -> None:
+    """Register with transformers once (importing unibcq calls this)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(UnibcqHfConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(UnibcqHfQuantizer)
