@@ -1,0 +1,117 @@
+"""CPU lookup-table GEMV for packed BCQ weights (LUT-GEMM's idea, compiled with numba).
+
+With signs s = 2 * bit - 1, one row's output is
+
+    y[r] = sum_g [ offset[r, g] * X_g + sum_b alpha[r, g, b] * (2 * P_{r,g,b} - X_g) ]
+
+where X_g is the sum of x over group g and P_{r,g,b} the sum of x over the columns whose bit
+in plane b is set. P is read from a table instead of computed: for every 8-column chunk k,
+T[k, v] = sum of x[8k + j] over the set bits j of the byte v (256 entries, built once per
+input vector with 255 additions). Each packed byte of each plane is then one table lookup,
+so the kernel reads ~bits/8 bytes per weight and never materialises the dense matrix.
+This pays off for a few input rows (decode); for larger batches the dense matmul is
+compute-bound and the reference path (dequantize + BLAS) wins, which the dispatcher uses.
+
+Groups must start on byte boundaries (group size a multiple of 8, or per-channel); other
+layouts go to the reference path. The fp16 scales are converted to float32 once per weight
+and cached (weakly keyed by the stored tensor, invalidated when it is modified in place):
+converting them on every call cost more than the GEMV itself. The cache adds 2 bytes per
+stored scale, e.g. 0.75 bits per weight at 3 bits, group 128.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+
+try:
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - numba is a declared dependency; keep the reference path usable
+    numba = None
+
+AVAILABLE = numba is not None
+
+
+def supports(in_features: int, group_size: int) -> bool:
+    """Whether the LUT kernel handles this layout (groups aligned to packed bytes)."""
+    return AVAILABLE and (group_size == -1 or group_size >= in_features or group_size % 8 == 0)
+
+
+if AVAILABLE:
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _tables(x: np.ndarray, chunks: int) -> np.ndarray:
+        """T[b, k, v]: sum of x[b, 8k + j] over the set bits j of v (x zero-padded to 8 * chunks)."""
+        batch = x.shape[0]
+        in_features = x.shape[1]
+        table = np.zeros((batch, chunks, 256), dtype=np.float32)
+        for idx in prange(batch * chunks):
+            b = idx // chunks
+            k = idx % chunks
+            for j in range(8):
+                col = 8 * k + j
+                value = x[b, col] if col < in_features else np.float32(0.0)
+                step = 1 << j
+                for v in range(step):
+                    table[b, k, step + v] = table[b, k, v] + value
+        return table
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _lut_gemv(table: np.ndarray, planes: np.ndarray, alpha: np.ndarray, offset: np.ndarray,
+                  group_sums: np.ndarray, bytes_per_group: int, has_offset: bool) -> np.ndarray:
+        batch, chunks = table.shape[0], table.shape[1]
+        bits, rows = planes.shape[0], planes.shape[1]
+        groups = alpha.shape[1]
+        out = np.empty((batch, rows), dtype=np.float32)
+        for r in prange(rows):
+            for b in range(batch):
+                acc = np.float32(0.0)
+                for g in range(groups):
+                    k0 = g * bytes_per_group
+                    k1 = min(k0 + bytes_per_group, chunks)
+                    xs = group_sums[b, g]
+                    if has_offset:
+                        acc += offset[r, g] * xs
+                    for i in range(bits):
+                        p = np.float32(0.0)
+                        for k in range(k0, k1):
+                            p += table[b, k, planes[i, r, k]]
+                        acc += alpha[r, g, i] * (np.float32(2.0) * p - xs)
+                out[b, r] = acc
+        return out
+
+
+_FLOAT32_CACHE: dict[int, tuple[weakref.ref, int, np.ndarray]] = {}
+
+
+def _float32(tensor: torch.Tensor) -> np.ndarray:
+    """`tensor` as a contiguous float32 array, converted once per stored version."""
+    key = id(tensor)
+    cached = _FLOAT32_CACHE.get(key)
+    if cached is None or cached[0]() is not tensor or cached[1] != tensor._version:
+        ref = weakref.ref(tensor, lambda _, key=key: _FLOAT32_CACHE.pop(key, None))
+        cached = (ref, tensor._version, tensor.detach().float().contiguous().numpy())
+        _FLOAT32_CACHE[key] = cached
+    return cached[2]
+
+
+def lut_linear(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None,
+               in_features: int, group_size: int) -> torch.Tensor:
+    """x (B, in) float -> (B, out) float32 through the lookup-table kernel."""
+    if not AVAILABLE:
+        raise RuntimeError("the LUT kernel needs numba")
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    chunks = planes.shape[-1]
+    gs = in_features if group_size == -1 or group_size >= in_features else group_size
+    groups = alpha.shape[1]
+    xf = x.detach().to(torch.float32).contiguous()
+    padded = torch.nn.functional.pad(xf, (0, groups * gs - in_features)) if groups * gs > in_features else xf
+    group_sums = padded.reshape(xf.shape[0], groups, gs).sum(-1).contiguous()
+    table = _tables(xf.numpy(), chunks)
+    offset_np = _float32(offset) if offset is not None else np.zeros((1, 1), dtype=np.float32)
+    out = _lut_gemv(table, planes.contiguous().numpy(), _float32(alpha), offset_np,
+                    group_sums.numpy(), gs // 8 if gs % 8 == 0 else chunks, offset is not None)
+    return torch.from_numpy(out)

@@ -1,0 +1,88 @@
+"""The one BCQ matmul op and how it picks a backend.
+
+`unibcq::bcq_matmul` is declared once with `torch.library`, so it is a single opaque node
+under torch.compile and every backend shares its signature:
+
+    bcq_matmul(x, planes, alpha, offset, in_features, group_size, backend) -> x @ W^T
+
+Backends: "reference" (dequantize + dense matmul; any device, any batch) and "lut" (the
+CPU lookup-table GEMV of `cpu_lut`, for few rows). "auto" takes the LUT kernel on the CPU
+when the layout allows it and the input has at most `LUT_MAX_ROWS` rows, and the
+reference path otherwise (large batches are compute-bound, where BLAS wins). The choice
+can be forced per process with the environment variable UNIBCQ_BACKEND.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from unibcq.formats.bcq import BCQTensor
+from unibcq.kernels import cpu_lut
+from unibcq.kernels.reference import bcq_linear_reference
+
+BACKENDS = ("auto", "reference", "lut")
+LUT_MAX_ROWS = 8
+
+
+def choose_backend(x: torch.Tensor, in_features: int, group_size: int, backend: str = "auto") -> str:
+    """Which backend runs a call with these inputs (see the module docstring)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = os.environ.get("UNIBCQ_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"UNIBCQ_BACKEND={backend!r}; choose one of {', '.join(BACKENDS)}")
+    rows = x.numel() // max(x.shape[-1], 1)
+    lut_ok = x.device.type == "cpu" and cpu_lut.supports(in_features, group_size) and not x.requires_grad
+    if backend == "lut" and not lut_ok:
+        raise ValueError("the lut backend needs a CPU input without grad, numba, and byte-aligned groups")
+    if backend == "auto":
+        return "lut" if lut_ok and rows <= LUT_MAX_ROWS else "reference"
+    return backend
+
+
+@torch.library.custom_op("unibcq::bcq_matmul", mutates_args=())
+def bcq_matmul(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None,
+               in_features: int, group_size: int, backend: str = "auto") -> torch.Tensor:
+    """x (..., in) @ W^T for the packed BCQ weight W; the result has x's dtype."""
+    out_features = planes.shape[1]
+    chosen = choose_backend(x, in_features, group_size, backend)
+    if chosen == "lut":
+        flat = x.reshape(-1, in_features)
+        y = cpu_lut.lut_linear(flat, planes, alpha, offset, in_features, group_size)
+        return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+    return bcq_linear_reference(x, BCQTensor(planes, alpha, offset, (out_features, in_features), group_size))
+
+
+@bcq_matmul.register_fake
+def _(x, planes, alpha, offset, in_features, group_size, backend="auto"):
+    return x.new_empty(*x.shape[:-1], planes.shape[1])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, planes, alpha, offset, in_features, group_size, _ = inputs
+    ctx.save_for_backward(planes, alpha, offset)
+    ctx.layout = (in_features, group_size)
+
+
+def _backward(ctx, grad):
+    """Gradient for the input only (packed weights are frozen): grad @ W."""
+    planes, alpha, offset = ctx.saved_tensors
+    in_features, group_size = ctx.layout
+    weight = BCQTensor(planes, alpha, offset, (planes.shape[1], in_features), group_size).dequantize(grad.dtype)
+    return grad @ weight, None, None, None, None, None, None
+
+
+bcq_matmul.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bcq_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """y = x W^T + b for any packed weight: BCQ through `bcq_matmul`, other formats by dequantizing."""
+    if isinstance(weight, BCQTensor):
+        y = bcq_matmul(x, weight.planes, weight.alpha, weight.offset, weight.shape[1], weight.group_size, backend)
+    else:
+        y = F.linear(x, weight.dequantize(x.dtype))
+    return y + bias.to(y.dtype) if bias is not None else y
