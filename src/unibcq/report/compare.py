@@ -1,0 +1,161 @@
+"""`unibcq compare`: quantize a model with several methods and bit widths, evaluate all, report.
+
+Every (method, bits) cell is quantized with the same group size, preset and calibration
+windows, saved as a normal checkpoint under OUT/checkpoints/, and evaluated with the same
+`EvalSettings` as the unquantized model (which is also the KL reference). Results go to
+OUT/results/<cell>.json, each written atomically as soon as the cell is done, so a rerun
+skips finished cells, reuses finished checkpoints and re-evaluates a cell only when the
+evaluation protocol changed. OUT/report.md and the plots are rebuilt from all results.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from unibcq.atomic import write_json_atomic
+from unibcq.checkpoint import QUANT_KEY, checkpoint_info, is_checkpoint, load_checkpoint, read_config, save_checkpoint
+from unibcq.config import QuantConfig
+from unibcq.errors import UnibcqError
+from unibcq.eval.suite import EvalSettings, evaluate_suite
+from unibcq.methods import CALIBRATED, quantize_model
+from unibcq.methods.presets import apply_preset, preset_values
+from unibcq.methods.registry import check_method
+from unibcq.progress import progress_bar
+from unibcq.report.render import write_report
+
+FP_NAME = "unquantized"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One quantized configuration of the comparison."""
+
+    method: str
+    bits: int
+    group_size: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-w{self.bits}-g{self.group_size}"
+
+
+@dataclass
+class CompareSettings:
+    """Everything `unibcq compare` varies or holds fixed."""
+
+    model: str
+    methods: list[str]
+    bits: list[int]
+    group_size: int
+    out: Path
+    evaluation: EvalSettings
+    preset: str = "fast"
+    calib: str = "wikitext2"
+    seed: int = 0
+    workers: int = 1
+    device: str = "cpu"
+    command: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_cells(methods: Sequence[str], bits: Sequence[int], group_size: int) -> list[Cell]:
+    """Methods x bits; dyngroup is 1-bit by definition, so it gets one cell whatever --bits says."""
+    if not methods:
+        raise UnibcqError("--methods needs at least one method")
+    if not bits:
+        raise UnibcqError("--bits needs at least one bit width")
+    cells: list[Cell] = []
+    for method in methods:
+        check_method(method)
+        for b in ([1] if method == "dyngroup" else bits):
+            cell = Cell(method, b, -1 if method == "dyngroup" else group_size)
+            if cell not in cells:
+                cells.append(cell)
+    return cells
+
+
+def cell_config(cell: Cell, settings: CompareSettings) -> QuantConfig:
+    config = QuantConfig(cell.method, bits=cell.bits, group_size=cell.group_size, seed=settings.seed)
+    return apply_preset(config, preset_values(settings.preset, {}), settings.calib).validate()
+
+
+def _protocol(settings: CompareSettings) -> dict[str, Any]:
+    """The evaluation settings a stored result must match to be reused."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings.evaluation).items()} | {
+        "reference": settings.model}
+
+
+def _read_result(path: Path, protocol: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return result if result.get("protocol") == protocol else None
+
+
+def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[dict[str, Any]]:
+    """Quantize and evaluate every cell (skipping finished ones); returns all results, FP first."""
+    from unibcq.data import calibration_windows
+    from unibcq.models import load_model, load_tokenizer
+
+    cells = plan_cells(settings.methods, settings.bits, settings.group_size)
+    configs = {cell: cell_config(cell, settings) for cell in cells}
+    settings.evaluation.check()
+    results_dir, ckpt_dir = settings.out / "results", settings.out / "checkpoints"
+    protocol = _protocol(settings)
+    pending = [c for c in cells if _read_result(results_dir / f"{c.name}.json", protocol) is None]
+    fp_done = _read_result(results_dir / f"{FP_NAME}.json", protocol) is not None
+
+    if pending or not fp_done:
+        model = load_model(settings.model)
+        tokenizer = load_tokenizer(settings.model)
+        windows = None
+        with progress_bar(show_progress) as bar:
+            overall = bar.add_task("compare", total=len(pending) + (not fp_done))
+            if not fp_done:
+                bar.update(overall, description=f"compare: {FP_NAME}")
+                measured = evaluate_suite(model, tokenizer, settings.evaluation, None, show_progress)
+                bits = float(torch.finfo(next(model.parameters()).dtype).bits)
+                write_json_atomic(results_dir / f"{FP_NAME}.json", {
+                    "name": FP_NAME, "method": FP_NAME, "bits": None, "group_size": None, "bits_per_weight": bits,
+                    "checkpoint_mb": None, "quantize_seconds": None, "protocol": protocol, **measured})
+                bar.update(overall, advance=1)
+            for cell in pending:
+                bar.update(overall, description=f"compare: {cell.name}")
+                config, path = configs[cell], ckpt_dir / cell.name
+                if is_checkpoint(path):
+                    quantized = load_checkpoint(path)
+                else:
+                    if config.method in CALIBRATED and windows is None:
+                        windows = calibration_windows(tokenizer, settings.calib, config.calib_samples,
+                                                      config.calib_seq_len, settings.seed, settings.evaluation.data_dir)
+                    quantized = copy.deepcopy(model)
+                    start = time.perf_counter()
+                    quantize_model(quantized, config, windows if config.method in CALIBRATED else None,
+                                   show_progress=show_progress, workers=settings.workers, device=settings.device,
+                                   state_dir=ckpt_dir / f"{cell.name}.partial", resume=True)
+                    seconds = time.perf_counter() - start
+                    save_checkpoint(quantized, path, config, settings.model, tokenizer,
+                                    extra={"quantize_seconds": round(seconds, 3)})
+                    shutil.rmtree(ckpt_dir / f"{cell.name}.partial", ignore_errors=True)
+                info = checkpoint_info(path)
+                measured = evaluate_suite(quantized, tokenizer, settings.evaluation, model, show_progress)
+                write_json_atomic(results_dir / f"{cell.name}.json", {
+                    "name": cell.name, "method": cell.method, "bits": cell.bits, "group_size": cell.group_size,
+                    "bits_per_weight": info.bits_per_weight, **info.accounting(),
+                    "checkpoint_mb": info.file_bytes / 1e6,
+                    "quantize_seconds": read_config(path)[QUANT_KEY].get("quantize_seconds"), "protocol": protocol, **measured})
+                del quantized
+                bar.update(overall, advance=1)
+    results = [json.loads((results_dir / f"{name}.json").read_text())
+               for name in [FP_NAME, *(c.name for c in cells)]]
+    write_report(settings, results)
+    return results
