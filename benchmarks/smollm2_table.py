@@ -27,7 +27,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -36,6 +35,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+from unibcq.report.render import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 START_MARKER = "<!-- smollm2-table:start -->"
@@ -215,16 +216,6 @@ def markdown_table(rows: Sequence[Row]) -> str:
             f"{_fmt(r.kl_vs_fp, '.4f')} | {top1} | {_fmt(r.checkpoint_mb, '.1f')} | {_fmt(r.quant_seconds, '.1f')} |"
         )
     return "\n".join(lines)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def command_line() -> str:

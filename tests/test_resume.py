@@ -61,13 +61,19 @@ def test_resumed_run_equals_uninterrupted(tiny_llama, tmp_path, monkeypatch, met
     assert [r.rel_error for r in records] == [r.rel_error for r in whole_records]
 
 
-def test_existing_state_needs_resume_and_the_same_run(tiny_llama, tmp_path, monkeypatch):
-    calib = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(6))
+def _gptq_killed_after_one_block(model, state_dir, monkeypatch, seed: int):
+    """(config, calibration) of a gptq run whose state in `state_dir` holds one finished block."""
+    calib = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(seed))
     config = unibcq.QuantConfig("gptq", bits=3, group_size=32)
     with monkeypatch.context() as patch:
         _kill_after(patch, 1)
         with pytest.raises(_Killed):
-            unibcq.quantize(tiny_llama(), config, calib, show_progress=False, state_dir=tmp_path / "s")
+            unibcq.quantize(model, config, calib, show_progress=False, state_dir=state_dir)
+    return config, calib
+
+
+def test_existing_state_needs_resume_and_the_same_run(tiny_llama, tmp_path, monkeypatch):
+    config, calib = _gptq_killed_after_one_block(tiny_llama(), tmp_path / "s", monkeypatch, seed=6)
     with pytest.raises(unibcq.UnibcqError, match="--resume"):
         unibcq.quantize(tiny_llama(), config, calib, show_progress=False, state_dir=tmp_path / "s")
     other = unibcq.QuantConfig("gptq", bits=4, group_size=32)
@@ -78,12 +84,7 @@ def test_existing_state_needs_resume_and_the_same_run(tiny_llama, tmp_path, monk
 
 
 def test_corrupt_state_is_a_clear_error(tiny_llama, tmp_path, monkeypatch):
-    calib = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(7))
-    config = unibcq.QuantConfig("gptq", bits=3, group_size=32)
-    with monkeypatch.context() as patch:
-        _kill_after(patch, 1)
-        with pytest.raises(_Killed):
-            unibcq.quantize(tiny_llama(), config, calib, show_progress=False, state_dir=tmp_path / "s")
+    config, calib = _gptq_killed_after_one_block(tiny_llama(), tmp_path / "s", monkeypatch, seed=7)
     block = tmp_path / "s" / "block-0000.safetensors"
     block.write_bytes(block.read_bytes()[:50])
     with pytest.raises(unibcq.CheckpointError, match="corrupt"):

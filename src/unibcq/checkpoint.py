@@ -160,6 +160,28 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{weights} is corrupt or truncated ({exc}); re-create the checkpoint") from exc
 
 
+def install_packed_layers(model: torch.nn.Module, layers: dict[str, dict[str, Any]], dtype: torch.dtype) -> None:
+    """Swap each listed linear layer for an empty packed module of its recorded layout.
+
+    Shared by `load_checkpoint` and the transformers quantizer, so both check the layout
+    against the model the same way before any tensor is read.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    for name, spec in layers.items():
+        try:
+            current = model.get_submodule(name)
+        except AttributeError as exc:
+            raise CheckpointError(f"layer {name!r} in the checkpoint does not exist in a {model_type} model") from exc
+        if not isinstance(current, torch.nn.Linear):
+            raise CheckpointError(f"layer {name!r} in the checkpoint is a {type(current).__name__}, not a linear layer")
+        if (current.in_features, current.out_features) != (spec["in_features"], spec["out_features"]):
+            raise CheckpointError(f"layer {name!r}: shape in quantization_config disagrees with the model config")
+        fmt = spec.get("format", "bcq")
+        if fmt not in PACKED_MODULES:
+            raise CheckpointError(f"layer {name!r} has unknown format {fmt!r}")
+        set_module(model, name, PACKED_MODULES[fmt].from_layout(spec, dtype))
+
+
 def load_checkpoint(path: str | os.PathLike) -> PreTrainedModel:
     """Rebuild the quantized model: config -> empty model -> packed layers -> tensors."""
     path = Path(path)
@@ -172,16 +194,7 @@ def load_checkpoint(path: str | os.PathLike) -> PreTrainedModel:
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     except Exception as exc:  # transformers raises ValueError/TypeError/validation errors here
         raise CheckpointError(f"{path / 'config.json'} does not describe a model transformers can build: {exc}") from exc
-    for name, spec in qcfg["layers"].items():
-        try:
-            current = model.get_submodule(name)
-        except AttributeError as exc:
-            raise CheckpointError(f"layer {name!r} in the checkpoint does not exist in a {hf_config.model_type} model") from exc
-        if not isinstance(current, torch.nn.Linear):
-            raise CheckpointError(f"layer {name!r} in the checkpoint is a {type(current).__name__}, not a linear layer")
-        if (current.in_features, current.out_features) != (spec["in_features"], spec["out_features"]):
-            raise CheckpointError(f"layer {name!r}: shape in quantization_config disagrees with the model config")
-        set_module(model, name, PACKED_MODULES[spec.get("format", "bcq")].from_layout(spec, dtype))
+    install_packed_layers(model, qcfg["layers"], dtype)
     state = _load_tensors(path)
     expected = model.state_dict()
     if getattr(hf_config, "tie_word_embeddings", False):

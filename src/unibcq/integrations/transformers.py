@@ -20,8 +20,6 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from unibcq.errors import CheckpointError
-
 QUANT_METHOD = "unibcq"
 
 
@@ -42,23 +40,11 @@ class UnibcqHfQuantizer(HfQuantizer):
     requires_calibration = True
 
     def _process_model_before_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
-        from unibcq.models.architectures import set_module
-        from unibcq.nn.qlinear import PACKED_MODULES
+        from unibcq.checkpoint import install_packed_layers
 
-        dtype = kwargs.get("dtype") or getattr(model.config, "dtype", None) or torch.float32
-        if not isinstance(dtype, torch.dtype):
-            dtype = torch.float32
-        for name, spec in self.quantization_config.layers.items():
-            try:
-                current = model.get_submodule(name)
-            except AttributeError as exc:
-                raise CheckpointError(f"quantized layer {name!r} does not exist in this model") from exc
-            if not isinstance(current, torch.nn.Linear):
-                raise CheckpointError(f"quantized layer {name!r} is a {type(current).__name__}, not a linear layer")
-            fmt = spec.get("format", "bcq")
-            if fmt not in PACKED_MODULES:
-                raise CheckpointError(f"layer {name!r} has unknown format {fmt!r}")
-            set_module(model, name, PACKED_MODULES[fmt].from_layout(spec, dtype))
+        dtype = kwargs.get("dtype") or getattr(model.config, "dtype", None)
+        install_packed_layers(model, self.quantization_config.layers,
+                              dtype if isinstance(dtype, torch.dtype) else torch.float32)
 
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
         model.eval()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -159,7 +158,3 @@ class RunState:
         })
         self.completed = index + 1
         (self.path / f"activations-{index:04d}.safetensors").unlink(missing_ok=True)
-
-    def remove(self) -> None:
-        """Delete the state once the final checkpoint is safely written."""
-        shutil.rmtree(self.path, ignore_errors=True)
