@@ -10,7 +10,14 @@ import torch
 from unibcq.errors import UnibcqError
 from unibcq.formats.bcq import BCQTensor, group_index, num_groups
 from unibcq.quantizers import quantize_bcq, quantize_rtn
-from unibcq.quantizers.bcq import nearest_codes, reconstruct, sign_patterns
+from unibcq.quantizers.bcq import (
+    alternate,
+    greedy_codes,
+    least_squares_scales,
+    nearest_codes,
+    reconstruct,
+    sign_patterns,
+)
 
 ALGORITHMS = ("greedy", "refined", "alternating")
 
@@ -147,6 +154,39 @@ def test_nearest_codes_matches_exhaustive_search(bits, with_offset):
     got = (x - reconstruct(b, alpha, offset)).abs()
     best = (x[:, :, None] - levels[:, None, :]).abs().min(-1).values
     torch.testing.assert_close(got, best, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 5])
+@pytest.mark.parametrize("with_offset", [True, False])
+def test_least_squares_scales_match_a_dense_solve(bits, with_offset):
+    x = randn(20, 33, seed=bits) * 3
+    b = torch.where(randn(20, 33, bits, seed=bits + 10) > 0, 1.0, -1.0)
+    alpha, offset = least_squares_scales(x, b, with_offset)
+    design = b.double()
+    if with_offset:
+        design = torch.cat([design, torch.ones_like(design[..., :1])], dim=-1)
+    expected = torch.linalg.lstsq(design, x.double().unsqueeze(-1)).solution.squeeze(-1)
+    torch.testing.assert_close(alpha.double(), expected[:, :bits], rtol=1e-4, atol=1e-5)
+    if with_offset:
+        torch.testing.assert_close(offset.double(), expected[:, bits], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("with_offset", [True, False])
+def test_alternate_equals_running_every_group_every_round(bits, with_offset):
+    """Dropping converged groups from the working set must not change any group's result."""
+    x = randn(300, 64, seed=bits)
+    start = greedy_codes(x, bits, with_offset)[0]
+    (b, alpha, offset), err = alternate(x, start, with_offset, iters=12)
+    ref_b = start
+    ref_alpha, ref_offset = least_squares_scales(x, ref_b, with_offset)
+    ref_err = (x - reconstruct(ref_b, ref_alpha, ref_offset)).pow(2).sum(1)
+    for _ in range(12):
+        cand_b = nearest_codes(x, ref_alpha, ref_offset)
+        ref_alpha, ref_offset = least_squares_scales(x, cand_b, with_offset)
+        ref_err = torch.minimum(ref_err, (x - reconstruct(cand_b, ref_alpha, ref_offset)).pow(2).sum(1))
+    torch.testing.assert_close(err, ref_err, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((x - reconstruct(b, alpha, offset)).pow(2).sum(1), err, rtol=1e-4, atol=1e-4)
 
 
 def test_sign_patterns_enumerate_all_vectors():

@@ -23,6 +23,9 @@ from unibcq.quantizers.uniform import check_bits, minmax_params, quantize_to_gri
 # coincide in a group (then any split of their alphas is optimal).
 RIDGE = 1e-7
 
+# Up to this many levels (4 bits), nearest-level search counts midpoints with plain compares.
+MIDPOINT_SCAN_LEVELS = 16
+
 
 def sign_patterns(bits: int, device: torch.device | None = None) -> torch.Tensor:
     """All 2^n sign vectors as float (2^n, n): row k holds bit i of k as +-1."""
@@ -47,17 +50,41 @@ def greedy_codes(x: torch.Tensor, bits: int, offset: bool) -> tuple[torch.Tensor
 def least_squares_scales(
     x: torch.Tensor, b: torch.Tensor, offset: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """argmin ||x - B alpha - o||^2 per group, solved batched in float64."""
-    design = b.double()
+    """argmin ||x - B alpha - o||^2 per group for +-1 codes B (R, g, n)."""
+    return least_squares_from_index(x, codes_to_index(b), b.shape[-1], offset)
+
+
+def codes_to_index(b: torch.Tensor) -> torch.Tensor:
+    """+-1 (or bool) codes (R, g, n) -> index (R, g) of their row in `sign_patterns`."""
+    weights = 2 ** torch.arange(b.shape[-1], device=b.device)
+    return ((b > 0).long() * weights).sum(-1)
+
+
+def least_squares_from_index(
+    x: torch.Tensor, index: torch.Tensor, bits: int, offset: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Least-squares scales (and offset) for codes given as level indices (R, g).
+
+    Every value with level k has the same design row p_k (the sign pattern, plus a 1 for the
+    offset), so the normal equations need only each group's count and sum of values per
+    level: G = sum_k count_k p_k p_k^T and r = sum_k sum_k(x) p_k. This never builds the
+    (R, g, n) design matrix; the small solve runs batched in float64.
+    """
+    levels = 2**bits
+    design = sign_patterns(bits, x.device).double()
     if offset:
-        design = torch.cat([design, torch.ones_like(design[..., :1])], dim=-1)
-    gram = design.transpose(1, 2) @ design
-    rhs = design.transpose(1, 2) @ x.double().unsqueeze(-1)
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        design = torch.cat([design, torch.ones_like(design[:, :1])], dim=1)
+    counts = torch.zeros(x.shape[0], levels, dtype=torch.float64, device=x.device)
+    counts.scatter_add_(1, index, torch.ones_like(x, dtype=torch.float64))
+    sums = torch.zeros_like(counts).scatter_add_(1, index, x.double())
+    width = design.shape[1]
+    outer = (design[:, :, None] * design[:, None, :]).reshape(levels, width * width)
+    gram = (counts @ outer).reshape(-1, width, width)
+    rhs = (sums @ design).unsqueeze(-1)
+    eye = torch.eye(width, dtype=gram.dtype, device=gram.device)
     trace = gram.diagonal(dim1=1, dim2=2).sum(-1).clamp(min=1.0)
     sol = torch.linalg.solve(gram + RIDGE * trace[:, None, None] * eye, rhs).squeeze(-1).float()
-    n = b.shape[-1]
-    return sol[:, :n], (sol[:, n] if offset else None)
+    return sol[:, :bits], (sol[:, bits] if offset else None)
 
 
 def level_values(alpha: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,15 +96,21 @@ def level_values(alpha: torch.Tensor, offset: torch.Tensor | None = None) -> tor
 def nearest_level_index(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Index k of the level nearest to each value; x (R, g), levels (R, 2^n) -> (R, g) int64.
 
-    Levels are sorted per group and searched with `torch.searchsorted`, comparing each value
-    with its two bracketing levels, so memory is O(R 2^n + R g), never O(R g 2^n).
+    Levels are sorted per group; a value's rank among them is the number of midpoints
+    between neighbouring levels that it exceeds (ties go to the lower level). Up to
+    `MIDPOINT_SCAN_LEVELS` levels that count is a few vectorised compares, faster than
+    `torch.searchsorted`; above it a binary search does the same. Memory is O(R 2^n + R g),
+    never O(R g 2^n).
     """
     sorted_levels, order = torch.sort(levels, dim=1)
-    hi = torch.searchsorted(sorted_levels, x.contiguous()).clamp(max=levels.shape[1] - 1)
-    lo = (hi - 1).clamp(min=0)
-    d_hi = (sorted_levels.gather(1, hi) - x).abs()
-    d_lo = (sorted_levels.gather(1, lo) - x).abs()
-    return order.gather(1, torch.where(d_lo <= d_hi, lo, hi))
+    mids = (sorted_levels[:, 1:] + sorted_levels[:, :-1]) / 2
+    if levels.shape[1] <= MIDPOINT_SCAN_LEVELS:
+        rank = torch.zeros(x.shape, dtype=torch.long, device=x.device)
+        for k in range(mids.shape[1]):
+            rank += x > mids[:, k : k + 1]
+    else:
+        rank = torch.searchsorted(mids.contiguous(), x.contiguous(), side="left")
+    return order.gather(1, rank)
 
 
 def nearest_codes(x: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
@@ -124,26 +157,41 @@ def bcq_refined_groups(x: torch.Tensor, bits: int, offset: bool = True) -> Group
 def alternate(
     x: torch.Tensor, b: torch.Tensor, offset: bool, iters: int
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
-    """`iters` rounds of (least-squares scales | nearest codes) from codes b.
+    """`iters` rounds of (least-squares scales | nearest codes) from codes b (R, g, n).
 
     Each group keeps its best round, so the result is never worse than the start's
-    least-squares fit. Returns ((B, alpha, offset), per-group squared error).
+    least-squares fit. A group whose codes come back unchanged sits at a fixed point (the
+    same codes give the same scales), so it leaves the working set: the result equals
+    running every group for all `iters` rounds, at a fraction of the cost once most groups
+    have converged. Returns ((B, alpha, offset), per-group squared error).
     """
-    alpha, o = least_squares_scales(x, b, offset)
-    best = (b, alpha, o)
-    best_err = (x - reconstruct(b, alpha, o)).pow(2).sum(1)
+    bits = b.shape[-1]
+    index = codes_to_index(b)
+    alpha, o = least_squares_from_index(x, index, bits, offset)
+    levels = level_values(alpha, o)
+    best_index, best_alpha, best_o = index, alpha, o
+    best_err = (x - levels.gather(1, index)).pow(2).sum(1)
+    active = torch.arange(x.shape[0], device=x.device)
     for _ in range(iters):
-        b = nearest_codes(x, alpha, o)
-        alpha, o = least_squares_scales(x, b, offset)
-        err = (x - reconstruct(b, alpha, o)).pow(2).sum(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = (
-            torch.where(better[:, None, None], b, best[0]),
-            torch.where(better[:, None], alpha, best[1]),
-            None if o is None else torch.where(better, o, best[2]),
-        )
-    return best, best_err
+        xa = x[active]
+        new_index = nearest_level_index(xa, levels)
+        moved = (new_index != index).any(1)
+        if not moved.all():
+            active, xa, new_index = active[moved], xa[moved], new_index[moved]
+        if active.numel() == 0:
+            break
+        index = new_index
+        alpha, o = least_squares_from_index(xa, index, bits, offset)
+        levels = level_values(alpha, o)
+        err = (xa - levels.gather(1, index)).pow(2).sum(1)
+        better = err < best_err[active]
+        rows = active[better]
+        best_err[rows] = err[better]
+        best_index[rows] = index[better]
+        best_alpha[rows] = alpha[better]
+        if o is not None:
+            best_o[rows] = o[better]
+    return (sign_patterns(bits, x.device)[best_index], best_alpha, best_o), best_err
 
 
 def bcq_alternating_groups(
