@@ -17,6 +17,11 @@ import torch
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors; the flag must be
+# set before `unibcq.kernels.triton_bcq` is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from tiny_models import TINY_VOCAB, _build, _tiny_config_kwargs  # noqa: E402
 
 

@@ -5,16 +5,21 @@ under torch.compile and every backend shares its signature:
 
     bcq_matmul(x, planes, alpha, offset, in_features, group_size, backend) -> x @ W^T
 
-Backends: "reference" (dequantize + dense matmul; any device, any batch) and "lut" (the
-CPU lookup-table GEMV of `cpu_lut`, for few rows). "auto" takes the LUT kernel on the CPU
-when the layout allows it and the input has at most `LUT_MAX_ROWS` rows, and the
-reference path otherwise (large batches are compute-bound, where BLAS wins). The choice
-can be forced per process with the environment variable UNIBCQ_BACKEND.
+Backends: "reference" (dequantize + dense matmul; any device, any batch), "lut" (the CPU
+lookup-table GEMV of `cpu_lut`, for few rows) and "triton" (`triton_bcq`: a bit-plane GEMV
+for few rows and a dequantize-in-tile GEMM for more; CUDA tensors, or CPU tensors under
+TRITON_INTERPRET=1). "auto" takes the LUT kernel on the CPU and the Triton GEMV on a GPU
+when the input has at most `LUT_MAX_ROWS` / `triton_bcq.GEMV_MAX_ROWS` rows, and the
+reference path otherwise: large batches are compute-bound, where BLAS wins, and the Triton
+GEMM stays opt-in until it has been timed against cuBLAS on a GPU. The choice can be forced
+per process with the environment variable UNIBCQ_BACKEND.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +28,17 @@ from unibcq.formats.bcq import BCQTensor
 from unibcq.kernels import cpu_lut
 from unibcq.kernels.reference import bcq_linear_reference
 
-BACKENDS = ("auto", "reference", "lut")
+BACKENDS = ("auto", "reference", "lut", "triton")
 LUT_MAX_ROWS = 8
+
+
+def _triton() -> ModuleType | None:
+    """The Triton kernels module, imported on first use (importing triton takes a while)."""
+    try:
+        module = importlib.import_module("unibcq.kernels.triton_bcq")
+    except ImportError:  # pragma: no cover - the module itself guards the triton import
+        return None
+    return module if module.AVAILABLE else None
 
 
 def choose_backend(x: torch.Tensor, in_features: int, group_size: int, backend: str = "auto") -> str:
@@ -36,6 +50,15 @@ def choose_backend(x: torch.Tensor, in_features: int, group_size: int, backend: 
         if backend not in BACKENDS:
             raise ValueError(f"UNIBCQ_BACKEND={backend!r}; choose one of {', '.join(BACKENDS)}")
     rows = x.numel() // max(x.shape[-1], 1)
+    if backend == "triton" or (backend == "auto" and x.is_cuda):
+        kernels = _triton()
+        triton_ok = kernels is not None and kernels.usable(x) and not x.requires_grad
+        if backend == "triton" and not triton_ok:
+            raise ValueError("the triton backend needs triton, an input without grad, and a CUDA input "
+                             "(or TRITON_INTERPRET=1 for CPU)")
+        if backend == "triton":
+            return backend
+        return "triton" if triton_ok and rows <= kernels.GEMV_MAX_ROWS else "reference"
     lut_ok = x.device.type == "cpu" and cpu_lut.supports(in_features, group_size) and not x.requires_grad
     if backend == "lut" and not lut_ok:
         raise ValueError("the lut backend needs a CPU input without grad, numba, and byte-aligned groups")
@@ -50,9 +73,12 @@ def bcq_matmul(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, offse
     """x (..., in) @ W^T for the packed BCQ weight W; the result has x's dtype."""
     out_features = planes.shape[1]
     chosen = choose_backend(x, in_features, group_size, backend)
-    if chosen == "lut":
+    if chosen in ("lut", "triton"):
         flat = x.reshape(-1, in_features)
-        y = cpu_lut.lut_linear(flat, planes, alpha, offset, in_features, group_size)
+        if chosen == "lut":
+            y = cpu_lut.lut_linear(flat, planes, alpha, offset, in_features, group_size)
+        else:
+            y = _triton().bcq_matmul_triton(flat, planes, alpha, offset, in_features, group_size)
         return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
     return bcq_linear_reference(x, BCQTensor(planes, alpha, offset, (out_features, in_features), group_size))
 

@@ -1,0 +1,152 @@
+"""Triton kernels for packed BCQ weights: a bit-plane GEMV and a dequantize-in-tile GEMM.
+
+Both read the stored layout directly (uint8 planes (bits, out, ceil(in / 8)), fp16 alpha
+(out, groups, bits), fp16 offset (out, groups)) and never write a dense weight to memory:
+
+- `gemv` (few input rows, decode): each program owns BLOCK_N output rows and one input row,
+  walks the input in BLOCK_K steps, decodes the signs of its weight tile from the planes
+  (bits / 8 bytes per weight), scales them by the group's alphas, and accumulates
+  sum(w * x) in float32. Batch-1 decode is bound by reading weights, so reading ~bits/8
+  bytes instead of 2 (fp16) is where the speed-up comes from.
+- `gemm` (larger batches): a classic tiled matmul whose B tile is decoded the same way in
+  registers, then fed to `tl.dot` in the input's dtype with float32 accumulation.
+
+A K tile lies inside one quantization group when the group size is a multiple of BLOCK_K
+(or the row is one group); then a tile's scales are one load per output row. Other group
+sizes (e.g. 20) take the per-element path (`TILE_GROUP=False`), which looks up each
+column's group. fp32 inputs use IEEE fp32 `tl.dot` (no TF32), matching the reference.
+
+Triton needs a GPU, except in its interpreter (`TRITON_INTERPRET=1`, set before this
+module is imported), which runs the same kernels on CPU tensors; CI tests them that way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton import knobs
+except ImportError:  # triton is optional: the `gpu` extra, or bundled with CUDA builds of torch
+    triton = None
+
+AVAILABLE = triton is not None
+INTERPRET = AVAILABLE and bool(knobs.runtime.interpret)
+GEMV_MAX_ROWS = 8
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on x: a CUDA tensor, or any tensor under the interpreter."""
+    return AVAILABLE and (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _decode_tile(planes_ptr, alpha_ptr, offset_ptr, rn, rk, N, K, KB, G, gs, k0,
+                     BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, TILE_GROUP: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The (BLOCK_N, BLOCK_K) float32 weight tile for output rows rn and input columns rk."""
+        n_mask = rn < N
+        mask = n_mask[:, None] & (rk < K)[None, :]
+        byte_ptr = planes_ptr + rn[:, None] * KB + (rk // 8)[None, :]
+        shift = (rk % 8)[None, :].to(tl.uint8)
+        if TILE_GROUP:
+            group = k0 // gs
+            w = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for i in tl.static_range(BITS):
+                packed = tl.load(byte_ptr + i * N * KB, mask=mask, other=0)
+                sign = ((packed >> shift) & 1).to(tl.float32) * 2.0 - 1.0
+                a = tl.load(alpha_ptr + rn * (G * BITS) + group * BITS + i, mask=n_mask, other=0.0)
+                w += a.to(tl.float32)[:, None] * sign
+            if HAS_OFFSET:
+                o = tl.load(offset_ptr + rn * G + group, mask=n_mask, other=0.0)
+                w += o.to(tl.float32)[:, None]
+        else:
+            group = (rk // gs)[None, :]
+            w = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for i in tl.static_range(BITS):
+                packed = tl.load(byte_ptr + i * N * KB, mask=mask, other=0)
+                sign = ((packed >> shift) & 1).to(tl.float32) * 2.0 - 1.0
+                a = tl.load(alpha_ptr + rn[:, None] * (G * BITS) + group * BITS + i, mask=mask, other=0.0)
+                w += a.to(tl.float32) * sign
+            if HAS_OFFSET:
+                o = tl.load(offset_ptr + rn[:, None] * G + group, mask=mask, other=0.0)
+                w += o.to(tl.float32)
+        return w
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, planes_ptr, alpha_ptr, offset_ptr, y_ptr, N, K, KB, G, gs, stride_x, stride_y,
+                     BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, TILE_GROUP: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        row = tl.program_id(0)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + row * stride_x + rk, mask=rk < K, other=0.0).to(tl.float32)
+            w = _decode_tile(planes_ptr, alpha_ptr, offset_ptr, rn, rk, N, K, KB, G, gs, k0,
+                             BITS, HAS_OFFSET, TILE_GROUP, BLOCK_N, BLOCK_K)
+            acc += tl.sum(w * x[None, :], axis=1)
+        tl.store(y_ptr + row * stride_y + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+    @triton.jit
+    def _gemm_kernel(x_ptr, planes_ptr, alpha_ptr, offset_ptr, y_ptr, M, N, K, KB, G, gs, stride_x, stride_y,
+                     BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, TILE_GROUP: tl.constexpr, IEEE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rm[:, None] * stride_x + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
+                        other=0.0)
+            w = _decode_tile(planes_ptr, alpha_ptr, offset_ptr, rn, rk, N, K, KB, G, gs, k0,
+                             BITS, HAS_OFFSET, TILE_GROUP, BLOCK_N, BLOCK_K)
+            if IEEE:
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        mask = (rm < M)[:, None] & (rn < N)[None, :]
+        tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _tile_k(in_features: int, groups: int, group_size: int) -> tuple[int, bool]:
+    """BLOCK_K and whether every K tile lies inside one group (scales loaded once per tile)."""
+    if groups == 1:
+        return 64, True
+    for block in (64, 32, 16):
+        if group_size % block == 0:
+            return block, True
+    return 32, False
+
+
+def bcq_matmul_triton(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None,
+                      in_features: int, group_size: int) -> torch.Tensor:
+    """x (rows, in) @ W^T for packed W, by the GEMV kernel for few rows and the GEMM otherwise."""
+    if not usable(x):
+        raise ValueError("the triton backend needs triton and a CUDA input (or TRITON_INTERPRET=1 on CPU)")
+    x = x.contiguous()
+    planes, alpha = planes.contiguous(), alpha.contiguous()
+    has_offset = offset is not None
+    offset = offset.contiguous() if has_offset else alpha  # any valid pointer; never read without HAS_OFFSET
+    rows = x.shape[0]
+    bits, out_features, row_bytes = planes.shape
+    groups = alpha.shape[1]
+    gs = in_features if groups == 1 else group_size
+    block_k, tile_group = _tile_k(in_features, groups, gs)
+    y = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
+    common = dict(BITS=bits, HAS_OFFSET=has_offset, TILE_GROUP=tile_group, BLOCK_K=block_k)
+    if rows <= GEMV_MAX_ROWS:
+        block_n = 64
+        grid = (rows, triton.cdiv(out_features, block_n))
+        _gemv_kernel[grid](x, planes, alpha, offset, y, out_features, in_features, row_bytes, groups, gs,
+                           x.stride(0), y.stride(0), BLOCK_N=block_n, **common)
+    else:
+        block_m, block_n = (32, 64) if rows <= 64 else (64, 64)
+        grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n))
+        _gemm_kernel[grid](x, planes, alpha, offset, y, rows, out_features, in_features, row_bytes, groups, gs,
+                           x.stride(0), y.stride(0), IEEE=x.dtype == torch.float32,
+                           BLOCK_M=block_m, BLOCK_N=block_n, **common)
+    return y
