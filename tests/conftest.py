@@ -24,6 +24,21 @@ if not torch.cuda.is_available():
 
 from tiny_models import TINY_VOCAB, _build, _tiny_config_kwargs  # noqa: E402
 
+# Property-based (hypothesis) tests: each sets its own example count; on CI (env CI set)
+# the examples are derived from the test names instead of a random seed, so a run is
+# reproducible, and nothing is written to the local example database.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the dev extra is not installed; only the fuzz tests need it
+    pass
+else:
+    settings.register_profile(
+        "ci", derandomize=True, database=None, deadline=None, print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+    if os.environ.get("CI"):
+        settings.load_profile("ci")
+
 
 @pytest.fixture
 def tiny_llama() -> Callable[..., torch.nn.Module]:

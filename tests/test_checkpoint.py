@@ -525,3 +525,39 @@ def test_cache_dir_fixture_isolated(unibcq_cache_dir):
     assert unibcq_cache_dir is not None
     assert cache_root() == unibcq_cache_dir
     assert os.environ["UNIBCQ_CACHE_DIR"] == str(unibcq_cache_dir)
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def test_manifest_lists_every_file(saved_checkpoint):
+    manifest = json.loads((saved_checkpoint / "manifest.json").read_text())["files"]
+    on_disk = {p.name for p in saved_checkpoint.iterdir() if p.name != "manifest.json"}
+    assert set(manifest) == on_disk and WEIGHTS_FILE in manifest
+
+
+def test_flipped_bit_in_tensor_data_is_caught(broken):
+    weights = broken / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x10  # inside the last tensor's data: the layout stays valid
+    weights.write_bytes(bytes(data))
+    _expect_checkpoint_error(broken, "checksum", WEIGHTS_FILE)
+
+
+def test_missing_manifest_or_listed_file(broken, saved_checkpoint):
+    (broken / "manifest.json").unlink()
+    _expect_checkpoint_error(broken, "manifest.json is missing")
+    shutil.rmtree(broken)
+    shutil.copytree(saved_checkpoint, broken)
+    (broken / "generation_config.json").unlink()
+    _expect_checkpoint_error(broken, "generation_config.json is missing")
+
+
+def test_checkpoint_without_manifest_key_still_loads(broken):
+    """Checkpoints written before manifests existed load without verification."""
+    cfg = broken / "config.json"
+    data = json.loads(cfg.read_text())
+    data["quantization_config"].pop("manifest")
+    cfg.write_text(json.dumps(data))
+    (broken / "manifest.json").unlink()
+    assert quantized_layers(unibcq.load(broken))

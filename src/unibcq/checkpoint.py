@@ -10,7 +10,9 @@ checkpoint is executed.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,15 +28,20 @@ from unibcq import __version__
 from unibcq.atomic import atomic_directory
 from unibcq.config import FORMAT_VERSION, QuantConfig
 from unibcq.errors import CheckpointError, UnibcqError
-from unibcq.models.architectures import set_module
+from unibcq.models.architectures import ARCHITECTURES, set_module
 from unibcq.formats.bcq import num_groups
 from unibcq.formats.grouped_binary import parse_granularity
 from unibcq.nn.qlinear import PACKED_MODULES, PackedLinear
 
 WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+MANIFEST_FILE = "manifest.json"
 QUANT_KEY = "quantization_config"
 PACKED_SUFFIXES = ("bcq_planes", "bcq_alpha", "bcq_offset", "gb_signs", "gb_index", "gb_scales")
 ACCOUNTING_KEYS = ("bits_per_weight_paper", "bits_per_weight_fixed", "bits_per_weight_entropy")
+# A real config.json is a few kB (a few hundred kB with the layer layout of a large model);
+# anything far bigger is not a checkpoint config and is not read into memory.
+MAX_CONFIG_BYTES = 16 * 2**20
 
 
 def quantized_layers(model: torch.nn.Module) -> dict[str, PackedLinear]:
@@ -65,16 +72,7 @@ def save_checkpoint(
         state.pop("lm_head.weight", None)
     state = {k: v.detach().contiguous() for k, v in state.items()}
     hf_config = model.config.to_dict()
-    hf_config[QUANT_KEY] = {
-        "quant_method": "unibcq",
-        "format": "bcq",
-        "format_version": FORMAT_VERSION,
-        "unibcq_version": __version__,
-        "source_model": source_model,
-        **config.to_dict(),
-        **(extra or {}),
-        "layers": layout,
-    }
+    hf_config[QUANT_KEY] = quantization_entry(config, source_model, layout, extra)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "unibcq_format": "bcq"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
@@ -82,7 +80,95 @@ def save_checkpoint(
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_manifest(tmp)
     return Path(out_dir)
+
+
+def quantization_entry(config: QuantConfig, source_model: str, layout: dict[str, dict[str, Any]],
+                       extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `quantization_config` a checkpoint's config.json carries (also read by transformers)."""
+    return {
+        "quant_method": "unibcq",
+        "format": "bcq",
+        "format_version": FORMAT_VERSION,
+        "unibcq_version": __version__,
+        "source_model": source_model,
+        "manifest": MANIFEST_FILE,
+        **config.to_dict(),
+        **(extra or {}),
+        "layers": layout,
+    }
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record every file's size and sha256, so `load` can tell a damaged checkpoint from a good one.
+
+    Written last, after every other file is complete (the directory is still the temporary
+    one that `atomic_directory` renames into place).
+    """
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (folder / MANIFEST_FILE).write_text(json.dumps({"files": entries}, indent=2) + "\n")
+
+
+def verify_manifest(path: Path, qcfg: dict[str, Any]) -> None:
+    """Check every file listed in the manifest against its recorded size and sha256.
+
+    Checkpoints written before manifests existed carry no `manifest` key and are not checked.
+    """
+    if "manifest" not in qcfg:
+        return
+    if qcfg["manifest"] != MANIFEST_FILE:
+        raise CheckpointError(f"{path / 'config.json'}: unexpected manifest name {_short(qcfg['manifest'])}")
+    manifest = path / MANIFEST_FILE
+    if not manifest.is_file():
+        raise CheckpointError(f"{manifest} is missing; the checkpoint is incomplete or was edited")
+    data = _read_json(manifest)
+    entries = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(entries, dict) or not entries:
+        raise CheckpointError(f"{manifest} has no file list; the checkpoint is corrupt")
+    for name, entry in entries.items():
+        file = path / name
+        if (not isinstance(entry, dict) or Path(name).is_absolute() or ".." in Path(name).parts
+                or not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("sha256"), str)):
+            raise CheckpointError(f"{manifest}: bad entry {_short(name)}; the checkpoint is corrupt")
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing (listed in {MANIFEST_FILE}); the checkpoint is incomplete")
+        if file.stat().st_size != entry["bytes"] or _sha256(file) != entry["sha256"]:
+            raise CheckpointError(
+                f"{file} does not match its checksum in {MANIFEST_FILE}; the file is damaged or was edited"
+            )
+
+
+def _short(value: Any, limit: int = 48) -> str:
+    """repr(value), cut to `limit` characters so a hostile value cannot flood the error line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_json(file: Path) -> Any:
+    """Parse a small JSON file; every way it can be unreadable becomes a CheckpointError."""
+    try:
+        size = file.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise CheckpointError(
+                f"{file} is {size} bytes, more than a checkpoint config can be ({MAX_CONFIG_BYTES}); "
+                "the checkpoint is corrupt"
+            )
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit, nesting
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{file} is not valid JSON ({reason[:200]}); the checkpoint is corrupt") from exc
+    except OSError as exc:
+        raise CheckpointError(f"{file} cannot be read ({exc.strerror or exc})") from exc
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -93,71 +179,150 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint directory {path} not found")
     if not cfg_file.is_file():
         raise CheckpointError(f"{cfg_file} is missing; not a unibcq checkpoint")
-    try:
-        data = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{cfg_file} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
+    data = _read_json(cfg_file)
     if not isinstance(data, dict):
         raise CheckpointError(f"{cfg_file} must hold a JSON object")
     qcfg = data.get(QUANT_KEY)
     if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "unibcq":
         raise CheckpointError(f"{path} is not a unibcq checkpoint (no unibcq quantization_config in config.json)")
-    if qcfg.get("format_version") != FORMAT_VERSION:
+    version = qcfg.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} uses format version {qcfg.get('format_version')!r}; this unibcq reads version {FORMAT_VERSION}"
+            f"{path} uses format version {_short(version)}; this unibcq reads version {FORMAT_VERSION}"
         )
-    layers = qcfg.get("layers")
-    if not isinstance(layers, dict) or not layers:
-        raise CheckpointError(f"{cfg_file}: quantization_config.layers must be a non-empty object")
-    for name, spec in layers.items():
-        _check_layer_spec(cfg_file, name, spec)
+    for key, types in (("method", (str,)), ("bits", (int,)), ("group_size", (int,)),
+                       ("source_model", (str, type(None)))):
+        if key in qcfg and (type(qcfg[key]) not in types):
+            raise CheckpointError(f"{cfg_file}: quantization_config.{key} has the wrong type ({_short(qcfg[key])})")
+    _check_layers(str(cfg_file), qcfg.get("layers"))
     return data
 
 
-def _check_layer_spec(cfg_file: Path, name: str, spec: Any) -> None:
+def _check_layers(where: str, layers: Any) -> None:
+    if not isinstance(layers, dict) or not layers:
+        raise CheckpointError(f"{where}: quantization_config.layers must be a non-empty object")
+    for name, spec in layers.items():
+        _check_layer_spec(where, name, spec)
+
+
+def _check_layer_spec(where: str, name: str, spec: Any) -> None:
     """Types and ranges of one layer's layout entry, so hostile configs fail clearly."""
+    name = _short(name, 80)
     if not isinstance(spec, dict):
-        raise CheckpointError(f"{cfg_file}: layer {name!r} must be an object")
+        raise CheckpointError(f"{where}: layer {name} must be an object")
     fmt = spec.get("format", "bcq")
-    if fmt not in PACKED_MODULES:
-        raise CheckpointError(f"{cfg_file}: layer {name!r} has unknown format {fmt!r}")
+    if not isinstance(fmt, str) or fmt not in PACKED_MODULES:
+        raise CheckpointError(f"{where}: layer {name} has unknown format {_short(fmt)}")
     ints = ("in_features", "out_features") + (("bits", "group_size") if fmt == "bcq" else ("max_groups",))
     if any(type(spec.get(k)) is not int for k in ints):
-        raise CheckpointError(f"{cfg_file}: layer {name!r} needs integer {', '.join(ints)}")
+        raise CheckpointError(f"{where}: layer {name} needs integer {', '.join(ints)}")
     if not 1 <= spec["in_features"] <= 2**24 or not 1 <= spec["out_features"] <= 2**24:
-        raise CheckpointError(f"{cfg_file}: layer {name!r} has an out-of-range shape")
+        raise CheckpointError(f"{where}: layer {name} has an out-of-range shape")
+    for key in ("offset", "bias"):
+        if key in spec and type(spec[key]) is not bool:
+            raise CheckpointError(f"{where}: layer {name} has non-boolean {key} {_short(spec[key])}")
+    for key in ("bits_per_weight", *ACCOUNTING_KEYS):
+        value = spec.get(key, 0.0)
+        if type(value) not in (int, float) or not 0 <= value <= 2**16:  # also rejects NaN
+            raise CheckpointError(f"{where}: layer {name} has invalid {key} {_short(value)}")
     if fmt == "bcq":
         if not 1 <= spec["bits"] <= 8:
-            raise CheckpointError(f"{cfg_file}: layer {name!r} has out-of-range bits {spec['bits']}")
+            raise CheckpointError(f"{where}: layer {name} has out-of-range bits {_short(spec['bits'])}")
         if spec["group_size"] == 0 or spec["group_size"] < -1:
-            raise CheckpointError(f"{cfg_file}: layer {name!r} has invalid group_size {spec['group_size']}")
+            raise CheckpointError(f"{where}: layer {name} has invalid group_size {_short(spec['group_size'])}")
     else:
         if not 1 <= spec["max_groups"] <= 256:
-            raise CheckpointError(f"{cfg_file}: layer {name!r} has out-of-range max_groups {spec['max_groups']}")
+            raise CheckpointError(f"{where}: layer {name} has out-of-range max_groups {_short(spec['max_groups'])}")
         try:
             parse_granularity(spec.get("granularity"))
-        except (UnibcqError, AttributeError) as exc:
-            raise CheckpointError(f"{cfg_file}: layer {name!r}: {exc}") from exc
+        except UnibcqError as exc:
+            raise CheckpointError(f"{where}: layer {name}: {exc}") from exc
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a config.json that declares a unibcq checkpoint."""
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         return False
     try:
-        return json.loads(cfg_file.read_text()).get(QUANT_KEY, {}).get("quant_method") == "unibcq"
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        data = _read_json(cfg_file)
+    except CheckpointError:
+        return False
+    qcfg = data.get(QUANT_KEY) if isinstance(data, dict) else None
+    return isinstance(qcfg, dict) and qcfg.get("quant_method") == "unibcq"
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint: `model.safetensors`, or the shards its index lists."""
+    path = Path(path)
+    index = path / WEIGHTS_INDEX
+    if index.is_file():
+        data = _read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no weight_map; the checkpoint is corrupt")
+        names = sorted({f for f in weight_map.values()})
+        for name in names:
+            if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+                raise CheckpointError(f"{index} lists {_short(name)}, not a shard file name; the checkpoint is corrupt")
+        files = [path / name for name in names]
+    else:
+        files = [path / WEIGHTS_FILE]
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing; the checkpoint is incomplete")
+    return files
+
+
+def has_unibcq_weights(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a model.safetensors written by unibcq (its header metadata says so).
+
+    Lets callers recognise a checkpoint whose config.json is damaged, so the user gets the
+    checkpoint loader's precise error instead of a generic model-loading one.
+    """
+    try:
+        weights = weight_files(path)[0]
+        with safe_open(str(weights), "pt") as f:
+            return "unibcq_format" in (f.metadata() or {})
+    except Exception:  # any unreadable file is simply not recognisable
         return False
 
 
+def read_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, safetensors dtype) of every stored tensor, from the file header only.
+
+    safetensors checks that the header's shapes and offsets fit the file, so a hostile
+    header (a tensor of 10**12 elements, offsets past the end) fails here, before anything
+    the size of a tensor is allocated.
+    """
+    header: dict[str, tuple[tuple[int, ...], str]] = {}
+    for weights in weight_files(path):
+        try:
+            with safe_open(str(weights), "pt") as f:
+                for key in f.keys():
+                    if key in header:
+                        raise CheckpointError(f"tensor {_short(key)} is stored twice; the checkpoint is corrupt")
+                    sl = f.get_slice(key)
+                    header[key] = (tuple(int(d) for d in sl.get_shape()), str(sl.get_dtype()))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{weights} is corrupt or truncated ({exc}); re-create the checkpoint") from exc
+    return header
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line of at most `limit` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{weights} is missing; the checkpoint is incomplete")
-    try:
-        return load_file(str(weights))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{weights} is corrupt or truncated ({exc}); re-create the checkpoint") from exc
+    state: dict[str, torch.Tensor] = {}
+    for weights in weight_files(path):
+        try:
+            state.update(load_file(str(weights)))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{weights} is corrupt or truncated ({exc}); re-create the checkpoint") from exc
+    return state
 
 
 def install_packed_layers(model: torch.nn.Module, layers: dict[str, dict[str, Any]], dtype: torch.dtype) -> None:
@@ -166,55 +331,179 @@ def install_packed_layers(model: torch.nn.Module, layers: dict[str, dict[str, An
     Shared by `load_checkpoint` and the transformers quantizer, so both check the layout
     against the model the same way before any tensor is read.
     """
+    _check_layers("quantization_config", layers)
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     for name, spec in layers.items():
+        shown = _short(name, 80)
         try:
             current = model.get_submodule(name)
         except AttributeError as exc:
-            raise CheckpointError(f"layer {name!r} in the checkpoint does not exist in a {model_type} model") from exc
+            raise CheckpointError(f"layer {shown} in the checkpoint does not exist in a {model_type} model") from exc
         if not isinstance(current, torch.nn.Linear):
-            raise CheckpointError(f"layer {name!r} in the checkpoint is a {type(current).__name__}, not a linear layer")
+            raise CheckpointError(f"layer {shown} in the checkpoint is a {type(current).__name__}, not a linear layer")
         if (current.in_features, current.out_features) != (spec["in_features"], spec["out_features"]):
-            raise CheckpointError(f"layer {name!r}: shape in quantization_config disagrees with the model config")
+            raise CheckpointError(f"layer {shown}: shape in quantization_config disagrees with the model config")
         fmt = spec.get("format", "bcq")
-        if fmt not in PACKED_MODULES:
-            raise CheckpointError(f"layer {name!r} has unknown format {fmt!r}")
         set_module(model, name, PACKED_MODULES[fmt].from_layout(spec, dtype))
 
 
-def load_checkpoint(path: str | os.PathLike) -> PreTrainedModel:
-    """Rebuild the quantized model: config -> empty model -> packed layers -> tensors."""
-    path = Path(path)
-    data = read_config(path)
-    qcfg = data.pop(QUANT_KEY)
+# safetensors dtype names of the torch dtypes a checkpoint can hold
+_SAFETENSORS_DTYPES = {
+    "U8": torch.uint8, "I8": torch.int8, "BOOL": torch.bool, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I16": torch.int16, "F32": torch.float32, "I32": torch.int32, "F64": torch.float64, "I64": torch.int64,
+}
+
+TensorSpec = tuple[tuple[int, ...], Any]  # (shape, torch dtype, or the header's name for an unknown one)
+
+
+def _model_config(path: Path, data: dict[str, Any], header: dict[str, TensorSpec]) -> PretrainedConfig:
+    """The transformers config of a checkpoint, checked before any module is built."""
+    cfg_file = path / "config.json"
+    model_type = data.get("model_type")
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{cfg_file}: model_type {_short(model_type)} is not one unibcq quantizes "
+            f"({', '.join(sorted(ARCHITECTURES))})"
+        )
     try:
-        hf_config: PretrainedConfig = AutoConfig.for_model(**data)
-        dtype = hf_config.dtype or torch.float32
+        defaults = AutoConfig.for_model(model_type).to_dict()
+        _check_config_types(cfg_file, data, defaults)
+        hf_config = AutoConfig.for_model(**data)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # transformers raises ValueError/TypeError/validation errors here
+        raise CheckpointError(f"{cfg_file} does not describe a model transformers can build: {_one_line(exc)}") from exc
+    # Building the module tree costs Python time per layer even on the meta device; every
+    # decoder layer stores at least one tensor, so the header bounds the honest count.
+    layers = getattr(hf_config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers > len(header):
+        raise CheckpointError(
+            f"{cfg_file} declares {layers} decoder layers but {WEIGHTS_FILE} holds only {len(header)} tensors"
+        )
+    return hf_config
+
+
+def _check_config_types(cfg_file: Path, data: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Each known field has the JSON type of its default (None is always allowed).
+
+    transformers does not check most fields; a wrong type (e.g. output_hidden_states: 0.0)
+    would build a model that only fails in the middle of its first forward pass.
+    """
+    for key, value in data.items():
+        default = defaults.get(key)
+        if value is None or default is None:
+            continue
+        if key.endswith("_token_id"):  # an int, or a list of them (several end-of-sequence tokens)
+            ok = (type(value) is int) or isinstance(value, list)
+        elif isinstance(default, bool):
+            ok = type(value) is bool
+        elif isinstance(default, int):
+            ok = type(value) is int
+        elif isinstance(default, float):
+            ok = type(value) in (int, float)
+        elif isinstance(default, (str, dict, list)):
+            ok = isinstance(value, type(default))
+        else:
+            continue
+        if not ok:
+            raise CheckpointError(
+                f"{cfg_file}: {key} must be a {type(default).__name__} like its default {_short(default)}, "
+                f"got {_short(value)}"
+            )
+
+
+def _build_model(path: Path, hf_config: PretrainedConfig, layers: dict[str, Any]) -> PreTrainedModel:
+    """An uninitialised model of `hf_config` with the packed layers of `layers` in place."""
+    dtype = hf_config.dtype or torch.float32
+    try:
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     except Exception as exc:  # transformers raises ValueError/TypeError/validation errors here
-        raise CheckpointError(f"{path / 'config.json'} does not describe a model transformers can build: {exc}") from exc
-    install_packed_layers(model, qcfg["layers"], dtype)
-    state = _load_tensors(path)
-    expected = model.state_dict()
+        raise CheckpointError(
+            f"{path / 'config.json'} does not describe a model transformers can build: {_one_line(exc)}"
+        ) from exc
+    install_packed_layers(model, layers, dtype)
+    return model
+
+
+def _expected_tensors(model: torch.nn.Module, hf_config: PretrainedConfig) -> dict[str, TensorSpec]:
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     if getattr(hf_config, "tie_word_embeddings", False):
+        # Tied weights are one tensor; the checkpoint stores the embedding only.
         expected.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    return expected
+
+
+def _check_tensor_specs(path: Path, expected: dict[str, TensorSpec], found: dict[str, TensorSpec]) -> None:
+    """The stored tensors are exactly those the config implies, with the same shapes and dtypes."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"{path / WEIGHTS_FILE} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f"{path / WEIGHTS_FILE} does not match its config: missing {missing[:3]}, unexpected "
+            f"{[k[:80] for k in unexpected[:3]]}"
         )
-    for key, tensor in state.items():
-        want = expected[key]
-        if tensor.shape != want.shape or tensor.dtype != want.dtype:
+    for key, (shape, dtype) in found.items():
+        want_shape, want_dtype = expected[key]
+        if shape != want_shape or dtype != want_dtype:
             raise CheckpointError(
-                f"tensor {key} has shape {tuple(tensor.shape)} {tensor.dtype}, the config implies "
-                f"{tuple(want.shape)} {want.dtype}"
+                f"tensor {key} has shape {_short(shape)} {dtype}, the config implies {want_shape} {want_dtype}"
             )
+
+
+def _check_values(path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Reject stored values no quantizer writes: NaN/inf, group indices past the scales."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"{path / WEIGHTS_FILE}: tensor {key} holds NaN/inf values; the checkpoint is corrupt"
+            )
+    for name, layer in quantized_layers(model).items():
+        try:
+            layer.weight_tensor().check_values()
+        except UnibcqError as exc:
+            raise CheckpointError(f"{path / WEIGHTS_FILE}: layer {name}: {exc}; the checkpoint is corrupt") from exc
+
+
+def _verified_layout(path: Path) -> tuple[dict[str, Any], dict[str, tuple[tuple[int, ...], str]],
+                                          PretrainedConfig, dict[str, TensorSpec]]:
+    """(quantization_config, header, transformers config, expected tensors), all checked.
+
+    The model is built on the meta device (no memory) and its tensors compared with the
+    safetensors header, whose shapes safetensors has checked against the file size; so
+    nothing the files claim is allocated before it is known to match the real file.
+    """
+    data = read_config(path)
+    qcfg = data.pop(QUANT_KEY)
+    header = read_header(path)
+    typed = {k: (shape, _SAFETENSORS_DTYPES.get(name, name)) for k, (shape, name) in header.items()}
+    hf_config = _model_config(path, data, typed)
+    with torch.device("meta"):
+        skeleton = _build_model(path, hf_config, qcfg["layers"])
+    expected = _expected_tensors(skeleton, hf_config)
+    _check_tensor_specs(path, expected, typed)
+    return qcfg, header, hf_config, expected
+
+
+def load_checkpoint(path: str | os.PathLike) -> PreTrainedModel:
+    """Rebuild the quantized model: config -> empty model -> packed layers -> tensors.
+
+    The whole layout is checked against the file header first (`_verified_layout`), so the
+    real model, built next, is no larger than the files; then every file against the
+    manifest's checksums, which catches damage that leaves the layout intact (a flipped
+    bit in a tensor). A structural problem is reported as such before any checksum.
+    """
+    path = Path(path)
+    qcfg, _, hf_config, expected = _verified_layout(path)
+    verify_manifest(path, qcfg)
+    model = _build_model(path, hf_config, qcfg["layers"])
+    state = _load_tensors(path)
+    # The file could have changed since its header was read: check what was really loaded.
+    _check_tensor_specs(path, expected, {k: (tuple(v.shape), v.dtype) for k, v in state.items()})
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(hf_config, "tie_word_embeddings", False):
         model.tie_weights()
+    _check_values(path, model, state)
     model.eval()
     return model
 
@@ -267,36 +556,28 @@ class CheckpointInfo:
 
 
 def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
-    """Per-layer and whole-model bits per weight, without loading the tensors."""
+    """Per-layer and whole-model bits per weight, without loading the tensors.
+
+    The file header is checked against the config as `load` checks it (shapes and dtypes of
+    every tensor), so the figures describe a checkpoint whose layout can load.
+    """
     path = Path(path)
-    qcfg = read_config(path)[QUANT_KEY]
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{weights} is missing; the checkpoint is incomplete")
+    qcfg, header, _, _ = _verified_layout(path)
     layers: dict[str, dict[str, Any]] = {}
     dense_params = dense_bytes = 0
-    try:
-        with safe_open(str(weights), "pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                numel = 1
-                for d in sl.get_shape():
-                    numel *= d
-                nbytes = numel * _dtype_size(sl.get_dtype())
-                layer, _, suffix = key.rpartition(".")
-                if suffix in PACKED_SUFFIXES and layer in qcfg["layers"]:
-                    layers.setdefault(layer, {"bytes": 0})["bytes"] += nbytes
-                else:
-                    dense_params += numel
-                    dense_bytes += nbytes
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{weights} is corrupt or truncated ({exc})") from exc
+    for key, (shape, dtype) in header.items():
+        numel = math.prod(shape)
+        nbytes = numel * _dtype_size(dtype)
+        layer, _, suffix = key.rpartition(".")
+        if suffix in PACKED_SUFFIXES and layer in qcfg["layers"]:
+            layers.setdefault(layer, {"bytes": 0})["bytes"] += nbytes
+        else:
+            dense_params += numel
+            dense_bytes += nbytes
     qparams = qbytes = 0
     for name, spec in qcfg["layers"].items():
         numel = spec["in_features"] * spec["out_features"]
-        nbytes = layers.get(name, {}).get("bytes", 0)
-        if not nbytes:
-            raise CheckpointError(f"{weights} has no packed tensors for layer {name}")
+        nbytes = layers[name]["bytes"]
         layers[name] = {**spec, "bytes": nbytes, "bits_per_weight": 8.0 * nbytes / numel}
         if spec.get("format", "bcq") == "bcq":
             layers[name]["groups_per_row"] = num_groups(spec["in_features"], spec["group_size"])
@@ -305,7 +586,7 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     return CheckpointInfo(
         method=qcfg.get("method", "?"), bits=qcfg.get("bits", 0), group_size=qcfg.get("group_size", 0),
         quantized_params=qparams, quantized_bytes=qbytes, dense_params=dense_params, dense_bytes=dense_bytes,
-        file_bytes=weights.stat().st_size, layers=layers,
+        file_bytes=sum(f.stat().st_size for f in weight_files(path)), layers=layers,
     )
 
 

@@ -156,6 +156,12 @@ class BCQTensor(StoredSize):
             group_size=group_size,
         )
 
+    def check_values(self) -> None:
+        """Reject stored scales no quantizer writes (NaN/inf: a corrupt file or an fp16 overflow)."""
+        for name, tensor in (("alpha", self.alpha), ("offset", self.offset)):
+            if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                raise UnibcqError(f"BCQ {name} holds NaN/inf values")
+
     def signs(self) -> torch.Tensor:
         """Bit-planes as +-1 float32, shape (bits, out, in)."""
         return unpack_signs(self.planes, self.shape[1]).float() * 2 - 1

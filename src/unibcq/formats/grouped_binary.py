@@ -28,12 +28,17 @@ from unibcq.formats.bcq import STORAGE_DTYPE, StoredSize, pack_signs, unpack_sig
 
 def parse_granularity(granularity: str) -> str | tuple[str, int]:
     """'matrix' | 'row' | 'block:N' -> the quantizer's form ('block', N)."""
-    if granularity in ("matrix", "row"):
-        return granularity
-    kind, _, width = granularity.partition(":")
-    if kind == "block" and width.isdigit() and int(width) > 0:
-        return ("block", int(width))
-    raise UnibcqError(f"granularity must be 'matrix', 'row' or 'block:N' (N > 0), got {granularity!r}")
+    if isinstance(granularity, str):
+        if granularity in ("matrix", "row"):
+            return granularity
+        kind, _, width = granularity.partition(":")
+        # ASCII digits only (str.isdigit() also accepts characters such as '²' that int()
+        # rejects), and few enough of them for int() to parse.
+        if kind == "block" and width.isascii() and width.isdigit() and len(width) <= 18 and int(width) > 0:
+            return ("block", int(width))
+    shown = repr(granularity)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    raise UnibcqError(f"granularity must be 'matrix', 'row' or 'block:N' (N > 0), got {shown}")
 
 
 def segment_of(granularity: str, shape: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
@@ -107,6 +112,20 @@ class GroupedBinaryTensor(StoredSize):
         for k in range(self.index.shape[0]):
             index |= unpack_signs(self.index[k], self.shape[1]).to(torch.int64) << k
         return index
+
+    def check_values(self) -> None:
+        """Reject stored values no quantizer writes: NaN/inf scales, group indices past the scales.
+
+        An index past a segment's scale slots would read another segment's scale, or past the
+        end of the tensor (an indexing error at the first forward pass).
+        """
+        if not bool(torch.isfinite(self.scales).all()):
+            raise UnibcqError("gb_scales holds NaN/inf values")
+        if self.index.shape[0] and int(self.group_index().max()) >= self.scales.shape[1]:
+            raise UnibcqError(
+                f"gb_index holds group {int(self.group_index().max())}, but there are only "
+                f"{self.scales.shape[1]} scale slots per segment"
+            )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         flat = segment_of(self.granularity, self.shape, self.signs.device) * self.scales.shape[1] + self.group_index()

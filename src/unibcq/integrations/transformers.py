@@ -24,13 +24,17 @@ QUANT_METHOD = "unibcq"
 
 
 class UnibcqHfConfig(QuantizationConfigMixin):
-    """The checkpoint's `quantization_config`, kept whole so saving writes it back unchanged."""
+    """The checkpoint's `quantization_config`, kept whole so saving writes it back unchanged.
+
+    Except its `manifest` entry: transformers' `save_pretrained` writes no manifest, so a
+    re-saved checkpoint must not claim one (unibcq's own `save` writes a fresh one).
+    """
 
     def __init__(self, layers: dict[str, dict[str, Any]] | None = None, **kwargs: Any) -> None:
         self.quant_method = QUANT_METHOD
         self.layers = layers or {}
         for key, value in kwargs.items():
-            if key != "quant_method":
+            if key not in ("quant_method", "manifest"):
                 setattr(self, key, value)
 
 

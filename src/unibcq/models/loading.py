@@ -103,16 +103,53 @@ def local_path(source: ModelSource) -> str:
     return str(_cache_gguf(source)) if source.kind == "gguf" else source.path
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+def snapshot_dir(source: ModelSource) -> Path:
+    """A local directory with the model's safetensors files, for streaming them one by one.
+
+    Hub models are downloaded (config, tokenizer and safetensors only); a GGUF holds one
+    quantized blob that transformers dequantizes whole, so it cannot be streamed.
+    """
+    if source.kind == "dir":
+        return Path(source.path)
+    if source.kind == "gguf":
+        raise UnibcqError(
+            f"{source.spec} is a GGUF file, which cannot be streamed; quantize it without --max-memory "
+            "(small models) or give a safetensors model directory"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source.spec, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as exc:  # offline, unknown id, gated repo: huggingface_hub raises many types
+        raise UnibcqError(f"could not download {source.spec!r} from the Hugging Face Hub: {_first_line(exc)}") from exc
+
+
 def _from_pretrained(loader, source: ModelSource, **kwargs):
     try:
         return loader.from_pretrained(local_path(source), **kwargs)
+    except UnibcqError:
+        raise
     except OSError as exc:
         if source.kind == "hub":
             raise UnibcqError(
                 f"could not load {source.spec!r} from the Hugging Face Hub (offline or unknown id?): "
-                f"{str(exc).splitlines()[0]}"
+                f"{_first_line(exc)}"
             ) from exc
-        raise UnibcqError(f"could not load model from {source.path}: {str(exc).splitlines()[0]}") from exc
+        raise UnibcqError(f"could not load model from {source.path}: {_first_line(exc)}") from exc
+    except Exception as exc:
+        # Malformed config / tokenizer files: transformers and tokenizers raise JSON errors,
+        # ValueError, TypeError, KeyError, AttributeError or a bare Exception for them.
+        if isinstance(exc, MemoryError):
+            raise
+        raise UnibcqError(
+            f"could not load model from {source.path}: a model or tokenizer file is malformed "
+            f"({type(exc).__name__}: {_first_line(exc)})"
+        ) from exc
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

@@ -45,19 +45,24 @@ ArrayLike = TypeVar("ArrayLike", np.ndarray, torch.Tensor, float)
 # --------------------------------------------------------------------------- validation
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def _check_max_groups(max_groups: int) -> None:
-    if max_groups < 1:
-        raise UnibcqError(f"max_groups must be >= 1, got {max_groups}")
+    if not _is_int(max_groups) or max_groups < 1:
+        raise UnibcqError(f"max_groups must be an integer >= 1, got {max_groups!r}")
 
 
 def _check_lam(lam: float) -> None:
-    if not math.isfinite(lam) or lam < 0:
-        raise UnibcqError(f"lam must be a finite number >= 0, got {lam}")
+    if (not isinstance(lam, (int, float, np.integer, np.floating)) or isinstance(lam, (bool, np.bool_))
+            or not math.isfinite(lam) or lam < 0):
+        raise UnibcqError(f"lam must be a finite number >= 0, got {lam!r}")
 
 
 def _check_window(window: int, name: str = "window") -> None:
-    if window < 1:
-        raise UnibcqError(f"{name} must be >= 1, got {window}")
+    if not _is_int(window) or window < 1:
+        raise UnibcqError(f"{name} must be an integer >= 1, got {window!r}")
 
 
 def _sorted_mags_array(sorted_mags: torch.Tensor) -> np.ndarray:
@@ -640,9 +645,9 @@ def dyngroup_quantize(
     _check_lam(lam)
     _check_window(window)
     _check_window(dp_atom_size, "dp_atom_size")
-    if refine_sweeps < 0:
-        raise UnibcqError(f"refine_sweeps must be >= 0, got {refine_sweeps}")
-    if algorithm not in _ALGORITHMS:
+    if not _is_int(refine_sweeps) or refine_sweeps < 0:
+        raise UnibcqError(f"refine_sweeps must be an integer >= 0, got {refine_sweeps!r}")
+    if not isinstance(algorithm, str) or algorithm not in _ALGORITHMS:
         raise UnibcqError(f"algorithm must be one of {_ALGORITHMS}, got {algorithm!r}")
     granularity = _parse_granularity(granularity)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:

@@ -39,7 +39,7 @@ import torch
 from unibcq.errors import UnibcqError
 from unibcq.formats.bcq import STORAGE_DTYPE, BCQTensor, effective_group_size, group_index, num_groups
 from unibcq.quantizers.bcq import bcq_alternating_groups, nearest_codes
-from unibcq.quantizers.grouping import check_weight
+from unibcq.quantizers.grouping import check_stored, check_weight
 from unibcq.quantizers.uniform import check_bits, minmax_params, quantize_to_grid, uniform_to_bcq
 
 INNER_QUANTIZERS = ("uniform", "bcq")
@@ -261,4 +261,4 @@ def gptq_quantize(
 
     alpha = torch.stack([g.alpha for g in grids], dim=1)
     offset = torch.stack([g.offset for g in grids], dim=1)
-    return BCQTensor.from_codes(signs, alpha, offset, group_size)
+    return check_stored(BCQTensor.from_codes(signs, alpha, offset, group_size), weight)

@@ -14,7 +14,10 @@ from typing import Callable
 import torch
 
 from unibcq.errors import UnibcqError
-from unibcq.formats.bcq import BCQTensor, effective_group_size
+from unibcq.formats.bcq import STORAGE_DTYPE, BCQTensor, effective_group_size
+
+# Largest magnitude the packed format's fp16 scales and offsets can hold.
+STORAGE_MAX = torch.finfo(STORAGE_DTYPE).max
 
 
 @dataclass
@@ -44,7 +47,26 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
         raise UnibcqError(
             f"{name} has {bad} NaN/inf values; fix or re-export the model before quantizing"
         )
+    peak = float(weight.abs().max())
+    if peak > STORAGE_MAX:
+        raise UnibcqError(
+            f"{name} has values up to {peak:.3g}, beyond the fp16 range (+-{STORAGE_MAX:g}) of the packed "
+            "format's scales; fix or re-export the model before quantizing"
+        )
     return weight.contiguous()
+
+
+def check_stored(packed: BCQTensor, weight: torch.Tensor, name: str = "weight") -> BCQTensor:
+    """Reject a result whose scales overflowed fp16 (a weight range too wide for the format)."""
+    try:
+        packed.check_values()
+    except UnibcqError as exc:
+        groups = "per-row groups" if packed.group_size == -1 else f"groups of {packed.group_size}"
+        raise UnibcqError(
+            f"{name} spans {float(weight.min()):.3g}..{float(weight.max()):.3g}, too wide for the fp16 scales "
+            f"of {packed.bits}-bit {groups} ({exc}); use more bits or smaller groups"
+        ) from exc
+    return packed
 
 
 def quantize_by_groups(weight: torch.Tensor, group_size: int, quantizer: GroupQuantizer) -> BCQTensor:
@@ -69,7 +91,7 @@ def quantize_by_groups(weight: torch.Tensor, group_size: int, quantizer: GroupQu
             offsets.append(codes.offset.reshape(out_features, groups))
     sign_planes = torch.cat(signs, dim=1).permute(2, 0, 1)
     offset = torch.cat(offsets, dim=1) if offsets else None
-    return BCQTensor.from_codes(sign_planes, torch.cat(alphas, dim=1), offset, group_size)
+    return check_stored(BCQTensor.from_codes(sign_planes, torch.cat(alphas, dim=1), offset, group_size), weight)
 
 
 def to_padded_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,118 @@
+"""Quantize a model larger than this machine's memory: a synthetic 7B-shaped Llama, streamed.
+
+Writes a Llama-2-7B-shaped model (hidden 4096, MLP 11008, 32 layers, vocab 32000) with
+random fp16 weights as sharded safetensors (~13.5 GB; its fp32 form would be ~27 GB), then
+runs `unibcq quantize ... --max-memory BUDGET` on it for each method and reports the
+process's peak resident memory against the budget. Nothing here is committed: the model
+and the checkpoints live under --work.
+
+    .venv/bin/python benchmarks/streaming_7b.py --work /tmp/s7b --budget 6GiB --methods rtn
+    .venv/bin/python benchmarks/streaming_7b.py --work /tmp/s1b --layers 4 --methods rtn,bcq-alternating
+
+`--layers` shrinks the depth (not the widths) for a quicker run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig
+
+from unibcq.progress import print_table
+
+SHARD_BYTES = 2 * 2**30
+
+
+def llama7b_config(layers: int) -> LlamaConfig:
+    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, dtype="float16",
+                       tie_word_embeddings=False)
+
+
+def tensor_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    h, m = cfg.hidden_size, cfg.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[f"{p}.self_attn.{proj}.weight"] = (h, h)
+        shapes[f"{p}.mlp.gate_proj.weight"] = (m, h)
+        shapes[f"{p}.mlp.up_proj.weight"] = (m, h)
+        shapes[f"{p}.mlp.down_proj.weight"] = (h, m)
+        shapes[f"{p}.input_layernorm.weight"] = (h,)
+        shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+def write_model(folder: Path, layers: int, seed: int = 0) -> Path:
+    """Random fp16 weights (std 0.02, norms 1) in ~2 GB shards, one shard in memory at a time."""
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = llama7b_config(layers)
+    gen = torch.Generator().manual_seed(seed)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    weight_map, held, files = {}, 0, []
+
+    def flush() -> None:
+        name = f"shard-{len(files):05d}.safetensors"
+        save_file(shards[0], str(folder / name), metadata={"format": "pt"})
+        files.append(name)
+        weight_map.update({k: name for k in shards[0]})
+        shards[0] = {}
+
+    for key, shape in tensor_shapes(cfg).items():
+        tensor = (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen) * 0.02).half()
+        if shards[0] and held + tensor.numel() * 2 > SHARD_BYTES:
+            flush()
+            held = 0
+        shards[0][key] = tensor
+        held += tensor.numel() * 2
+    flush()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg.save_pretrained(folder)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", required=True, help="folder for the synthetic model and the checkpoints")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--budget", default="6GiB")
+    parser.add_argument("--methods", default="rtn")
+    parser.add_argument("--bits", type=int, default=3)
+    parser.add_argument("--group-size", type=int, default=128)
+    args = parser.parse_args()
+    work = Path(args.work)
+    start = time.perf_counter()
+    model_dir = write_model(work / f"llama7b-shape-{args.layers}l", args.layers)
+    print(f"synthetic model: {model_dir} ({sum(f.stat().st_size for f in model_dir.glob('*.safetensors')) / 2**30:.1f}"
+          f" GiB fp16, written in {time.perf_counter() - start:.0f} s)")
+    rows = []
+    for method in args.methods.split(","):
+        out = work / f"{method}-w{args.bits}g{args.group_size}"
+        report = work / f"{method}.json"
+        cmd = [sys.executable, "-m", "unibcq.cli", "quantize", str(model_dir), "--method", method, "--bits",
+               str(args.bits), "--group-size", str(args.group_size), "--max-memory", args.budget, "--out", str(out),
+               "--overwrite", "--no-progress", "--json", str(report)]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        seconds = time.perf_counter() - start
+        data = json.loads(report.read_text())
+        rows.append((method, args.layers, args.budget, f"{data['peak_rss_mib']:.0f}", f"{data['bits_per_weight']:.3f}",
+                     f"{data['file_bytes'] / 2**30:.2f}", f"{seconds:.0f}"))
+    print_table("streaming quantization of a 7B-shaped Llama",
+                ["method", "layers", "budget", "peak RSS MiB", "bits/weight", "checkpoint GiB", "seconds"], rows)
+
+
+if __name__ == "__main__":
+    main()

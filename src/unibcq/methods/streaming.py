@@ -1,0 +1,252 @@
+"""Quantize a model larger than memory: one weight at a time from its safetensors shards.
+
+Per-matrix methods need nothing but each weight, so the full-precision model is never
+built. The model class is instantiated on the meta device only to learn which tensors are
+decoder linear weights (the same discovery as the in-memory path); then every tensor is
+read on its own from the (memory-mapped) shards, quantized or cast, and appended to the
+output. The output is written in shards of at most `shard_bytes`, so the process holds
+one full-precision weight, its quantizer's temporaries and one output shard at a time:
+peak memory is set by the budget, not the model's size.
+
+Each shard is mapped only while one tensor is copied out of it, so the file pages it
+touched are unmapped straight away and never pile up in the process's resident memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from unibcq.atomic import atomic_directory
+from unibcq.config import QuantConfig
+from unibcq.errors import UnibcqError
+from unibcq.methods.per_matrix import LayerRecord, quantize_matrix
+from unibcq.methods.registry import PER_MATRIX_METHODS
+from unibcq.models.architectures import quantizable_linears
+from unibcq.nn.qlinear import packed_module
+from unibcq.progress import progress_bar
+
+SOURCE_INDEX = "model.safetensors.index.json"
+SOURCE_SINGLE = "model.safetensors"
+# Python, torch and transformers before any weight is read.
+BASELINE_BYTES = 700 * 2**20
+# A weight's quantizer holds a handful of fp32 copies of it (the weight, its groups, errors).
+QUANTIZER_COPIES = 6
+# Output shards stay below this even under a large budget, like the Hub's 5 GB shards.
+MAX_SHARD_BYTES = 4 * 2**30
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """'8GiB', '8G', '512MiB' or a byte count -> bytes (binary units)."""
+    stripped = text.strip().lower()
+    number = stripped.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = stripped[len(number):].strip()
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if value <= 0 or unit not in _UNITS:
+        raise UnibcqError(f"--max-memory {text!r} is not a memory size; use e.g. 8GiB, 512MiB or a byte count")
+    return int(value * _UNITS[unit])
+
+
+def source_weight_map(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it, for a single-file or sharded model."""
+    index = model_dir / SOURCE_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise UnibcqError(f"{index} is not a valid safetensors index ({exc})") from exc
+        if not isinstance(weight_map, dict):
+            raise UnibcqError(f"{index}: weight_map must be an object")
+        files = {name: model_dir / str(file) for name, file in weight_map.items()}
+    elif (model_dir / SOURCE_SINGLE).is_file():
+        with _open(model_dir / SOURCE_SINGLE) as f:
+            files = {name: model_dir / SOURCE_SINGLE for name in f.keys()}
+    else:
+        raise UnibcqError(
+            f"{model_dir} has no {SOURCE_SINGLE} or {SOURCE_INDEX}; streaming reads safetensors checkpoints "
+            "(load .bin or .gguf models without --max-memory)"
+        )
+    for file in set(files.values()):
+        if not file.is_file():
+            raise UnibcqError(f"{file} listed in {SOURCE_INDEX} is missing")
+    return files
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise UnibcqError(f"{file} is not a readable safetensors file ({exc})") from exc
+
+
+def read_tensor(file: Path, name: str) -> torch.Tensor:
+    """One tensor, copied out of its shard; the mapping is closed before returning."""
+    with _open(file) as f:
+        return f.get_tensor(name)
+
+
+def tensor_nbytes(file: Path, name: str) -> int:
+    with _open(file) as f:
+        sl = f.get_slice(name)
+        numel = 1
+        for size in sl.get_shape():
+            numel *= size
+    return numel * 4
+
+
+@dataclass
+class _ShardWriter:
+    """Collects output tensors and writes them as numbered safetensors shards."""
+
+    folder: Path
+    shard_bytes: int
+    held: dict[str, torch.Tensor] = field(default_factory=dict)
+    held_bytes: int = 0
+    files: list[str] = field(default_factory=list)
+    weight_map: dict[str, str] = field(default_factory=dict)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.held and self.held_bytes + size > self.shard_bytes:
+            self.flush()
+        self.held[name] = tensor.contiguous()
+        self.held_bytes += size
+
+    def flush(self) -> None:
+        if not self.held:
+            return
+        file = f"part-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.held, str(self.folder / file), metadata={"format": "pt", "unibcq_format": "bcq"})
+        self.files.append(file)
+        self.weight_map.update({name: file for name in self.held})
+        self.held, self.held_bytes = {}, 0
+
+    def finish(self) -> dict[str, str]:
+        """Write the last shard and give the shards their final names; returns the weight map."""
+        self.flush()
+        files, weight_map = self.files, self.weight_map
+        if len(files) == 1:
+            os.replace(self.folder / files[0], self.folder / SOURCE_SINGLE)
+            return {name: SOURCE_SINGLE for name in weight_map}
+        final = {old: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, old in enumerate(files)}
+        for old, new in final.items():
+            os.replace(self.folder / old, self.folder / new)
+        weight_map = {name: final[file] for name, file in weight_map.items()}
+        total = sum((self.folder / f).stat().st_size for f in final.values())
+        (self.folder / SOURCE_INDEX).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        return weight_map
+
+
+def _skeleton(hf_config: PretrainedConfig) -> torch.nn.Module:
+    """The model on the meta device: names and shapes, no memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_config)
+
+
+def quantize_streaming(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: QuantConfig,
+    source_model: str,
+    max_memory: int,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    shard_bytes: int | None = None,
+) -> list[LayerRecord]:
+    """Quantize the safetensors model in `model_dir` into the checkpoint `out_dir` within `max_memory` bytes.
+
+    Raises before reading any weight when the budget cannot hold the largest weight's
+    quantization, so a run never dies of memory half-way. Output shards hold what the
+    budget leaves after that working set (at most `MAX_SHARD_BYTES`, or `shard_bytes`).
+    """
+    from unibcq.checkpoint import QUANT_KEY, quantization_entry, write_manifest
+
+    config.validate()
+    if config.method not in PER_MATRIX_METHODS:
+        raise UnibcqError(
+            f"--max-memory streams weights one at a time, which per-matrix methods allow "
+            f"({', '.join(sorted(PER_MATRIX_METHODS))}); {config.method} needs whole blocks and calibration"
+        )
+    model_dir = Path(model_dir)
+    try:
+        hf_config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise UnibcqError(f"could not read the model config in {model_dir}: {str(exc).splitlines()[0]}") from exc
+    skeleton = _skeleton(hf_config)
+    linears = quantizable_linears(skeleton, config.include_lm_head)
+    dtype = hf_config.dtype or torch.float32
+    expected = dict(skeleton.state_dict())
+    tied = getattr(hf_config, "tie_word_embeddings", False) and not config.include_lm_head
+    if tied:
+        expected.pop("lm_head.weight", None)
+    files = source_weight_map(model_dir)
+    missing = sorted(set(expected) - set(files))
+    if missing:
+        raise UnibcqError(f"{model_dir} lacks tensors the config implies, e.g. {missing[:3]}")
+
+    largest = max(tensor_nbytes(files[f"{name}.weight"], f"{name}.weight") for name in linears)
+    working = BASELINE_BYTES + QUANTIZER_COPIES * largest
+    if max_memory < working + largest:
+        raise UnibcqError(
+            f"--max-memory {max_memory / 2**30:.2f} GiB is too small: quantizing the largest weight "
+            f"({largest / 2**20:.0f} MiB in fp32) needs about {(working + largest) / 2**30:.2f} GiB"
+        )
+    if config.include_lm_head:
+        hf_config.tie_word_embeddings = False
+    records: list[LayerRecord] = []
+    layout: dict[str, dict[str, Any]] = {}
+    start = time.perf_counter()
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        writer = _ShardWriter(tmp, shard_bytes or min(max_memory - working, MAX_SHARD_BYTES))
+        with progress_bar(show_progress) as bar:
+            task = bar.add_task(f"{config.method} w{config.bits} (streaming)", total=len(expected))
+            for key in expected:
+                layer = key.rsplit(".", 1)[0]
+                if layer in linears and key.endswith(".bias"):
+                    continue  # written with its layer's packed weight
+                if layer in linears:
+                    layer_cfg = config.for_layer(layer)
+                    packed, error, seconds = quantize_matrix(layer, read_tensor(files[key], key), layer_cfg)
+                    bias_key = f"{layer}.bias"
+                    bias = read_tensor(files[bias_key], bias_key).to(dtype) if bias_key in expected else None
+                    module = packed_module(packed, bias)
+                    layout[layer] = module.layout()
+                    for name, tensor in module.state_dict().items():
+                        writer.add(f"{layer}.{name}", tensor)
+                    accounting = packed.accounting() if hasattr(packed, "accounting") else None
+                    records.append(LayerRecord(layer, config.method, layer_cfg.bits, layer_cfg.group_size,
+                                               packed.numel, packed.bits_per_weight, error, seconds, accounting))
+                    del packed, module
+                else:
+                    writer.add(key, read_tensor(files[key], key).to(dtype))
+                bar.update(task, advance=1, description=f"{config.method} {layer}")
+        writer.finish()
+        hf_dict = hf_config.to_dict()
+        hf_dict[QUANT_KEY] = quantization_entry(config, source_model, layout, {
+            "quantize_seconds": round(time.perf_counter() - start, 3), "max_memory": max_memory})
+        (tmp / "config.json").write_text(json.dumps(hf_dict, indent=2) + "\n")
+        for extra in ("generation_config.json",):
+            if (model_dir / extra).is_file():
+                (tmp / extra).write_bytes((model_dir / extra).read_bytes())
+        try:
+            AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
+        except (OSError, ValueError):
+            pass  # a weights-only model directory: the checkpoint works without a tokenizer
+        write_manifest(tmp)
+    return records

@@ -1,0 +1,109 @@
+"""Streaming quantization: one weight at a time from safetensors shards, output in shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import unibcq
+from unibcq import load
+from unibcq.checkpoint import checkpoint_info, save_checkpoint
+from unibcq.config import QuantConfig
+from unibcq.errors import UnibcqError
+from unibcq.methods import quantize_model
+from unibcq.methods.streaming import parse_memory, quantize_streaming
+
+BUDGET = 4 * 2**30
+
+
+def saved_model(model: torch.nn.Module, folder: Path, shard: str | None = None) -> Path:
+    model.save_pretrained(folder, max_shard_size=shard) if shard else model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("tiny_model", ["llama", "qwen2"], indirect=True)
+@pytest.mark.parametrize("method", ["rtn", "bcq-alternating", "dyngroup"])
+def test_streaming_equals_in_memory(tmp_path, tiny_model, method, input_ids):
+    source = saved_model(tiny_model(), tmp_path / "src", shard="60KB")
+    assert len(list(source.glob("*.safetensors"))) > 1  # the source really is sharded
+    bits = 1 if method == "dyngroup" else 3
+    group = -1 if method == "dyngroup" else 32
+    config = QuantConfig(method=method, bits=bits, group_size=group, max_groups=4)
+    records = quantize_streaming(source, tmp_path / "streamed", config, "src", BUDGET, show_progress=False,
+                                 shard_bytes=40_000)
+    reference = tiny_model()
+    quantize_model(reference, QuantConfig(method=method, bits=bits, group_size=group, max_groups=4),
+                   show_progress=False)
+    save_checkpoint(reference, tmp_path / "in-memory", config, "src")
+    assert len(list((tmp_path / "streamed").glob("model-*-of-*.safetensors"))) > 1
+    streamed = load(tmp_path / "streamed")
+    expected = load(tmp_path / "in-memory")
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(input_ids).logits, expected(input_ids).logits, rtol=0, atol=0)
+    info, ref_info = checkpoint_info(tmp_path / "streamed"), checkpoint_info(tmp_path / "in-memory")
+    assert len(records) == len(ref_info.layers)
+    assert info.quantized_bytes == ref_info.quantized_bytes
+    assert info.bits_per_weight == pytest.approx(ref_info.bits_per_weight)
+
+
+def test_budget_too_small_fails_before_writing(tmp_path, tiny_llama):
+    source = saved_model(tiny_llama(), tmp_path / "src")
+    with pytest.raises(UnibcqError, match="too small"):
+        quantize_streaming(source, tmp_path / "out", QuantConfig(method="rtn"), "src", 2**20, show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibrated_methods_are_refused(tmp_path, tiny_llama):
+    source = saved_model(tiny_llama(), tmp_path / "src")
+    with pytest.raises(UnibcqError, match="per-matrix methods"):
+        quantize_streaming(source, tmp_path / "out", QuantConfig(method="gptq"), "src", BUDGET, show_progress=False)
+
+
+def test_missing_shard_is_a_clear_error(tmp_path, tiny_llama):
+    source = saved_model(tiny_llama(), tmp_path / "src", shard="60KB")
+    next(source.glob("model-*.safetensors")).unlink()
+    with pytest.raises(UnibcqError, match="missing"):
+        quantize_streaming(source, tmp_path / "out", QuantConfig(method="rtn"), "src", BUDGET, show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, expected", [("8GiB", 8 * 2**30), ("512M", 512 * 2**20), ("1.5g", 3 * 2**29),
+                                            ("1000", 1000)])
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1G", "0", "8XB"])
+def test_parse_memory_rejects_nonsense(text):
+    with pytest.raises(UnibcqError, match="not a memory size"):
+        parse_memory(text)
+
+
+def test_cli_max_memory_streams_and_reports(tmp_path, tiny_llama, capsys):
+    from unibcq.cli import main
+
+    source = saved_model(tiny_llama(), tmp_path / "src", shard="60KB")
+    report = tmp_path / "q.json"
+    code = main(["quantize", str(source), "--method", "rtn", "--bits", "3", "--group-size", "32",
+                 "--max-memory", "4GiB", "--out", str(tmp_path / "out"), "--no-progress", "--json", str(report)])
+    assert code == 0
+    assert "peak memory" in capsys.readouterr().out
+    data = json.loads(report.read_text())
+    assert data["max_memory_mib"] == 4096 and data["peak_rss_mib"] > 0
+    assert unibcq.load(tmp_path / "out") is not None
+
+
+def test_cli_max_memory_rejects_gguf_and_calibrated(tmp_path, tiny_llama, capsys):
+    from unibcq.cli import main
+
+    source = saved_model(tiny_llama(), tmp_path / "src")
+    code = main(["quantize", str(source), "--method", "gptq", "--max-memory", "4GiB", "--out", str(tmp_path / "o")])
+    assert code == 2 and "per-matrix methods" in capsys.readouterr().err
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    code = main(["quantize", str(gguf), "--method", "rtn", "--max-memory", "4GiB", "--out", str(tmp_path / "o")])
+    assert code == 2 and "cannot be streamed" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
