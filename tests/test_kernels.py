@@ -91,3 +91,25 @@ def test_scale_cache_follows_in_place_updates():
         weight.offset.mul_(2)
     after = bcq_linear(x, weight, backend="lut" if cpu_lut.AVAILABLE else "reference")
     torch.testing.assert_close(after, 2 * before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not cpu_lut.AVAILABLE, reason="numba missing")
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [8, 32, 128, -1])
+@pytest.mark.parametrize("offset", [True, False])
+def test_compiled_dequantize_equals_torch_dequantize(bits, group_size, offset):
+    from unibcq.kernels import dequantize_weight
+
+    for index, (out_features, in_features) in enumerate(SHAPES):
+        weight = random_bcq(out_features, in_features, bits, group_size, offset, seed=index + bits)
+        expected = weight.dequantize()
+        got = dequantize_weight(weight)
+        assert got.shape == expected.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+        assert dequantize_weight(weight, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_lut_kernel_leaves_torch_thread_count_alone():
+    threads = torch.get_num_threads()
+    bcq_linear(torch.randn(1, 128), random_bcq(16, 128, 3, 32, True, seed=1), backend="lut")
+    assert torch.get_num_threads() == threads

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--refine-sweeps", type=int, default=0,
                    help="dyngroup greedy/windowed: boundary-refinement sweeps after merging (0 = the paper's)")
     q.add_argument("--workers", type=int, default=1, help="parallel worker processes for per-matrix methods")
+    q.add_argument("--max-memory", metavar="SIZE",
+                   help="per-matrix methods: stream the weights one at a time from the model's safetensors files "
+                        "and stay within SIZE (e.g. 8GiB), for models larger than memory")
     q.add_argument("--damp", type=float, default=0.01, help="gptq: Hessian damping, fraction of the mean diagonal")
     q.add_argument("--act-order", action="store_true", help="gptq: process columns by decreasing Hessian diagonal")
     q.add_argument("--device", default="cpu", help="compute device for calibrated methods (cpu, cuda)")
@@ -125,6 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json")
     i.add_argument("--layers", action="store_true", help="print the per-layer table")
+    g = sub.add_parser("generate", help="generate text from a checkpoint or model, streamed, with speed and memory")
+    g.add_argument("model", help="quantized checkpoint dir, or any MODEL accepted by quantize")
+    g.add_argument("--prompt", required=True, help="text to continue (the user message when --chat)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many new tokens (default 64)")
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt in the tokenizer's chat template as a user turn (default: on when the "
+                        "tokenizer has a template)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default); > 0 samples at this temperature (with any top-k/top-p of the "
+                        "model's generation config)")
+    g.add_argument("--seed", type=int, help="seed for sampling (--temperature > 0)")
+    g.add_argument("--json", help="write the text and every printed figure to this JSON file")
+
     b = sub.add_parser("bench", help="benchmarks that print tables")
     bench = b.add_subparsers(dest="bench", required=True)
     bd = bench.add_parser("dyngroup", help="dynamic-grouping solvers: seconds and objective on one core")
@@ -136,6 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--with-greedy", action="store_true", help="also run plain greedy on the large matrix (minutes)")
     bd.add_argument("--no-real", action="store_true", help="skip the real SmolLM2 matrix")
     bd.add_argument("--json")
+    bk = bench.add_parser(
+        "kernels", help="packed BCQ matmul backends vs dense fp32/bf16 matmul: time, speedup, effective GB/s",
+        description="Times every bcq_matmul backend on RTN-quantized random weights next to the dense fp32 and "
+                    "bf16 matmul of the same shape (median of --repeats after a warm-up; calls rotate over copies "
+                    "of the weight larger than the caches, so each reads its weight from memory as a decode step "
+                    "does), and reports effective bandwidth (stored weight bytes / seconds) next to the machine's "
+                    "copy bandwidth. The default "
+                    "grid (4096x4096 and SmolLM2-135M's 576x576, 192x576, 1536x576, 576x1536; bits 2 3 4; "
+                    "batch 1 4 16 64; 3 repeats) takes a few minutes on one core; the 7B MLP shapes "
+                    "(--shape 4096x11008 11008x4096) are left out because reference and lut take seconds per "
+                    "call there at large batches. --json writes a list with one self-contained entry per "
+                    "measurement (keys backend, shape, bits, group_size, batch, seconds, speedup_vs_fp32, gbps, "
+                    "weight_bytes, bandwidth_gbps, threads, note).")
+    bk.add_argument("--shape", nargs="+", metavar="OUTxIN", help="weight shapes (default: see above)")
+    bk.add_argument("--bits", nargs="+", type=int, help="bit widths (default 2 3 4)")
+    bk.add_argument("--group-size", type=int, default=128, help="input columns per group; -1 = per output row")
+    bk.add_argument("--batch", nargs="+", type=int, help="input rows per call (default 1 4 16 64)")
+    bk.add_argument("--backends", help="comma-separated bcq_matmul backends (default: all but auto; one that raises "
+                                         "on this machine is listed once as skipped)")
+    bk.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement; the median is reported")
+    bk.add_argument("--json")
+    bk.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -210,7 +248,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UnibcqError(f"output {out} already exists; remove it or pass --overwrite")
-    resolve_model(args.model)
+    source = resolve_model(args.model)
+    if args.max_memory is not None:
+        return _quantize_streaming(args, config, source, out)
     start = time.perf_counter()
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
@@ -256,6 +296,40 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         })
 
 
+def _quantize_streaming(args: argparse.Namespace, config, source, out: Path) -> None:
+    """`quantize --max-memory`: the streaming path for models larger than memory."""
+    from unibcq.checkpoint import checkpoint_info
+    from unibcq.methods.streaming import parse_memory, quantize_streaming
+    from unibcq.models.loading import snapshot_dir
+    from unibcq.progress import print_table
+
+    budget = parse_memory(args.max_memory)
+    if args.workers != 1:
+        raise UnibcqError("--max-memory runs one weight at a time; drop --workers")
+    start = time.perf_counter()
+    records = quantize_streaming(snapshot_dir(source), out, config, _source_spec(args.model), budget,
+                                 overwrite=args.overwrite, show_progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    peak_mib = peak_rss_mib()
+    info = checkpoint_info(out)
+    print_table(
+        f"{config.method} w{config.bits} g{config.group_size} (streamed)",
+        ["layer", "bits", "group", "bits/weight", "rel. error", "seconds"],
+        [(r.name, r.bits, r.group_size, r.bits_per_weight, r.rel_error, r.seconds) for r in records],
+    )
+    print(
+        f"streamed {len(records)} layers ({info.quantized_params:,} weights) in {seconds:.1f} s; "
+        f"{info.bits_per_weight:.3f} bits/weight; checkpoint {info.file_bytes / 2**20:.1f} MiB -> {out}; "
+        f"peak memory {peak_mib:.0f} MiB of a {budget / 2**20:.0f} MiB budget"
+    )
+    if args.json:
+        write_json_atomic(args.json, {
+            "out": str(out), "config": config.to_dict(), "seconds": seconds,
+            "bits_per_weight": info.bits_per_weight, "file_bytes": info.file_bytes, "peak_rss_mib": peak_mib,
+            "max_memory_mib": budget / 2**20, "layers": [vars(r) for r in records],
+        })
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process or its largest worker, in MiB (Linux reports KiB)."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -270,10 +344,14 @@ def layer_groups(record) -> int:
 
 def _load_for_eval(spec: str):
     """(model, tokenizer, bits_per_weight, default KL reference) for a checkpoint or a model."""
-    from unibcq.checkpoint import QUANT_KEY, checkpoint_info, is_checkpoint, load_checkpoint, read_config
+    from unibcq.checkpoint import (
+        QUANT_KEY, checkpoint_info, has_unibcq_weights, is_checkpoint, load_checkpoint, read_config,
+    )
     from unibcq.models import load_model, load_tokenizer
 
-    if is_checkpoint(spec):
+    # A checkpoint whose config.json is damaged is still recognised by its weights' header,
+    # so the checkpoint loader reports what is wrong with it.
+    if is_checkpoint(spec) or has_unibcq_weights(spec):
         source = read_config(spec)[QUANT_KEY].get("source_model")
         model = load_checkpoint(spec)
         has_tokenizer = (Path(spec) / "tokenizer_config.json").is_file()
@@ -357,7 +435,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     report = info.to_dict() | {"source_model": qcfg.get("source_model"), "quantize_seconds": qcfg.get("quantize_seconds")}
     if args.layers:
         print_table("layers", ["layer", "bits", "group", "bits/weight", "bytes"],
-                    [(n, s["bits"], s["group_size"], s["bits_per_weight"], s["bytes"]) for n, s in info.layers.items()])
+                    [(n, s.get("bits", "-"), s.get("group_size", s.get("granularity", "-")), s["bits_per_weight"],
+                      s["bytes"]) for n, s in info.layers.items()])
     print_table(str(args.path), ["metric", "value"], [
         ("method", info.method), ("bits", info.bits), ("group_size", info.group_size),
         ("bits_per_weight (what the file stores: codes + scales + offsets + indices)", info.bits_per_weight),
@@ -370,7 +449,71 @@ def cmd_info(args: argparse.Namespace) -> None:
         write_json_atomic(args.json, report)
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    from unibcq.generate import check_generation_options, generate_text
+
+    check_generation_options(args.max_new_tokens, args.temperature)
+    model, tokenizer, bits, _ = _load_for_eval(args.model)
+    result = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, chat=args.chat,
+                           temperature=args.temperature, seed=args.seed, on_text=_write_stdout)
+    print(result.summary())
+    if args.json:
+        write_json_atomic(args.json, {"model": args.model, "prompt": args.prompt, "bits_per_weight": bits,
+                                      "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                                      "seed": args.seed, **result.to_dict()})
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
+    {"dyngroup": _bench_dyngroup, "kernels": _bench_kernels}[args.bench](args)
+
+
+def _parse_shape(text: str) -> tuple[int, int]:
+    """'4096x11008' -> (4096, 11008)."""
+    out_features, sep, in_features = text.lower().partition("x")
+    try:
+        if not sep:
+            raise ValueError
+        return int(out_features), int(in_features)
+    except ValueError:
+        raise UnibcqError(f"--shape {text!r}: expected OUTxIN, e.g. 4096x11008") from None
+
+
+def _bench_kernels(args: argparse.Namespace) -> None:
+    from unibcq.bench import kernels
+    from unibcq.progress import print_table
+
+    shapes = [_parse_shape(s) for s in args.shape] if args.shape else list(kernels.DEFAULT_SHAPES)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+    entries = kernels.benchmark_kernels(shapes, args.bits or kernels.DEFAULT_BITS,
+                                        args.batch or kernels.DEFAULT_BATCHES, args.group_size, backends,
+                                        args.repeats, show_progress=not args.no_progress)
+    order = {shape: i for i, shape in enumerate(dict.fromkeys(tuple(e["shape"]) for e in entries))}
+    timed = sorted((e for e in entries if e["seconds"] is not None),
+                   key=lambda e: (order[tuple(e["shape"])], e["batch"], e["bits"] or 0))
+    bandwidth = entries[0]["bandwidth_gbps"]
+    print_table(
+        f"bcq_matmul backends vs dense (threads {entries[0]['threads']}, group {args.group_size}, "
+        f"copy bandwidth {bandwidth:.1f} GB/s)",
+        ["shape", "batch", "bits", "backend", "ms", "vs fp32", "GB/s", "% of copy"],
+        [("x".join(map(str, e["shape"])), e["batch"], e["bits"] or "-", e["backend"], e["seconds"] * 1e3,
+          _or_dash(e["speedup_vs_fp32"]), e["gbps"], 100 * e["gbps"] / bandwidth) for e in timed])
+    # A backend that cannot run here (e.g. triton without a GPU) is named once, not on every row.
+    skipped: dict[tuple[str, str], int] = {}
+    for e in entries:
+        if e["note"]:
+            skipped[e["backend"], e["note"]] = skipped.get((e["backend"], e["note"]), 0) + 1
+    for (backend, note), count in skipped.items():
+        print(f"{backend}: {note} ({count} of the measurements)")
+    if args.json:
+        write_json_atomic(args.json, entries)
+
+
+def _bench_dyngroup(args: argparse.Namespace) -> None:
     from unibcq.bench.dyngroup import benchmark_dyngroup
     from unibcq.progress import print_table
 
@@ -386,7 +529,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         write_json_atomic(args.json, entries)
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "info": cmd_info, "bench": cmd_bench}
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "info": cmd_info,
+            "generate": cmd_generate, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

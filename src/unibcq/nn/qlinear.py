@@ -17,6 +17,7 @@ from torch import nn
 from unibcq.formats.bcq import STORAGE_DTYPE, BCQTensor, num_groups
 from unibcq.formats.grouped_binary import GroupedBinaryTensor, index_bits_for, num_segments
 from unibcq.kernels import bcq_linear
+from unibcq.kernels.dispatch import dequantize_weight
 
 PackedTensor = BCQTensor | GroupedBinaryTensor
 
@@ -178,7 +179,7 @@ def dense_weights(model: nn.Module, dtype: torch.dtype = torch.float32) -> Itera
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     try:
         for layer in layers:
-            layer.dense_cache = layer.weight_tensor().dequantize(dtype)
+            layer.dense_cache = dequantize_weight(layer.weight_tensor(), dtype)
         yield model
     finally:
         for layer in layers:

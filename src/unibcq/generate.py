@@ -1,0 +1,176 @@
+"""Text generation with a quantized (or full-precision) model: streamed text, timing, memory.
+
+`generate_text` runs the model's own `generate` (so KV cache, stopping and the model's
+generation config behave exactly as in transformers) with a streamer that time-stamps every
+new token as it arrives. That splits the run into prefill (from the call to the first new
+token: the prompt's forward pass, all its rows at once) and decode (one row per step, so
+every step streams all the weights: memory-bound, where packed weights should pay off),
+which are served by different kernels and must be reported apart.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+from transformers import TextStreamer
+
+from unibcq.errors import UnibcqError
+from unibcq.memory import model_memory_bytes, resident_memory_bytes
+
+
+@dataclass
+class GenerationResult:
+    """What one generation produced and cost.
+
+    `prefill_seconds` runs from the call to the first new token; `decode_seconds` from the
+    first to the last new token, i.e. `new_tokens - 1` decode steps. Memory is measured
+    right after generating: `model_bytes` is the model's parameters and buffers as stored,
+    `rss_bytes` the whole process (None off Linux).
+    """
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    chat: bool
+    seconds: float
+    prefill_seconds: float
+    decode_seconds: float
+    model_bytes: int
+    rss_bytes: int | None
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """New tokens over the whole call, prefill included."""
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        """Decode steps per second after the first token; None with fewer than two new tokens."""
+        if self.new_tokens < 2 or self.decode_seconds <= 0:
+            return None
+        return (self.new_tokens - 1) / self.decode_seconds
+
+    def summary(self) -> str:
+        """The one line the CLI prints after the streamed text."""
+        decode = self.decode_tokens_per_second
+        rss = "-" if self.rss_bytes is None else f"{self.rss_bytes / 2**20:.1f} MiB"
+        return (
+            f"{self.new_tokens} new tokens in {self.seconds:.2f} s ({self.tokens_per_second:.1f} tokens/s): "
+            f"prefill {self.prompt_tokens} prompt tokens {self.prefill_seconds:.3f} s, "
+            f"decode {'-' if decode is None else f'{decode:.1f}'} tokens/s; "
+            f"memory: RSS {rss}, model {self.model_bytes / 2**20:.1f} MiB"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"new_tokens": self.new_tokens, "tokens_per_second": self.tokens_per_second,
+                               "decode_tokens_per_second": self.decode_tokens_per_second}
+
+
+class _TimedStreamer(TextStreamer):
+    """Records when each new token arrives; forwards decoded text to `on_text` if given.
+
+    Without `on_text` nothing is decoded while generating, so benchmarks time the model alone.
+    """
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+        self.token_times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt_seen:
+            self.token_times.append(time.perf_counter())
+        self._prompt_seen = True
+        if self.on_text is not None:
+            super().put(value)
+
+    def end(self) -> None:
+        if self.on_text is not None:
+            super().end()
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.on_text(text + "\n" if stream_end else text)
+
+
+def check_generation_options(max_new_tokens: int, temperature: float) -> None:
+    """Reject settings generate() cannot honour (called by the CLI before the model loads)."""
+    if max_new_tokens < 1:
+        raise UnibcqError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise UnibcqError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool | None = None) -> tuple[torch.Tensor, bool]:
+    """(input ids of shape (1, n), whether the chat template was applied).
+
+    `chat=None` applies the template when the tokenizer has one. A templated prompt already
+    carries its special tokens, so the tokenizer adds none of its own to it.
+    """
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    use_chat = has_template if chat is None else chat
+    if use_chat and not has_template:
+        raise UnibcqError("the tokenizer has no chat template; use --no-chat")
+    text = (tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                          add_generation_prompt=True) if use_chat else prompt)
+    ids = tokenizer(text, add_special_tokens=not use_chat, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise UnibcqError("the prompt is empty after tokenization; give some text with --prompt")
+    return ids, use_chat
+
+
+def generate_text(
+    model: torch.nn.Module,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 64,
+    chat: bool | None = None,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    on_text: Callable[[str], None] | None = None,
+    ignore_eos: bool = False,
+) -> GenerationResult:
+    """Generate up to `max_new_tokens` after `prompt`, streaming text to `on_text` as it comes.
+
+    `temperature` 0 is greedy decoding; above 0 it samples at that temperature, with any
+    top-k / top-p the model's generation config sets, seeded by `seed` when given.
+    `ignore_eos` forbids the end-of-sequence token until `max_new_tokens` are out, so
+    timing runs always decode the same number of steps.
+    """
+    check_generation_options(max_new_tokens, temperature)
+    input_ids, used_chat = encode_prompt(tokenizer, prompt, chat)
+    input_ids = input_ids.to(model.device)
+    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
+    if temperature > 0:
+        options["temperature"] = temperature
+    if ignore_eos:
+        options["min_new_tokens"] = max_new_tokens
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        # generate() would warn on every call and then fall back to EOS; pass that fallback itself.
+        options["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if seed is not None:
+        torch.manual_seed(seed)
+    streamer = _TimedStreamer(tokenizer, on_text)
+    start = time.perf_counter()
+    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **options)
+    seconds = time.perf_counter() - start
+    new_ids = output[0, input_ids.shape[1]:].tolist()
+    times = streamer.token_times
+    return GenerationResult(
+        text=tokenizer.decode(new_ids, skip_special_tokens=True),
+        token_ids=new_ids,
+        prompt_tokens=int(input_ids.shape[1]),
+        chat=used_chat,
+        seconds=seconds,
+        prefill_seconds=times[0] - start if times else seconds,
+        decode_seconds=times[-1] - times[0] if times else 0.0,
+        model_bytes=model_memory_bytes(model),
+        rss_bytes=resident_memory_bytes(),
+    )
