@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--refine-sweeps", type=int, default=0,
                    help="dyngroup greedy/windowed: boundary-refinement sweeps after merging (0 = the paper's)")
     q.add_argument("--workers", type=int, default=1, help="parallel worker processes for per-matrix methods")
+    q.add_argument("--backend", default="local", choices=["local", "ray"],
+                   help="per-matrix methods: local worker processes, or Ray tasks on the cluster RAY_ADDRESS "
+                        "names (else a local Ray instance with --workers CPUs); needs unibcq[ray]")
     q.add_argument("--max-memory", metavar="SIZE",
                    help="per-matrix methods: stream the weights one at a time from the model's safetensors files "
                         "and stay within SIZE (e.g. 8GiB), for models larger than memory")
@@ -260,7 +263,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                                    args.data_dir) if calibrated else None)
     state_dir = state_dir_for(out) if calibrated else None
     records = quantize_model(model, config, windows, show_progress=not args.no_progress, workers=args.workers,
-                             device=args.device, state_dir=state_dir, resume=args.resume)
+                             device=args.device, state_dir=state_dir, resume=args.resume, backend=args.backend)
     seconds = time.perf_counter() - start
     save_checkpoint(model, out, config, _source_spec(args.model), tokenizer, overwrite=args.overwrite,
                     extra={"quantize_seconds": round(seconds, 3)})

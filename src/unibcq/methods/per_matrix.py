@@ -1,16 +1,20 @@
 """Calibration-free quantization: every decoder linear layer on its own.
 
 Matrices are independent, so with `workers > 1` they are quantized in parallel worker
-processes (spawned, one torch thread each); results are identical to a serial run. At most
-2 x workers matrices are in flight, so memory stays bounded on large models.
+processes (spawned, one torch thread each), or with `backend="ray"` as Ray tasks on a
+cluster (the one `RAY_ADDRESS` names, else a local instance); results are identical to a
+serial run. At most 2 x workers matrices are in flight, so memory stays bounded on large
+models.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -55,10 +59,49 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
+BACKENDS = ("local", "ray")
+
+
+def _bounded(names: list[str], submit: Callable[[str], Any], wait: Callable[[Any], Any],
+             in_flight: int) -> Iterator[tuple[str, Any]]:
+    """Yield (name, result) in order, with at most `in_flight` submitted and not yet collected."""
+    pending: list[tuple[str, Any]] = []
+    for i, name in enumerate(names):
+        pending.append((name, submit(name)))
+        while pending and (len(pending) >= in_flight or i == len(names) - 1):
+            done_name, handle = pending.pop(0)
+            yield done_name, wait(handle)
+
+
+def _ray_results(layers: dict[str, nn.Module], config: QuantConfig, workers: int) -> Iterator[tuple[str, Any]]:
+    """Quantize every layer as a Ray task (one CPU each) on the cluster RAY_ADDRESS names, or locally."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise UnibcqError("--backend ray needs Ray: pip install 'unibcq[ray]'") from exc
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 **({} if address else {"num_cpus": workers}))
+    task = ray.remote(num_cpus=1)(_ray_quantize)
+
+    def submit(name: str) -> Any:
+        return task.remote(name, layers[name].weight.detach().clone(), config.for_layer(name))
+
+    yield from _bounded(list(layers), submit, ray.get, 2 * workers)
+
+
+def _ray_quantize(name: str, weight: torch.Tensor, config: QuantConfig) -> tuple[PackedTensor, float, float]:
+    torch.set_num_threads(1)
+    return quantize_matrix(name, weight, config)
+
+
 def quantize_per_matrix(
-    model: nn.Module, config: QuantConfig, show_progress: bool = True, workers: int = 1
+    model: nn.Module, config: QuantConfig, show_progress: bool = True, workers: int = 1, backend: str = "local"
 ) -> list[LayerRecord]:
     """Replace every decoder linear layer of `model` by its packed module, in place."""
+    if backend not in BACKENDS:
+        raise UnibcqError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     layers = quantizable_linears(model, config.include_lm_head)
     if config.include_lm_head:
         model.config.tie_word_embeddings = False
@@ -76,20 +119,24 @@ def quantize_per_matrix(
 
     with progress_bar(show_progress) as bar:
         task = bar.add_task(f"{config.method} w{config.bits}", total=len(layers))
-        if workers == 1:
-            for name, layer in layers.items():
-                install(name, quantize_matrix(name, layer.weight.detach(), config.for_layer(name)))
-                bar.update(task, advance=1, description=f"{config.method} {name}")
+        if backend == "ray":
+            results: Iterator[tuple[str, Any]] = _ray_results(layers, config, workers)
+        elif workers == 1:
+            results = ((name, quantize_matrix(name, layer.weight.detach(), config.for_layer(name)))
+                       for name, layer in layers.items())
         else:
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
-                pending: list[tuple[str, Future]] = []
-                names = list(layers)
-                for i, name in enumerate(names):
-                    pending.append((name, pool.submit(quantize_matrix, name, layers[name].weight.detach().clone(),
-                                                      config.for_layer(name))))
-                    while pending and (len(pending) >= 2 * workers or i == len(names) - 1):
-                        done_name, future = pending.pop(0)
-                        install(done_name, future.result())
-                        bar.update(task, advance=1, description=f"{config.method} {done_name}")
+            results = _process_results(layers, config, workers)
+        for name, result in results:
+            install(name, result)
+            bar.update(task, advance=1, description=f"{config.method} {name}")
     return records
+
+
+def _process_results(layers: dict[str, nn.Module], config: QuantConfig, workers: int) -> Iterator[tuple[str, Any]]:
+    """Quantize every layer in spawned local worker processes (one torch thread each)."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+        def submit(name: str) -> Future:
+            return pool.submit(quantize_matrix, name, layers[name].weight.detach().clone(), config.for_layer(name))
+
+        yield from _bounded(list(layers), submit, Future.result, 2 * workers)

@@ -27,13 +27,15 @@ def quantize_model(
     device: str = "cpu",
     state_dir: str | Path | None = None,
     resume: bool = False,
+    backend: str = "local",
 ) -> list[LayerRecord]:
     """Quantize `model` in place with `config`; calibrated methods need `calibration` (n, L) token ids.
 
     Calibrated methods run block by block; with `state_dir` each finished block is committed
     there, and `resume=True` continues a killed run from its last committed block (same
     result as an uninterrupted run). The caller removes `state_dir` once it has saved the
-    checkpoint. Per-matrix methods keep no state: rerunning them costs minutes, not hours.
+    checkpoint. Per-matrix methods keep no state: rerunning them costs minutes, not hours;
+    they run on `workers` local processes, or as Ray tasks with `backend="ray"`.
     """
     config.validate()
     if type(workers) is not int or workers < 1:
@@ -42,6 +44,9 @@ def quantize_model(
         if isinstance(layer, PackedLinear):
             raise UnibcqError(f"{name} is already quantized; start from a full-precision model")
     torch.manual_seed(config.seed)
+    if config.method in CALIBRATED and backend != "local":
+        raise UnibcqError(f"{config.method} runs block by block on one machine; --backend {backend} is for "
+                          "per-matrix methods")
     if config.method in CALIBRATED:
         if calibration is None:
             raise UnibcqError(f"{config.method} needs calibration data (token windows)")
@@ -53,4 +58,4 @@ def quantize_model(
             return quantize_sequential(model, config, calibration, HESSIAN_METHODS[config.method], device,
                                        show_progress, state)
         return reconstruct_blocks(model, config, calibration, device, show_progress, state)[0]
-    return quantize_per_matrix(model, config, show_progress, workers)
+    return quantize_per_matrix(model, config, show_progress, workers, backend)
