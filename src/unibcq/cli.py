@@ -217,12 +217,11 @@ def _source_spec(spec: str) -> str:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from unibcq.checkpoint import checkpoint_info, save_checkpoint
+    from unibcq.checkpoint import save_checkpoint
     from unibcq.config import QuantConfig
     from unibcq.data import calibration_windows
     from unibcq.methods import CALIBRATED, quantize_model
     from unibcq.models import load_model, load_tokenizer, resolve_model
-    from unibcq.progress import print_table
 
     from unibcq.methods.presets import apply_preset, preset_values
     from unibcq.methods.run_state import state_dir_for
@@ -269,9 +268,18 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                     extra={"quantize_seconds": round(seconds, 3)})
     if state_dir is not None:
         shutil.rmtree(state_dir, ignore_errors=True)
+    _report_quantize(args, config, records, out, f"in {seconds:.1f} s (load {load_seconds:.1f} s)", seconds, {})
+
+
+def _report_quantize(args: argparse.Namespace, config, records, out: Path, timing: str, seconds: float,
+                     extra: dict[str, Any]) -> None:
+    """The per-layer summary table, the closing line and the --json report of a quantize run."""
+    from unibcq.checkpoint import checkpoint_info
+    from unibcq.progress import print_table
+
     peak_mib = peak_rss_mib()
     info = checkpoint_info(out)
-    if binary:
+    if config.method == "dyngroup":
         print_table(
             f"dyngroup {config.algorithm} G<={config.max_groups} lambda {config.lam} ({config.granularity})",
             ["layer", "groups", "bits paper", "bits fixed", "bits entropy", "bits stored", "rel. error", "seconds"],
@@ -285,26 +293,24 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             [(r.name, r.bits, r.group_size, r.bits_per_weight, r.rel_error, r.seconds) for r in records],
         )
     mean_err = sum(r.rel_error * r.numel for r in records) / sum(r.numel for r in records)
+    budget = f" of a {extra['max_memory_mib']:.0f} MiB budget" if "max_memory_mib" in extra else ""
     print(
-        f"quantized {len(records)} layers ({info.quantized_params:,} weights) in {seconds:.1f} s "
-        f"(load {load_seconds:.1f} s); {info.bits_per_weight:.3f} bits/weight; "
-        f"weighted rel. error {mean_err:.4f}; checkpoint {info.file_bytes / 2**20:.1f} MiB -> {out}; "
-        f"peak memory {peak_mib:.0f} MiB"
+        f"quantized {len(records)} layers ({info.quantized_params:,} weights) {timing}; "
+        f"{info.bits_per_weight:.3f} bits/weight; weighted rel. error {mean_err:.4f}; "
+        f"checkpoint {info.file_bytes / 2**20:.1f} MiB -> {out}; peak memory {peak_mib:.0f} MiB{budget}"
     )
     if args.json:
         write_json_atomic(args.json, {
             "out": str(out), "config": config.to_dict(), "seconds": seconds,
             "bits_per_weight": info.bits_per_weight, "file_bytes": info.file_bytes, "peak_rss_mib": peak_mib,
-            "layers": [vars(r) for r in records],
+            **extra, "layers": [vars(r) for r in records],
         })
 
 
 def _quantize_streaming(args: argparse.Namespace, config, source, out: Path) -> None:
     """`quantize --max-memory`: the streaming path for models larger than memory."""
-    from unibcq.checkpoint import checkpoint_info
     from unibcq.methods.streaming import parse_memory, quantize_streaming
     from unibcq.models.loading import snapshot_dir
-    from unibcq.progress import print_table
 
     budget = parse_memory(args.max_memory)
     if args.workers != 1:
@@ -313,24 +319,8 @@ def _quantize_streaming(args: argparse.Namespace, config, source, out: Path) -> 
     records = quantize_streaming(snapshot_dir(source), out, config, _source_spec(args.model), budget,
                                  overwrite=args.overwrite, show_progress=not args.no_progress)
     seconds = time.perf_counter() - start
-    peak_mib = peak_rss_mib()
-    info = checkpoint_info(out)
-    print_table(
-        f"{config.method} w{config.bits} g{config.group_size} (streamed)",
-        ["layer", "bits", "group", "bits/weight", "rel. error", "seconds"],
-        [(r.name, r.bits, r.group_size, r.bits_per_weight, r.rel_error, r.seconds) for r in records],
-    )
-    print(
-        f"streamed {len(records)} layers ({info.quantized_params:,} weights) in {seconds:.1f} s; "
-        f"{info.bits_per_weight:.3f} bits/weight; checkpoint {info.file_bytes / 2**20:.1f} MiB -> {out}; "
-        f"peak memory {peak_mib:.0f} MiB of a {budget / 2**20:.0f} MiB budget"
-    )
-    if args.json:
-        write_json_atomic(args.json, {
-            "out": str(out), "config": config.to_dict(), "seconds": seconds,
-            "bits_per_weight": info.bits_per_weight, "file_bytes": info.file_bytes, "peak_rss_mib": peak_mib,
-            "max_memory_mib": budget / 2**20, "layers": [vars(r) for r in records],
-        })
+    _report_quantize(args, config, records, out, f"streamed in {seconds:.1f} s", seconds,
+                     {"max_memory_mib": budget / 2**20})
 
 
 def peak_rss_mib() -> float:
