@@ -56,7 +56,8 @@ def test_budget_too_small_fails_before_writing(tmp_path, tiny_llama):
     assert not (tmp_path / "out").exists()
 
 
-def test_calibrated_methods_are_refused(tmp_path, tiny_llama):
+def test_streaming_refuses_calibrated_methods(tmp_path, tiny_llama):
+    """They onload whole blocks instead (`methods.onload`), which needs calibration."""
     source = saved_model(tiny_llama(), tmp_path / "src")
     with pytest.raises(UnibcqError, match="per-matrix methods"):
         quantize_streaming(source, tmp_path / "out", QuantConfig(method="gptq"), "src", BUDGET, show_progress=False)
@@ -96,14 +97,38 @@ def test_cli_max_memory_streams_and_reports(tmp_path, tiny_llama, capsys):
     assert unibcq.load(tmp_path / "out") is not None
 
 
-def test_cli_max_memory_rejects_gguf_and_calibrated(tmp_path, tiny_llama, capsys):
+def test_cli_max_memory_rejects_gguf(tmp_path, capsys):
     from unibcq.cli import main
 
-    source = saved_model(tiny_llama(), tmp_path / "src")
-    code = main(["quantize", str(source), "--method", "gptq", "--max-memory", "4GiB", "--out", str(tmp_path / "o")])
-    assert code == 2 and "per-matrix methods" in capsys.readouterr().err
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     code = main(["quantize", str(gguf), "--method", "rtn", "--max-memory", "4GiB", "--out", str(tmp_path / "o")])
     assert code == 2 and "cannot be streamed" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("tiny_model", ["llama", "qwen2"], indirect=True)
+@pytest.mark.parametrize("method", ["gptq", "uniquanf"])
+def test_onloaded_calibrated_run_equals_in_memory(tmp_path, tiny_model, method, input_ids):
+    """Blocks read from disk one at a time give exactly the in-memory result."""
+    from unibcq.methods.onload import onload_model
+
+    source = saved_model(tiny_model(), tmp_path / "src", shard="60KB")
+    windows = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    settings = dict(method=method, bits=3, group_size=32, epochs=1, calib_samples=4, calib_seq_len=16)
+    reference = tiny_model()
+    quantize_model(reference, QuantConfig(**settings), windows, show_progress=False)
+    model, onload = onload_model(source)
+    assert all(p.is_meta for p in model.model.layers[0].parameters())  # blocks stay on disk until their turn
+    quantize_model(model, QuantConfig(**settings), windows, show_progress=False, onload=onload)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, reference(input_ids).logits, rtol=0, atol=0)
+
+
+def test_cli_calibrated_max_memory_too_small(tmp_path, tiny_llama, capsys):
+    from unibcq.cli import main
+
+    source = saved_model(tiny_llama(), tmp_path / "src")
+    code = main(["quantize", str(source), "--method", "gptq", "--max-memory", "100MiB", "--out", str(tmp_path / "o")])
+    assert code == 2 and "too small" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-matrix methods: local worker processes, or Ray tasks on the cluster RAY_ADDRESS "
                         "names (else a local Ray instance with --workers CPUs); needs unibcq[ray]")
     q.add_argument("--max-memory", metavar="SIZE",
-                   help="per-matrix methods: stream the weights one at a time from the model's safetensors files "
-                        "and stay within SIZE (e.g. 8GiB), for models larger than memory")
+                   help="stay within SIZE (e.g. 8GiB) for models larger than memory: per-matrix methods stream "
+                        "the weights one at a time from the model's safetensors files, calibrated methods read "
+                        "each decoder block from them when its turn comes")
     q.add_argument("--damp", type=float, default=0.01, help="gptq: Hessian damping, fraction of the mean diagonal")
     q.add_argument("--act-order", action="store_true", help="gptq: process columns by decreasing Hessian diagonal")
     q.add_argument("--device", default="cpu", help="compute device for calibrated methods (cpu, cuda)")
@@ -251,10 +252,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if out.exists() and not args.overwrite:
         raise UnibcqError(f"output {out} already exists; remove it or pass --overwrite")
     source = resolve_model(args.model)
-    if args.max_memory is not None:
+    if args.max_memory is not None and not calibrated:
         return _quantize_streaming(args, config, source, out)
     start = time.perf_counter()
-    model = load_model(args.model)
+    model, onload = _onload_within_budget(config, source, args.max_memory) if args.max_memory else (
+        load_model(args.model), None)
     tokenizer = load_tokenizer(args.model)
     load_seconds = time.perf_counter() - start
     start = time.perf_counter()
@@ -262,7 +264,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                                    args.data_dir) if calibrated else None)
     state_dir = state_dir_for(out) if calibrated else None
     records = quantize_model(model, config, windows, show_progress=not args.no_progress, workers=args.workers,
-                             device=args.device, state_dir=state_dir, resume=args.resume, backend=args.backend)
+                             device=args.device, state_dir=state_dir, resume=args.resume, backend=args.backend,
+                             onload=onload)
     seconds = time.perf_counter() - start
     save_checkpoint(model, out, config, _source_spec(args.model), tokenizer, overwrite=args.overwrite,
                     extra={"quantize_seconds": round(seconds, 3)})
@@ -305,6 +308,24 @@ def _report_quantize(args: argparse.Namespace, config, records, out: Path, timin
             "bits_per_weight": info.bits_per_weight, "file_bytes": info.file_bytes, "peak_rss_mib": peak_mib,
             **extra, "layers": [vars(r) for r in records],
         })
+
+
+def _onload_within_budget(config, source, max_memory: str):
+    """A calibrated run's model with its blocks left on disk, after checking the budget holds it."""
+    from unibcq.methods.onload import memory_estimate, onload_model
+    from unibcq.methods.streaming import parse_memory
+    from unibcq.models.loading import snapshot_dir
+
+    budget = parse_memory(max_memory)
+    model, onload = onload_model(snapshot_dir(source))
+    needed = memory_estimate(model, config.calib_samples, config.calib_seq_len, config.bits)
+    if needed > budget:
+        raise UnibcqError(
+            f"--max-memory {budget / 2**30:.2f} GiB is too small for {config.method} on this model: one block's "
+            f"training state, the calibration activations and the packed output need about {needed / 2**30:.2f} "
+            "GiB; raise it or use fewer --calib-samples / a shorter --seq-len"
+        )
+    return model, onload
 
 
 def _quantize_streaming(args: argparse.Namespace, config, source, out: Path) -> None:

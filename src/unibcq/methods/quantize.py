@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ def quantize_model(
     state_dir: str | Path | None = None,
     resume: bool = False,
     backend: str = "local",
+    onload: Callable[[int], None] | None = None,
 ) -> list[LayerRecord]:
     """Quantize `model` in place with `config`; calibrated methods need `calibration` (n, L) token ids.
 
@@ -35,7 +37,8 @@ def quantize_model(
     there, and `resume=True` continues a killed run from its last committed block (same
     result as an uninterrupted run). The caller removes `state_dir` once it has saved the
     checkpoint. Per-matrix methods keep no state: rerunning them costs minutes, not hours;
-    they run on `workers` local processes, or as Ray tasks with `backend="ray"`.
+    they run on `workers` local processes, or as Ray tasks with `backend="ray"`. `onload`
+    (calibrated methods) reads each block from disk when its turn comes (`methods.onload`).
     """
     config.validate()
     if type(workers) is not int or workers < 1:
@@ -56,6 +59,8 @@ def quantize_model(
                  if state_dir is not None else None)
         if config.method in HESSIAN_METHODS:
             return quantize_sequential(model, config, calibration, HESSIAN_METHODS[config.method], device,
-                                       show_progress, state)
-        return reconstruct_blocks(model, config, calibration, device, show_progress, state)[0]
+                                       show_progress, state, onload)
+        return reconstruct_blocks(model, config, calibration, device, show_progress, state, onload)[0]
+    if onload is not None:
+        raise UnibcqError("per-matrix methods stream weights themselves; onloading is for calibrated methods")
     return quantize_per_matrix(model, config, show_progress, workers, backend)

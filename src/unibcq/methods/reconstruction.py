@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -110,11 +111,13 @@ def reconstruct_blocks(
     device: str | torch.device = "cpu",
     show_progress: bool = True,
     state: RunState | None = None,
+    onload: Callable[[int], None] | None = None,
 ) -> tuple[list[LayerRecord], list[BlockRecord]]:
     """Quantize every decoder block of `model` in place by block-wise reconstruction.
 
     With `state`, blocks it already holds are restored instead of retrained, and each newly
-    finished block is committed to it.
+    finished block is committed to it. `onload(index)` is called before block `index` is
+    touched (see `unibcq.methods.onload`), for models whose blocks are read from disk.
     """
     device = torch.device(device)
     blocks = decoder_blocks(model)
@@ -127,6 +130,8 @@ def reconstruct_blocks(
     block_records: list[BlockRecord] = []
     first = 0
     if state is not None and state.completed:
+        for index in range(state.completed if onload is not None else 0):
+            onload(index)
         state.restore_blocks(model)
         streams = state.activations()
         q_in, fp_in = streams["quantized"], streams["full_precision"]
@@ -139,6 +144,8 @@ def reconstruct_blocks(
         for index, block in enumerate(blocks):
             if index < first:
                 continue
+            if onload is not None:
+                onload(index)
             start = time.perf_counter()
             block.to(device)
             targets = run_block(block, BlockInputs(fp_in, captured.kwargs), device)

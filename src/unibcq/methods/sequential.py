@@ -119,14 +119,20 @@ def quantize_sequential(
     device: str | torch.device = "cpu",
     show_progress: bool = True,
     state: RunState | None = None,
+    onload: Callable[[int], None] | None = None,
 ) -> list[LayerRecord]:
-    """Quantize the decoder blocks in order, each on the outputs of the quantized ones before it."""
+    """Quantize the decoder blocks in order, each on the outputs of the quantized ones before it.
+
+    `onload(index)`, when given, reads block `index` from disk just before it is needed.
+    """
     device = torch.device(device)
     blocks = decoder_blocks(model)
     records: list[LayerRecord] = []
     inputs = capture_block_inputs(model, windows, device)
     first = 0
     if state is not None and state.completed:
+        for index in range(state.completed if onload is not None else 0):
+            onload(index)
         state.restore_blocks(model)
         inputs = BlockInputs(state.activations()["quantized"], inputs.kwargs)
         records = [LayerRecord(**r) for r in state.records.get("layers", [])]
@@ -136,6 +142,8 @@ def quantize_sequential(
         for index, block in enumerate(blocks):
             if index < first:
                 continue
+            if onload is not None:
+                onload(index)
             block.to(device)
             layers = block_linears(model, index)
             hessians = accumulate_input_hessians(block, layers, inputs, device)

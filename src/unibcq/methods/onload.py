@@ -1,0 +1,115 @@
+"""Sequential onloading for calibrated methods: decoder blocks are read from disk when their turn comes.
+
+GPTQ and the reconstruction methods walk the blocks in order and need only the block at
+hand in full precision. `onload_model` builds the model on the meta device, reads the
+small parts outside the blocks (embeddings, final norm, lm_head, rotary tables) from the
+safetensors shards, and returns a `BlockOnloader` that the engines call before each block
+to read that block's weights. A finished block keeps only its packed layers, so memory
+holds the packed model so far, one full-precision block and the calibration activations,
+instead of the whole full-precision model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from unibcq.errors import UnibcqError
+from unibcq.methods.streaming import read_tensor, source_weight_map
+from unibcq.models.architectures import architecture_of, decoder_blocks
+
+
+def _materialize(module: nn.Module, prefix: str, files: dict[str, Path]) -> None:
+    """Give every meta parameter and persistent buffer of `module` its stored fp32 value."""
+    module.to_empty(device="cpu", recurse=True)
+    for name, param in module.named_parameters(recurse=True):
+        key = f"{prefix}{name}"
+        if key not in files:
+            raise UnibcqError(f"the model files lack {key}")
+        value = read_tensor(files[key], key).float()
+        if value.shape != param.shape:
+            raise UnibcqError(f"{key} has shape {tuple(value.shape)}, the config implies {tuple(param.shape)}")
+        param.data = value
+        param.requires_grad_(False)
+    for name, buffer in module.named_buffers(recurse=True):
+        key = f"{prefix}{name}"
+        if key in files:
+            buffer.data = read_tensor(files[key], key).to(buffer.dtype)
+
+
+# Python, torch and transformers before any weight is read.
+BASELINE_BYTES = 700 * 2**20
+# Training one block holds its fp32 weights, the fake-quant parameters of the same size
+# (UniQuanF's element-wise d2, FlexRound's divisor), their gradients and two Adam moments.
+BLOCK_COPIES = 6
+# Full-precision inputs, quantized inputs and targets of the calibration set.
+ACTIVATION_STREAMS = 3
+
+
+def memory_estimate(model: PreTrainedModel, calib_samples: int, seq_len: int, bits: int) -> int:
+    """Bytes a calibrated run on an onloaded model needs at its peak (see the constants)."""
+    resident = sum(p.numel() * 4 for p in model.parameters() if not p.is_meta)
+    blocks = decoder_blocks(model)
+    block = sum(p.numel() for p in blocks[0].parameters()) * 4
+    packed = sum(p.numel() for b in blocks for p in b.parameters()) * (bits + 1) / 8
+    activations = ACTIVATION_STREAMS * calib_samples * seq_len * model.config.hidden_size * 4
+    return int(BASELINE_BYTES + resident + BLOCK_COPIES * block + packed + activations)
+
+
+class BlockOnloader:
+    """Reads decoder block `index` from the shards into the meta model; called once per block."""
+
+    def __init__(self, model: PreTrainedModel, files: dict[str, Path]) -> None:
+        self.model = model
+        self.files = files
+        self.prefix = architecture_of(model).blocks
+
+    def __call__(self, index: int) -> None:
+        block = decoder_blocks(self.model)[index]
+        if not any(p.is_meta for p in block.parameters()):
+            return
+        if any(True for _, b in block.named_buffers() if b.is_meta):
+            raise UnibcqError("decoder blocks with computed buffers cannot be onloaded; quantize without --max-memory")
+        _materialize(block, f"{self.prefix}.{index}.", self.files)
+
+
+def onload_model(model_dir: str | os.PathLike) -> tuple[PreTrainedModel, BlockOnloader]:
+    """The model with everything but its decoder blocks in memory, and the loader for the blocks."""
+    model_dir = Path(model_dir)
+    try:
+        hf_config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise UnibcqError(f"could not read the model config in {model_dir}: {str(exc).splitlines()[0]}") from exc
+    files = source_weight_map(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    blocks = architecture_of(model).blocks
+    block_modules = {id(b) for b in decoder_blocks(model)}
+    for name, child in list(model.named_modules()):
+        if id(child) in block_modules or name.startswith(f"{blocks}."):
+            continue
+        own_params = dict(child.named_parameters(recurse=False))
+        meta_buffers = [b for b in child.buffers(recurse=False) if b.is_meta]
+        for pname, param in own_params.items():
+            key = f"{name}.{pname}" if name else pname
+            if key not in files:
+                continue  # tied lm_head: set by tie_weights below
+            child._parameters[pname] = nn.Parameter(read_tensor(files[key], key).float(), requires_grad=False)
+        if meta_buffers:
+            # Computed buffers (rotary inverse frequencies): rebuild the module for real.
+            try:
+                rebuilt = type(child)(config=hf_config)
+            except TypeError as exc:
+                raise UnibcqError(f"cannot rebuild {name} ({type(child).__name__}) outside the meta device") from exc
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, rebuilt)
+    model.tie_weights()
+    leftover = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(f"{blocks}.")]
+    if leftover:
+        raise UnibcqError(f"the model files lack {leftover[:3]}")
+    model.eval()
+    return model, BlockOnloader(model, files)
