@@ -1,21 +1,28 @@
-"""Quantize a model larger than this machine's memory: a synthetic 7B-shaped Llama, streamed.
+"""Quantize a model larger than this machine's memory: a synthetic Llama, streamed or onloaded.
 
 Writes a Llama-2-7B-shaped model (hidden 4096, MLP 11008, 32 layers, vocab 32000) with
 random fp16 weights as sharded safetensors (~13.5 GB; its fp32 form would be ~27 GB), then
 runs `unibcq quantize ... --max-memory BUDGET` on it for each method and reports the
-process's peak resident memory against the budget. Nothing here is committed: the model
-and the checkpoints live under --work.
+process's peak resident memory against the budget. Per-matrix methods stream one weight at
+a time; calibrated ones (gptq, uniquanf, ...) read one decoder block at a time and take
+calibration text through `--calib-args`, so the model gets a real tokenizer (`--tokenizer`,
+whose vocabulary size it adopts). Nothing here is committed: the model and the checkpoints
+live under --work.
 
     .venv/bin/python benchmarks/streaming_7b.py --work /tmp/s7b --budget 6GiB --methods rtn
-    .venv/bin/python benchmarks/streaming_7b.py --work /tmp/s1b --layers 4 --methods rtn,bcq-alternating
+    UNIBCQ_DATA_DIR=../shared/datasets .venv/bin/python benchmarks/streaming_7b.py --work /tmp/s2b \
+        --layers 16 --hidden 2048 --intermediate 5504 --tokenizer smollm2-135m --budget 3GiB \
+        --methods uniquanf --calib-args "--calib-samples 8 --seq-len 128 --epochs 1"
 
-`--layers` shrinks the depth (not the widths) for a quicker run.
+`--layers`, `--hidden` and `--intermediate` shrink the model for a quicker run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import shlex
 import subprocess
 import sys
 import time
@@ -30,10 +37,10 @@ from unibcq.progress import print_table
 SHARD_BYTES = 2 * 2**30
 
 
-def llama7b_config(layers: int) -> LlamaConfig:
-    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, dtype="float16",
-                       tie_word_embeddings=False)
+def llama_config(layers: int, hidden: int, intermediate: int, vocab: int) -> LlamaConfig:
+    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128, vocab_size=vocab,
+                       max_position_embeddings=4096, dtype="float16", tie_word_embeddings=False)
 
 
 def tensor_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -53,12 +60,11 @@ def tensor_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_model(folder: Path, layers: int, seed: int = 0) -> Path:
+def write_model(folder: Path, cfg: LlamaConfig, tokenizer=None, seed: int = 0) -> Path:
     """Random fp16 weights (std 0.02, norms 1) in ~2 GB shards, one shard in memory at a time."""
     if (folder / "model.safetensors.index.json").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = llama7b_config(layers)
     gen = torch.Generator().manual_seed(seed)
     shards: list[dict[str, torch.Tensor]] = [{}]
     weight_map, held, files = {}, 0, []
@@ -80,6 +86,8 @@ def write_model(folder: Path, layers: int, seed: int = 0) -> Path:
     flush()
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     cfg.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -87,6 +95,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="folder for the synthetic model and the checkpoints")
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=11008)
+    parser.add_argument("--tokenizer", help="copy this model's tokenizer (any unibcq MODEL) and use its vocabulary")
+    parser.add_argument("--calib-args", default="", help="extra quantize flags for calibrated methods")
     parser.add_argument("--budget", default="6GiB")
     parser.add_argument("--methods", default="rtn")
     parser.add_argument("--bits", type=int, default=3)
@@ -94,7 +106,16 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work)
     start = time.perf_counter()
-    model_dir = write_model(work / f"llama7b-shape-{args.layers}l", args.layers)
+    tokenizer = None
+    vocab = 32000
+    if args.tokenizer:
+        from unibcq.models import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+        vocab = len(tokenizer)
+    cfg = llama_config(args.layers, args.hidden, args.intermediate, vocab)
+    name = f"llama-h{args.hidden}-m{args.intermediate}-{args.layers}l-v{vocab}"
+    model_dir = write_model(work / name, cfg, tokenizer)
     print(f"synthetic model: {model_dir} ({sum(f.stat().st_size for f in model_dir.glob('*.safetensors')) / 2**30:.1f}"
           f" GiB fp16, written in {time.perf_counter() - start:.0f} s)")
     rows = []
@@ -103,14 +124,16 @@ def main() -> None:
         report = work / f"{method}.json"
         cmd = [sys.executable, "-m", "unibcq.cli", "quantize", str(model_dir), "--method", method, "--bits",
                str(args.bits), "--group-size", str(args.group_size), "--max-memory", args.budget, "--out", str(out),
-               "--overwrite", "--no-progress", "--json", str(report)]
+               "--overwrite", "--no-progress", "--json", str(report), *shlex.split(args.calib_args)]
         start = time.perf_counter()
         subprocess.run(cmd, check=True)
         seconds = time.perf_counter() - start
         data = json.loads(report.read_text())
         rows.append((method, args.layers, args.budget, f"{data['peak_rss_mib']:.0f}", f"{data['bits_per_weight']:.3f}",
                      f"{data['file_bytes'] / 2**30:.2f}", f"{seconds:.0f}"))
-    print_table("streaming quantization of a 7B-shaped Llama",
+    params = sum(math.prod(shape) for shape in tensor_shapes(cfg).values())
+    print_table(f"quantization within a memory budget: {name} ({params / 1e9:.2f} B params, "
+                f"{params * 4 / 2**30:.1f} GiB as fp32)",
                 ["method", "layers", "budget", "peak RSS MiB", "bits/weight", "checkpoint GiB", "seconds"], rows)
 
 
