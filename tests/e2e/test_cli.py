@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from unibcq.cli import main
 
@@ -217,6 +218,22 @@ def test_calibrated_methods(capsys, tmp_path, tiny_model_dir, corpus_file, metho
     code, _, err = run(capsys, "eval", out, "--ppl", corpus_file, "--seq-len", "32", "--max-windows", "2",
                        "--no-progress")
     assert code == 0, err
+
+
+@pytest.mark.parametrize("method", ["gptq", "uniquanf"])
+def test_max_memory_onloads_calibrated_methods_to_the_same_checkpoint(capsys, tmp_path, tiny_model_dir, corpus_file,
+                                                                       method):
+    common = ["--method", method, "--bits", "3", "--group-size", "32", "--calib", corpus_file, "--calib-samples", "4",
+              "--seq-len", "16", "--epochs", "1", "--no-progress"]
+    code, _, err = run(capsys, "quantize", tiny_model_dir, *common, "--out", tmp_path / "in-memory")
+    assert code == 0, err
+    code, stdout, err = run(capsys, "quantize", tiny_model_dir, *common, "--max-memory", "4GiB",
+                            "--out", tmp_path / "onloaded")
+    assert code == 0, err
+    expected = load_file(str(tmp_path / "in-memory" / "model.safetensors"))
+    got = load_file(str(tmp_path / "onloaded" / "model.safetensors"))
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 @pytest.mark.parametrize("extra,needle", [
