@@ -15,6 +15,7 @@ touched are unmapped straight away and never pile up in the process's resident m
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -100,13 +101,10 @@ def read_tensor(file: Path, name: str) -> torch.Tensor:
         return f.get_tensor(name)
 
 
-def tensor_nbytes(file: Path, name: str) -> int:
+def fp32_nbytes(file: Path, name: str) -> int:
+    """Bytes of the tensor once read as float32 (quantizers work in fp32), from the header only."""
     with _open(file) as f:
-        sl = f.get_slice(name)
-        numel = 1
-        for size in sl.get_shape():
-            numel *= size
-    return numel * 4
+        return math.prod(f.get_slice(name).get_shape()) * 4
 
 
 @dataclass
@@ -200,7 +198,7 @@ def quantize_streaming(
     if missing:
         raise UnibcqError(f"{model_dir} lacks tensors the config implies, e.g. {missing[:3]}")
 
-    largest = max(tensor_nbytes(files[f"{name}.weight"], f"{name}.weight") for name in linears)
+    largest = max(fp32_nbytes(files[f"{name}.weight"], f"{name}.weight") for name in linears)
     working = BASELINE_BYTES + QUANTIZER_COPIES * largest
     if max_memory < working + largest:
         raise UnibcqError(
