@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from unibcq.errors import UnibcqError
-from unibcq.methods.streaming import read_tensor, source_weight_map
+from unibcq.methods.streaming import read_model_config, read_tensor, source_weight_map
 from unibcq.models.architectures import architecture_of, decoder_blocks
 
 
@@ -80,10 +80,7 @@ class BlockOnloader:
 def onload_model(model_dir: str | os.PathLike) -> tuple[PreTrainedModel, BlockOnloader]:
     """The model with everything but its decoder blocks in memory, and the loader for the blocks."""
     model_dir = Path(model_dir)
-    try:
-        hf_config = AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError) as exc:
-        raise UnibcqError(f"could not read the model config in {model_dir}: {str(exc).splitlines()[0]}") from exc
+    hf_config = read_model_config(model_dir)
     files = source_weight_map(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)

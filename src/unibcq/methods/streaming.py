@@ -151,6 +151,14 @@ class _ShardWriter:
         return weight_map
 
 
+def read_model_config(model_dir: Path) -> PretrainedConfig:
+    """The transformers config of a local model directory, with a clear error."""
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise UnibcqError(f"could not read the model config in {model_dir}: {str(exc).splitlines()[0]}") from exc
+
+
 def _skeleton(hf_config: PretrainedConfig) -> torch.nn.Module:
     """The model on the meta device: names and shapes, no memory."""
     with torch.device("meta"):
@@ -182,10 +190,7 @@ def quantize_streaming(
             f"({', '.join(sorted(PER_MATRIX_METHODS))}); {config.method} needs whole blocks and calibration"
         )
     model_dir = Path(model_dir)
-    try:
-        hf_config = AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError) as exc:
-        raise UnibcqError(f"could not read the model config in {model_dir}: {str(exc).splitlines()[0]}") from exc
+    hf_config = read_model_config(model_dir)
     skeleton = _skeleton(hf_config)
     linears = quantizable_linears(skeleton, config.include_lm_head)
     dtype = hf_config.dtype or torch.float32
