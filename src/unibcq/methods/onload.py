@@ -43,9 +43,11 @@ def _materialize(module: nn.Module, prefix: str, files: dict[str, Path]) -> None
 
 # Python, torch and transformers before any weight is read.
 BASELINE_BYTES = 700 * 2**20
-# Training one block holds its fp32 weights, the fake-quant parameters of the same size
-# (UniQuanF's element-wise d2, FlexRound's divisor), their gradients and two Adam moments.
-BLOCK_COPIES = 6
+# Peak memory of one block's quantization, in multiples of its fp32 weights: the weights,
+# the element-wise fake-quant parameters (UniQuanF's d2, FlexRound's divisor), gradients,
+# two Adam moments, int64 level codes and the unified init's temporaries. Measured: 25x for
+# UniQuanF on a 2048 x 5504 Llama block (benchmarks/streaming_7b.py, 6804 MiB peak), so 30.
+BLOCK_COPIES = 30
 # Full-precision inputs, quantized inputs and targets of the calibration set.
 ACTIVATION_STREAMS = 3
 
