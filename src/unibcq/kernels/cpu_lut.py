@@ -26,6 +26,8 @@ import weakref
 import numpy as np
 import torch
 
+from unibcq.formats.bcq import effective_group_size
+
 try:
     import numba
     from numba import njit, prange
@@ -127,6 +129,22 @@ def _float32(tensor: torch.Tensor) -> np.ndarray:
     return cached[2]
 
 
+def _prepare(planes: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None, in_features: int,
+             group_size: int, what: str) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """What both kernels need: (columns per group, packed bytes per group, fp32 alpha, fp32 offset).
+
+    Also sizes numba's pool to torch's thread count, so a kernel never uses more threads
+    than the caller allowed torch.
+    """
+    if not AVAILABLE:
+        raise RuntimeError(f"the {what} needs numba")
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    gs = effective_group_size(in_features, group_size)
+    bytes_per_group = gs // 8 if gs % 8 == 0 else planes.shape[-1]  # the latter: one group per row
+    offset_np = _float32(offset) if offset is not None else np.zeros((1, 1), dtype=np.float32)
+    return gs, bytes_per_group, _float32(alpha), offset_np
+
+
 def dequantize(planes: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None, in_features: int,
                group_size: int) -> torch.Tensor:
     """The dense float32 weight of a packed BCQ layer (see `BCQTensor.dequantize`), compiled.
@@ -134,30 +152,21 @@ def dequantize(planes: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor |
     Several times faster than the torch version, which materialises every bit-plane; the
     reference matmul path and dense evaluation go through it on the CPU.
     """
-    if not AVAILABLE:
-        raise RuntimeError("the compiled dequantize needs numba")
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    gs = in_features if group_size == -1 or group_size >= in_features else group_size
-    offset_np = _float32(offset) if offset is not None else np.zeros((1, 1), dtype=np.float32)
-    bytes_per_group = gs // 8 if gs % 8 == 0 else planes.shape[-1]  # the latter: one group per row
-    return torch.from_numpy(_dequantize(planes.contiguous().numpy(), _float32(alpha), offset_np, offset is not None,
+    _, bytes_per_group, alpha_np, offset_np = _prepare(planes, alpha, offset, in_features, group_size,
+                                                       "compiled dequantize")
+    return torch.from_numpy(_dequantize(planes.contiguous().numpy(), alpha_np, offset_np, offset is not None,
                                         bytes_per_group, in_features))
 
 
 def lut_linear(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None,
                in_features: int, group_size: int) -> torch.Tensor:
     """x (B, in) float -> (B, out) float32 through the lookup-table kernel."""
-    if not AVAILABLE:
-        raise RuntimeError("the LUT kernel needs numba")
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    chunks = planes.shape[-1]
-    gs = in_features if group_size == -1 or group_size >= in_features else group_size
+    gs, bytes_per_group, alpha_np, offset_np = _prepare(planes, alpha, offset, in_features, group_size, "LUT kernel")
     groups = alpha.shape[1]
     xf = x.detach().to(torch.float32).contiguous()
     padded = torch.nn.functional.pad(xf, (0, groups * gs - in_features)) if groups * gs > in_features else xf
     group_sums = padded.reshape(xf.shape[0], groups, gs).sum(-1).contiguous()
-    table = _tables(xf.numpy(), chunks)
-    offset_np = _float32(offset) if offset is not None else np.zeros((1, 1), dtype=np.float32)
-    out = _lut_gemv(table, planes.contiguous().numpy(), _float32(alpha), offset_np,
-                    group_sums.numpy(), gs // 8 if gs % 8 == 0 else chunks, offset is not None)
+    table = _tables(xf.numpy(), planes.shape[-1])
+    out = _lut_gemv(table, planes.contiguous().numpy(), alpha_np, offset_np, group_sums.numpy(), bytes_per_group,
+                    offset is not None)
     return torch.from_numpy(out)

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from unibcq.atomic import atomic_directory
+from unibcq.checkpoint import QUANT_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, quantization_entry, write_manifest
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
 from unibcq.methods.per_matrix import LayerRecord, quantize_matrix
@@ -36,8 +37,6 @@ from unibcq.models.architectures import quantizable_linears
 from unibcq.nn.qlinear import packed_module
 from unibcq.progress import progress_bar
 
-SOURCE_INDEX = "model.safetensors.index.json"
-SOURCE_SINGLE = "model.safetensors"
 # Python, torch and transformers before any weight is read.
 BASELINE_BYTES = 700 * 2**20
 # A weight's quantizer holds a handful of fp32 copies of it (the weight, its groups, errors).
@@ -65,7 +64,7 @@ def parse_memory(text: str) -> int:
 
 def source_weight_map(model_dir: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it, for a single-file or sharded model."""
-    index = model_dir / SOURCE_INDEX
+    index = model_dir / WEIGHTS_INDEX
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -74,17 +73,17 @@ def source_weight_map(model_dir: Path) -> dict[str, Path]:
         if not isinstance(weight_map, dict):
             raise UnibcqError(f"{index}: weight_map must be an object")
         files = {name: model_dir / str(file) for name, file in weight_map.items()}
-    elif (model_dir / SOURCE_SINGLE).is_file():
-        with _open(model_dir / SOURCE_SINGLE) as f:
-            files = {name: model_dir / SOURCE_SINGLE for name in f.keys()}
+    elif (model_dir / WEIGHTS_FILE).is_file():
+        with _open(model_dir / WEIGHTS_FILE) as f:
+            files = {name: model_dir / WEIGHTS_FILE for name in f.keys()}
     else:
         raise UnibcqError(
-            f"{model_dir} has no {SOURCE_SINGLE} or {SOURCE_INDEX}; streaming reads safetensors checkpoints "
+            f"{model_dir} has no {WEIGHTS_FILE} or {WEIGHTS_INDEX}; streaming reads safetensors checkpoints "
             "(load .bin or .gguf models without --max-memory)"
         )
     for file in set(files.values()):
         if not file.is_file():
-            raise UnibcqError(f"{file} listed in {SOURCE_INDEX} is missing")
+            raise UnibcqError(f"{file} listed in {WEIGHTS_INDEX} is missing")
     return files
 
 
@@ -134,21 +133,20 @@ class _ShardWriter:
         self.weight_map.update({name: file for name in self.held})
         self.held, self.held_bytes = {}, 0
 
-    def finish(self) -> dict[str, str]:
-        """Write the last shard and give the shards their final names; returns the weight map."""
+    def finish(self) -> None:
+        """Write the last shard and give the shards their final names (plus an index when several)."""
         self.flush()
         files, weight_map = self.files, self.weight_map
         if len(files) == 1:
-            os.replace(self.folder / files[0], self.folder / SOURCE_SINGLE)
-            return {name: SOURCE_SINGLE for name in weight_map}
+            os.replace(self.folder / files[0], self.folder / WEIGHTS_FILE)
+            return
         final = {old: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, old in enumerate(files)}
         for old, new in final.items():
             os.replace(self.folder / old, self.folder / new)
         weight_map = {name: final[file] for name, file in weight_map.items()}
         total = sum((self.folder / f).stat().st_size for f in final.values())
-        (self.folder / SOURCE_INDEX).write_text(
+        (self.folder / WEIGHTS_INDEX).write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-        return weight_map
 
 
 def read_model_config(model_dir: Path) -> PretrainedConfig:
@@ -181,8 +179,6 @@ def quantize_streaming(
     quantization, so a run never dies of memory half-way. Output shards hold what the
     budget leaves after that working set (at most `MAX_SHARD_BYTES`, or `shard_bytes`).
     """
-    from unibcq.checkpoint import QUANT_KEY, quantization_entry, write_manifest
-
     config.validate()
     if config.method not in PER_MATRIX_METHODS:
         raise UnibcqError(
