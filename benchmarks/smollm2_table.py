@@ -27,6 +27,7 @@ import argparse
 import datetime as _dt
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -91,6 +92,25 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """'e4=--epochs 4' -> ('e4', ['--epochs', '4'])."""
+    name, sep, flags = text.partition("=")
+    name = name.strip()
+    if not sep or not name or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise argparse.ArgumentTypeError(f"variant {text!r}: expected NAME=FLAGS, e.g. e4='--epochs 4'")
+    return name, shlex.split(flags)
+
+
+def split_method(spec: str, variants: dict[str, list[str]]) -> tuple[str, list[str]]:
+    """'uniquanf+e4' -> ('uniquanf', the flags of variant e4); a bare method has no extra flags."""
+    method, _, variant = spec.partition("+")
+    if not variant:
+        return method, []
+    if variant not in variants:
+        raise SystemExit(f"smollm2_table: method {spec!r} names variant {variant!r}; declare it with --variant")
+    return method, variants[variant]
+
+
 def default_unibcq() -> str:
     """The project's venv CLI, else the one next to this interpreter, else PATH."""
     for candidate in (REPO / ".venv" / "bin" / "unibcq", Path(sys.executable).parent / "unibcq"):
@@ -108,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder for checkpoints, JSONs and logs (reused on rerun)")
     p.add_argument("--model", default="smollm2-135m", help="model alias / path given to unibcq")
     p.add_argument("--methods", type=parse_methods, default=parse_methods("rtn,bcq-alternating"),
-                   help="comma-separated methods (default: rtn,bcq-alternating)")
+                   help="comma-separated methods (default: rtn,bcq-alternating); METHOD+VARIANT adds the "
+                        "quantize flags of a --variant, e.g. uniquanf+e4")
+    p.add_argument("--variant", type=parse_variant, action="append", default=[],
+                   help="NAME=FLAGS: extra quantize flags for METHOD+NAME rows, e.g. e4='--epochs 4' (repeatable)")
     p.add_argument("--configs", type=parse_configs, default=parse_configs("4:-1,3:128,2:128"),
                    help="comma-separated BITS:GROUP_SIZE; group -1 = per output channel (default: 4:-1,3:128,2:128)")
     p.add_argument("--seq-len", type=int, default=512, help="evaluation window length in tokens (default: 512)")
@@ -165,8 +188,9 @@ def fp_row(args: argparse.Namespace, exe: str) -> Row:
                checkpoint_mb=None, quant_seconds=None)
 
 
-def quant_row(args: argparse.Namespace, exe: str, method: str, bits: int, group: int) -> Row:
-    name = f"{method}-w{bits}-g{group}"
+def quant_row(args: argparse.Namespace, exe: str, spec: str, bits: int, group: int) -> Row:
+    method, extra = split_method(spec, dict(args.variant))
+    name = f"{spec}-w{bits}-g{group}"
     ckpt = args.out / name
     quant_json = args.out / f"{name}.quantize.json"
     info_json = args.out / f"{name}.info.json"
@@ -176,7 +200,7 @@ def quant_row(args: argparse.Namespace, exe: str, method: str, bits: int, group:
         if ckpt.exists():
             raise SystemExit(f"smollm2_table: {ckpt} exists but is not a complete checkpoint; remove it")
         run([exe, "quantize", args.model, "--method", method, "--bits", str(bits), "--group-size", str(group),
-             "--out", str(ckpt), "--json", str(quant_json), "--no-progress", *common_flags(args)],
+             "--out", str(ckpt), "--json", str(quant_json), "--no-progress", *extra, *common_flags(args)],
             logs / f"{name}.quantize.log")
     else:
         print(f"= {ckpt} exists; not re-quantizing", flush=True)
@@ -196,7 +220,8 @@ def quant_row(args: argparse.Namespace, exe: str, method: str, bits: int, group:
         numel = sum(layer["numel"] for layer in layers)
         if numel:
             rel_error = sum(layer["rel_error"] * layer["numel"] for layer in layers) / numel
-    return Row(method=method, bits=bits, group_size=group, bits_per_weight=info["bits_per_weight"],
+    label = f"{method} ({shlex.join(extra)})" if extra else method
+    return Row(method=label, bits=bits, group_size=group, bits_per_weight=info["bits_per_weight"],
                ppl=ev["ppl"]["wikitext2"], kl_vs_fp=ev["kl_vs_ref"], top1=ev["top1_agreement"],
                checkpoint_mb=info["file_bytes"] / 1e6, quant_seconds=seconds, weighted_rel_error=rel_error)
 

@@ -7,7 +7,7 @@ import torch
 
 from unibcq.formats.bcq import STORAGE_DTYPE, BCQTensor, num_groups
 from unibcq.kernels import bcq_linear, bcq_linear_reference, bcq_matmul, choose_backend
-from unibcq.kernels import cpu_lut
+from unibcq.kernels import cpu_bitplane
 
 
 def random_bcq(out_features: int, in_features: int, bits: int, group_size: int, offset: bool, seed: int) -> BCQTensor:
@@ -24,19 +24,20 @@ def random_bcq(out_features: int, in_features: int, bits: int, group_size: int, 
 SHAPES = [(40, 72), (24, 100), (96, 256), (33, 576)]
 
 
-@pytest.mark.skipif(not cpu_lut.AVAILABLE, reason="numba missing")
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
-@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.skipif(not cpu_bitplane.AVAILABLE, reason="numba missing")
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("group_size", [8, 24, 32, 64, 128, -1])
 @pytest.mark.parametrize("offset", [True, False])
-def test_lut_backend_matches_reference(bits, group_size, offset):
+def test_bitplane_backend_matches_reference(bits, group_size, offset):
+    """Every bit count and input-row block the kernel specialises for, odd byte counts per group included."""
     for index, (out_features, in_features) in enumerate(SHAPES):
-        if not cpu_lut.supports(in_features, group_size):
+        if not cpu_bitplane.supports(in_features, group_size):
             continue
         weight = random_bcq(out_features, in_features, bits, group_size, offset, seed=index)
-        for batch in (1, 3, 16, 64):
+        for batch in (1, 2, 3, 4, 5, 9, 16, 64):
             x = torch.randn(batch, in_features, generator=torch.Generator().manual_seed(batch))
             ref = bcq_linear_reference(x, weight)
-            got = bcq_linear(x, weight, backend="lut")
+            got = bcq_linear(x, weight, backend="bitplane")
             assert got.shape == ref.shape and got.dtype == ref.dtype
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
@@ -53,8 +54,8 @@ def test_auto_and_reference_with_bias_and_leading_dims(backend):
 def test_backend_choice(monkeypatch):
     monkeypatch.delenv("UNIBCQ_BACKEND", raising=False)
     x1, x64 = torch.randn(1, 128), torch.randn(64, 128)
-    lut = "lut" if cpu_lut.AVAILABLE else "reference"
-    assert choose_backend(x1, 128, 32) == lut
+    gemv = "bitplane" if cpu_bitplane.AVAILABLE else "reference"
+    assert choose_backend(x1, 128, 32) == gemv
     assert choose_backend(x64, 128, 32) == "reference"
     assert choose_backend(torch.randn(1, 120), 120, 20) == "reference"  # groups not byte-aligned
     assert choose_backend(x1.requires_grad_(), 128, 32) == "reference"
@@ -63,7 +64,7 @@ def test_backend_choice(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend"):
         choose_backend(x64, 128, 32, "fastest")
     with pytest.raises(ValueError, match="byte-aligned"):
-        choose_backend(torch.randn(1, 120), 120, 20, "lut")
+        choose_backend(torch.randn(1, 120), 120, 20, "bitplane")
 
 
 def test_gradient_flows_to_the_input():
@@ -85,17 +86,17 @@ def test_op_is_registered_and_traceable():
 def test_scale_cache_follows_in_place_updates():
     weight = random_bcq(16, 64, 2, 32, True, seed=5)
     x = torch.randn(1, 64)
-    before = bcq_linear(x, weight, backend="lut" if cpu_lut.AVAILABLE else "reference")
+    before = bcq_linear(x, weight, backend="bitplane" if cpu_bitplane.AVAILABLE else "reference")
     with torch.no_grad():
         weight.alpha.mul_(2)
         weight.offset.mul_(2)
-    after = bcq_linear(x, weight, backend="lut" if cpu_lut.AVAILABLE else "reference")
+    after = bcq_linear(x, weight, backend="bitplane" if cpu_bitplane.AVAILABLE else "reference")
     torch.testing.assert_close(after, 2 * before, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not cpu_lut.AVAILABLE, reason="numba missing")
+@pytest.mark.skipif(not cpu_bitplane.AVAILABLE, reason="numba missing")
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
-@pytest.mark.parametrize("group_size", [8, 32, 128, -1])
+@pytest.mark.parametrize("group_size", [8, 24, 32, 128, -1])
 @pytest.mark.parametrize("offset", [True, False])
 def test_compiled_dequantize_equals_torch_dequantize(bits, group_size, offset):
     from unibcq.kernels import dequantize_weight
@@ -105,11 +106,27 @@ def test_compiled_dequantize_equals_torch_dequantize(bits, group_size, offset):
         expected = weight.dequantize()
         got = dequantize_weight(weight)
         assert got.shape == expected.shape and got.dtype == torch.float32
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+        assert torch.equal(got, expected)  # same additions in the same order
         assert dequantize_weight(weight, torch.bfloat16).dtype == torch.bfloat16
 
 
-def test_lut_kernel_leaves_torch_thread_count_alone():
+@pytest.mark.skipif(not cpu_bitplane.AVAILABLE, reason="numba missing")
+def test_parallel_gemv_equals_reference(monkeypatch):
+    monkeypatch.setattr(cpu_bitplane, "PARALLEL_MIN_BYTES", 0)
     threads = torch.get_num_threads()
-    bcq_linear(torch.randn(1, 128), random_bcq(16, 128, 3, 32, True, seed=1), backend="lut")
+    torch.set_num_threads(2)
+    try:
+        weight = random_bcq(96, 256, 3, 64, True, seed=11)
+        for batch in (1, 6):
+            x = torch.randn(batch, 256)
+            ref = bcq_linear_reference(x, weight)
+            got = bcq_linear(x, weight, backend="bitplane")
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bitplane_kernel_leaves_torch_thread_count_alone():
+    threads = torch.get_num_threads()
+    bcq_linear(torch.randn(1, 128), random_bcq(16, 128, 3, 32, True, seed=1), backend="bitplane")
     assert torch.get_num_threads() == threads

@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "copy bandwidth. The default "
                     "grid (4096x4096 and SmolLM2-135M's 576x576, 192x576, 1536x576, 576x1536; bits 2 3 4; "
                     "batch 1 4 16 64; 3 repeats) takes a few minutes on one core; the 7B MLP shapes "
-                    "(--shape 4096x11008 11008x4096) are left out because reference and lut take seconds per "
+                    "(--shape 4096x11008 11008x4096) are left out because reference and bitplane take seconds per "
                     "call there at large batches. --json writes a list with one self-contained entry per "
                     "measurement (keys backend, shape, bits, group_size, batch, seconds, speedup_vs_fp32, gbps, "
                     "weight_bytes, bandwidth_gbps, threads, note).")

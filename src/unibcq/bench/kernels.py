@@ -31,7 +31,7 @@ from unibcq.quantizers import quantize_rtn
 from unibcq.quantizers.uniform import check_bits
 
 # The 7B MLP shapes (4096x11008, 11008x4096) are left out of the defaults: the reference
-# and LUT backends take seconds per call there at batch 64, minutes for the whole grid.
+# and bit-plane backends take seconds per call there at batch 64, minutes for the whole grid.
 DEFAULT_SHAPES = ((4096, 4096), (576, 576), (192, 576), (1536, 576), (576, 1536))
 DEFAULT_BITS = (2, 3, 4)
 DEFAULT_BATCHES = (1, 4, 16, 64)
@@ -65,7 +65,7 @@ def time_calls(calls: Sequence[Callable[[], Any]], repeats: int, threads: int) -
 
     `calls` run the same op on different copies of the weight. The warm-up runs each copy
     once (or as many as fit in WARMUP_SECONDS), absorbing one-time costs: numba
-    compilation, the LUT kernel's per-tensor fp32 scales, allocator growth. Its fastest call
+    compilation, the bit-plane GEMV's per-tensor fp32 scales, allocator growth. Its fastest call
     sets how many calls one repeat makes. The thread count is set before and after the
     warm-up because a first call can change it: numba's OpenMP pool starts with one thread
     per core and shares the OpenMP runtime with torch.

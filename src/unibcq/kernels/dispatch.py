@@ -6,12 +6,12 @@ under torch.compile and every backend shares its signature:
     bcq_matmul(x, planes, alpha, offset, in_features, group_size, backend) -> x @ W^T
 
 Backends: "reference" (dequantize + dense matmul, any device and batch; on the CPU the
-dequantize is `cpu_lut`'s compiled one, value for value the same as the torch
-`kernels.reference` ground truth the tests compare every backend with), "lut" (the CPU
-lookup-table GEMV of `cpu_lut`, for few rows) and "triton" (`triton_bcq`: a bit-plane GEMV
+dequantize is `cpu_bitplane`'s compiled one, value for value the same as the torch
+`kernels.reference` ground truth the tests compare every backend with), "bitplane" (the
+CPU bit-plane GEMV of `cpu_bitplane`, for few rows) and "triton" (`triton_bcq`: a bit-plane GEMV
 for few rows and a dequantize-in-tile GEMM for more; CUDA tensors, or CPU tensors under
-TRITON_INTERPRET=1). "auto" takes the LUT kernel on the CPU and the Triton GEMV on a GPU
-when the input has at most `LUT_MAX_ROWS` / `triton_bcq.GEMV_MAX_ROWS` rows, and the
+TRITON_INTERPRET=1). "auto" takes the bit-plane GEMV on the CPU and the Triton GEMV on a GPU
+when the input has at most `CPU_GEMV_MAX_ROWS` / `triton_bcq.GEMV_MAX_ROWS` rows, and the
 reference path otherwise: large batches are compute-bound, where BLAS wins, and the Triton
 GEMM stays opt-in until it has been timed against cuBLAS on a GPU. The choice can be forced
 per process with the environment variable UNIBCQ_BACKEND.
@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from unibcq.formats.bcq import BCQTensor
-from unibcq.kernels import cpu_lut
+from unibcq.kernels import cpu_bitplane
 
-BACKENDS = ("auto", "reference", "lut", "triton")
-LUT_MAX_ROWS = 8
+BACKENDS = ("auto", "reference", "bitplane", "triton")
+CPU_GEMV_MAX_ROWS = 4
 
 
 def _triton() -> ModuleType | None:
@@ -60,11 +60,11 @@ def choose_backend(x: torch.Tensor, in_features: int, group_size: int, backend: 
         if backend == "triton":
             return backend
         return "triton" if triton_ok and rows <= kernels.GEMV_MAX_ROWS else "reference"
-    lut_ok = x.device.type == "cpu" and cpu_lut.supports(in_features, group_size) and not x.requires_grad
-    if backend == "lut" and not lut_ok:
-        raise ValueError("the lut backend needs a CPU input without grad, numba, and byte-aligned groups")
+    gemv_ok = x.device.type == "cpu" and cpu_bitplane.supports(in_features, group_size) and not x.requires_grad
+    if backend == "bitplane" and not gemv_ok:
+        raise ValueError("the bitplane backend needs a CPU input without grad, numba, and byte-aligned groups")
     if backend == "auto":
-        return "lut" if lut_ok and rows <= LUT_MAX_ROWS else "reference"
+        return "bitplane" if gemv_ok and rows <= CPU_GEMV_MAX_ROWS else "reference"
     return backend
 
 
@@ -76,8 +76,8 @@ def dequantize_weight(weight, dtype: torch.dtype = torch.float32) -> torch.Tenso
     and dense evaluation spend their time on.
     """
     if (isinstance(weight, BCQTensor) and weight.planes.device.type == "cpu"
-            and cpu_lut.supports(weight.shape[1], weight.group_size)):
-        dense = cpu_lut.dequantize(weight.planes, weight.alpha, weight.offset, weight.shape[1], weight.group_size)
+            and cpu_bitplane.supports(weight.shape[1], weight.group_size)):
+        dense = cpu_bitplane.dequantize(weight.planes, weight.alpha, weight.offset, weight.shape[1], weight.group_size)
         return dense.to(dtype)
     return weight.dequantize(dtype)
 
@@ -88,10 +88,10 @@ def bcq_matmul(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, offse
     """x (..., in) @ W^T for the packed BCQ weight W; the result has x's dtype."""
     out_features = planes.shape[1]
     chosen = choose_backend(x, in_features, group_size, backend)
-    if chosen in ("lut", "triton"):
+    if chosen in ("bitplane", "triton"):
         flat = x.reshape(-1, in_features)
-        if chosen == "lut":
-            y = cpu_lut.lut_linear(flat, planes, alpha, offset, in_features, group_size)
+        if chosen == "bitplane":
+            y = cpu_bitplane.bitplane_linear(flat, planes, alpha, offset, in_features, group_size)
         else:
             y = _triton().bcq_matmul_triton(flat, planes, alpha, offset, in_features, group_size)
         return y.to(x.dtype).reshape(*x.shape[:-1], out_features)

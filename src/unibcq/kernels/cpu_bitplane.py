@@ -1,0 +1,449 @@
+"""CPU kernels for packed BCQ weights, compiled with numba: a bit-plane GEMV and a dequantize.
+
+With signs s = 2 * bit - 1, one row's output is
+
+    y[r] = sum_g [ (offset[r, g] - sum_b alpha[r, g, b]) * X_g + 2 * sum_b alpha[r, g, b] * P_{r,g,b} ]
+
+where X_g is the sum of x over group g and P_{r,g,b} the sum of x over the columns whose bit
+in plane b is set. The GEMV computes P straight from the packed bytes: two bytes of a plane
+are a 16-bit mask, and one masked vector add (`vaddps zmm{k}` on AVX-512) adds the 16 matching
+inputs into a per-plane accumulator. It reads bits/8 bytes per weight, never materialises
+the dense matrix, and keeps the per-plane sums in vector registers until the end of each
+group, where they are scaled by alpha; one horizontal sum per row ends it.
+
+Why not LUT-GEMM's tables: a table lookup is one dependent scalar load per packed byte, so
+on a CPU the earlier table kernel ran at ~1.6 ns per byte and lost to fp32 BLAS (2.9x
+slower at 4096x4096, 3 bits); the masked add handles 16 columns per instruction and is
+~6x faster (docs/BENCHMARKS.md). numba's loop vectoriser turned the natural Python loops
+into gathers, so the inner loop is written as LLVM IR (`_masked_plane_sums`): vector
+accumulators for every (plane, input row) pair, specialised for 1..MAX_BITS planes and up
+to BATCH_BLOCK input rows that share each mask load. On CPUs without AVX-512 LLVM lowers the
+same IR to compares and blends: still correct, less fast.
+
+Groups must start on byte boundaries (group size a multiple of 8, or per-channel); other
+layouts go to the reference path. The fp16 scales are converted to float32 once per weight
+and cached (weakly keyed by the stored tensor, invalidated when it is modified in place):
+converting them on every call cost more than the GEMV itself. The cache adds 2 bytes per
+stored scale, e.g. 0.75 bits per weight at 3 bits, group 128.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+
+from unibcq.formats.bcq import MAX_BITS, effective_group_size
+
+try:
+    import numba
+    from llvmlite import ir
+    from numba import njit, prange, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+except ImportError:  # pragma: no cover - numba is a declared dependency; keep the reference path usable
+    numba = None
+
+AVAILABLE = numba is not None
+if AVAILABLE:
+    # numba's own thread pool, not OpenMP: the OpenMP layer shares libgomp with torch and
+    # resets torch's intra-op thread count on its first parallel call.
+    numba.config.THREADING_LAYER = "workqueue"
+
+BATCH_BLOCK = 4  # input rows that share one pass over a weight row's packed bytes
+LANES = 16  # columns per masked add: two packed bytes
+PAD_COLUMNS = 8  # the last single-byte step reads a full LANES-wide vector of x
+PARALLEL_MIN_BYTES = 1 << 19  # packed bytes x input rows below which the GEMV runs on one thread
+
+
+def supports(in_features: int, group_size: int) -> bool:
+    """Whether the GEMV handles this layout (groups aligned to packed bytes)."""
+    return AVAILABLE and (group_size == -1 or group_size >= in_features or group_size % 8 == 0)
+
+
+if AVAILABLE:
+    _F32, _I8, _I16, _I32, _I64 = ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+    _VEC = ir.VectorType(_F32, LANES)
+    _MASK = ir.VectorType(ir.IntType(1), LANES)
+    _ZERO = ir.Constant(_VEC, [0.0] * LANES)
+
+    def _const(value: int) -> "ir.Constant":
+        return ir.Constant(_I64, value)
+
+    def _broadcast(builder: "ir.IRBuilder", scalar: "ir.Value") -> "ir.Value":
+        lane0 = builder.insert_element(ir.Constant(_VEC, ir.Undefined), scalar, ir.Constant(_I32, 0))
+        return builder.shuffle_vector(lane0, ir.Constant(_VEC, ir.Undefined),
+                                      ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+
+    def _horizontal_sum(builder: "ir.IRBuilder", vector: "ir.Value") -> "ir.Value":
+        lanes = [builder.extract_element(vector, ir.Constant(_I32, j)) for j in range(LANES)]
+        while len(lanes) > 1:
+            lanes = [builder.fadd(lanes[2 * j], lanes[2 * j + 1]) for j in range(len(lanes) // 2)]
+        return lanes[0]
+
+    def _emit_chunk_loop(builder: "ir.IRBuilder", x_rows: list, plane_rows: list, k0, k1, tag: str) -> list:
+        """Emit the loop over packed bytes [k0, k1) of one group; returns sums[row][plane] vectors.
+
+        Two bytes (16 columns) per masked add; with few accumulators a second set of them
+        hides the add latency. Leftover single bytes are zero-extended to 16-bit masks, which
+        is why x carries PAD_COLUMNS zero columns past the last byte.
+        """
+        fn = builder.function
+        n_rows, n_planes = len(x_rows), len(plane_rows)
+        sets = 2 if n_rows * n_planes <= 8 else 1
+        step_bytes = 2 * sets
+        pre = builder.block
+        head, body = fn.append_basic_block(f"head{tag}"), fn.append_basic_block(f"body{tag}")
+        tail_head, tail_body = fn.append_basic_block(f"thead{tag}"), fn.append_basic_block(f"tbody{tag}")
+        done = fn.append_basic_block(f"done{tag}")
+
+        def step(k, accs: list, wide: bool) -> list:
+            masks = []
+            for plane in plane_rows:
+                ptr = builder.gep(plane, [k], source_etype=_I8)
+                bits = builder.load(ptr, typ=_I16, align=1) if wide else builder.zext(builder.load(ptr, typ=_I8), _I16)
+                masks.append(builder.bitcast(bits, _MASK))
+            out = []
+            for row, acc_row in zip(x_rows, accs):
+                xv = builder.load(builder.gep(row, [builder.mul(k, _const(8))], source_etype=_F32), typ=_VEC, align=4)
+                out.append([builder.select(m, builder.fadd(a, xv), a) for m, a in zip(masks, acc_row)])
+            return out
+
+        def phis(incoming_block, incoming: list | None) -> list:
+            made = [[builder.phi(_VEC) for _ in range(n_planes)] for _ in range(n_rows)]
+            for i, row in enumerate(made):
+                for j, phi in enumerate(row):
+                    phi.add_incoming(_ZERO if incoming is None else incoming[i][j], incoming_block)
+            return made
+
+        builder.branch(head)
+        builder.position_at_end(head)
+        k = builder.phi(_I64)
+        k.add_incoming(k0, pre)
+        acc_sets = [phis(pre, None) for _ in range(sets)]
+        k_next = builder.add(k, _const(step_bytes))
+        builder.cbranch(builder.icmp_signed("<=", k_next, k1), body, tail_head)
+        builder.position_at_end(body)
+        stepped = [step(builder.add(k, _const(2 * s)), acc, True) for s, acc in enumerate(acc_sets)]
+        for acc, new in zip(acc_sets, stepped):
+            for acc_row, new_row in zip(acc, new):
+                for phi, value in zip(acc_row, new_row):
+                    phi.add_incoming(value, body)
+        k.add_incoming(k_next, body)
+        builder.branch(head)
+
+        builder.position_at_end(tail_head)
+        kt = builder.phi(_I64)
+        kt.add_incoming(k, head)
+        tail = phis(head, acc_sets[0])
+        builder.cbranch(builder.icmp_signed("<", kt, k1), tail_body, done)
+        builder.position_at_end(tail_body)
+        for acc_row, new_row in zip(tail, step(kt, tail, False)):
+            for phi, value in zip(acc_row, new_row):
+                phi.add_incoming(value, tail_body)
+        kt.add_incoming(builder.add(kt, _const(1)), tail_body)
+        builder.branch(tail_head)
+
+        builder.position_at_end(done)
+        sums = tail
+        for extra in acc_sets[1:]:
+            sums = [[builder.fadd(a, b) for a, b in zip(ra, rb)] for ra, rb in zip(sums, extra)]
+        return sums
+
+    def _emit_row(builder: "ir.IRBuilder", n_planes: int, n_rows: int, x_rows: list, out_ptrs: list,
+                  plane_row0, plane_stride, chunks, groups, chunks_per_group, alpha_row) -> None:
+        """Store sum_g sum_b alpha[g, b] * P[g, b] of one weight row for n_rows inputs."""
+        fn = builder.function
+        tag = f"{n_planes}x{n_rows}"
+        pre = builder.block
+        head, body, done = (fn.append_basic_block(f"{name}{tag}") for name in ("ghead", "gbody", "gdone"))
+        plane_rows = [builder.gep(plane_row0, [builder.mul(_const(b), plane_stride)], source_etype=_I8)
+                      for b in range(n_planes)]
+        builder.branch(head)
+        builder.position_at_end(head)
+        g = builder.phi(_I64)
+        g.add_incoming(_const(0), pre)
+        totals = [builder.phi(_VEC) for _ in range(n_rows)]
+        for total in totals:
+            total.add_incoming(_ZERO, pre)
+        builder.cbranch(builder.icmp_signed("<", g, groups), body, done)
+        builder.position_at_end(body)
+        k0 = builder.mul(g, chunks_per_group)
+        k1 = builder.add(k0, chunks_per_group)
+        k1 = builder.select(builder.icmp_signed("<", k1, chunks), k1, chunks)
+        sums = _emit_chunk_loop(builder, x_rows, plane_rows, k0, k1, tag)
+        alpha_g = builder.gep(alpha_row, [builder.mul(g, _const(n_planes))], source_etype=_F32)
+        alphas = [_broadcast(builder, builder.load(builder.gep(alpha_g, [_const(b)], source_etype=_F32), typ=_F32))
+                  for b in range(n_planes)]
+        new_totals = []
+        for total, row_sums in zip(totals, sums):
+            for a, s in zip(alphas, row_sums):
+                total = builder.fadd(total, builder.fmul(a, s))
+            new_totals.append(total)
+        for phi, value in zip(totals, new_totals):
+            phi.add_incoming(value, builder.block)
+        g.add_incoming(builder.add(g, _const(1)), builder.block)
+        builder.branch(head)
+        builder.position_at_end(done)
+        for total, ptr in zip(totals, out_ptrs):
+            builder.store(_horizontal_sum(builder, total), ptr)
+
+    @intrinsic
+    def _masked_plane_sums(typingctx, x, first, count, planes, r, alpha, chunks_per_group, out):
+        """out[first + j, r] = sum_g sum_b alpha[r, g, b] * P_{r,g,b}(x[first + j]) for j < count.
+
+        x: (batch, >= 8 * chunks + PAD_COLUMNS) float32, zero-padded; planes (bits, rows,
+        chunks) uint8; alpha (rows, groups, bits) float32; out (batch, rows) float32; all
+        C-contiguous. `count` must be 1..BATCH_BLOCK and bits 1..MAX_BITS (not checked here).
+        """
+        sig = types.none(x, types.intp, types.intp, planes, types.intp, alpha, types.intp, out)
+
+        def codegen(context, builder, signature, args):
+            xa, first_, count_, pa, r_, aa, cpg_, oa = args
+            arrays = [context.make_array(t)(context, builder, v)
+                      for t, v in zip(signature.args, args) if isinstance(t, types.Array)]
+            xs, ps, al, os_ = arrays
+            _, x_cols = cgutils.unpack_tuple(builder, xs.shape, 2)
+            bits, rows, chunks = cgutils.unpack_tuple(builder, ps.shape, 3)
+            _, groups, _ = cgutils.unpack_tuple(builder, al.shape, 3)
+            plane_row0 = builder.gep(ps.data, [builder.mul(r_, chunks)], source_etype=_I8)
+            alpha_row = builder.gep(al.data, [builder.mul(builder.mul(r_, groups), bits)], source_etype=_F32)
+            fn = builder.function
+            merge, default = fn.append_basic_block("merge"), fn.append_basic_block("default")
+            selector = builder.add(builder.mul(bits, _const(BATCH_BLOCK)), count_)
+            switch = builder.switch(selector, default)
+            for n_planes in range(1, MAX_BITS + 1):
+                for n_rows in range(1, BATCH_BLOCK + 1):
+                    block = fn.append_basic_block(f"case{n_planes}x{n_rows}")
+                    switch.add_case(_const(n_planes * BATCH_BLOCK + n_rows), block)
+                    builder.position_at_end(block)
+                    x_rows, out_ptrs = [], []
+                    for j in range(n_rows):
+                        row = builder.add(first_, _const(j))
+                        x_rows.append(builder.gep(xs.data, [builder.mul(row, x_cols)], source_etype=_F32))
+                        out_ptrs.append(builder.gep(os_.data, [builder.add(builder.mul(row, rows), r_)],
+                                                    source_etype=_F32))
+                    _emit_row(builder, n_planes, n_rows, x_rows, out_ptrs, plane_row0, builder.mul(rows, chunks),
+                              chunks, groups, cpg_, alpha_row)
+                    builder.branch(merge)
+            builder.position_at_end(default)
+            builder.branch(merge)
+            builder.position_at_end(merge)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    def _gemv_body(x: np.ndarray, planes: np.ndarray, alpha: np.ndarray, offset: np.ndarray, group_size: int,
+                   chunks_per_group: int, has_offset: bool) -> np.ndarray:
+        """(B, in) float32 -> (B, out) float32; compiled twice, serial and parallel (see `bitplane_linear`)."""
+        batch, in_features = x.shape
+        bits, rows, chunks = planes.shape
+        groups = alpha.shape[1]
+        padded = np.zeros((batch, max(groups * group_size, 8 * chunks + PAD_COLUMNS)), dtype=np.float32)
+        padded[:, :in_features] = x
+        group_sums = np.zeros((batch, groups), dtype=np.float32)
+        for b in range(batch):
+            for g in range(groups):
+                group_sums[b, g] = padded[b, g * group_size:(g + 1) * group_size].sum()
+        out = np.empty((batch, rows), dtype=np.float32)
+        for r in prange(rows):
+            for first in range(0, batch, BATCH_BLOCK):
+                _masked_plane_sums(padded, first, min(BATCH_BLOCK, batch - first), planes, r, alpha,
+                                   chunks_per_group, out)
+            for b in range(batch):
+                acc = np.float32(2.0) * out[b, r]
+                for g in range(groups):
+                    weight = offset[r, g] if has_offset else np.float32(0.0)
+                    for i in range(bits):
+                        weight -= alpha[r, g, i]
+                    acc += weight * group_sums[b, g]
+                out[b, r] = acc
+        return out
+
+    _gemv_serial = njit(fastmath=True, cache=True, nogil=True)(_gemv_body)
+    _gemv_parallel = njit(parallel=True, fastmath=True, cache=True, nogil=True)(_gemv_body)
+
+    def _emit_dequantize_row(builder: "ir.IRBuilder", n_planes: int, plane_row0, plane_stride, groups,
+                             chunks_per_group, full_bytes, alpha_row, offset_row, has_offset, out_row) -> None:
+        """Write the whole bytes of one dense row: per column 0 +- alpha_0 +- alpha_1 ... + offset.
+
+        The same additions in the same order as `BCQTensor.dequantize`, so the values are
+        identical; 16 columns per vector step, a last odd byte of a group 8 columns wide.
+        """
+        fn = builder.function
+        tag = f"d{n_planes}"
+        half = ir.VectorType(_F32, 8)
+        pre = builder.block
+        ghead, gbody, gdone = (fn.append_basic_block(f"{name}{tag}") for name in ("ghead", "gbody", "gdone"))
+        plane_rows = [builder.gep(plane_row0, [builder.mul(_const(b), plane_stride)], source_etype=_I8)
+                      for b in range(n_planes)]
+        builder.branch(ghead)
+        builder.position_at_end(ghead)
+        g = builder.phi(_I64)
+        g.add_incoming(_const(0), pre)
+        builder.cbranch(builder.icmp_signed("<", g, groups), gbody, gdone)
+        builder.position_at_end(gbody)
+        k0 = builder.mul(g, chunks_per_group)
+        k1 = builder.add(k0, chunks_per_group)
+        k1 = builder.select(builder.icmp_signed("<", k1, full_bytes), k1, full_bytes)
+        alpha_g = builder.gep(alpha_row, [builder.mul(g, _const(n_planes))], source_etype=_F32)
+        alphas = [builder.load(builder.gep(alpha_g, [_const(b)], source_etype=_F32), typ=_F32) for b in range(n_planes)]
+        offset = builder.load(builder.gep(offset_row, [g], source_etype=_F32), typ=_F32)
+        wide = [(_broadcast(builder, a), _broadcast(builder, builder.fneg(a))) for a in alphas]
+        wide_offset = _broadcast(builder, offset)
+        narrow_lanes = ir.Constant(ir.VectorType(_I32, 8), list(range(8)))
+        narrow = [tuple(builder.shuffle_vector(v, v, narrow_lanes) for v in pair) for pair in wide]
+        narrow_offset = builder.shuffle_vector(wide_offset, wide_offset, narrow_lanes)
+
+        def emit_step(k, width: int) -> None:
+            vec_type, mask_type, load_type = ((_VEC, _MASK, _I16) if width == LANES
+                                              else (half, ir.VectorType(ir.IntType(1), 8), _I8))
+            scales, shift = (wide, wide_offset) if width == LANES else (narrow, narrow_offset)
+            value = ir.Constant(vec_type, [0.0] * width)
+            for plane, (plus, minus) in zip(plane_rows, scales):
+                bits = builder.load(builder.gep(plane, [k], source_etype=_I8), typ=load_type, align=1)
+                value = builder.fadd(value, builder.select(builder.bitcast(bits, mask_type), plus, minus))
+            value = builder.select(has_offset, builder.fadd(value, shift), value)
+            target = builder.gep(out_row, [builder.mul(k, _const(8))], source_etype=_F32)
+            builder.store(value, builder.bitcast(target, vec_type.as_pointer()), align=4)
+
+        head, body, tail, tail_body, done = (fn.append_basic_block(f"{name}{tag}")
+                                             for name in ("khead", "kbody", "ktail", "ktailbody", "kdone"))
+        entry = builder.block
+        builder.branch(head)
+        builder.position_at_end(head)
+        k = builder.phi(_I64)
+        k.add_incoming(k0, entry)
+        k_next = builder.add(k, _const(2))
+        builder.cbranch(builder.icmp_signed("<=", k_next, k1), body, tail)
+        builder.position_at_end(body)
+        emit_step(k, LANES)
+        k.add_incoming(k_next, body)
+        builder.branch(head)
+        builder.position_at_end(tail)
+        builder.cbranch(builder.icmp_signed("<", k, k1), tail_body, done)
+        builder.position_at_end(tail_body)
+        emit_step(k, 8)
+        builder.branch(done)
+        builder.position_at_end(done)
+        g.add_incoming(builder.add(g, _const(1)), done)
+        builder.branch(ghead)
+        builder.position_at_end(gdone)
+
+    @intrinsic
+    def _dequantize_whole_bytes(typingctx, planes, r, alpha, offset, has_offset, chunks_per_group, out):
+        """out[r, :8 * (in // 8)] from the packed row r (a partial last byte is left to the caller).
+
+        planes (bits, rows, chunks) uint8, alpha (rows, groups, bits) and offset (rows, groups)
+        float32 (offset ignored unless has_offset), out (rows, in) float32; all C-contiguous.
+        """
+        sig = types.none(planes, types.intp, alpha, offset, types.boolean, types.intp, out)
+
+        def codegen(context, builder, signature, args):
+            pa, r_, aa, oa, has_offset_, cpg_, outa = args
+            ps, al, off, os_ = (context.make_array(t)(context, builder, v)
+                                for t, v in zip(signature.args, args) if isinstance(t, types.Array))
+            bits, rows, chunks = cgutils.unpack_tuple(builder, ps.shape, 3)
+            _, groups, _ = cgutils.unpack_tuple(builder, al.shape, 3)
+            _, in_features = cgutils.unpack_tuple(builder, os_.shape, 2)
+            plane_row0 = builder.gep(ps.data, [builder.mul(r_, chunks)], source_etype=_I8)
+            alpha_row = builder.gep(al.data, [builder.mul(builder.mul(r_, groups), bits)], source_etype=_F32)
+            offset_row = builder.gep(off.data, [builder.mul(r_, groups)], source_etype=_F32)
+            offset_row = builder.select(has_offset_, offset_row, off.data)
+            out_row = builder.gep(os_.data, [builder.mul(r_, in_features)], source_etype=_F32)
+            full_bytes = builder.sdiv(in_features, _const(8))
+            fn = builder.function
+            merge, default = fn.append_basic_block("merge"), fn.append_basic_block("default")
+            switch = builder.switch(bits, default)
+            for n_planes in range(1, MAX_BITS + 1):
+                block = fn.append_basic_block(f"dcase{n_planes}")
+                switch.add_case(_const(n_planes), block)
+                builder.position_at_end(block)
+                _emit_dequantize_row(builder, n_planes, plane_row0, builder.mul(rows, chunks), groups, cpg_,
+                                     full_bytes, alpha_row, offset_row, has_offset_, out_row)
+                builder.branch(merge)
+            builder.position_at_end(default)
+            builder.branch(merge)
+            builder.position_at_end(merge)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _dequantize(planes: np.ndarray, alpha: np.ndarray, offset: np.ndarray, has_offset: bool,
+                    bytes_per_group: int, in_features: int) -> np.ndarray:
+        """Dense (rows, in) float32; whole bytes through the IR kernel, a partial last byte here."""
+        bits, rows, _ = planes.shape
+        out = np.empty((rows, in_features), dtype=np.float32)
+        last = in_features // 8
+        g = min(last // bytes_per_group, alpha.shape[1] - 1)
+        for r in prange(rows):
+            _dequantize_whole_bytes(planes, r, alpha, offset, has_offset, bytes_per_group, out)
+            for col in range(8 * last, in_features):
+                value = np.float32(0.0)
+                for i in range(bits):
+                    value += alpha[r, g, i] if (planes[i, r, last] >> (col - 8 * last)) & 1 else -alpha[r, g, i]
+                if has_offset:
+                    value += offset[r, g]
+                out[r, col] = value
+        return out
+
+
+_FLOAT32_CACHE: dict[int, tuple[weakref.ref, int, np.ndarray]] = {}
+
+
+def _float32(tensor: torch.Tensor) -> np.ndarray:
+    """`tensor` as a contiguous float32 array, converted once per stored version."""
+    key = id(tensor)
+    cached = _FLOAT32_CACHE.get(key)
+    if cached is None or cached[0]() is not tensor or cached[1] != tensor._version:
+        ref = weakref.ref(tensor, lambda _, key=key: _FLOAT32_CACHE.pop(key, None))
+        cached = (ref, tensor._version, tensor.detach().float().contiguous().numpy())
+        _FLOAT32_CACHE[key] = cached
+    return cached[2]
+
+
+def _prepare(planes: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None, in_features: int,
+             group_size: int, what: str) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """What both kernels need: (columns per group, packed bytes per group, fp32 alpha, fp32 offset).
+
+    Also sizes numba's pool to torch's thread count, so a kernel never uses more threads
+    than the caller allowed torch.
+    """
+    if not AVAILABLE:
+        raise RuntimeError(f"the {what} needs numba")
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    gs = effective_group_size(in_features, group_size)
+    bytes_per_group = gs // 8 if gs % 8 == 0 else planes.shape[-1]  # the latter: one group per row
+    offset_np = _float32(offset) if offset is not None else np.zeros((1, 1), dtype=np.float32)
+    return gs, bytes_per_group, _float32(alpha), offset_np
+
+
+def dequantize(planes: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None, in_features: int,
+               group_size: int) -> torch.Tensor:
+    """The dense float32 weight of a packed BCQ layer (see `BCQTensor.dequantize`), compiled.
+
+    Several times faster than the torch version, which materialises every bit-plane; the
+    reference matmul path and dense evaluation go through it on the CPU.
+    """
+    _, bytes_per_group, alpha_np, offset_np = _prepare(planes, alpha, offset, in_features, group_size,
+                                                       "compiled dequantize")
+    return torch.from_numpy(_dequantize(planes.contiguous().numpy(), alpha_np, offset_np, offset is not None,
+                                        bytes_per_group, in_features))
+
+
+def bitplane_linear(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None,
+                    in_features: int, group_size: int) -> torch.Tensor:
+    """x (B, in) float -> (B, out) float32 through the bit-plane GEMV.
+
+    Small products run serially: starting numba's thread pool costs ~50 us a call, more than
+    a whole SmolLM2-sized layer takes on one thread.
+    """
+    gs, bytes_per_group, alpha_np, offset_np = _prepare(planes, alpha, offset, in_features, group_size,
+                                                        "bit-plane GEMV")
+    parallel = numba.get_num_threads() > 1 and planes.numel() * x.shape[0] >= PARALLEL_MIN_BYTES
+    gemv = _gemv_parallel if parallel else _gemv_serial
+    out = gemv(x.detach().to(torch.float32).contiguous().numpy(), planes.contiguous().numpy(), alpha_np,
+               offset_np, gs, bytes_per_group, offset is not None)
+    return torch.from_numpy(out)
