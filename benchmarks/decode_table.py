@@ -9,11 +9,8 @@ The table shows decode tokens/s (first to last new token), prefill seconds, the 
 parameters + buffers as stored, and process RSS right after the imports and after
 generating. Nothing is quantized here; make checkpoints with `unibcq quantize` first.
 
-Threads: the first call of the numba LUT kernel starts numba's OpenMP pool with one thread
-per core, and torch shares that OpenMP runtime, so torch's thread count rises to the core
-count (1 -> 2 here, despite OMP_NUM_THREADS=1) for the rest of the process. Each worker
-puts it back after the warm-up so every row decodes on the same threads; the "threads"
-column shows the count before the warm-up, and after it when the kernel changed it.
+Threads: torch's intra-op thread count (set it with OMP_NUM_THREADS); the CPU bit-plane
+GEMV sizes numba's own pool to the same count, so both run on the same threads.
 
 Example:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/decode_table.py \\
@@ -65,14 +62,10 @@ def measure(spec: str, quantized: bool, prompt: str, max_new_tokens: int) -> dic
     model = unibcq.load(spec) if quantized else unibcq.load_model(spec)
     tokenizer = unibcq.load_tokenizer(spec)
     bits = unibcq.checkpoint_info(spec).bits_per_weight if quantized else 32.0
-    threads = torch.get_num_threads()
     generate_text(model, tokenizer, prompt, WARMUP_TOKENS, ignore_eos=True)
-    threads_after_warmup = torch.get_num_threads()
-    torch.set_num_threads(threads)  # the LUT kernel's first call raises it (see the module docstring)
     result = generate_text(model, tokenizer, prompt, max_new_tokens, ignore_eos=True)
-    return {"model": spec, "bits_per_weight": bits, "rss_imports_bytes": rss_imports, "threads": threads,
-            "threads_after_warmup": threads_after_warmup, "threads_after": torch.get_num_threads(),
-            **result.to_dict()}
+    return {"model": spec, "bits_per_weight": bits, "rss_imports_bytes": rss_imports,
+            "threads": torch.get_num_threads(), **result.to_dict()}
 
 
 def run_worker(spec: str, quantized: bool, args: argparse.Namespace) -> dict[str, Any]:
@@ -86,16 +79,6 @@ def run_worker(spec: str, quantized: bool, args: argparse.Namespace) -> dict[str
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise SystemExit(f"decode_table: measuring {spec} failed: {tail}")
         return json.loads(out.read_text())
-
-
-def _threads(row: dict[str, Any]) -> str:
-    """'1', or '1 (warm-up: 2)' when the warm-up changed torch's thread count, or '1 -> 2' if the run did."""
-    text = str(row["threads"])
-    if row["threads_after_warmup"] != row["threads"]:
-        text += f" (warm-up: {row['threads_after_warmup']})"
-    if row["threads_after"] != row["threads"]:
-        text += f" -> {row['threads_after']}"
-    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
           r["decode_tokens_per_second"] / reference if reference else "-", r["prefill_seconds"],
           r["model_bytes"] / mib, r["rss_bytes"] / mib if r["rss_bytes"] else "-",
           r["rss_imports_bytes"] / mib if r["rss_imports_bytes"] else "-",
-          _threads(r), " ".join(r["text"].split())[:28]) for r in rows],
+          r["threads"], " ".join(r["text"].split())[:28]) for r in rows],
     )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
