@@ -35,8 +35,8 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))
-@pytest.mark.parametrize("kill_after", [1, 2])
-def test_resumed_run_equals_uninterrupted(tiny_llama, tmp_path, monkeypatch, method, kill_after):
+@pytest.mark.parametrize("kill_after,spill", [(1, False), (2, False), (1, True)])
+def test_resumed_run_equals_uninterrupted(tiny_llama, tmp_path, monkeypatch, method, kill_after, spill):
     calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(5))
     base = tiny_llama(num_hidden_layers=3)
     config = unibcq.QuantConfig(method, **CONFIGS[method])
@@ -49,11 +49,12 @@ def test_resumed_run_equals_uninterrupted(tiny_llama, tmp_path, monkeypatch, met
     with monkeypatch.context() as patch:
         _kill_after(patch, kill_after)
         with pytest.raises(_Killed):
-            unibcq.quantize(killed, config, calib, show_progress=False, state_dir=state)
+            unibcq.quantize(killed, config, calib, show_progress=False, state_dir=state, spill_activations=spill)
     assert (state / run_state.STATE_FILE).is_file()
 
     resumed = copy.deepcopy(base)  # a fresh process starts again from the full-precision model
-    records = unibcq.quantize(resumed, config, calib, show_progress=False, state_dir=state, resume=True)
+    records = unibcq.quantize(resumed, config, calib, show_progress=False, state_dir=state, resume=True,
+                              spill_activations=spill)
     expected, got = whole.state_dict(), resumed.state_dict()
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)

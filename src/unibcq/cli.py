@@ -78,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-memory", metavar="SIZE",
                    help="stay within SIZE (e.g. 8GiB) for models larger than memory: per-matrix methods stream "
                         "the weights one at a time from the model's safetensors files, calibrated methods read "
-                        "each decoder block from them when its turn comes")
+                        "each decoder block from them when its turn comes (and spill their calibration "
+                        "activations to disk when the budget needs it)")
+    q.add_argument("--spill-activations", action="store_true",
+                   help="calibrated methods: keep the activations between blocks in files next to the output "
+                        "instead of memory (automatic under --max-memory when they do not fit)")
     q.add_argument("--damp", type=float, default=0.01, help="gptq: Hessian damping, fraction of the mean diagonal")
     q.add_argument("--act-order", action="store_true", help="gptq: process columns by decreasing Hessian diagonal")
     q.add_argument("--device", default="cpu", help="compute device for calibrated methods (cpu, cuda)")
@@ -255,8 +259,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if args.max_memory is not None and not calibrated:
         return _quantize_streaming(args, config, source, out)
     start = time.perf_counter()
-    model, onload = _onload_within_budget(config, source, args.max_memory) if args.max_memory else (
-        load_model(args.model), None)
+    model, onload, spill = _onload_within_budget(config, source, args.max_memory) if args.max_memory else (
+        load_model(args.model), None, False)
+    spill = spill or args.spill_activations
     tokenizer = load_tokenizer(args.model)
     load_seconds = time.perf_counter() - start
     start = time.perf_counter()
@@ -265,7 +270,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     state_dir = state_dir_for(out) if calibrated else None
     records = quantize_model(model, config, windows, show_progress=not args.no_progress, workers=args.workers,
                              device=args.device, state_dir=state_dir, resume=args.resume, backend=args.backend,
-                             onload=onload)
+                             onload=onload, spill_activations=spill)
     seconds = time.perf_counter() - start
     save_checkpoint(model, out, config, _source_spec(args.model), tokenizer, overwrite=args.overwrite,
                     extra={"quantize_seconds": round(seconds, 3)})
@@ -311,7 +316,10 @@ def _report_quantize(args: argparse.Namespace, config, records, out: Path, timin
 
 
 def _onload_within_budget(config, source, max_memory: str):
-    """A calibrated run's model with its blocks left on disk, after checking the budget holds it."""
+    """(model with its blocks left on disk, block loader, spill activations?) once the budget is checked.
+
+    Activations are spilled to disk only when they are what makes the run exceed the budget.
+    """
     from unibcq.methods.onload import memory_estimate, onload_model
     from unibcq.methods.streaming import parse_memory
     from unibcq.models.loading import snapshot_dir
@@ -319,13 +327,18 @@ def _onload_within_budget(config, source, max_memory: str):
     budget = parse_memory(max_memory)
     model, onload = onload_model(snapshot_dir(source))
     needed = memory_estimate(model, config.calib_samples, config.calib_seq_len, config.bits)
-    if needed > budget:
+    if needed <= budget:
+        return model, onload, False
+    spilled = memory_estimate(model, config.calib_samples, config.calib_seq_len, config.bits, spill=True)
+    if spilled > budget:
         raise UnibcqError(
             f"--max-memory {budget / 2**30:.2f} GiB is too small for {config.method} on this model: one block's "
-            f"training state, the calibration activations and the packed output need about {needed / 2**30:.2f} "
-            "GiB; raise it or use fewer --calib-samples / a shorter --seq-len"
+            f"training state and the packed output need about {spilled / 2**30:.2f} GiB even with the "
+            "calibration activations on disk; raise it or use fewer --calib-samples / a shorter --seq-len"
         )
-    return model, onload
+    print(f"calibration activations ({(needed - spilled) / 2**30:.2f} GiB with one batch in memory) go to disk "
+          f"to stay within --max-memory {budget / 2**30:.2f} GiB")
+    return model, onload, True
 
 
 def _quantize_streaming(args: argparse.Namespace, config, source, out: Path) -> None:

@@ -236,6 +236,27 @@ def test_max_memory_onloads_calibrated_methods_to_the_same_checkpoint(capsys, tm
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+def test_max_memory_spills_activations_when_only_they_do_not_fit(capsys, tmp_path, tiny_model_dir, corpus_file):
+    from unibcq.methods.onload import memory_estimate, onload_model
+
+    common = ["--method", "gptq", "--bits", "3", "--group-size", "32", "--calib", corpus_file, "--calib-samples", "4",
+              "--seq-len", "16", "--no-progress"]
+    model, _ = onload_model(tiny_model_dir)
+    budget = memory_estimate(model, 4, 16, 3, spill=True)  # below the in-memory estimate
+    code, _, err = run(capsys, "quantize", tiny_model_dir, *common, "--out", tmp_path / "in-memory")
+    assert code == 0, err
+    code, stdout, err = run(capsys, "quantize", tiny_model_dir, *common, "--max-memory", str(budget),
+                            "--out", tmp_path / "spilled")
+    assert code == 0, err
+    assert "go to disk" in stdout
+    code, _, err = run(capsys, "quantize", tiny_model_dir, *common, "--max-memory", str(budget - 1),
+                       "--out", tmp_path / "refused")
+    assert code == 2 and "even with the calibration activations on disk" in err
+    expected = load_file(str(tmp_path / "in-memory" / "model.safetensors"))
+    got = load_file(str(tmp_path / "spilled" / "model.safetensors"))
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 @pytest.mark.parametrize("extra,needle", [
     (["--preset", "huge"], "preset"),
     (["--input-prob", "2"], "input_prob"),

@@ -52,13 +52,18 @@ BLOCK_COPIES = 30
 ACTIVATION_STREAMS = 3
 
 
-def memory_estimate(model: PreTrainedModel, calib_samples: int, seq_len: int, bits: int) -> int:
-    """Bytes a calibrated run on an onloaded model needs at its peak (see the constants)."""
+def memory_estimate(model: PreTrainedModel, calib_samples: int, seq_len: int, bits: int, spill: bool = False) -> int:
+    """Bytes a calibrated run on an onloaded model needs at its peak (see the constants).
+
+    With `spill` the activation streams live on disk and only the samples in use (one per
+    stream) count.
+    """
     resident = sum(p.numel() * 4 for p in model.parameters() if not p.is_meta)
     blocks = decoder_blocks(model)
     block = sum(p.numel() for p in blocks[0].parameters()) * 4
     packed = sum(p.numel() for b in blocks for p in b.parameters()) * (bits + 1) / 8
-    activations = ACTIVATION_STREAMS * calib_samples * seq_len * model.config.hidden_size * 4
+    samples_held = 1 if spill else calib_samples
+    activations = ACTIVATION_STREAMS * samples_held * seq_len * model.config.hidden_size * 4
     return int(BASELINE_BYTES + resident + BLOCK_COPIES * block + packed + activations)
 
 

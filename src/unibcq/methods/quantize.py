@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -12,7 +13,7 @@ from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
 from unibcq.methods.per_matrix import LayerRecord, quantize_per_matrix
 from unibcq.methods.reconstruction import reconstruct_blocks
-from unibcq.methods.run_state import RunState, run_fingerprint
+from unibcq.methods.run_state import SPILL_PREFIX, RunState, run_fingerprint
 from unibcq.methods.registry import CALIBRATED, HESSIAN_METHODS
 from unibcq.methods.sequential import quantize_sequential
 from unibcq.models.architectures import quantizable_linears
@@ -30,6 +31,7 @@ def quantize_model(
     resume: bool = False,
     backend: str = "local",
     onload: Callable[[int], None] | None = None,
+    spill_activations: bool = False,
 ) -> list[LayerRecord]:
     """Quantize `model` in place with `config`; calibrated methods need `calibration` (n, L) token ids.
 
@@ -38,7 +40,9 @@ def quantize_model(
     result as an uninterrupted run). The caller removes `state_dir` once it has saved the
     checkpoint. Per-matrix methods keep no state: rerunning them costs minutes, not hours;
     they run on `workers` local processes, or as Ray tasks with `backend="ray"`. `onload`
-    (calibrated methods) reads each block from disk when its turn comes (`methods.onload`).
+    (calibrated methods) reads each block from disk when its turn comes (`methods.onload`);
+    `spill_activations` keeps the calibration activations between blocks in files (under
+    `state_dir/spill`, else a temporary folder) instead of memory.
     """
     config.validate()
     if type(workers) is not int or workers < 1:
@@ -57,10 +61,13 @@ def quantize_model(
             raise UnibcqError(f"{config.method} quantizes decoder blocks only; drop --quantize-lm-head")
         state = (RunState.open(state_dir, run_fingerprint(model, config, calibration), resume)
                  if state_dir is not None else None)
-        if config.method in HESSIAN_METHODS:
-            return quantize_sequential(model, config, calibration, HESSIAN_METHODS[config.method], device,
-                                       show_progress, state, onload)
-        return reconstruct_blocks(model, config, calibration, device, show_progress, state, onload)[0]
+        with tempfile.TemporaryDirectory(prefix=SPILL_PREFIX, dir=state_dir) as spill:
+            spill_dir = spill if spill_activations else None
+            if config.method in HESSIAN_METHODS:
+                return quantize_sequential(model, config, calibration, HESSIAN_METHODS[config.method], device,
+                                           show_progress, state, onload, spill_dir)
+            return reconstruct_blocks(model, config, calibration, device, show_progress, state, onload,
+                                      spill_dir)[0]
     if onload is not None:
         raise UnibcqError("per-matrix methods stream weights themselves; onloading is for calibrated methods")
     return quantize_per_matrix(model, config, show_progress, workers, backend)

@@ -2,7 +2,7 @@
 
 For each decoder block in order: the full-precision inputs X_fp and outputs Y_fp on the
 calibration set, and the inputs X_q produced by the already-quantized earlier blocks, are
-kept on the CPU. The block's linear layers become trainable fake-quant modules (UniQuanF
+kept on the CPU (or, with `spill_dir`, in per-sample files on disk). The block's linear layers become trainable fake-quant modules (UniQuanF
 or FlexRound); Adam (one learning rate for mapping parameters, one for BCQ levels) with a
 cosine schedule minimises MSE(block(X), Y_fp), where X mixes X_q and X_fp element-wise
 (an element is taken from X_fp with probability `input_prob`, as QDrop does). Then the
@@ -15,7 +15,9 @@ disk and a killed run continues from the last committed block with the same resu
 from __future__ import annotations
 
 import math
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,7 +55,7 @@ def make_fake_quant(linear: nn.Linear, config: QuantConfig) -> UniQuanFLinear | 
 
 
 @torch.no_grad()
-def block_loss(block: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs: dict,
+def block_loss(block: nn.Module, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], kwargs: dict,
                device: torch.device) -> float:
     """Mean MSE of the block on quantized inputs against the FP targets."""
     total = 0.0
@@ -63,8 +65,8 @@ def block_loss(block: nn.Module, inputs: list[torch.Tensor], targets: list[torch
     return total / len(inputs)
 
 
-def _train_block(block: nn.Module, fakes: dict[str, nn.Module], q_in: list[torch.Tensor],
-                 fp_in: list[torch.Tensor], targets: list[torch.Tensor], kwargs: dict, config: QuantConfig,
+def _train_block(block: nn.Module, fakes: dict[str, nn.Module], q_in: Sequence[torch.Tensor],
+                 fp_in: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], kwargs: dict, config: QuantConfig,
                  device: torch.device, generator: torch.Generator, on_step) -> int:
     groups = {"mapping": [], "levels": []}
     for fake in fakes.values():
@@ -112,18 +114,20 @@ def reconstruct_blocks(
     show_progress: bool = True,
     state: RunState | None = None,
     onload: Callable[[int], None] | None = None,
+    spill_dir: str | os.PathLike | None = None,
 ) -> tuple[list[LayerRecord], list[BlockRecord]]:
     """Quantize every decoder block of `model` in place by block-wise reconstruction.
 
     With `state`, blocks it already holds are restored instead of retrained, and each newly
     finished block is committed to it. `onload(index)` is called before block `index` is
-    touched (see `unibcq.methods.onload`), for models whose blocks are read from disk.
+    touched (see `unibcq.methods.onload`), for models whose blocks are read from disk. With
+    `spill_dir` the three activation streams live in files there instead of memory.
     """
     device = torch.device(device)
     blocks = decoder_blocks(model)
     for param in model.parameters():
         param.requires_grad_(False)
-    captured = capture_block_inputs(model, windows, device)
+    captured = capture_block_inputs(model, windows, device, spill_dir)
     kwargs = {k: _to(v, device) for k, v in captured.kwargs.items()}
     q_in, fp_in = captured.hidden, captured.hidden
     layer_records: list[LayerRecord] = []
@@ -133,7 +137,7 @@ def reconstruct_blocks(
         for index in range(state.completed if onload is not None else 0):
             onload(index)
         state.restore_blocks(model)
-        streams = state.activations()
+        streams = state.activations(spill_dir)
         q_in, fp_in = streams["quantized"], streams["full_precision"]
         layer_records = [LayerRecord(**r) for r in state.records.get("layers", [])]
         block_records = [BlockRecord(**r) for r in state.records.get("blocks", [])]
@@ -148,7 +152,7 @@ def reconstruct_blocks(
                 onload(index)
             start = time.perf_counter()
             block.to(device)
-            targets = run_block(block, BlockInputs(fp_in, captured.kwargs), device)
+            targets = run_block(block, BlockInputs(fp_in, captured.kwargs), device, spill_dir)
             layers = block_linears(model, index)
             fakes = {}
             for name, layer in layers.items():
@@ -175,7 +179,7 @@ def reconstruct_blocks(
                                                  packed.bits_per_weight, error, 0.0))
             del fakes
             final = block_loss(block, q_in, targets, kwargs, device)
-            q_in = run_block(block, BlockInputs(q_in, captured.kwargs), device)
+            q_in = run_block(block, BlockInputs(q_in, captured.kwargs), device, spill_dir)
             fp_in = targets
             block.to("cpu")
             block_records.append(BlockRecord(index, initial, final, iterations, time.perf_counter() - start))

@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,11 +33,13 @@ from torch import nn
 from unibcq.atomic import write_json_atomic
 from unibcq.config import QuantConfig
 from unibcq.errors import CheckpointError, UnibcqError
+from unibcq.methods.activations import ActivationStore, as_store
 from unibcq.models.architectures import block_linears, set_module
 from unibcq.nn.qlinear import PACKED_MODULES, PackedLinear
 
 STATE_FILE = "state.json"
-STATE_VERSION = 1
+SPILL_PREFIX = "unibcq-spill-"  # activation spill folders a run makes inside its state directory
+STATE_VERSION = 2  # 2: activation streams as folders of per-sample files
 
 
 def state_dir_for(out_dir: str | os.PathLike) -> Path:
@@ -88,6 +92,9 @@ class RunState:
         """
         state = cls(path, fingerprint)
         record = state.path / STATE_FILE
+        if state.path.is_dir():  # spill folders of a killed run hold nothing a resumed run needs
+            for leftover in state.path.glob(f"{SPILL_PREFIX}*"):
+                shutil.rmtree(leftover, ignore_errors=True)
         if not record.is_file():
             if state.path.exists() and any(state.path.iterdir()) and resume:
                 raise UnibcqError(f"{state.path} has no {STATE_FILE}; it is not a unibcq run state, remove it")
@@ -126,16 +133,26 @@ class RunState:
                                        strict=True, assign=True)
                 set_module(model, name, module)
 
-    def activations(self) -> dict[str, list[torch.Tensor]]:
-        """The activation streams entering the first uncommitted block."""
-        tensors = _load_tensors(self.path / f"activations-{self.completed:04d}.safetensors")
-        streams: dict[str, list[tuple[int, torch.Tensor]]] = {}
-        for key, tensor in tensors.items():
-            stream, _, index = key.rpartition(".")
-            streams.setdefault(stream, []).append((int(index), tensor))
-        return {name: [t for _, t in sorted(items)] for name, items in streams.items()}
+    def activations(self, spill_dir: str | os.PathLike | None = None) -> dict[str, ActivationStore]:
+        """The activation streams entering the first uncommitted block (spilled under `spill_dir` if given)."""
+        folder = self.path / f"activations-{self.completed:04d}"
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder} is missing; remove {self.path} to start over")
+        return {stream.name: ActivationStore.load(stream, spill_dir)
+                for stream in sorted(folder.iterdir()) if stream.is_dir()}
 
-    def commit_block(self, model: nn.Module, index: int, activations: dict[str, list[torch.Tensor]],
+    def _save_activations(self, streams: dict[str, Sequence[torch.Tensor]], name: str) -> None:
+        """Write the streams as `name/<stream>/` folders, through a temporary name and a rename."""
+        final = self.path / name
+        tmp = self.path / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for stream, samples in streams.items():
+            store = samples if isinstance(samples, ActivationStore) else as_store(samples)
+            store.save(tmp / stream)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+
+    def commit_block(self, model: nn.Module, index: int, activations: dict[str, Sequence[torch.Tensor]],
                      records: dict[str, list[Any]]) -> None:
         """Record block `index` as done: its packed layers, the next block's inputs, the summary rows."""
         if index != self.completed:
@@ -148,8 +165,7 @@ class RunState:
             tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
             self.layouts[name] = module.layout()
         _save_tensors_atomic(tensors, self.path / f"block-{index:04d}.safetensors")
-        _save_tensors_atomic({f"{stream}.{i}": t for stream, items in activations.items() for i, t in enumerate(items)},
-                             self.path / f"activations-{index + 1:04d}.safetensors")
+        self._save_activations(activations, f"activations-{index + 1:04d}")
         for key, rows in records.items():
             self.records[key] = [asdict(r) if not isinstance(r, dict) else r for r in rows]
         write_json_atomic(self.path / STATE_FILE, {
@@ -157,4 +173,4 @@ class RunState:
             "records": self.records, "layouts": self.layouts,
         })
         self.completed = index + 1
-        (self.path / f"activations-{index:04d}.safetensors").unlink(missing_ok=True)
+        shutil.rmtree(self.path / f"activations-{index:04d}", ignore_errors=True)

@@ -3,7 +3,8 @@
 Calibration windows run through the model once up to the first decoder block, whose inputs
 are captured; then each block in turn sees the outputs of the already-quantized blocks
 before it, so later blocks are calibrated on the activations they will really receive.
-Activations stay on the CPU; only the current block is on the compute device.
+Activations stay on the CPU, or with `spill_dir` in per-sample files on disk (see
+`unibcq.methods.activations`); only the current block is on the compute device.
 
 GPTQ uses it through `quantize_sequential` with a per-layer quantizer that receives the
 layer's input Hessian H = 2 X^T X / n, accumulated by forward hooks on the block's linear
@@ -12,7 +13,9 @@ layers during one pass over the calibration set.
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -21,6 +24,7 @@ from torch import nn
 
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
+from unibcq.methods.activations import ActivationStore
 from unibcq.methods.per_matrix import LayerRecord
 from unibcq.methods.run_state import RunState
 from unibcq.models.architectures import block_linears, decoder_blocks, set_module
@@ -38,19 +42,20 @@ class _Captured(Exception):
 class BlockInputs:
     """Per-sample hidden states entering the current block, and the shared block kwargs."""
 
-    hidden: list[torch.Tensor]
+    hidden: Sequence[torch.Tensor]
     kwargs: dict[str, Any]
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device) -> BlockInputs:
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device,
+                         spill_dir: str | os.PathLike | None = None) -> BlockInputs:
     """Run each calibration window (n, L) up to the first decoder block and keep its inputs."""
     first = decoder_blocks(model)[0]
-    hidden: list[torch.Tensor] = []
+    hidden = ActivationStore(spill_dir)
     shared: dict[str, Any] = {}
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden.append((args[0] if args else kwargs["hidden_states"]).detach().cpu())
+        hidden.append(args[0] if args else kwargs["hidden_states"])
         if not shared:
             shared.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
         raise _Captured
@@ -78,13 +83,14 @@ def _to(value: Any, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device) -> list[torch.Tensor]:
-    """The block's outputs for every captured sample (kept on the CPU)."""
+def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device,
+              spill_dir: str | os.PathLike | None = None) -> ActivationStore:
+    """The block's outputs for every captured sample (on the CPU, or spilled under `spill_dir`)."""
     kwargs = {k: _to(v, device) for k, v in inputs.kwargs.items()}
-    outputs = []
+    outputs = ActivationStore(spill_dir)
     for hidden in inputs.hidden:
         out = block(hidden.to(device), **kwargs)
-        outputs.append((out[0] if isinstance(out, tuple) else out).detach().cpu())
+        outputs.append(out[0] if isinstance(out, tuple) else out)
     return outputs
 
 
@@ -120,21 +126,23 @@ def quantize_sequential(
     show_progress: bool = True,
     state: RunState | None = None,
     onload: Callable[[int], None] | None = None,
+    spill_dir: str | os.PathLike | None = None,
 ) -> list[LayerRecord]:
     """Quantize the decoder blocks in order, each on the outputs of the quantized ones before it.
 
-    `onload(index)`, when given, reads block `index` from disk just before it is needed.
+    `onload(index)`, when given, reads block `index` from disk just before it is needed;
+    with `spill_dir` the activations between blocks live in files there instead of memory.
     """
     device = torch.device(device)
     blocks = decoder_blocks(model)
     records: list[LayerRecord] = []
-    inputs = capture_block_inputs(model, windows, device)
+    inputs = capture_block_inputs(model, windows, device, spill_dir)
     first = 0
     if state is not None and state.completed:
         for index in range(state.completed if onload is not None else 0):
             onload(index)
         state.restore_blocks(model)
-        inputs = BlockInputs(state.activations()["quantized"], inputs.kwargs)
+        inputs = BlockInputs(state.activations(spill_dir)["quantized"], inputs.kwargs)
         records = [LayerRecord(**r) for r in state.records.get("layers", [])]
         first = state.completed
     with progress_bar(show_progress) as bar:
@@ -161,7 +169,7 @@ def quantize_sequential(
                 set_module(model, name, packed_module(packed, bias).to(device))
                 records.append(LayerRecord(name, config.method, layer_cfg.bits, layer_cfg.group_size, packed.numel,
                                            packed.bits_per_weight, error, seconds))
-            inputs = BlockInputs(run_block(block, inputs, device), inputs.kwargs)
+            inputs = BlockInputs(run_block(block, inputs, device, spill_dir), inputs.kwargs)
             block.to("cpu")
             if state is not None:
                 state.commit_block(model, index, {"quantized": inputs.hidden}, {"layers": records})
