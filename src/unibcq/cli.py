@@ -336,8 +336,8 @@ def _onload_within_budget(config, source, max_memory: str):
             f"training state and the packed output need about {spilled / 2**30:.2f} GiB even with the "
             "calibration activations on disk; raise it or use fewer --calib-samples / a shorter --seq-len"
         )
-    print(f"calibration activations ({(needed - spilled) / 2**30:.2f} GiB with one batch in memory) go to disk "
-          f"to stay within --max-memory {budget / 2**30:.2f} GiB")
+    print(f"calibration activations go to disk ({(needed - spilled) / 2**30:.2f} GiB less in memory) to stay within "
+          f"--max-memory {budget / 2**30:.2f} GiB")
     return model, onload, True
 
 

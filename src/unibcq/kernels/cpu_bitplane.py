@@ -290,7 +290,8 @@ if AVAILABLE:
         k1 = builder.select(builder.icmp_signed("<", k1, full_bytes), k1, full_bytes)
         alpha_g = builder.gep(alpha_row, [builder.mul(g, _const(n_planes))], source_etype=_F32)
         alphas = [builder.load(builder.gep(alpha_g, [_const(b)], source_etype=_F32), typ=_F32) for b in range(n_planes)]
-        offset = builder.load(builder.gep(offset_row, [g], source_etype=_F32), typ=_F32)
+        offset_index = builder.select(has_offset, g, _const(0))  # without offsets the array is a 1x1 dummy
+        offset = builder.load(builder.gep(offset_row, [offset_index], source_etype=_F32), typ=_F32)
         wide = [(_broadcast(builder, a), _broadcast(builder, builder.fneg(a))) for a in alphas]
         wide_offset = _broadcast(builder, offset)
         narrow_lanes = ir.Constant(ir.VectorType(_I32, 8), list(range(8)))
