@@ -152,11 +152,13 @@ if AVAILABLE:
             sums = [[builder.fadd(a, b) for a, b in zip(ra, rb)] for ra, rb in zip(sums, extra)]
         return sums
 
-    def _emit_row(builder: "ir.IRBuilder", n_planes: int, n_rows: int, x_rows: list, out_ptrs: list,
-                  plane_row0, plane_stride, chunks, groups, chunks_per_group, alpha_row) -> None:
-        """Store sum_g sum_b alpha[g, b] * P[g, b] of one weight row for n_rows inputs."""
+    def _open_group_loop(builder: "ir.IRBuilder", tag: str, n_planes: int, plane_row0, plane_stride) -> tuple:
+        """Start a loop over groups: (plane row pointers, group phi g, entry block, head, body, exit).
+
+        The caller may add its own phis to `head` (its first instructions are phis), then
+        calls `_enter_group` and, at the end of the body, `_close_group_loop`.
+        """
         fn = builder.function
-        tag = f"{n_planes}x{n_rows}"
         pre = builder.block
         head, body, done = (fn.append_basic_block(f"{name}{tag}") for name in ("ghead", "gbody", "gdone"))
         plane_rows = [builder.gep(plane_row0, [builder.mul(_const(b), plane_stride)], source_etype=_I8)
@@ -165,18 +167,37 @@ if AVAILABLE:
         builder.position_at_end(head)
         g = builder.phi(_I64)
         g.add_incoming(_const(0), pre)
-        totals = [builder.phi(_VEC) for _ in range(n_rows)]
-        for total in totals:
-            total.add_incoming(_ZERO, pre)
+        return plane_rows, g, pre, head, body, done
+
+    def _enter_group(builder: "ir.IRBuilder", g, groups, body, done, chunks_per_group, byte_limit, alpha_row,
+                     n_planes: int) -> tuple:
+        """Branch into the body for group g < groups: (first byte, end byte, alphas of the group)."""
         builder.cbranch(builder.icmp_signed("<", g, groups), body, done)
         builder.position_at_end(body)
         k0 = builder.mul(g, chunks_per_group)
         k1 = builder.add(k0, chunks_per_group)
-        k1 = builder.select(builder.icmp_signed("<", k1, chunks), k1, chunks)
-        sums = _emit_chunk_loop(builder, x_rows, plane_rows, k0, k1, tag)
+        k1 = builder.select(builder.icmp_signed("<", k1, byte_limit), k1, byte_limit)
         alpha_g = builder.gep(alpha_row, [builder.mul(g, _const(n_planes))], source_etype=_F32)
-        alphas = [_broadcast(builder, builder.load(builder.gep(alpha_g, [_const(b)], source_etype=_F32), typ=_F32))
-                  for b in range(n_planes)]
+        alphas = [builder.load(builder.gep(alpha_g, [_const(b)], source_etype=_F32), typ=_F32) for b in range(n_planes)]
+        return k0, k1, alphas
+
+    def _close_group_loop(builder: "ir.IRBuilder", g, head, done) -> None:
+        g.add_incoming(builder.add(g, _const(1)), builder.block)
+        builder.branch(head)
+        builder.position_at_end(done)
+
+    def _emit_row(builder: "ir.IRBuilder", n_planes: int, n_rows: int, x_rows: list, out_ptrs: list,
+                  plane_row0, plane_stride, chunks, groups, chunks_per_group, alpha_row) -> None:
+        """Store sum_g sum_b alpha[g, b] * P[g, b] of one weight row for n_rows inputs."""
+        tag = f"{n_planes}x{n_rows}"
+        plane_rows, g, pre, head, body, done = _open_group_loop(builder, tag, n_planes, plane_row0, plane_stride)
+        totals = [builder.phi(_VEC) for _ in range(n_rows)]
+        for total in totals:
+            total.add_incoming(_ZERO, pre)
+        k0, k1, alpha_values = _enter_group(builder, g, groups, body, done, chunks_per_group, chunks, alpha_row,
+                                            n_planes)
+        sums = _emit_chunk_loop(builder, x_rows, plane_rows, k0, k1, tag)
+        alphas = [_broadcast(builder, a) for a in alpha_values]
         new_totals = []
         for total, row_sums in zip(totals, sums):
             for a, s in zip(alphas, row_sums):
@@ -184,9 +205,7 @@ if AVAILABLE:
             new_totals.append(total)
         for phi, value in zip(totals, new_totals):
             phi.add_incoming(value, builder.block)
-        g.add_incoming(builder.add(g, _const(1)), builder.block)
-        builder.branch(head)
-        builder.position_at_end(done)
+        _close_group_loop(builder, g, head, done)
         for total, ptr in zip(totals, out_ptrs):
             builder.store(_horizontal_sum(builder, total), ptr)
 
@@ -275,21 +294,9 @@ if AVAILABLE:
         fn = builder.function
         tag = f"d{n_planes}"
         half = ir.VectorType(_F32, 8)
-        pre = builder.block
-        ghead, gbody, gdone = (fn.append_basic_block(f"{name}{tag}") for name in ("ghead", "gbody", "gdone"))
-        plane_rows = [builder.gep(plane_row0, [builder.mul(_const(b), plane_stride)], source_etype=_I8)
-                      for b in range(n_planes)]
-        builder.branch(ghead)
-        builder.position_at_end(ghead)
-        g = builder.phi(_I64)
-        g.add_incoming(_const(0), pre)
-        builder.cbranch(builder.icmp_signed("<", g, groups), gbody, gdone)
-        builder.position_at_end(gbody)
-        k0 = builder.mul(g, chunks_per_group)
-        k1 = builder.add(k0, chunks_per_group)
-        k1 = builder.select(builder.icmp_signed("<", k1, full_bytes), k1, full_bytes)
-        alpha_g = builder.gep(alpha_row, [builder.mul(g, _const(n_planes))], source_etype=_F32)
-        alphas = [builder.load(builder.gep(alpha_g, [_const(b)], source_etype=_F32), typ=_F32) for b in range(n_planes)]
+        plane_rows, g, _, ghead, gbody, gdone = _open_group_loop(builder, tag, n_planes, plane_row0, plane_stride)
+        k0, k1, alphas = _enter_group(builder, g, groups, gbody, gdone, chunks_per_group, full_bytes, alpha_row,
+                                      n_planes)
         offset_index = builder.select(has_offset, g, _const(0))  # without offsets the array is a 1x1 dummy
         offset = builder.load(builder.gep(offset_row, [offset_index], source_etype=_F32), typ=_F32)
         wide = [(_broadcast(builder, a), _broadcast(builder, builder.fneg(a))) for a in alphas]
@@ -329,9 +336,7 @@ if AVAILABLE:
         emit_step(k, 8)
         builder.branch(done)
         builder.position_at_end(done)
-        g.add_incoming(builder.add(g, _const(1)), done)
-        builder.branch(ghead)
-        builder.position_at_end(gdone)
+        _close_group_loop(builder, g, ghead, gdone)
 
     @intrinsic
     def _dequantize_whole_bytes(typingctx, planes, r, alpha, offset, has_offset, chunks_per_group, out):
