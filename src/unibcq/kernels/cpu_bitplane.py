@@ -169,17 +169,18 @@ if AVAILABLE:
         g.add_incoming(_const(0), pre)
         return plane_rows, g, pre, head, body, done
 
-    def _enter_group(builder: "ir.IRBuilder", g, groups, body, done, chunks_per_group, byte_limit, alpha_row,
-                     n_planes: int) -> tuple:
-        """Branch into the body for group g < groups: (first byte, end byte, alphas of the group)."""
+    def _enter_group(builder: "ir.IRBuilder", g, groups, body, done, chunks_per_group, byte_limit) -> tuple:
+        """Branch into the body for group g < groups: (first byte, end byte) of the group."""
         builder.cbranch(builder.icmp_signed("<", g, groups), body, done)
         builder.position_at_end(body)
         k0 = builder.mul(g, chunks_per_group)
         k1 = builder.add(k0, chunks_per_group)
-        k1 = builder.select(builder.icmp_signed("<", k1, byte_limit), k1, byte_limit)
+        return k0, builder.select(builder.icmp_signed("<", k1, byte_limit), k1, byte_limit)
+
+    def _group_alphas(builder: "ir.IRBuilder", alpha_row, g, n_planes: int) -> list:
+        """alpha[g, 0..n_planes) of one weight row, as scalars."""
         alpha_g = builder.gep(alpha_row, [builder.mul(g, _const(n_planes))], source_etype=_F32)
-        alphas = [builder.load(builder.gep(alpha_g, [_const(b)], source_etype=_F32), typ=_F32) for b in range(n_planes)]
-        return k0, k1, alphas
+        return [builder.load(builder.gep(alpha_g, [_const(b)], source_etype=_F32), typ=_F32) for b in range(n_planes)]
 
     def _close_group_loop(builder: "ir.IRBuilder", g, head, done) -> None:
         g.add_incoming(builder.add(g, _const(1)), builder.block)
@@ -194,10 +195,9 @@ if AVAILABLE:
         totals = [builder.phi(_VEC) for _ in range(n_rows)]
         for total in totals:
             total.add_incoming(_ZERO, pre)
-        k0, k1, alpha_values = _enter_group(builder, g, groups, body, done, chunks_per_group, chunks, alpha_row,
-                                            n_planes)
+        k0, k1 = _enter_group(builder, g, groups, body, done, chunks_per_group, chunks)
         sums = _emit_chunk_loop(builder, x_rows, plane_rows, k0, k1, tag)
-        alphas = [_broadcast(builder, a) for a in alpha_values]
+        alphas = [_broadcast(builder, a) for a in _group_alphas(builder, alpha_row, g, n_planes)]
         new_totals = []
         for total, row_sums in zip(totals, sums):
             for a, s in zip(alphas, row_sums):
@@ -295,8 +295,8 @@ if AVAILABLE:
         tag = f"d{n_planes}"
         half = ir.VectorType(_F32, 8)
         plane_rows, g, _, ghead, gbody, gdone = _open_group_loop(builder, tag, n_planes, plane_row0, plane_stride)
-        k0, k1, alphas = _enter_group(builder, g, groups, gbody, gdone, chunks_per_group, full_bytes, alpha_row,
-                                      n_planes)
+        k0, k1 = _enter_group(builder, g, groups, gbody, gdone, chunks_per_group, full_bytes)
+        alphas = _group_alphas(builder, alpha_row, g, n_planes)
         offset_index = builder.select(has_offset, g, _const(0))  # without offsets the array is a 1x1 dummy
         offset = builder.load(builder.gep(offset_row, [offset_index], source_etype=_F32), typ=_F32)
         wide = [(_broadcast(builder, a), _broadcast(builder, builder.fneg(a))) for a in alphas]
