@@ -152,6 +152,21 @@ if AVAILABLE:
             sums = [[builder.fadd(a, b) for a, b in zip(ra, rb)] for ra, rb in zip(sums, extra)]
         return sums
 
+    def _emit_switch(builder: "ir.IRBuilder", selector, cases: list) -> None:
+        """Branch on `selector` to one block per (value, emit) case; other values do nothing."""
+        fn = builder.function
+        merge, default = fn.append_basic_block("merge"), fn.append_basic_block("default")
+        switch = builder.switch(selector, default)
+        for value, emit in cases:
+            block = fn.append_basic_block(f"case{value}")
+            switch.add_case(_const(value), block)
+            builder.position_at_end(block)
+            emit()
+            builder.branch(merge)
+        builder.position_at_end(default)
+        builder.branch(merge)
+        builder.position_at_end(merge)
+
     def _open_group_loop(builder: "ir.IRBuilder", tag: str, n_planes: int, plane_row0, plane_stride) -> tuple:
         """Start a loop over groups: (plane row pointers, group phi g, entry block, head, body, exit).
 
@@ -229,27 +244,21 @@ if AVAILABLE:
             _, groups, _ = cgutils.unpack_tuple(builder, al.shape, 3)
             plane_row0 = builder.gep(ps.data, [builder.mul(r_, chunks)], source_etype=_I8)
             alpha_row = builder.gep(al.data, [builder.mul(builder.mul(r_, groups), bits)], source_etype=_F32)
-            fn = builder.function
-            merge, default = fn.append_basic_block("merge"), fn.append_basic_block("default")
+
+            def emit_case(n_planes: int, n_rows: int) -> None:
+                x_rows, out_ptrs = [], []
+                for j in range(n_rows):
+                    row = builder.add(first_, _const(j))
+                    x_rows.append(builder.gep(xs.data, [builder.mul(row, x_cols)], source_etype=_F32))
+                    out_ptrs.append(builder.gep(os_.data, [builder.add(builder.mul(row, rows), r_)],
+                                                source_etype=_F32))
+                _emit_row(builder, n_planes, n_rows, x_rows, out_ptrs, plane_row0, builder.mul(rows, chunks),
+                          chunks, groups, cpg_, alpha_row)
+
             selector = builder.add(builder.mul(bits, _const(BATCH_BLOCK)), count_)
-            switch = builder.switch(selector, default)
-            for n_planes in range(1, MAX_BITS + 1):
-                for n_rows in range(1, BATCH_BLOCK + 1):
-                    block = fn.append_basic_block(f"case{n_planes}x{n_rows}")
-                    switch.add_case(_const(n_planes * BATCH_BLOCK + n_rows), block)
-                    builder.position_at_end(block)
-                    x_rows, out_ptrs = [], []
-                    for j in range(n_rows):
-                        row = builder.add(first_, _const(j))
-                        x_rows.append(builder.gep(xs.data, [builder.mul(row, x_cols)], source_etype=_F32))
-                        out_ptrs.append(builder.gep(os_.data, [builder.add(builder.mul(row, rows), r_)],
-                                                    source_etype=_F32))
-                    _emit_row(builder, n_planes, n_rows, x_rows, out_ptrs, plane_row0, builder.mul(rows, chunks),
-                              chunks, groups, cpg_, alpha_row)
-                    builder.branch(merge)
-            builder.position_at_end(default)
-            builder.branch(merge)
-            builder.position_at_end(merge)
+            _emit_switch(builder, selector, [
+                (n_planes * BATCH_BLOCK + n_rows, lambda n_planes=n_planes, n_rows=n_rows: emit_case(n_planes, n_rows))
+                for n_planes in range(1, MAX_BITS + 1) for n_rows in range(1, BATCH_BLOCK + 1)])
             return context.get_dummy_value()
 
         return sig, codegen
@@ -360,19 +369,11 @@ if AVAILABLE:
             offset_row = builder.select(has_offset_, offset_row, off.data)
             out_row = builder.gep(os_.data, [builder.mul(r_, in_features)], source_etype=_F32)
             full_bytes = builder.sdiv(in_features, _const(8))
-            fn = builder.function
-            merge, default = fn.append_basic_block("merge"), fn.append_basic_block("default")
-            switch = builder.switch(bits, default)
-            for n_planes in range(1, MAX_BITS + 1):
-                block = fn.append_basic_block(f"dcase{n_planes}")
-                switch.add_case(_const(n_planes), block)
-                builder.position_at_end(block)
-                _emit_dequantize_row(builder, n_planes, plane_row0, builder.mul(rows, chunks), groups, cpg_,
-                                     full_bytes, alpha_row, offset_row, has_offset_, out_row)
-                builder.branch(merge)
-            builder.position_at_end(default)
-            builder.branch(merge)
-            builder.position_at_end(merge)
+            _emit_switch(builder, bits, [
+                (n_planes, lambda n_planes=n_planes: _emit_dequantize_row(
+                    builder, n_planes, plane_row0, builder.mul(rows, chunks), groups, cpg_, full_bytes, alpha_row,
+                    offset_row, has_offset_, out_row))
+                for n_planes in range(1, MAX_BITS + 1)])
             return context.get_dummy_value()
 
         return sig, codegen
