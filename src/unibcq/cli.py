@@ -326,10 +326,11 @@ def _onload_within_budget(config, source, max_memory: str):
 
     budget = parse_memory(max_memory)
     model, onload = onload_model(snapshot_dir(source))
-    needed = memory_estimate(model, config.calib_samples, config.calib_seq_len, config.bits)
+    shape = (config.method, config.calib_samples, config.calib_seq_len, config.bits)
+    needed = memory_estimate(model, *shape, batch_size=config.batch_size)
     if needed <= budget:
         return model, onload, False
-    spilled = memory_estimate(model, config.calib_samples, config.calib_seq_len, config.bits, spill=True)
+    spilled = memory_estimate(model, *shape, spill=True, batch_size=config.batch_size)
     if spilled > budget:
         raise UnibcqError(
             f"--max-memory {budget / 2**30:.2f} GiB is too small for {config.method} on this model: one block's "

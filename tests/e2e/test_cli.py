@@ -242,7 +242,7 @@ def test_max_memory_spills_activations_when_only_they_do_not_fit(capsys, tmp_pat
     common = ["--method", "gptq", "--bits", "3", "--group-size", "32", "--calib", corpus_file, "--calib-samples", "4",
               "--seq-len", "16", "--no-progress"]
     model, _ = onload_model(tiny_model_dir)
-    budget = memory_estimate(model, 4, 16, 3, spill=True)  # below the in-memory estimate
+    budget = memory_estimate(model, "gptq", 4, 16, 3, spill=True)  # below the in-memory estimate
     code, _, err = run(capsys, "quantize", tiny_model_dir, *common, "--out", tmp_path / "in-memory")
     assert code == 0, err
     code, stdout, err = run(capsys, "quantize", tiny_model_dir, *common, "--max-memory", str(budget),

@@ -43,28 +43,42 @@ def _materialize(module: nn.Module, prefix: str, files: dict[str, Path]) -> None
 
 # Python, torch and transformers before any weight is read.
 BASELINE_BYTES = 700 * 2**20
-# Peak memory of one block's quantization, in multiples of its fp32 weights: the weights,
-# the element-wise fake-quant parameters (UniQuanF's d2, FlexRound's divisor), gradients,
-# two Adam moments, int64 level codes and the unified init's temporaries. Measured: 25x for
-# UniQuanF on a 2048 x 5504 Llama block (benchmarks/streaming_7b.py, 6804 MiB peak), so 30.
-BLOCK_COPIES = 30
-# Full-precision inputs, quantized inputs and targets of the calibration set.
-ACTIVATION_STREAMS = 3
+# Per kind of calibrated method: (peak memory of one block's quantization in multiples of its
+# fp32 weights, copies of (hidden + intermediate + heads x seq_len) floats per token of one
+# window's activations held while it runs, activation streams kept between blocks).
+# Reconstruction (UniQuanF, FlexRound) holds the weights, element-wise parameters, gradients,
+# two Adam moments, int64 level codes and the unified init's temporaries, and the window's
+# activations for the backward pass; it keeps full-precision inputs, quantized inputs and
+# targets. Measured for UniQuanF: 27x a 2048 x 5504 Llama block with 128-token windows
+# (6804 MiB peak) and 43x a 1024 x 2816 block with 1024-token windows (3389 MiB).
+# GPTQ holds per-layer Hessians and the column-update temporaries, runs windows without
+# gradients, and keeps one stream plus the one it is writing (1756 MiB peak measured on the
+# 1024 x 2816 model with 64 x 1024 tokens spilled).
+RECONSTRUCTION_COST = (30, 20, 3)
+HESSIAN_COST = (15, 4, 2)
 
 
-def memory_estimate(model: PreTrainedModel, calib_samples: int, seq_len: int, bits: int, spill: bool = False) -> int:
-    """Bytes a calibrated run on an onloaded model needs at its peak (see the constants).
+def memory_estimate(model: PreTrainedModel, method: str, calib_samples: int, seq_len: int, bits: int,
+                    spill: bool = False, batch_size: int = 1) -> int:
+    """Bytes a calibrated run of `method` on an onloaded model needs at its peak (see the constants).
 
-    With `spill` the activation streams live on disk and only the samples in use (one per
-    stream) count.
+    With `spill` the activation streams live on disk and only the samples in use (one
+    batch per stream) count.
     """
+    from unibcq.methods.registry import HESSIAN_METHODS
+
+    block_copies, window_copies, streams = HESSIAN_COST if method in HESSIAN_METHODS else RECONSTRUCTION_COST
+    config = model.config
     resident = sum(p.numel() * 4 for p in model.parameters() if not p.is_meta)
     blocks = decoder_blocks(model)
     block = sum(p.numel() for p in blocks[0].parameters()) * 4
     packed = sum(p.numel() for b in blocks for p in b.parameters()) * (bits + 1) / 8
-    samples_held = 1 if spill else calib_samples
-    activations = ACTIVATION_STREAMS * samples_held * seq_len * model.config.hidden_size * 4
-    return int(BASELINE_BYTES + resident + BLOCK_COPIES * block + packed + activations)
+    per_token = (config.hidden_size + getattr(config, "intermediate_size", 4 * config.hidden_size)
+                 + getattr(config, "num_attention_heads", 1) * seq_len)
+    window = window_copies * batch_size * seq_len * per_token * 4
+    samples_held = batch_size if spill else calib_samples
+    activations = streams * samples_held * seq_len * config.hidden_size * 4
+    return int(BASELINE_BYTES + resident + block_copies * block + window + packed + activations)
 
 
 class BlockOnloader:
