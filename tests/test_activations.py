@@ -45,9 +45,18 @@ def test_save_and_load_round_trip(tmp_path, spill_from, spill_to):
     items = samples(4)
     store = as_store(items, tmp_path / "a" if spill_from else None)
     store.save(tmp_path / "saved")
-    loaded = ActivationStore.load(tmp_path / "saved", tmp_path / "b" if spill_to else None)
+    loaded = ActivationStore.load(tmp_path / "saved", 4, tmp_path / "b" if spill_to else None)
     assert loaded.spilled == spill_to and len(loaded) == 4
     assert all(torch.equal(a, b) for a, b in zip(loaded, items))
+
+
+def test_load_refuses_a_stream_with_missing_samples(tmp_path):
+    as_store(samples(4)).save(tmp_path / "saved")
+    (tmp_path / "saved" / "000002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        ActivationStore.load(tmp_path / "saved", 4)
+    with pytest.raises(CheckpointError):
+        ActivationStore.load(tmp_path / "saved", 1)  # more files than the state recorded
 
 
 def test_corrupt_sample_file_is_a_clear_error(tmp_path):

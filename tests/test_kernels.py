@@ -130,3 +130,20 @@ def test_bitplane_kernel_leaves_torch_thread_count_alone():
     threads = torch.get_num_threads()
     bcq_linear(torch.randn(1, 128), random_bcq(16, 128, 3, 32, True, seed=1), backend="bitplane")
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.skipif(not cpu_bitplane.AVAILABLE, reason="numba missing")
+def test_scale_cache_follows_replaced_data():
+    weight = random_bcq(16, 64, 2, 32, True, seed=6)
+    x = torch.randn(1, 64)
+    before = bcq_linear(x, weight, backend="bitplane")
+    weight.alpha.data = weight.alpha.data * 2  # new storage, same version counter
+    weight.offset.data = weight.offset.data * 2
+    torch.testing.assert_close(bcq_linear(x, weight, backend="bitplane"), 2 * before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not cpu_bitplane.AVAILABLE, reason="numba missing")
+def test_empty_products():
+    weight = random_bcq(0, 64, 2, 32, True, seed=7)
+    assert bcq_linear(torch.randn(2, 64), weight, backend="bitplane").shape == (2, 0)
+    assert cpu_bitplane.dequantize(weight.planes, weight.alpha, weight.offset, 64, 32).shape == (0, 64)

@@ -93,3 +93,17 @@ def test_corrupt_state_is_a_clear_error(tiny_llama, tmp_path, monkeypatch):
     (tmp_path / "s" / run_state.STATE_FILE).write_text("{not json")
     with pytest.raises(unibcq.CheckpointError, match="corrupt"):
         unibcq.quantize(tiny_llama(), config, calib, show_progress=False, state_dir=tmp_path / "s", resume=True)
+
+
+def test_a_second_run_on_a_locked_state_fails_without_touching_it(tmp_path):
+    fingerprint = {"run": 1}
+    first = RunState.open(tmp_path / "s", fingerprint, resume=False)
+    spill = tmp_path / "s" / f"{run_state.SPILL_PREFIX}live"
+    spill.mkdir()
+    with pytest.raises(unibcq.UnibcqError, match="another unibcq run"):
+        RunState.open(tmp_path / "s", fingerprint, resume=False)
+    assert spill.is_dir()  # the running run's spill folder survives
+    first.close()
+    second = RunState.open(tmp_path / "s", fingerprint, resume=False)
+    assert not spill.exists()  # a killed run's scratch is cleared once the directory is ours
+    second.close()

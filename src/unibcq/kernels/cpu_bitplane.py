@@ -29,6 +29,7 @@ stored scale, e.g. 0.75 bits per weight at 3 bits, group 128.
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import numpy as np
@@ -397,16 +398,19 @@ if AVAILABLE:
                 out[r, col] = value
 
 
-_FLOAT32_CACHE: dict[int, tuple[weakref.ref, int, np.ndarray]] = {}
+_FLOAT32_CACHE: dict[int, tuple[weakref.ref, tuple[int, int], np.ndarray]] = {}
+# numba's workqueue pool aborts the process if two threads enter parallel code at once.
+_PARALLEL_LOCK = threading.Lock()
 
 
 def _float32(tensor: torch.Tensor) -> np.ndarray:
     """`tensor` as a contiguous float32 array, converted once per stored version."""
     key = id(tensor)
     cached = _FLOAT32_CACHE.get(key)
-    if cached is None or cached[0]() is not tensor or cached[1] != tensor._version:
+    stamp = (tensor._version, tensor.data_ptr())  # in-place writes bump the version; `.data =` moves the data
+    if cached is None or cached[0]() is not tensor or cached[1] != stamp:
         ref = weakref.ref(tensor, lambda _, key=key: _FLOAT32_CACHE.pop(key, None))
-        cached = (ref, tensor._version, tensor.detach().float().contiguous().numpy())
+        cached = (ref, stamp, tensor.detach().float().contiguous().numpy())
         _FLOAT32_CACHE[key] = cached
     return cached[2]
 
@@ -443,7 +447,11 @@ def dequantize(planes: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor |
         out = torch.empty(shape, dtype=torch.float32)
     elif out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 tensor of shape {shape}")
-    _dequantize(planes.contiguous().numpy(), alpha_np, offset_np, offset is not None, bytes_per_group, out.numpy())
+    if out.numel() == 0:
+        return out
+    with _PARALLEL_LOCK:
+        _dequantize(planes.contiguous().numpy(), alpha_np, offset_np, offset is not None, bytes_per_group,
+                    out.numpy())
     return out
 
 
@@ -456,8 +464,11 @@ def bitplane_linear(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, 
     """
     gs, bytes_per_group, alpha_np, offset_np = _prepare(planes, alpha, offset, in_features, group_size,
                                                         "bit-plane GEMV")
-    parallel = numba.get_num_threads() > 1 and planes.numel() * x.shape[0] >= PARALLEL_MIN_BYTES
-    gemv = _gemv_parallel if parallel else _gemv_serial
-    out = gemv(x.detach().to(torch.float32).contiguous().numpy(), planes.contiguous().numpy(), alpha_np,
-               offset_np, gs, bytes_per_group, offset is not None)
-    return torch.from_numpy(out)
+    if x.shape[0] == 0 or planes.shape[1] == 0 or in_features == 0:
+        return torch.zeros(x.shape[0], planes.shape[1])
+    args = (x.detach().to(torch.float32).contiguous().numpy(), planes.contiguous().numpy(), alpha_np, offset_np, gs,
+            bytes_per_group, offset is not None)
+    if numba.get_num_threads() > 1 and planes.numel() * x.shape[0] >= PARALLEL_MIN_BYTES:
+        with _PARALLEL_LOCK:
+            return torch.from_numpy(_gemv_parallel(*args))
+    return torch.from_numpy(_gemv_serial(*args))

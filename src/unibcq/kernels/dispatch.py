@@ -72,14 +72,20 @@ def choose_backend(x: torch.Tensor, in_features: int, group_size: int, backend: 
 _WORKSPACE = threading.local()
 
 
-def _workspace(shape: tuple[int, int]) -> torch.Tensor:
+WORKSPACE_MAX_BYTES = 256 * 2**20
+
+
+def _workspace(shape: tuple[int, int]) -> torch.Tensor | None:
     """A per-thread float32 scratch matrix of `shape`, reusing (and growing) one buffer.
 
     The reference path's dense weight lives only for one matmul; refilling the same pages
     avoids a fresh allocation's page faults (~25 ms for a 4096x4096 fp32 matrix, ten times
-    the dequantize). It holds the largest layer seen by this thread in fp32.
+    the dequantize). It holds the largest layer seen by this thread in fp32, up to
+    WORKSPACE_MAX_BYTES; larger layers (None) get a fresh matrix each call.
     """
     numel = shape[0] * shape[1]
+    if numel * 4 > WORKSPACE_MAX_BYTES:
+        return None
     buffer = getattr(_WORKSPACE, "buffer", None)
     if buffer is None or buffer.numel() < numel:
         buffer = _WORKSPACE.buffer = torch.empty(numel, dtype=torch.float32)

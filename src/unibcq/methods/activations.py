@@ -97,11 +97,11 @@ class ActivationStore(Sequence[torch.Tensor]):
             save_file({_KEY: self[index].contiguous()}, str(target))
 
     @classmethod
-    def load(cls, folder: Path, spill_dir: str | os.PathLike | None = None) -> "ActivationStore":
-        """The stream saved by `save` in `folder`: read into memory, or (with `spill_dir`) linked there."""
-        count = 0
-        while _sample_file(folder, count).is_file():
-            count += 1
+    def load(cls, folder: Path, count: int, spill_dir: str | os.PathLike | None = None) -> "ActivationStore":
+        """The `count` samples saved by `save` in `folder`: read into memory, or (with `spill_dir`) linked there."""
+        missing = [i for i in range(count) if not _sample_file(folder, i).is_file()]
+        if missing or _sample_file(folder, count).is_file():
+            raise CheckpointError(f"{folder} does not hold the {count} saved samples (missing: {missing[:3]})")
         store = cls(spill_dir)
         for index in range(count):
             if store.folder is None:

@@ -61,13 +61,17 @@ def quantize_model(
             raise UnibcqError(f"{config.method} quantizes decoder blocks only; drop --quantize-lm-head")
         state = (RunState.open(state_dir, run_fingerprint(model, config, calibration), resume)
                  if state_dir is not None else None)
-        with tempfile.TemporaryDirectory(prefix=SPILL_PREFIX, dir=state_dir) as spill:
-            spill_dir = spill if spill_activations else None
-            if config.method in HESSIAN_METHODS:
-                return quantize_sequential(model, config, calibration, HESSIAN_METHODS[config.method], device,
-                                           show_progress, state, onload, spill_dir)
-            return reconstruct_blocks(model, config, calibration, device, show_progress, state, onload,
-                                      spill_dir)[0]
+        try:
+            with tempfile.TemporaryDirectory(prefix=SPILL_PREFIX, dir=state_dir) as spill:
+                spill_dir = spill if spill_activations else None
+                if config.method in HESSIAN_METHODS:
+                    return quantize_sequential(model, config, calibration, HESSIAN_METHODS[config.method], device,
+                                               show_progress, state, onload, spill_dir)
+                return reconstruct_blocks(model, config, calibration, device, show_progress, state, onload,
+                                          spill_dir)[0]
+        finally:
+            if state is not None:
+                state.close()
     if onload is not None:
         raise UnibcqError("per-matrix methods stream weights themselves; onloading is for calibrated methods")
     return quantize_per_matrix(model, config, show_progress, workers, backend)

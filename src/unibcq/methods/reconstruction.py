@@ -128,8 +128,10 @@ def reconstruct_blocks(
     for param in model.parameters():
         param.requires_grad_(False)
     captured = capture_block_inputs(model, windows, device, spill_dir)
-    kwargs = {k: _to(v, device) for k, v in captured.kwargs.items()}
+    block_kwargs = captured.kwargs
+    kwargs = {k: _to(v, device) for k, v in block_kwargs.items()}
     q_in, fp_in = captured.hidden, captured.hidden
+    del captured  # at most three streams alive at once: q_in, fp_in and the one being written
     layer_records: list[LayerRecord] = []
     block_records: list[BlockRecord] = []
     first = 0
@@ -152,7 +154,7 @@ def reconstruct_blocks(
                 onload(index)
             start = time.perf_counter()
             block.to(device)
-            targets = run_block(block, BlockInputs(fp_in, captured.kwargs), device, spill_dir)
+            targets = run_block(block, BlockInputs(fp_in, block_kwargs), device, spill_dir)
             layers = block_linears(model, index)
             fakes = {}
             for name, layer in layers.items():
@@ -179,8 +181,8 @@ def reconstruct_blocks(
                                                  packed.bits_per_weight, error, 0.0))
             del fakes
             final = block_loss(block, q_in, targets, kwargs, device)
-            q_in = run_block(block, BlockInputs(q_in, captured.kwargs), device, spill_dir)
             fp_in = targets
+            q_in = run_block(block, BlockInputs(q_in, block_kwargs), device, spill_dir)
             block.to("cpu")
             block_records.append(BlockRecord(index, initial, final, iterations, time.perf_counter() - start))
             if state is not None:

@@ -16,6 +16,7 @@ different is refused rather than silently mixing two runs.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -39,6 +40,12 @@ from unibcq.nn.qlinear import PACKED_MODULES, PackedLinear
 
 STATE_FILE = "state.json"
 SPILL_PREFIX = "unibcq-spill-"  # activation spill folders a run makes inside its state directory
+LOCK_FILE = "lock"  # held (flock) by the run using the directory
+
+
+def _is_scratch(path: Path) -> bool:
+    """Files a killed run may leave that no later run needs: spill folders, temporaries, the lock."""
+    return path.name.startswith(SPILL_PREFIX) or ".tmp-" in path.name or path.name == LOCK_FILE
 STATE_VERSION = 2  # 2: activation streams as folders of per-sample files
 
 
@@ -82,6 +89,8 @@ class RunState:
         self.completed = 0
         self.records: dict[str, list[dict[str, Any]]] = {}
         self.layouts: dict[str, dict[str, Any]] = {}
+        self.streams: dict[str, int] = {}  # samples per saved activation stream
+        self._lock_fd: int | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike, fingerprint: dict[str, Any], resume: bool) -> "RunState":
@@ -92,13 +101,12 @@ class RunState:
         """
         state = cls(path, fingerprint)
         record = state.path / STATE_FILE
-        if state.path.is_dir():  # spill folders of a killed run hold nothing a resumed run needs
-            for leftover in state.path.glob(f"{SPILL_PREFIX}*"):
-                shutil.rmtree(leftover, ignore_errors=True)
         if not record.is_file():
-            if state.path.exists() and any(state.path.iterdir()) and resume:
+            own = [p for p in state.path.iterdir() if not _is_scratch(p)] if state.path.is_dir() else []
+            if own and resume:
                 raise UnibcqError(f"{state.path} has no {STATE_FILE}; it is not a unibcq run state, remove it")
             state.path.mkdir(parents=True, exist_ok=True)
+            state._take()
             return state
         if not resume:
             raise UnibcqError(f"{state.path} holds a half-finished run; pass --resume to continue it, "
@@ -108,15 +116,42 @@ class RunState:
             if saved.get("version") != STATE_VERSION:
                 raise ValueError(f"state version {saved.get('version')!r}, expected {STATE_VERSION}")
             completed, records, layouts = int(saved["completed"]), saved["records"], saved["layouts"]
-        except (ValueError, KeyError, TypeError) as exc:
+            streams = {str(k): int(v) for k, v in saved["streams"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{record} is corrupt ({exc}); remove {state.path} to start over") from exc
         if saved.get("fingerprint") != state.fingerprint:
             differs = sorted(key for key in set(saved.get("fingerprint", {})) | set(state.fingerprint)
                              if saved.get("fingerprint", {}).get(key) != state.fingerprint.get(key))
             raise UnibcqError(f"{state.path} was saved by a different run (differs in: {', '.join(differs)}); "
                               f"rerun the same command to resume, or remove that directory to start over")
-        state.completed, state.records, state.layouts = completed, records, layouts
+        state.completed, state.records, state.layouts, state.streams = completed, records, layouts, streams
+        state._take()
         return state
+
+    def _take(self) -> None:
+        """Lock the directory for this run, then clear what a killed run left behind.
+
+        The lock makes a second run on the same output fail instead of deleting the first
+        one's files; it is released by `close` (or when the process ends).
+        """
+        self._lock_fd = os.open(self.path / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise UnibcqError(f"another unibcq run is using {self.path}; wait for it to finish or stop it") from None
+        keep = f"activations-{self.completed:04d}"
+        for entry in self.path.iterdir():
+            stale_stream = entry.name.startswith("activations-") and entry.name != keep
+            if (_is_scratch(entry) and entry.name != LOCK_FILE) or stale_stream:
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Release the directory lock (the files stay for a later --resume)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def restore_blocks(self, model: nn.Module) -> None:
         """Put the packed layers of every committed block back into `model`."""
@@ -138,8 +173,7 @@ class RunState:
         folder = self.path / f"activations-{self.completed:04d}"
         if not folder.is_dir():
             raise CheckpointError(f"{folder} is missing; remove {self.path} to start over")
-        return {stream.name: ActivationStore.load(stream, spill_dir)
-                for stream in sorted(folder.iterdir()) if stream.is_dir()}
+        return {name: ActivationStore.load(folder / name, count, spill_dir) for name, count in self.streams.items()}
 
     def _save_activations(self, streams: dict[str, Sequence[torch.Tensor]], name: str) -> None:
         """Write the streams as `name/<stream>/` folders, through a temporary name and a rename."""
@@ -166,11 +200,12 @@ class RunState:
             self.layouts[name] = module.layout()
         _save_tensors_atomic(tensors, self.path / f"block-{index:04d}.safetensors")
         self._save_activations(activations, f"activations-{index + 1:04d}")
+        streams = {name: len(samples) for name, samples in activations.items()}
         for key, rows in records.items():
             self.records[key] = [asdict(r) if not isinstance(r, dict) else r for r in rows]
         write_json_atomic(self.path / STATE_FILE, {
             "version": STATE_VERSION, "completed": index + 1, "fingerprint": self.fingerprint,
-            "records": self.records, "layouts": self.layouts,
+            "records": self.records, "layouts": self.layouts, "streams": streams,
         })
-        self.completed = index + 1
+        self.completed, self.streams = index + 1, streams
         shutil.rmtree(self.path / f"activations-{index:04d}", ignore_errors=True)

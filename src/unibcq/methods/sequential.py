@@ -84,13 +84,17 @@ def _to(value: Any, device: torch.device) -> Any:
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device,
-              spill_dir: str | os.PathLike | None = None) -> ActivationStore:
-    """The block's outputs for every captured sample (on the CPU, or spilled under `spill_dir`)."""
+              spill_dir: str | os.PathLike | None = None, keep: bool = True) -> ActivationStore:
+    """The block's outputs for every captured sample (on the CPU, or spilled under `spill_dir`).
+
+    With `keep=False` the outputs are dropped as they come (a pass run for its hooks).
+    """
     kwargs = {k: _to(v, device) for k, v in inputs.kwargs.items()}
-    outputs = ActivationStore(spill_dir)
+    outputs = ActivationStore(spill_dir if keep else None)
     for hidden in inputs.hidden:
         out = block(hidden.to(device), **kwargs)
-        outputs.append(out[0] if isinstance(out, tuple) else out)
+        if keep:
+            outputs.append(out[0] if isinstance(out, tuple) else out)
     return outputs
 
 
@@ -110,7 +114,7 @@ def accumulate_input_hessians(
 
     handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
     try:
-        run_block(block, inputs, device)
+        run_block(block, inputs, device, keep=False)
     finally:
         for handle in handles:
             handle.remove()
