@@ -250,6 +250,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         mapping=args.mapping, shift=args.shift,
     ), preset, args.calib).validate()
     calibrated = config.method in CALIBRATED
+    if args.spill_activations and not calibrated:
+        raise UnibcqError(f"--spill-activations is for calibrated methods; {config.method} keeps no activations")
     if args.device != "cpu" and not torch.cuda.is_available():
         raise UnibcqError(f"--device {args.device} requested but no CUDA GPU is available; use --device cpu")
     out = Path(args.out)
@@ -326,11 +328,11 @@ def _onload_within_budget(config, source, max_memory: str):
 
     budget = parse_memory(max_memory)
     model, onload = onload_model(snapshot_dir(source))
-    shape = (config.method, config.calib_samples, config.calib_seq_len, config.bits)
-    needed = memory_estimate(model, *shape, batch_size=config.batch_size)
+    workload = (config.method, config.calib_samples, config.calib_seq_len, config.bits)
+    needed = memory_estimate(model, *workload, batch_size=config.batch_size)
     if needed <= budget:
         return model, onload, False
-    spilled = memory_estimate(model, *shape, spill=True, batch_size=config.batch_size)
+    spilled = memory_estimate(model, *workload, spill=True, batch_size=config.batch_size)
     if spilled > budget:
         raise UnibcqError(
             f"--max-memory {budget / 2**30:.2f} GiB is too small for {config.method} on this model: one block's "

@@ -257,6 +257,13 @@ def test_max_memory_spills_activations_when_only_they_do_not_fit(capsys, tmp_pat
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+def test_spill_activations_is_refused_for_per_matrix_methods(capsys, tmp_path, tiny_model_dir):
+    out = tmp_path / "q"
+    code, _, err = run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--bits", "3", "--group-size", "32",
+                       "--spill-activations", "--out", out, "--no-progress")
+    assert code == 2 and "--spill-activations is for calibrated methods" in err and not out.exists()
+
+
 @pytest.mark.parametrize("extra,needle", [
     (["--preset", "huge"], "preset"),
     (["--input-prob", "2"], "input_prob"),

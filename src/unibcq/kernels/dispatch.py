@@ -70,8 +70,6 @@ def choose_backend(x: torch.Tensor, in_features: int, group_size: int, backend: 
 
 
 _WORKSPACE = threading.local()
-
-
 WORKSPACE_MAX_BYTES = 256 * 2**20
 
 
@@ -92,16 +90,18 @@ def _workspace(shape: tuple[int, int]) -> torch.Tensor | None:
     return buffer[:numel].view(shape)
 
 
-def dequantize_weight(weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_weight(weight, dtype: torch.dtype = torch.float32, scratch: bool = False) -> torch.Tensor:
     """The dense weight of any packed tensor; BCQ on the CPU through the compiled kernel.
 
     Same values as `weight.dequantize(dtype)` (the tests check equality), several times
     faster for BCQ layers with byte-aligned groups, which is what the reference backend
-    and dense evaluation spend their time on.
+    and dense evaluation spend their time on. With `scratch` the result may live in this
+    thread's workspace (see `_workspace`): valid only until the next scratch call.
     """
     if (isinstance(weight, BCQTensor) and weight.planes.device.type == "cpu"
             and cpu_bitplane.supports(weight.shape[1], weight.group_size)):
-        dense = cpu_bitplane.dequantize(weight.planes, weight.alpha, weight.offset, weight.shape[1], weight.group_size)
+        dense = cpu_bitplane.dequantize(weight.planes, weight.alpha, weight.offset, weight.shape[1], weight.group_size,
+                                        out=_workspace(weight.shape) if scratch else None)
         return dense.to(dtype)
     return weight.dequantize(dtype)
 
@@ -119,12 +119,8 @@ def bcq_matmul(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, offse
         else:
             y = _triton().bcq_matmul_triton(flat, planes, alpha, offset, in_features, group_size)
         return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
-    if x.device.type == "cpu" and cpu_bitplane.supports(in_features, group_size):
-        dense = cpu_bitplane.dequantize(planes, alpha, offset, in_features, group_size,
-                                        out=_workspace((out_features, in_features)))
-        return F.linear(x, dense.to(x.dtype))
     weight = BCQTensor(planes, alpha, offset, (out_features, in_features), group_size)
-    return F.linear(x, dequantize_weight(weight, x.dtype))
+    return F.linear(x, dequantize_weight(weight, x.dtype, scratch=True))
 
 
 @bcq_matmul.register_fake

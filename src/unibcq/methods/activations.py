@@ -34,6 +34,14 @@ def _sample_file(folder: Path, index: int) -> Path:
     return folder / f"{index:06d}.safetensors"
 
 
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link a sample file (files are never rewritten in place); copy across filesystems."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 def _read(path: Path) -> torch.Tensor:
     try:
         return load_file(str(path))[_KEY]
@@ -87,14 +95,10 @@ class ActivationStore(Sequence[torch.Tensor]):
         """Write every sample as `folder/NNNNNN.safetensors` (hard links for a spilled store)."""
         folder.mkdir(parents=True, exist_ok=True)
         for index in range(self._count):
-            target = _sample_file(folder, index)
             if self.folder is not None:
-                try:
-                    os.link(_sample_file(self.folder, index), target)
-                    continue
-                except OSError:  # another filesystem, or no hard links: copy
-                    pass
-            save_file({_KEY: self[index].contiguous()}, str(target))
+                _link_or_copy(_sample_file(self.folder, index), _sample_file(folder, index))
+            else:
+                save_file({_KEY: self._items[index].contiguous()}, str(_sample_file(folder, index)))
 
     @classmethod
     def load(cls, folder: Path, count: int, spill_dir: str | os.PathLike | None = None) -> "ActivationStore":
@@ -107,10 +111,7 @@ class ActivationStore(Sequence[torch.Tensor]):
             if store.folder is None:
                 store.append(_read(_sample_file(folder, index)))
                 continue
-            try:
-                os.link(_sample_file(folder, index), _sample_file(store.folder, index))
-            except OSError:
-                shutil.copyfile(_sample_file(folder, index), _sample_file(store.folder, index))
+            _link_or_copy(_sample_file(folder, index), _sample_file(store.folder, index))
             store._count += 1
         return store
 

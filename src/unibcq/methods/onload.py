@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from unibcq.errors import UnibcqError
+from unibcq.methods.registry import HESSIAN_METHODS
 from unibcq.methods.streaming import read_model_config, read_tensor, source_weight_map
 from unibcq.models.architectures import architecture_of, decoder_blocks
 
@@ -65,8 +66,6 @@ def memory_estimate(model: PreTrainedModel, method: str, calib_samples: int, seq
     With `spill` the activation streams live on disk and only the samples in use (one
     batch per stream) count.
     """
-    from unibcq.methods.registry import HESSIAN_METHODS
-
     block_copies, window_copies, streams = HESSIAN_COST if method in HESSIAN_METHODS else RECONSTRUCTION_COST
     config = model.config
     resident = sum(p.numel() * 4 for p in model.parameters() if not p.is_meta)

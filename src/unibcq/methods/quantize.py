@@ -41,8 +41,8 @@ def quantize_model(
     checkpoint. Per-matrix methods keep no state: rerunning them costs minutes, not hours;
     they run on `workers` local processes, or as Ray tasks with `backend="ray"`. `onload`
     (calibrated methods) reads each block from disk when its turn comes (`methods.onload`);
-    `spill_activations` keeps the calibration activations between blocks in files (under
-    `state_dir/spill`, else a temporary folder) instead of memory.
+    `spill_activations` keeps the calibration activations between blocks in files (in a
+    temporary folder inside `state_dir`, else in the system's) instead of memory.
     """
     config.validate()
     if type(workers) is not int or workers < 1:

@@ -39,6 +39,7 @@ from unibcq.models.architectures import block_linears, set_module
 from unibcq.nn.qlinear import PACKED_MODULES, PackedLinear
 
 STATE_FILE = "state.json"
+STATE_VERSION = 2  # 2: activation streams as folders of per-sample files
 SPILL_PREFIX = "unibcq-spill-"  # activation spill folders a run makes inside its state directory
 LOCK_FILE = "lock"  # held (flock) by the run using the directory
 
@@ -46,7 +47,6 @@ LOCK_FILE = "lock"  # held (flock) by the run using the directory
 def _is_scratch(path: Path) -> bool:
     """Files a killed run may leave that no later run needs: spill folders, temporaries, the lock."""
     return path.name.startswith(SPILL_PREFIX) or ".tmp-" in path.name or path.name == LOCK_FILE
-STATE_VERSION = 2  # 2: activation streams as folders of per-sample files
 
 
 def state_dir_for(out_dir: str | os.PathLike) -> Path:
