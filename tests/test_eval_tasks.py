@@ -49,6 +49,9 @@ class _NoCache:
     def batch_repeat_interleave(self, repeats: int) -> None:
         return None
 
+    def reorder_cache(self, index: torch.Tensor) -> None:
+        return None
+
 
 class BigramLM(nn.Module):
     """logits[b, t] = table[input_ids[b, t]]: log p(next | current) is set by hand."""
@@ -211,6 +214,78 @@ def test_shared_prefix_cache_changes_nothing(llama):
     cached = zeroshot.loglikelihoods(llama, requests, batch_size=3, prefix=prefix)
     assert [g for _, g in plain] == [g for _, g in cached]
     assert [ll for ll, _ in cached] == pytest.approx([ll for ll, _ in plain], abs=1e-4)
+
+
+def _multiple_choice_requests(seed: int, docs: int, prefix: list[int] = ()) -> list[tuple[list[int], list[int]]]:
+    """Contexts of varied length, each followed by 2-5 choices of 1-4 tokens (some repeated)."""
+    gen = torch.Generator().manual_seed(seed)
+    requests = []
+    for _ in range(docs):
+        context = list(prefix) + torch.randint(2, VOCAB_SIZE, (int(torch.randint(1, 15, (1,), generator=gen)),),
+                                               generator=gen).tolist()
+        choices = [torch.randint(2, VOCAB_SIZE, (int(torch.randint(1, 5, (1,), generator=gen)),),
+                                 generator=gen).tolist() for _ in range(int(torch.randint(2, 6, (1,), generator=gen)))]
+        requests += [(context, choice) for choice in choices + choices[:1]]
+    return requests
+
+
+@pytest.mark.parametrize("tiny_model", ["llama", "qwen2"], indirect=True)
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_shared_contexts_score_like_each_choice_alone(tiny_model, batch_size):
+    model = tiny_model(seed=3, hidden_size=64, vocab_size=VOCAB_SIZE)
+    requests = _multiple_choice_requests(4, 6) + [([9], [3]), ([9], [4, 5])]  # one-token contexts too
+    for (ctx, cont), (ll, greedy) in zip(requests, zeroshot.loglikelihoods(model, requests, batch_size=batch_size)):
+        assert ll == pytest.approx(_reference_ll(model, ctx + cont, len(cont)), abs=1e-4)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ctx + cont[:-1]])).logits[0, -len(cont):]
+        assert greedy == bool((logits.argmax(-1) == torch.tensor(cont)).all())
+
+
+def test_shared_contexts_after_a_prefix_cache(llama):
+    prefix = list(range(50, 62))
+    requests = _multiple_choice_requests(5, 5, prefix)
+    cached = zeroshot.loglikelihoods(llama, requests, batch_size=4, prefix=prefix)
+    for (ctx, cont), (ll, _) in zip(requests, cached):
+        assert ll == pytest.approx(_reference_ll(llama, ctx + cont, len(cont)), abs=1e-4)
+
+
+def test_shared_contexts_run_once():
+    calls = []
+    model = BigramLM(torch.zeros(VOCAB_SIZE, VOCAB_SIZE))
+    model.register_forward_pre_hook(lambda _, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+    context = list(range(2, 22))
+    zeroshot.loglikelihoods(model, [(context, [30 + i, 40]) for i in range(4)], batch_size=8)
+    assert calls == [(1, 19), (4, 2)]  # the stem once, then four two-token tails
+
+
+def test_forward_passes_stay_within_the_token_budget(llama):
+    shapes = []
+    llama.register_forward_pre_hook(lambda _, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+    requests = _multiple_choice_requests(7, 8) + _random_requests(8, 12)
+    budgeted = zeroshot.loglikelihoods(llama, requests, batch_size=16, max_tokens=24)
+    assert all(rows == 1 or rows * width <= 24 for rows, width in shapes)
+    shapes.clear()
+    assert [ll for ll, _ in zeroshot.loglikelihoods(llama, requests, batch_size=16, max_tokens=10_000)] == \
+        pytest.approx([ll for ll, _ in budgeted], abs=1e-4)
+    assert max(rows for rows, _ in shapes) == 16  # a generous budget leaves batch_size as the limit
+
+
+def test_bfloat16_scoring_restores_the_exact_float32_parameters(llama):
+    from unibcq.eval.tasks import parameters_as
+
+    originals = {name: (p.data_ptr(), p.detach().clone()) for name, p in llama.named_parameters()}
+    buffers = {name: b.dtype for name, b in llama.named_buffers()}
+    requests = _multiple_choice_requests(6, 3)
+    plain = zeroshot.loglikelihoods(llama, requests)
+    with torch.inference_mode(), parameters_as(llama, torch.bfloat16):
+        assert all(p.dtype == torch.bfloat16 for p in llama.parameters())
+        assert {name: b.dtype for name, b in llama.named_buffers()} == buffers  # rotary frequencies stay float32
+        low = zeroshot.loglikelihoods(llama, requests)
+    assert all(p.dtype == torch.float32 and p.data_ptr() == originals[name][0] and torch.equal(p, originals[name][1])
+               for name, p in llama.named_parameters())
+    assert [ll for ll, _ in low] == pytest.approx([ll for ll, _ in plain], rel=0.05)
 
 
 def test_progress_reports_every_request(llama):
@@ -426,6 +501,16 @@ def test_cli_eval_tasks_writes_json(capsys, tmp_path, model_dir, data_dir):
     tasks = report["tasks"]
     assert tasks["piqa"]["n"] == 3 and tasks["mmlu"]["n"] == 5 and tasks["mmlu"]["shots"] == 1
     assert 0 <= tasks["piqa"]["acc"] <= 1 and tasks[MEAN_KEY]["tasks"] == ["piqa"]
+    assert report["task_dtype"] == "float32"
+
+
+def test_cli_eval_tasks_in_bfloat16_records_the_dtype(capsys, tmp_path, model_dir, data_dir):
+    report_path = tmp_path / "report.json"
+    code = main(["eval", str(model_dir), "--ppl", "none", "--tasks", "piqa", "--limit", "3", "--task-dtype",
+                 "bfloat16", "--data-dir", str(data_dir), "--no-progress", "--json", str(report_path)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(report_path.read_text())
+    assert report["task_dtype"] == "bfloat16" and report["tasks"]["piqa"]["n"] == 3
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -197,7 +197,10 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
                                         "present + mmlu)")
     parser.add_argument("--limit", type=int, help="--tasks: only the first N items of each task (MMLU: of each subject)")
     parser.add_argument("--mmlu-shots", type=int, default=5, help="MMLU exemplars from the dev split (0-5)")
-    parser.add_argument("--batch-size", type=int, default=8, help="--tasks: sequences per forward pass")
+    parser.add_argument("--batch-size", type=int, default=8, help="--tasks: most scored sequences per forward pass (a pass also stops near 1024 tokens)")
+    parser.add_argument("--task-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="--tasks: dtype the model scores in (bfloat16: ~1.7x faster on CPUs with AVX512-BF16, "
+                             "and on GPUs); perplexity and KL always run in float32")
 
 
 def _eval_settings(args: argparse.Namespace):
@@ -205,7 +208,7 @@ def _eval_settings(args: argparse.Namespace):
 
     return EvalSettings.from_flags(args.ppl, args.tasks, seq_len=args.seq_len, max_windows=args.max_windows,
                                    limit=args.limit, mmlu_shots=args.mmlu_shots, batch_size=args.batch_size,
-                                   data_dir=args.data_dir)
+                                   task_dtype=args.task_dtype, data_dir=args.data_dir)
 
 
 def _int_list(text: str, flag: str) -> list[int]:

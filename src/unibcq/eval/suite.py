@@ -27,6 +27,7 @@ class EvalSettings:
     limit: int | None = None
     mmlu_shots: int = 5
     batch_size: int = 8
+    task_dtype: str = "float32"
     data_dir: str | Path | None = None
 
     @classmethod
@@ -43,12 +44,13 @@ class EvalSettings:
 
     def check(self) -> None:
         """Fail before any model is loaded when a task, its files or its options are wrong."""
-        from unibcq.eval.tasks import check_tasks
+        from unibcq.eval.tasks import check_tasks, scoring_dtype
 
         if self.seq_len < 2:
             raise UnibcqError(f"--seq-len must be >= 2, got {self.seq_len}")
         if self.max_windows is not None and self.max_windows < 1:
             raise UnibcqError(f"--max-windows must be >= 1, got {self.max_windows}")
+        scoring_dtype(self.task_dtype)
         if self.tasks is not None:
             check_tasks(self.tasks, self.limit, self.data_dir, self.mmlu_shots, self.batch_size)
 
@@ -70,7 +72,7 @@ def evaluate_suite(model: nn.Module, tokenizer, settings: EvalSettings, ref_mode
     tasks = None
     if settings.tasks is not None:
         tasks = run_tasks(model, tokenizer, settings.tasks, settings.limit, settings.data_dir, settings.mmlu_shots,
-                          settings.batch_size, show_progress=show_progress)
+                          settings.batch_size, show_progress=show_progress, dtype=settings.task_dtype)
     first = results[settings.datasets[0]] if settings.datasets else None
     measured = ref_model is not None
     return {
@@ -82,6 +84,7 @@ def evaluate_suite(model: nn.Module, tokenizer, settings: EvalSettings, ref_mode
         "kl": {k: v.kl for k, v in results.items()} if measured else None,
         "top1": {k: v.top1_agreement for k, v in results.items()} if measured else None,
         "seq_len": settings.seq_len,
+        "task_dtype": settings.task_dtype if settings.tasks is not None else None,
         "windows": {k: v.windows for k, v in results.items()},
         "tokens": {k: v.tokens for k, v in results.items()},
         "seconds": time.perf_counter() - start,

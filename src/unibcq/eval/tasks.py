@@ -14,13 +14,17 @@ shots and subjects (mmlu: acc is the micro average), acc_strict (gsm8k: acc is t
 flexible match). A summary sits under the key "_mean" (leading underscore: not a task):
 {"mean_acc": mean over the zero-shot tasks run of acc_norm where defined, else acc,
 "tasks": their names}; mean_acc is None when no zero-shot task ran.
+
+Scoring may run in bfloat16 (`dtype`): on CPUs with AVX512-BF16 it is about 1.7x faster,
+which is what makes full task sets affordable there; perplexity and KL stay in float32.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +42,31 @@ from unibcq.progress import progress_bar
 ZEROSHOT_TASKS = (*MULTIPLE_CHOICE, "lambada")
 TASKS = (*ZEROSHOT_TASKS, "mmlu", "gsm8k")
 MEAN_KEY = "_mean"
+SCORING_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def scoring_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a `--task-dtype` name, or an error listing the choices."""
+    if name not in SCORING_DTYPES:
+        raise UnibcqError(f"--task-dtype must be one of {', '.join(SCORING_DTYPES)}, got {name!r}")
+    return SCORING_DTYPES[name]
+
+
+@contextmanager
+def parameters_as(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
+    """Run `model` with its floating-point parameters in `dtype`, then give the originals back.
+
+    The originals are kept, not cast back, so nothing is lost to rounding; buffers (rotary
+    frequencies, packed codes) are left alone.
+    """
+    originals = [(p, p.data) for p in model.parameters() if p.is_floating_point() and p.dtype != dtype]
+    try:
+        for param, data in originals:
+            param.data = data.to(dtype)
+        yield model
+    finally:
+        for param, data in originals:
+            param.data = data
 
 
 def _required_files(name: str) -> tuple[str, ...]:
@@ -114,11 +143,14 @@ def run_tasks(
     mmlu_shots: int = 5,
     batch_size: int = 8,
     show_progress: bool = True,
+    dtype: str = "float32",
 ) -> dict[str, dict[str, Any]]:
     """Run `tasks` (names or "all") on the first `limit` items of each; see the module docstring."""
     root, names = check_tasks(tasks, limit, data_dir, mmlu_shots, batch_size)
+    torch_dtype = scoring_dtype(dtype)
     results: dict[str, dict[str, Any]] = {}
-    with torch.inference_mode(), dense_weights(model), progress_bar(show_progress) as bar:
+    with (torch.inference_mode(), dense_weights(model, torch_dtype), parameters_as(model, torch_dtype),
+          progress_bar(show_progress) as bar):
         for name in names:
             bar_id = bar.add_task(name, total=None)
 

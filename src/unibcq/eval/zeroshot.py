@@ -46,6 +46,8 @@ from unibcq.errors import UnibcqError
 ProgressFn = Callable[[int, int], None]
 
 DEFAULT_MAX_LENGTH = 2048
+# Tokens per forward pass when scoring (padding included); see _batches.
+TOKENS_PER_PASS = 1024
 
 
 def no_progress(done: int, total: int) -> None:
@@ -270,19 +272,25 @@ def loglikelihoods(
     max_length: int | None = None,
     progress: ProgressFn = no_progress,
     prefix: Sequence[int] = (),
+    max_tokens: int = TOKENS_PER_PASS,
 ) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), greedy decoding reproduces it) per request.
 
-    Requests whose model input is identical (same context, one-token continuations, as in
-    MMLU's " A".." D") share one forward pass. Inputs are sorted longest first and
-    right-padded per batch, so the real tokens never attend to padding and padding costs
-    little; only the logits over the continuation span are computed (`logits_to_keep`),
-    which keeps the vocabulary projection off the long contexts.
+    Choices that follow one context share it: the context runs once and its key/value
+    cache serves every choice (HellaSwag's four endings cost one context, not four; a
+    context shorter than its longest choice is cheaper to repeat, see `_group`), and
+    requests whose input is identical (same context, one-token continuations, as in MMLU's
+    " A".." D") share one row. Inputs are sorted longest first and right-padded per batch,
+    so the real tokens never attend to padding and padding costs little; only the logits
+    over the continuation span are computed (`logits_to_keep`), which keeps the vocabulary
+    projection off the long contexts. A forward pass scores at most `batch_size` rows and
+    reads about `max_tokens` tokens, padding included.
 
     With `prefix` (token ids that many contexts start with, such as MMLU's few-shot
     exemplars) the prefix runs once and its key/value cache is reused by every request
     whose context extends it and needs no truncation; the others are scored in full.
-    The model must then return its key/value cache (every Hugging Face causal LM does).
+    Sharing needs a model that returns its key/value cache and takes `position_ids`
+    (every Hugging Face causal LM does).
     """
     if batch_size < 1:
         raise UnibcqError(f"--batch-size must be >= 1, got {batch_size}")
@@ -297,11 +305,89 @@ def loglikelihoods(
         if not group:
             continue
         scores = _score(model, [requests[i] for i in group], batch_size, max_length, group_prefix,
-                        lambda done, _, offset=offset: progress(offset + done, len(requests)))
+                        lambda done, _, offset=offset: progress(offset + done, len(requests)), max_tokens)
         for i, score in zip(group, scores):
             results[i] = score
         offset += len(group)
     return results
+
+
+Reads = list[tuple[int, list[int]]]  # (request index, target ids) read from one input row
+
+
+def _group(
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int, prefix: list[int],
+) -> dict[tuple[int, ...], dict[tuple[int, ...], Reads]]:
+    """stem -> tail -> reads: how each request is scored, sharing what requests have in common.
+
+    The model reads prefix + stem + tail, and a request's target ids are read from the logits
+    over the tail's last positions. The tail starts at the context's last token (whose logits
+    predict the first target), so the choices that follow one context share its stem: the stem
+    runs once and its key/value cache serves every choice. Requests with identical inputs
+    (MMLU's one-token letters) share a tail. A stem that only one tail reads gains nothing
+    from a cache, and one shorter than its longest tail saves less than the padding and the
+    second forward pass cost (PIQA's short goals before long solutions), so such a stem is
+    folded into its tails, under the empty stem.
+    """
+    by_stem: dict[tuple[int, ...], dict[tuple[int, ...], Reads]] = {}
+    for index, (context, continuation) in enumerate(requests):
+        if not continuation:
+            raise UnibcqError("a continuation encodes to no tokens; cannot score it")
+        body = (list(context) + list(continuation))[-(max_length + 1):][len(prefix):]
+        n_target = min(len(continuation), len(body) - 1)
+        split = len(body) - n_target - 1
+        stem, tail = tuple(body[:split]), tuple(body[split:-1])
+        by_stem.setdefault(stem, {}).setdefault(tail, []).append((index, body[-n_target:]))
+    groups: dict[tuple[int, ...], dict[tuple[int, ...], Reads]] = {(): {}}
+    for stem, tails in by_stem.items():
+        if stem and len(tails) > 1 and len(stem) >= max(len(t) for t in tails):
+            groups[stem] = tails
+        else:
+            for tail, reads in tails.items():
+                groups[()].setdefault(stem + tail, []).extend(reads)
+    return groups
+
+
+def _batches(
+    groups: dict[tuple[int, ...], dict[tuple[int, ...], Reads]], batch_size: int, max_tokens: int,
+) -> Iterator[list[tuple[tuple[int, ...], list[tuple[int, ...]]]]]:
+    """Batches of (stem, its tails), longest first: unstemmed tails, then whole stems.
+
+    A batch holds at most `batch_size` tails and, padding included, about `max_tokens`
+    tokens per forward pass (always at least one stem or tail): on a CPU, activations that
+    outgrow the caches cost more than the extra passes of smaller batches.
+    """
+    unstemmed = sorted(groups[()], key=len, reverse=True)
+    start = 0
+    while start < len(unstemmed):
+        rows = max(1, min(batch_size, max_tokens // max(len(unstemmed[start]), 1)))
+        yield [((), unstemmed[start:start + rows])]
+        start += rows
+    batch: list[tuple[tuple[int, ...], list[tuple[int, ...]]]] = []
+    rows = tail_width = 0
+    for stem in sorted((s for s in groups if s), key=len, reverse=True):
+        tails = sorted(groups[stem], key=len, reverse=True)
+        grown_rows, grown_width = rows + len(tails), max(tail_width, len(tails[0]))
+        stem_width = len(batch[0][0]) if batch else len(stem)  # the batch's first stem is its longest
+        too_big = grown_rows > batch_size or max((len(batch) + 1) * stem_width, grown_rows * grown_width) > max_tokens
+        if batch and too_big:
+            yield batch
+            batch, grown_rows, grown_width = [], len(tails), len(tails[0])
+        batch.append((stem, tails))
+        rows, tail_width = grown_rows, grown_width
+    if batch:
+        yield batch
+
+
+def _right_padded(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), each row's tokens first, zeros after."""
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, tokens in enumerate(sequences):
+        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, : len(tokens)] = 1
+    return ids, mask
 
 
 def _score(
@@ -311,25 +397,17 @@ def _score(
     max_length: int,
     prefix: list[int],
     progress: ProgressFn,
+    max_tokens: int,
 ) -> list[tuple[float, bool]]:
-    """`loglikelihoods` for requests that all extend `prefix` untruncated, or any requests when it is empty."""
-    device = next(model.parameters()).device
-    inputs: dict[tuple[int, ...], int] = {}
-    plans: list[tuple[int, list[int]]] = []  # per request: (input index, target ids)
-    for context, continuation in requests:
-        if not continuation:
-            raise UnibcqError("a continuation encodes to no tokens; cannot score it")
-        full = (list(context) + list(continuation))[-(max_length + 1):]
-        key = tuple(full[len(prefix):-1])
-        target = full[len(full) - min(len(continuation), len(key)):]
-        plans.append((inputs.setdefault(key, len(inputs)), target))
-    unique = list(inputs)
-    span = [0] * len(unique)  # longest continuation read from each input
-    by_input: list[list[int]] = [[] for _ in unique]
-    for request, (index, target) in enumerate(plans):
-        span[index] = max(span[index], len(target))
-        by_input[index].append(request)
+    """`loglikelihoods` for requests that all extend `prefix` untruncated, or any requests when it is empty.
 
+    Each batch takes at most two forward passes: its stems (right-padded, after the prefix
+    cache), then every tail after its own stem's cache rows. A tail's positions continue
+    from its stem's real length, and the attention mask hides the stem's padding, so each
+    tail sees exactly prefix + stem before it.
+    """
+    device = next(model.parameters()).device
+    groups = _group(requests, max_length, prefix)
     keep_arg = _accepts_logits_to_keep(model)
     cache_arg = _cache_argument(model)
     prefix_cache = None
@@ -337,37 +415,47 @@ def _score(
         kwargs = {"logits_to_keep": 1} if keep_arg else {}
         out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **kwargs)
         prefix_cache = getattr(out, cache_arg)
-    order = sorted(range(len(unique)), key=lambda i: -len(unique[i]))
-    results: list[tuple[float, bool]] = [(0.0, False)] * len(plans)
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     done = 0
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        width = len(unique[batch[0]])
-        keep = max(width - len(unique[i]) + span[i] for i in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), len(prefix) + width, dtype=torch.long)
-        mask[:, : len(prefix)] = 1
-        for row, i in enumerate(batch):
-            ids[row, : len(unique[i])] = torch.tensor(unique[i])
-            mask[row, len(prefix): len(prefix) + len(unique[i])] = 1
-        kwargs = {"logits_to_keep": keep} if keep_arg else {}
+    for batch in _batches(groups, batch_size, max_tokens):
+        cache = None
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)  # the forward appends to the cache it is given
             cache.batch_repeat_interleave(len(batch))
+        past_mask = torch.ones(len(batch), len(prefix), dtype=torch.long)
+        if batch[0][0]:
+            ids, mask = _right_padded([stem for stem, _ in batch])
+            past_mask = torch.cat([past_mask, mask], dim=1)
+            kwargs = {"logits_to_keep": 1} if keep_arg else {}
+            if cache is not None:
+                kwargs[cache_arg] = cache
+            out = model(input_ids=ids.to(device), attention_mask=past_mask.to(device), use_cache=True, **kwargs)
+            cache = getattr(out, cache_arg)
+        rows = [(s, tail) for s, (_, tails) in enumerate(batch) for tail in tails]
+        index = torch.tensor([s for s, _ in rows])
+        ids, mask = _right_padded([tail for _, tail in rows])
+        width = ids.shape[1]
+        reads = [groups[batch[s][0]][tail] for s, tail in rows]
+        keep = max(width - len(tail) + max(len(t) for _, t in r) for (_, tail), r in zip(rows, reads))
+        start = torch.tensor([len(prefix) + len(batch[s][0]) for s, _ in rows])
+        kwargs = {"logits_to_keep": keep} if keep_arg else {}
+        if cache is not None:
+            cache.reorder_cache(index.to(device))
             kwargs.update({cache_arg: cache, "use_cache": True})
         else:
-            kwargs.update(use_cache=False)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits[:, -keep:]
+            kwargs["use_cache"] = False
+        logits = model(input_ids=ids.to(device), attention_mask=torch.cat([past_mask[index], mask], 1).to(device),
+                       position_ids=(start[:, None] + torch.arange(width)).to(device), **kwargs).logits[:, -keep:]
         logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-        for row, i in enumerate(batch):
-            end = len(unique[i]) - (width - keep)  # one past the input's last position, in kept coordinates
-            for request in by_input[i]:
-                target = torch.tensor(plans[request][1])
+        for row, ((_, tail), row_reads) in enumerate(zip(rows, reads)):
+            end = len(tail) - (width - keep)  # one past the tail's last position, in kept coordinates
+            for request, target_ids in row_reads:
+                target = torch.tensor(target_ids)
                 scores = logprobs[row, end - len(target):end]
                 total = scores.gather(-1, target.unsqueeze(-1)).sum().item()
                 results[request] = (total, bool((scores.argmax(-1) == target).all()))
-            done += len(by_input[i])
-        progress(done, len(plans))
+            done += len(row_reads)
+        progress(done, len(requests))
     return results
 
 

@@ -157,6 +157,7 @@ def write_report(settings: "CompareSettings", results: Sequence[dict[str, Any]])
         f"{first or '-'}.",
         f"- **Tasks:** {', '.join(ev.tasks) if ev.tasks else 'none'}"
         + (f" (first {ev.limit} items each)" if ev.tasks and ev.limit else "")
+        + (f", scored in {ev.task_dtype}" if ev.tasks else "")
         + "; scores are acc_norm where defined, else acc; mmlu is "
         f"{ev.mmlu_shots}-shot micro accuracy. The zero-shot mean leaves mmlu and gsm8k out.",
         "- **bits/weight** is what the checkpoint stores per quantized weight: codes, scales, offsets and "

@@ -1,0 +1,189 @@
+"""SmolLM2-135M task table: zero-shot accuracy and MMLU of every row of the perplexity table.
+
+For the unquantized model and each checkpoint OUT/ROW that `benchmarks/smollm2_table.py`
+wrote (ROW such as `gptq-w3-g128`), this runs
+
+    unibcq eval ROW --ppl none --tasks piqa,arc_easy,... --limit N --task-dtype D --json OUT/ROW.tasks-LN.json
+    unibcq eval ROW --ppl none --tasks mmlu --mmlu-shots K --limit M --task-dtype D --json OUT/ROW.mmlu{K}-L{M}.json
+
+and prints a markdown table: accuracy per task (acc_norm where the task defines it, else
+acc), the zero-shot mean with its standard error, MMLU micro accuracy, and honest bits per
+weight from OUT/ROW.info.json. `--limit 0` scores the full sets. Resumable: an existing JSON
+is not recomputed. With --write-docs the section between ``<!-- smollm2-tasks:start -->``
+and ``<!-- smollm2-tasks:end -->`` of docs/BENCHMARKS.md is replaced.
+
+Example:
+    UNIBCQ_DATA_DIR=/work/shared/datasets .venv/bin/python benchmarks/smollm2_tasks.py \\
+        --out /tmp/bench --rows fp,rtn-w3-g128,gptq-w3-g128 --write-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from smollm2_table import REPO, command_line, default_unibcq, read_json, run, write_docs
+
+from unibcq.report.render import cpu_model
+
+START_MARKER = "<!-- smollm2-tasks:start -->"
+END_MARKER = "<!-- smollm2-tasks:end -->"
+ZERO_SHOT = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq", "openbookqa", "lambada")
+SHORT = {"arc_easy": "arc-e", "arc_challenge": "arc-c", "hellaswag": "hellaswag", "winogrande": "wino",
+         "openbookqa": "obqa"}
+FP_ROW = "fp"
+UNQUANTIZED_BITS = 32.0  # the GGUF is dequantized to float32 parameters
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="the folder smollm2_table.py wrote (checkpoints, JSONs)")
+    p.add_argument("--rows", required=True,
+                   help=f"comma-separated checkpoint names under --out, and '{FP_ROW}' for the unquantized model")
+    p.add_argument("--model", default="smollm2-135m", help="the unquantized model (the fp row)")
+    p.add_argument("--limit", type=int, default=100, help="first N items of each zero-shot task; 0 = full sets")
+    p.add_argument("--mmlu-limit", type=int, default=3, help="first N test questions per MMLU subject; 0 = all")
+    p.add_argument("--mmlu-shots", type=int, default=5)
+    p.add_argument("--task-dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--data-dir", help="passed to unibcq (default: $UNIBCQ_DATA_DIR)")
+    p.add_argument("--unibcq", default=None, help="path of the unibcq CLI (default: the repo's .venv)")
+    p.add_argument("--no-run", action="store_true", help="only tabulate rows whose JSONs already exist")
+    p.add_argument("--write-docs", action="store_true")
+    p.add_argument("--docs", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
+    return p
+
+
+def _limit_tag(limit: int) -> str:
+    return f"L{limit}" if limit else "full"
+
+
+def evaluate_row(args: argparse.Namespace, exe: str, row: str) -> tuple[Path, Path]:
+    """Run (or reuse) the zero-shot and MMLU evaluations of one row; returns their JSON paths."""
+    source = args.model if row == FP_ROW else str(args.out / row)
+    common = ["--ppl", "none", "--task-dtype", args.task_dtype, "--batch-size", str(args.batch_size)]
+    common += ["--data-dir", args.data_dir] if args.data_dir else []
+    zero_shot = args.out / f"{row}.tasks-{_limit_tag(args.limit)}.json"
+    mmlu = args.out / f"{row}.mmlu{args.mmlu_shots}-{_limit_tag(args.mmlu_limit)}.json"
+    jobs = [(zero_shot, ["--tasks", ",".join(ZERO_SHOT)] + (["--limit", str(args.limit)] if args.limit else [])),
+            (mmlu, ["--tasks", "mmlu", "--mmlu-shots", str(args.mmlu_shots)]
+             + (["--limit", str(args.mmlu_limit)] if args.mmlu_limit else []))]
+    for path, flags in jobs:
+        if not path.is_file() and not args.no_run:
+            run([exe, "eval", source, *common, *flags, "--json", str(path)], args.out / "logs" / f"{path.stem}.log")
+    return zero_shot, mmlu
+
+
+def bits_per_weight(args: argparse.Namespace, row: str) -> float | None:
+    if row == FP_ROW:
+        return UNQUANTIZED_BITS
+    info = args.out / f"{row}.info.json"
+    return read_json(info).get("bits_per_weight") if info.is_file() else None
+
+
+def row_figures(zero_shot: dict[str, Any], mmlu: dict[str, Any] | None) -> dict[str, Any]:
+    """Per-task score, the zero-shot mean and its standard error, MMLU, seconds."""
+    tasks = zero_shot["tasks"]
+    scores, errors = {}, []
+    for name in ZERO_SHOT:
+        entry = tasks[name]
+        normed = entry.get("acc_norm") is not None
+        scores[name] = entry["acc_norm"] if normed else entry["acc"]
+        errors.append(entry.get("acc_norm_stderr") if normed else entry["stderr"])
+    mean = sum(scores.values()) / len(scores)
+    # Tasks are independent samples, so the mean's variance is the mean of their variances / k.
+    mean_stderr = math.sqrt(sum(e * e for e in errors if e is not None)) / len(errors)
+    seconds = sum(e["seconds"] for k, e in tasks.items() if not k.startswith("_"))
+    figures = {"scores": scores, "mean": mean, "mean_stderr": mean_stderr, "n": tasks[ZERO_SHOT[0]]["n"],
+               "seconds": seconds, "mmlu": None, "mmlu_stderr": None, "mmlu_n": None}
+    if mmlu is not None:
+        entry = mmlu["tasks"]["mmlu"]
+        figures.update(mmlu=entry["acc"], mmlu_stderr=entry["stderr"], mmlu_n=entry["n"],
+                       seconds=seconds + entry["seconds"])
+    return figures
+
+
+def label(row: str) -> str:
+    """'uniquanf+e4-w3-g128' -> ('uniquanf (--epochs 4)', 'w3 g128'); fp -> unquantized."""
+    if row == FP_ROW:
+        return "unquantized | -"
+    head, _, rest = row.partition("-w")
+    method, _, variant = head.partition("+")
+    bits, _, group = rest.partition("-g")
+    config = f"w{bits} " + ("per-channel" if group == "-1" else f"g{group}")
+    return f"{method}{f' (+{variant})' if variant else ''} | {config}"
+
+
+def markdown_table(rows: Sequence[tuple[str, float | None, dict[str, Any]]]) -> str:
+    header = ["method", "config", "bits/weight", *(SHORT.get(t, t) for t in ZERO_SHOT), "zero-shot mean",
+              "MMLU 5-shot", "eval s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row, bits, f in rows:
+        cells = [label(row), "-" if bits is None else f"{bits:.3f}",
+                 *(f"{100 * f['scores'][t]:.1f}" for t in ZERO_SHOT),
+                 f"**{100 * f['mean']:.1f}** ± {100 * f['mean_stderr']:.1f}",
+                 "-" if f["mmlu"] is None else f"{100 * f['mmlu']:.1f} ± {100 * f['mmlu_stderr']:.1f}",
+                 f"{f['seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def docs_section(args: argparse.Namespace, table: str, first: dict[str, Any], minutes: float) -> str:
+    date = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    items = "the full sets" if not args.limit else f"the first {first['n']} items of each task"
+    questions = "every test question" if not args.mmlu_limit else f"the first {args.mmlu_limit} test questions of each of the 57 subjects ({first['mmlu_n']} in all)"
+    return f"""{START_MARKER}
+## SmolLM2-135M-Instruct: zero-shot tasks and MMLU per method
+
+_Generated by `benchmarks/smollm2_tasks.py` on {date}; do not edit between the markers._
+
+```sh
+{command_line()}
+```
+
+- **Machine:** {os.cpu_count()} CPU cores, {cpu_model()}, no GPU; this invocation {minutes:.1f} min.
+- **Checkpoints:** the ones of the perplexity table above (same flags, same calibration).
+- **Protocol:** lm-evaluation-harness conventions (see `unibcq eval --help`): {items}
+  (PIQA val, ARC-Easy/Challenge test, HellaSwag val, WinoGrande dev with partial scoring,
+  BoolQ val, OpenBookQA test, LAMBADA OpenAI last-word accuracy); the score is acc_norm where
+  the task defines it, else acc, in percent. MMLU is {args.mmlu_shots}-shot (dev exemplars), {questions},
+  micro accuracy. Scored in {args.task_dtype} (`--task-dtype`); ± is one standard error.
+- **Not full sets:** with {items} every task's standard error is about 5 points, so only
+  differences of several points in the mean are meaningful; a full-set row costs about an
+  hour on this machine (HellaSwag and MMLU dominate).
+
+{table}
+{END_MARKER}"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    exe = args.unibcq or default_unibcq()
+    start = time.perf_counter()
+    rows = []
+    for row in (r.strip() for r in args.rows.split(",") if r.strip()):
+        if row != FP_ROW and not (args.out / row).is_dir():
+            raise SystemExit(f"smollm2_tasks: no checkpoint {args.out / row}; run smollm2_table.py first")
+        zero_shot, mmlu = evaluate_row(args, exe, row)
+        if not zero_shot.is_file():
+            continue
+        rows.append((row, bits_per_weight(args, row),
+                     row_figures(read_json(zero_shot), read_json(mmlu) if mmlu.is_file() else None)))
+    if not rows:
+        raise SystemExit("smollm2_tasks: no row has results yet")
+    table = markdown_table(rows)
+    print(table)
+    if args.write_docs:
+        write_docs(args.docs, docs_section(args, table, rows[0][2], (time.perf_counter() - start) / 60),
+                   START_MARKER, END_MARKER)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
