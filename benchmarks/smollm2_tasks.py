@@ -9,7 +9,7 @@ wrote (ROW such as `gptq-w3-g128`), this runs
 and prints a markdown table: accuracy per task (acc_norm where the task defines it, else
 acc), the zero-shot mean with its standard error, MMLU micro accuracy, and honest bits per
 weight from OUT/ROW.info.json. `--limit 0` scores the full sets. Resumable: an existing JSON
-is not recomputed. With --write-docs the section between ``<!-- smollm2-tasks:start -->``
+is not recomputed (one scored in another --task-dtype is an error: delete it to redo). With --write-docs the section between ``<!-- smollm2-tasks:start -->``
 and ``<!-- smollm2-tasks:end -->`` of docs/BENCHMARKS.md is replaced.
 
 Example:
@@ -23,7 +23,6 @@ import argparse
 import datetime as _dt
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -87,8 +86,12 @@ def bits_per_weight(args: argparse.Namespace, row: str) -> float | None:
     return read_json(info).get("bits_per_weight") if info.is_file() else None
 
 
-def row_figures(zero_shot: dict[str, Any], mmlu: dict[str, Any] | None) -> dict[str, Any]:
+def row_figures(zero_shot: dict[str, Any], mmlu: dict[str, Any] | None, dtype: str) -> dict[str, Any]:
     """Per-task score, the zero-shot mean and its standard error, MMLU, seconds."""
+    for result in (zero_shot, mmlu):
+        if result is not None and result.get("task_dtype") != dtype:
+            raise SystemExit(f"smollm2_tasks: a result was scored in {result.get('task_dtype')}, not {dtype}; "
+                             "delete its JSON to redo it")
     tasks = zero_shot["tasks"]
     scores, errors = {}, []
     for name in ZERO_SHOT:
@@ -98,9 +101,10 @@ def row_figures(zero_shot: dict[str, Any], mmlu: dict[str, Any] | None) -> dict[
         errors.append(entry.get("acc_norm_stderr") if normed else entry["stderr"])
     mean = sum(scores.values()) / len(scores)
     # Tasks are independent samples, so the mean's variance is the mean of their variances / k.
-    mean_stderr = math.sqrt(sum(e * e for e in errors if e is not None)) / len(errors)
+    mean_stderr = None if None in errors else math.sqrt(sum(e * e for e in errors)) / len(errors)
     seconds = sum(e["seconds"] for k, e in tasks.items() if not k.startswith("_"))
-    figures = {"scores": scores, "mean": mean, "mean_stderr": mean_stderr, "n": tasks[ZERO_SHOT[0]]["n"],
+    figures = {"scores": scores, "stderrs": [e for e in errors if e is not None], "mean": mean,
+               "mean_stderr": mean_stderr, "n": tasks[ZERO_SHOT[0]]["n"],
                "seconds": seconds, "mmlu": None, "mmlu_stderr": None, "mmlu_n": None}
     if mmlu is not None:
         entry = mmlu["tasks"]["mmlu"]
@@ -110,7 +114,7 @@ def row_figures(zero_shot: dict[str, Any], mmlu: dict[str, Any] | None) -> dict[
 
 
 def label(row: str) -> str:
-    """'uniquanf+e4-w3-g128' -> ('uniquanf (--epochs 4)', 'w3 g128'); fp -> unquantized."""
+    """Method and config cells: 'uniquanf+e4-w3-g128' -> 'uniquanf (+e4) | w3 g128'."""
     if row == FP_ROW:
         return "unquantized | -"
     head, _, rest = row.partition("-w")
@@ -120,15 +124,19 @@ def label(row: str) -> str:
     return f"{method}{f' (+{variant})' if variant else ''} | {config}"
 
 
-def markdown_table(rows: Sequence[tuple[str, float | None, dict[str, Any]]]) -> str:
+def _pm(value: float, stderr: float | None) -> str:
+    return f"{100 * value:.1f}" + ("" if stderr is None else f" ± {100 * stderr:.1f}")
+
+
+def markdown_table(rows: Sequence[tuple[str, float | None, dict[str, Any]]], shots: int) -> str:
     header = ["method", "config", "bits/weight", *(SHORT.get(t, t) for t in ZERO_SHOT), "zero-shot mean",
-              "MMLU 5-shot", "eval s"]
+              f"MMLU {shots}-shot", "eval s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, bits, f in rows:
         cells = [label(row), "-" if bits is None else f"{bits:.3f}",
                  *(f"{100 * f['scores'][t]:.1f}" for t in ZERO_SHOT),
-                 f"**{100 * f['mean']:.1f}** ± {100 * f['mean_stderr']:.1f}",
-                 "-" if f["mmlu"] is None else f"{100 * f['mmlu']:.1f} ± {100 * f['mmlu_stderr']:.1f}",
+                 f"**{_pm(f['mean'], f['mean_stderr'])}**",
+                 "-" if f["mmlu"] is None else _pm(f["mmlu"], f["mmlu_stderr"]),
                  f"{f['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -137,7 +145,13 @@ def markdown_table(rows: Sequence[tuple[str, float | None, dict[str, Any]]]) -> 
 def docs_section(args: argparse.Namespace, table: str, first: dict[str, Any], minutes: float) -> str:
     date = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     items = "the full sets" if not args.limit else f"the first {first['n']} items of each task"
-    questions = "every test question" if not args.mmlu_limit else f"the first {args.mmlu_limit} test questions of each of the 57 subjects ({first['mmlu_n']} in all)"
+    questions = ("every test question" if not args.mmlu_limit
+                 else f"the first {args.mmlu_limit} test questions of each subject ({first['mmlu_n']} in all)")
+    caveat = "" if not args.limit else f"""
+- **Not full sets:** with {items} a task's standard error is
+  {100 * max(first['stderrs']):.0f} points or less and the mean's about {100 * first['mean_stderr']:.1f}
+  (first row), so only differences of several points in the mean are meaningful. A full-set row
+  costs about an hour on this machine (HellaSwag and MMLU dominate)."""
     return f"""{START_MARKER}
 ## SmolLM2-135M-Instruct: zero-shot tasks and MMLU per method
 
@@ -147,16 +161,16 @@ _Generated by `benchmarks/smollm2_tasks.py` on {date}; do not edit between the m
 {command_line()}
 ```
 
-- **Machine:** {os.cpu_count()} CPU cores, {cpu_model()}, no GPU; this invocation {minutes:.1f} min.
-- **Checkpoints:** the ones of the perplexity table above (same flags, same calibration).
+- **Machine:** {os.cpu_count()} CPU cores, {cpu_model()}, no GPU; scoring all rows took {minutes:.0f} min
+  (times are noisy: the machine was shared with other work).
+- **Checkpoints:** the ones of the perplexity table above (same flags, same calibration); the
+  unquantized row is SmolLM2-135M-Instruct dequantized from its Q4_1 GGUF to float32.
 - **Protocol:** lm-evaluation-harness conventions (see `unibcq eval --help`): {items}
   (PIQA val, ARC-Easy/Challenge test, HellaSwag val, WinoGrande dev with partial scoring,
   BoolQ val, OpenBookQA test, LAMBADA OpenAI last-word accuracy); the score is acc_norm where
   the task defines it, else acc, in percent. MMLU is {args.mmlu_shots}-shot (dev exemplars), {questions},
-  micro accuracy. Scored in {args.task_dtype} (`--task-dtype`); ± is one standard error.
-- **Not full sets:** with {items} every task's standard error is about 5 points, so only
-  differences of several points in the mean are meaningful; a full-set row costs about an
-  hour on this machine (HellaSwag and MMLU dominate).
+  micro accuracy. Scored in {args.task_dtype} (`--task-dtype`); ± is one standard error; **eval s**
+  is the scoring time of the row (model loading excluded).{caveat}
 
 {table}
 {END_MARKER}"""
@@ -165,7 +179,6 @@ _Generated by `benchmarks/smollm2_tasks.py` on {date}; do not edit between the m
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     exe = args.unibcq or default_unibcq()
-    start = time.perf_counter()
     rows = []
     for row in (r.strip() for r in args.rows.split(",") if r.strip()):
         if row != FP_ROW and not (args.out / row).is_dir():
@@ -174,13 +187,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not zero_shot.is_file():
             continue
         rows.append((row, bits_per_weight(args, row),
-                     row_figures(read_json(zero_shot), read_json(mmlu) if mmlu.is_file() else None)))
+                     row_figures(read_json(zero_shot), read_json(mmlu) if mmlu.is_file() else None,
+                                 args.task_dtype)))
     if not rows:
         raise SystemExit("smollm2_tasks: no row has results yet")
-    table = markdown_table(rows)
+    table = markdown_table(rows, args.mmlu_shots)
     print(table)
     if args.write_docs:
-        write_docs(args.docs, docs_section(args, table, rows[0][2], (time.perf_counter() - start) / 60),
+        write_docs(args.docs, docs_section(args, table, rows[0][2], sum(f["seconds"] for _, _, f in rows) / 60),
                    START_MARKER, END_MARKER)
     return 0
 

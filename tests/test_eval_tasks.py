@@ -267,9 +267,27 @@ def test_forward_passes_stay_within_the_token_budget(llama):
     budgeted = zeroshot.loglikelihoods(llama, requests, batch_size=16, max_tokens=24)
     assert all(rows == 1 or rows * width <= 24 for rows, width in shapes)
     shapes.clear()
+    one_row = zeroshot.loglikelihoods(llama, requests, batch_size=1)
+    assert max(rows for rows, _ in shapes) == 1  # a context with several choices runs once per choice then
+    assert [ll for ll, _ in one_row] == pytest.approx([ll for ll, _ in budgeted], abs=1e-4)
+    shapes.clear()
     assert [ll for ll, _ in zeroshot.loglikelihoods(llama, requests, batch_size=16, max_tokens=10_000)] == \
         pytest.approx([ll for ll, _ in budgeted], abs=1e-4)
     assert max(rows for rows, _ in shapes) == 16  # a generous budget leaves batch_size as the limit
+
+
+def test_sliding_window_models_are_scored_exactly(tiny_qwen2):
+    model = tiny_qwen2(seed=5, hidden_size=64, vocab_size=VOCAB_SIZE, use_sliding_window=True, sliding_window=6,
+                       max_window_layers=0)
+    assert zeroshot._sliding_window(model) == 6
+    requests = _multiple_choice_requests(9, 4)
+    for (ctx, cont), (ll, _) in zip(requests, zeroshot.loglikelihoods(model, requests, batch_size=8)):
+        assert ll == pytest.approx(_reference_ll(model, ctx + cont, len(cont)), abs=1e-4)
+
+
+def test_a_request_without_context_is_refused(llama):
+    with pytest.raises(UnibcqError, match="at least one context token"):
+        zeroshot.loglikelihoods(llama, [([], [5])])
 
 
 def test_bfloat16_scoring_restores_the_exact_float32_parameters(llama):

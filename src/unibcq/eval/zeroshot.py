@@ -46,8 +46,10 @@ from unibcq.errors import UnibcqError
 ProgressFn = Callable[[int, int], None]
 
 DEFAULT_MAX_LENGTH = 2048
-# Tokens per forward pass when scoring (padding included); see _batches.
+# Scoring batches (see _batches): tokens computed per forward pass, padding included, and
+# cached positions copied per pass (tails x (prefix + stem)), which bounds its memory.
 TOKENS_PER_PASS = 1024
+CACHE_TOKENS_PER_PASS = 8192
 
 
 def no_progress(done: int, total: int) -> None:
@@ -316,7 +318,7 @@ Reads = list[tuple[int, list[int]]]  # (request index, target ids) read from one
 
 
 def _group(
-    requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int, prefix: list[int],
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int, prefix: list[int], share: bool = True,
 ) -> dict[tuple[int, ...], dict[tuple[int, ...], Reads]]:
     """stem -> tail -> reads: how each request is scored, sharing what requests have in common.
 
@@ -327,20 +329,22 @@ def _group(
     (MMLU's one-token letters) share a tail. A stem that only one tail reads gains nothing
     from a cache, and one shorter than its longest tail saves less than the padding and the
     second forward pass cost (PIQA's short goals before long solutions), so such a stem is
-    folded into its tails, under the empty stem.
+    folded into its tails, under the empty stem; without `share` every stem is.
     """
     by_stem: dict[tuple[int, ...], dict[tuple[int, ...], Reads]] = {}
     for index, (context, continuation) in enumerate(requests):
         if not continuation:
             raise UnibcqError("a continuation encodes to no tokens; cannot score it")
         body = (list(context) + list(continuation))[-(max_length + 1):][len(prefix):]
+        if len(body) < 2:
+            raise UnibcqError("a request needs at least one context token before its continuation")
         n_target = min(len(continuation), len(body) - 1)
         split = len(body) - n_target - 1
         stem, tail = tuple(body[:split]), tuple(body[split:-1])
         by_stem.setdefault(stem, {}).setdefault(tail, []).append((index, body[-n_target:]))
     groups: dict[tuple[int, ...], dict[tuple[int, ...], Reads]] = {(): {}}
     for stem, tails in by_stem.items():
-        if stem and len(tails) > 1 and len(stem) >= max(len(t) for t in tails):
+        if share and stem and len(tails) > 1 and len(stem) >= max(len(t) for t in tails):
             groups[stem] = tails
         else:
             for tail, reads in tails.items():
@@ -348,35 +352,50 @@ def _group(
     return groups
 
 
-def _batches(
-    groups: dict[tuple[int, ...], dict[tuple[int, ...], Reads]], batch_size: int, max_tokens: int,
-) -> Iterator[list[tuple[tuple[int, ...], list[tuple[int, ...]]]]]:
-    """Batches of (stem, its tails), longest first: unstemmed tails, then whole stems.
+Batch = list[tuple[tuple[int, ...], list[tuple[int, ...]]]]  # (stem, some of its tails), ...
 
-    A batch holds at most `batch_size` tails and, padding included, about `max_tokens`
-    tokens per forward pass (always at least one stem or tail): on a CPU, activations that
-    outgrow the caches cost more than the extra passes of smaller batches.
+
+def _batches(
+    groups: dict[tuple[int, ...], dict[tuple[int, ...], Reads]], batch_size: int, max_tokens: int, prefix_length: int,
+) -> Iterator[Batch]:
+    """Batches of (stem, tails), longest first: unstemmed tails, then stems.
+
+    A batch scores at most `batch_size` tails; padding included, each of its passes computes
+    about `max_tokens` tokens (on a CPU, activations that outgrow the caches cost more than
+    the extra passes of smaller batches), and the per-tail copies of the prefix + stem cache
+    hold at most CACHE_TOKENS_PER_PASS positions. A batch always holds at least one tail; a
+    stem with more tails than fit runs once per batch its tails span.
     """
-    unstemmed = sorted(groups[()], key=len, reverse=True)
-    start = 0
-    while start < len(unstemmed):
-        rows = max(1, min(batch_size, max_tokens // max(len(unstemmed[start]), 1)))
-        yield [((), unstemmed[start:start + rows])]
-        start += rows
-    batch: list[tuple[tuple[int, ...], list[tuple[int, ...]]]] = []
-    rows = tail_width = 0
-    for stem in sorted((s for s in groups if s), key=len, reverse=True):
-        tails = sorted(groups[stem], key=len, reverse=True)
-        grown_rows, grown_width = rows + len(tails), max(tail_width, len(tails[0]))
-        stem_width = len(batch[0][0]) if batch else len(stem)  # the batch's first stem is its longest
-        too_big = grown_rows > batch_size or max((len(batch) + 1) * stem_width, grown_rows * grown_width) > max_tokens
-        if batch and too_big:
+
+    def fits(rows: int, width: int, stems: int, stem_width: int) -> bool:
+        cached = prefix_length + stem_width
+        return (rows <= batch_size and rows * width <= max_tokens and stems * stem_width <= max_tokens
+                and rows * cached <= CACHE_TOKENS_PER_PASS)
+
+    def pieces(stem: tuple[int, ...], tails: list[tuple[int, ...]]) -> Iterator[tuple[tuple[int, ...], list]]:
+        chunk: list[tuple[int, ...]] = []
+        for tail in tails:
+            if chunk and not fits(len(chunk) + 1, len(chunk[0]), 1, len(stem)):
+                yield stem, chunk
+                chunk = []
+            chunk.append(tail)
+        yield stem, chunk
+
+    unstemmed = [((), [tail]) for tail in sorted(groups[()], key=len, reverse=True)]
+    stemmed = [piece for stem in sorted((s for s in groups if s), key=len, reverse=True)
+               for piece in pieces(stem, sorted(groups[stem], key=len, reverse=True))]
+    for items in (unstemmed, stemmed):
+        batch: Batch = []
+        rows = width = 0
+        for stem, tails in items:
+            grown = (rows + len(tails), max(width, len(tails[0])), len(batch) + 1, len(batch[0][0]) if batch else len(stem))
+            if batch and not fits(*grown):
+                yield batch
+                batch, grown = [], (len(tails), len(tails[0]), 1, len(stem))
+            batch.append((stem, tails))
+            rows, width = grown[0], grown[1]
+        if batch:
             yield batch
-            batch, grown_rows, grown_width = [], len(tails), len(tails[0])
-        batch.append((stem, tails))
-        rows, tail_width = grown_rows, grown_width
-    if batch:
-        yield batch
 
 
 def _right_padded(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -388,6 +407,15 @@ def _right_padded(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, tor
         ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         mask[row, : len(tokens)] = 1
     return ids, mask
+
+
+def _sliding_window(model: nn.Module) -> int | None:
+    """The attention window of a model whose layers (some or all) attend to a window, else None."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or ()
+    used = getattr(config, "use_sliding_window", True) or "sliding_attention" in layer_types
+    return window if isinstance(window, int) and window > 0 and used else None
 
 
 def _score(
@@ -404,10 +432,13 @@ def _score(
     Each batch takes at most two forward passes: its stems (right-padded, after the prefix
     cache), then every tail after its own stem's cache rows. A tail's positions continue
     from its stem's real length, and the attention mask hides the stem's padding, so each
-    tail sees exactly prefix + stem before it.
+    tail sees exactly prefix + stem before it. A sliding window counts cache slots, padding
+    included, so stems are shared only when no input reaches the window.
     """
     device = next(model.parameters()).device
-    groups = _group(requests, max_length, prefix)
+    window = _sliding_window(model)
+    longest = max(min(len(c) + len(k), max_length + 1) for c, k in requests)
+    groups = _group(requests, max_length, prefix, share=window is None or longest <= window)
     keep_arg = _accepts_logits_to_keep(model)
     cache_arg = _cache_argument(model)
     prefix_cache = None
@@ -417,35 +448,36 @@ def _score(
         prefix_cache = getattr(out, cache_arg)
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     done = 0
-    for batch in _batches(groups, batch_size, max_tokens):
-        cache = None
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)  # the forward appends to the cache it is given
-            cache.batch_repeat_interleave(len(batch))
-        past_mask = torch.ones(len(batch), len(prefix), dtype=torch.long)
+    for batch in _batches(groups, batch_size, max_tokens, len(prefix)):
+        rows = [(s, tail) for s, (_, tails) in enumerate(batch) for tail in tails]
+        cache = copy.deepcopy(prefix_cache) if prefix_cache is not None else None  # a forward appends to its cache
+        past_mask = torch.ones(1, len(prefix), dtype=torch.long)
+        index = torch.zeros(len(rows), dtype=torch.long)
         if batch[0][0]:
+            if cache is not None:
+                cache.batch_repeat_interleave(len(batch))
             ids, mask = _right_padded([stem for stem, _ in batch])
-            past_mask = torch.cat([past_mask, mask], dim=1)
+            past_mask = torch.cat([past_mask.expand(len(batch), -1), mask], dim=1)
             kwargs = {"logits_to_keep": 1} if keep_arg else {}
             if cache is not None:
                 kwargs[cache_arg] = cache
             out = model(input_ids=ids.to(device), attention_mask=past_mask.to(device), use_cache=True, **kwargs)
             cache = getattr(out, cache_arg)
-        rows = [(s, tail) for s, (_, tails) in enumerate(batch) for tail in tails]
-        index = torch.tensor([s for s, _ in rows])
+            index = torch.tensor([s for s, _ in rows])
         ids, mask = _right_padded([tail for _, tail in rows])
         width = ids.shape[1]
         reads = [groups[batch[s][0]][tail] for s, tail in rows]
         keep = max(width - len(tail) + max(len(t) for _, t in r) for (_, tail), r in zip(rows, reads))
-        start = torch.tensor([len(prefix) + len(batch[s][0]) for s, _ in rows])
         kwargs = {"logits_to_keep": keep} if keep_arg else {}
         if cache is not None:
             cache.reorder_cache(index.to(device))
-            kwargs.update({cache_arg: cache, "use_cache": True})
+            start = torch.tensor([len(prefix) + len(batch[s][0]) for s, _ in rows])
+            kwargs.update({cache_arg: cache, "use_cache": True,
+                           "position_ids": (start[:, None] + torch.arange(width)).to(device)})
         else:
             kwargs["use_cache"] = False
         logits = model(input_ids=ids.to(device), attention_mask=torch.cat([past_mask[index], mask], 1).to(device),
-                       position_ids=(start[:, None] + torch.arange(width)).to(device), **kwargs).logits[:, -keep:]
+                       **kwargs).logits[:, -keep:]
         logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
         for row, ((_, tail), row_reads) in enumerate(zip(rows, reads)):
             end = len(tail) - (width - keep)  # one past the tail's last position, in kept coordinates
