@@ -15,8 +15,9 @@ flexible match). A summary sits under the key "_mean" (leading underscore: not a
 {"mean_acc": mean over the zero-shot tasks run of acc_norm where defined, else acc,
 "tasks": their names}; mean_acc is None when no zero-shot task ran.
 
-Scoring may run in bfloat16 (`dtype`): on CPUs with AVX512-BF16 it is about 1.7x faster,
-which is what makes full task sets affordable there; perplexity and KL stay in float32.
+Scoring may run in bfloat16 (`dtype`): 1.2-1.8x faster than float32 on a CPU with
+AVX512-BF16 in our runs, which helps make task sets affordable there; perplexity and KL
+stay in float32.
 """
 
 from __future__ import annotations
