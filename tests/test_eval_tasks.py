@@ -542,6 +542,100 @@ def test_cli_eval_task_errors(capsys, model_dir, data_dir, argv, message):
     assert code == 2 and message in err
 
 
+class _Killed(Exception):
+    """Stands for the process dying half-way (out of memory, Ctrl-C, the session ending)."""
+
+
+def _eval_argv(model_dir: Path, data_dir: Path, report_path: Path, limit: str = "3") -> list[str]:
+    corpus = data_dir / "corpus.txt"
+    corpus.write_text(" ".join(WORDS[i % 50] for i in range(400)))
+    return ["eval", str(model_dir), "--ppl", str(corpus), "--seq-len", "16", "--max-windows", "3", "--kl-ref", "none",
+            "--tasks", "piqa,mmlu", "--limit", limit, "--mmlu-shots", "1", "--data-dir", str(data_dir),
+            "--no-progress", "--json", str(report_path)]
+
+
+def test_cli_eval_killed_half_way_resumes_without_redoing_finished_pieces(capsys, tmp_path, model_dir, data_dir,
+                                                                          monkeypatch):
+    import unibcq.eval.perplexity as perplexity
+    import unibcq.eval.tasks as tasks
+
+    report_path = tmp_path / "report.json"
+    argv = _eval_argv(model_dir, data_dir, report_path)
+    assert main(argv) == 0, capsys.readouterr().err
+    uninterrupted = json.loads(report_path.read_text())
+    report_path.unlink()
+
+    calls: list[str] = []
+    run_one, windows = tasks._run_one, perplexity.evaluate_windows
+
+    def dies_at_mmlu(name, *args, **kwargs):
+        calls.append(name)
+        if name == "mmlu":
+            raise _Killed
+        return run_one(name, *args, **kwargs)
+
+    def counted_windows(*args, **kwargs):
+        calls.append("ppl")
+        return windows(*args, **kwargs)
+
+    monkeypatch.setattr(perplexity, "evaluate_windows", counted_windows)
+    monkeypatch.setattr(tasks, "_run_one", dies_at_mmlu)
+    with pytest.raises(_Killed):
+        main(argv)
+    journal = Path(f"{report_path}.partial")
+    assert not report_path.exists() and calls == ["ppl", "piqa", "mmlu"]
+    assert set(json.loads(journal.read_text())["pieces"]["task"]) == {"piqa"}
+
+    calls.clear()
+    monkeypatch.setattr(tasks, "_run_one", lambda name, *a, **k: calls.append(name) or run_one(name, *a, **k))
+    argv += ["--batch-size", "1"]  # a smaller batch (say, after running out of memory) still resumes
+    assert main(argv) == 0, capsys.readouterr().err
+    assert calls == ["mmlu"], "finished pieces were measured again"
+    assert "resuming" in capsys.readouterr().err and not journal.exists()
+    resumed = json.loads(report_path.read_text())
+    for key in ("ppl", "windows", "tokens"):
+        assert resumed[key] == uninterrupted[key]
+    for name in ("piqa", "mmlu"):
+        assert ({k: v for k, v in resumed["tasks"][name].items() if k != "seconds"}
+                == {k: v for k, v in uninterrupted["tasks"][name].items() if k != "seconds"})
+
+
+def test_cli_eval_ignores_a_journal_from_other_settings(capsys, tmp_path, model_dir, data_dir, monkeypatch):
+    import unibcq.eval.tasks as tasks
+
+    report_path = tmp_path / "report.json"
+    run_one = tasks._run_one
+
+    def dies_at_mmlu(name, *args, **kwargs):
+        if name == "mmlu":
+            raise _Killed
+        return run_one(name, *args, **kwargs)
+
+    monkeypatch.setattr(tasks, "_run_one", dies_at_mmlu)
+    with pytest.raises(_Killed):
+        main(_eval_argv(model_dir, data_dir, report_path, limit="3"))
+    monkeypatch.undo()
+    calls: list[str] = []
+    monkeypatch.setattr(tasks, "_run_one", lambda name, *a, **k: calls.append(name) or run_one(name, *a, **k))
+    assert main(_eval_argv(model_dir, data_dir, report_path, limit="2")) == 0
+    assert "other settings" in capsys.readouterr().err and calls == ["piqa", "mmlu"]
+    assert json.loads(report_path.read_text())["tasks"]["piqa"]["n"] == 2
+
+
+def test_journal_survives_a_corrupt_file_and_commits_each_piece(tmp_path, capsys):
+    from unibcq.eval.journal import EvalJournal
+
+    path = tmp_path / "r.json.partial"
+    path.write_text("{ truncated")
+    journal = EvalJournal(path, {"limit": 3, "data_dir": tmp_path})
+    assert "unreadable" in capsys.readouterr().err and journal.resumed() == []
+    journal.put("task", "piqa", {"acc": 0.5})
+    again = EvalJournal(path, {"limit": 3, "data_dir": tmp_path})
+    assert again.get("task", "piqa") == {"acc": 0.5} and again.get("ppl", "wikitext2") is None
+    again.remove()
+    assert not path.exists()
+
+
 def test_generation_stops_once_the_completion_holds_a_stop_sequence():
     class Chars:
         def batch_decode(self, rows, skip_special_tokens=True):

@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="quantized checkpoint dir, or any MODEL accepted by quantize")
     e.add_argument("--kl-ref", help="reference model for KL (default: a checkpoint's source model; 'none' skips)")
     _add_eval_flags(e)
-    e.add_argument("--json", help="write every printed figure to this JSON file")
+    e.add_argument("--json", help="write every printed figure to this JSON file; finished datasets and tasks "
+                                  "are kept in JSON.partial meanwhile, so a killed eval rerun resumes there")
     e.add_argument("--no-progress", action="store_true")
 
     c = sub.add_parser("compare", help="quantize with several methods and bit widths, evaluate all, write a report")
@@ -409,7 +410,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     ref_spec = default_ref if args.kl_ref is None else (None if args.kl_ref.lower() == "none" else args.kl_ref)
     ref_spec = ref_spec if settings.datasets else None  # KL is measured on the perplexity windows only
     ref_model = load_model(ref_spec) if ref_spec else None
-    measured = evaluate_suite(model, tokenizer, settings, ref_model, show_progress=not args.no_progress)
+    journal = _eval_journal(args, settings, ref_spec)
+    measured = evaluate_suite(model, tokenizer, settings, ref_model, show_progress=not args.no_progress,
+                              journal=journal)
     report = {"model": args.model, "ref_model": ref_spec, "bits_per_weight": bits, **measured}
     tasks = report["tasks"]
     per_ref = {key: report[key] or {} for key in ("ref_ppl", "kl", "top1")}
@@ -424,6 +427,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
                     SUMMARY_COLUMNS, summary_rows(tasks))
     if args.json:
         write_json_atomic(args.json, report)
+    if journal is not None:
+        journal.remove()
+
+
+def _eval_journal(args: argparse.Namespace, settings, ref_spec: str | None):
+    """With --json PATH, finished pieces go to PATH.partial so a killed eval resumes there."""
+    from unibcq.eval.journal import EvalJournal
+
+    if not args.json:
+        return None
+    protocol = settings.protocol() | {"model": _source_spec(args.model), "kl_ref": ref_spec and _source_spec(ref_spec)}
+    journal = EvalJournal(Path(f"{args.json}.partial"), protocol)
+    if journal.resumed():
+        print(f"unibcq: resuming from {journal.path}: reusing {', '.join(journal.resumed())}", file=sys.stderr)
+    return journal
 
 
 def _or_dash(value: Any) -> Any:

@@ -92,3 +92,36 @@ def test_compare_bad_input(capsys, tmp_path, tiny_model_dir, extra, needle):
                  "--no-progress", *extra])
     err = capsys.readouterr().err
     assert code == 2 and needle in err and not (tmp_path / "r").exists()
+
+
+def test_compare_cell_killed_mid_evaluation_keeps_its_finished_datasets(capsys, tmp_path, tiny_model_dir,
+                                                                         corpus_file, monkeypatch):
+    import unibcq.eval.perplexity as perplexity
+    import unibcq.eval.tasks as tasks
+
+    data = _piqa_dir(tmp_path / "data")
+    out = tmp_path / "report"
+    argv = ["compare", str(tiny_model_dir), "--methods", "rtn", "--bits", "3", "--group-size", "32", "--out", str(out),
+            "--ppl", str(corpus_file), "--seq-len", "32", "--max-windows", "2", "--tasks", "piqa",
+            "--data-dir", str(data), "--no-progress"]
+    windows, run_one = perplexity.evaluate_windows, tasks._run_one
+    calls: list[str] = []
+    monkeypatch.setattr(perplexity, "evaluate_windows", lambda *a, **k: calls.append("ppl") or windows(*a, **k))
+
+    def dies_in_the_quantized_cell(name, model, *args, **kwargs):
+        if calls.count("ppl") == 2:  # the unquantized row and then the cell measured their perplexity
+            raise KeyboardInterrupt
+        return run_one(name, model, *args, **kwargs)
+
+    monkeypatch.setattr(tasks, "_run_one", dies_in_the_quantized_cell)
+    assert main(argv) == 130  # Ctrl-C
+    partial = out / "results" / "rtn-w3-g32.partial"
+    assert set(json.loads(partial.read_text())["pieces"]["ppl"]) == {str(corpus_file)}
+    assert not (out / "results" / "rtn-w3-g32.json").exists()
+
+    calls.clear()
+    monkeypatch.setattr(tasks, "_run_one", run_one)
+    assert main(argv) == 0, capsys.readouterr().err
+    assert calls == [] and not partial.exists()
+    result = json.loads((out / "results" / "rtn-w3-g32.json").read_text())
+    assert result["kl_vs_ref"] > 0 and result["tasks"]["piqa"]["n"] == 6

@@ -7,13 +7,14 @@ exactly as a standalone `unibcq eval` with the same flags would measure it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from unibcq.errors import UnibcqError
+from unibcq.eval.journal import EvalJournal
 
 
 @dataclass
@@ -54,25 +55,47 @@ class EvalSettings:
         if self.tasks is not None:
             check_tasks(self.tasks, self.limit, self.data_dir, self.mmlu_shots, self.batch_size)
 
+    def protocol(self) -> dict[str, Any]:
+        """The settings a result depends on; batch size only changes speed and memory, so a
+        run resumed with a smaller one (after running out of memory) still reuses its pieces."""
+        fields = asdict(self)
+        del fields["batch_size"]
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in fields.items()}
+
 
 def evaluate_suite(model: nn.Module, tokenizer, settings: EvalSettings, ref_model: nn.Module | None = None,
-                   show_progress: bool = True) -> dict[str, Any]:
-    """Every figure of the protocol as a JSON-ready dict (the keys of `unibcq eval --json`)."""
+                   show_progress: bool = True, journal: EvalJournal | None = None) -> dict[str, Any]:
+    """Every figure of the protocol as a JSON-ready dict (the keys of `unibcq eval --json`).
+
+    With a `journal`, each finished dataset and task is committed to it and pieces already
+    there are reused, so a killed run resumes; "seconds" is the measuring time of all pieces.
+    """
     from unibcq.data import eval_token_ids
-    from unibcq.eval.perplexity import evaluate_windows
+    from unibcq.eval.perplexity import WindowStats, evaluate_windows
     from unibcq.eval.tasks import run_tasks
 
     ref_model = ref_model if settings.datasets else None  # KL is measured on the perplexity windows only
-    start = time.perf_counter()
+    seconds = 0.0
     results = {}
     for name in settings.datasets:
-        ids = eval_token_ids(tokenizer, name, settings.data_dir)
-        results[name] = evaluate_windows(model, ids, settings.seq_len, settings.max_windows, ref_model,
-                                         description=name, show_progress=show_progress)
+        piece = journal.get("ppl", name) if journal else None
+        if piece is None:
+            start = time.perf_counter()
+            ids = eval_token_ids(tokenizer, name, settings.data_dir)
+            stats = evaluate_windows(model, ids, settings.seq_len, settings.max_windows, ref_model,
+                                     description=name, show_progress=show_progress)
+            piece = {"stats": asdict(stats), "seconds": time.perf_counter() - start}
+            if journal:
+                journal.put("ppl", name, piece)
+        results[name] = WindowStats(**piece["stats"])
+        seconds += piece["seconds"]
     tasks = None
     if settings.tasks is not None:
         tasks = run_tasks(model, tokenizer, settings.tasks, settings.limit, settings.data_dir, settings.mmlu_shots,
-                          settings.batch_size, show_progress=show_progress, dtype=settings.task_dtype)
+                          settings.batch_size, show_progress=show_progress, dtype=settings.task_dtype,
+                          finished=journal.finished("task") if journal else None,
+                          on_finish=(lambda name, result: journal.put("task", name, result)) if journal else None)
+        seconds += sum(r["seconds"] for k, r in tasks.items() if "seconds" in r)
     first = results[settings.datasets[0]] if settings.datasets else None
     measured = ref_model is not None
     return {
@@ -87,6 +110,6 @@ def evaluate_suite(model: nn.Module, tokenizer, settings: EvalSettings, ref_mode
         "task_dtype": settings.task_dtype if settings.tasks is not None else None,
         "windows": {k: v.windows for k, v in results.items()},
         "tokens": {k: v.tokens for k, v in results.items()},
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
         "tasks": tasks,
     }

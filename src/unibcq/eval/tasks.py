@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -145,22 +145,33 @@ def run_tasks(
     batch_size: int = 8,
     show_progress: bool = True,
     dtype: str = "float32",
+    finished: Mapping[str, dict[str, Any]] | None = None,
+    on_finish: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Run `tasks` (names or "all") on the first `limit` items of each; see the module docstring."""
+    """Run `tasks` (names or "all") on the first `limit` items of each; see the module docstring.
+
+    Tasks in `finished` (results of an interrupted run with the same settings) are taken as
+    they are; `on_finish(name, result)` is called as each remaining task completes.
+    """
     root, names = check_tasks(tasks, limit, data_dir, mmlu_shots, batch_size)
     torch_dtype = scoring_dtype(dtype)
-    results: dict[str, dict[str, Any]] = {}
-    with (torch.inference_mode(), dense_weights(model, torch_dtype), parameters_as(model, torch_dtype),
-          progress_bar(show_progress) as bar):
-        for name in names:
-            bar_id = bar.add_task(name, total=None)
+    results = {name: dict(finished[name]) for name in names if finished and name in finished}
+    pending = [name for name in names if name not in results]
+    if pending:
+        with (torch.inference_mode(), dense_weights(model, torch_dtype), parameters_as(model, torch_dtype),
+              progress_bar(show_progress) as bar):
+            for name in pending:
+                bar_id = bar.add_task(name, total=None)
 
-            def progress(done: int, total: int, bar_id=bar_id) -> None:
-                bar.update(bar_id, completed=done, total=total)
+                def progress(done: int, total: int, bar_id=bar_id) -> None:
+                    bar.update(bar_id, completed=done, total=total)
 
-            start = time.perf_counter()
-            results[name] = _run_one(name, model, tokenizer, root, limit, mmlu_shots, batch_size, progress)
-            results[name]["seconds"] = time.perf_counter() - start
+                start = time.perf_counter()
+                results[name] = _run_one(name, model, tokenizer, root, limit, mmlu_shots, batch_size, progress)
+                results[name]["seconds"] = time.perf_counter() - start
+                if on_finish is not None:
+                    on_finish(name, results[name])
+    results = {name: results[name] for name in names}
     zeroshot = [n for n in names if n in ZEROSHOT_TASKS]
     scores = [results[n]["acc_norm"] if results[n]["acc_norm"] is not None else results[n]["acc"] for n in zeroshot]
     results[MEAN_KEY] = {"mean_acc": sum(scores) / len(scores) if scores else None, "tasks": zeroshot}

@@ -5,7 +5,9 @@ windows, saved as a normal checkpoint under OUT/checkpoints/, and evaluated with
 `EvalSettings` as the unquantized model (which is also the KL reference). Results go to
 OUT/results/<cell>.json, each written atomically as soon as the cell is done, so a rerun
 skips finished cells, reuses finished checkpoints and re-evaluates a cell only when the
-evaluation protocol changed. OUT/report.md and the plots are rebuilt from all results.
+evaluation protocol changed; within a cell, finished datasets and tasks are kept in
+OUT/results/<cell>.partial until the cell is done, so even a cell killed mid-evaluation
+resumes. OUT/report.md and the plots are rebuilt from all results.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import copy
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,6 +26,7 @@ from unibcq.atomic import write_json_atomic
 from unibcq.checkpoint import QUANT_KEY, checkpoint_info, is_checkpoint, load_checkpoint, read_config, save_checkpoint
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
+from unibcq.eval.journal import EvalJournal
 from unibcq.eval.suite import EvalSettings, evaluate_suite
 from unibcq.methods import CALIBRATED, quantize_model
 from unibcq.methods.presets import apply_preset, preset_values
@@ -89,8 +92,7 @@ def cell_config(cell: Cell, settings: CompareSettings) -> QuantConfig:
 
 def _protocol(settings: CompareSettings) -> dict[str, Any]:
     """The evaluation settings a stored result must match to be reused."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings.evaluation).items()} | {
-        "reference": settings.model}
+    return settings.evaluation.protocol() | {"reference": settings.model}
 
 
 def _read_result(path: Path, protocol: dict[str, Any]) -> dict[str, Any] | None:
@@ -99,6 +101,11 @@ def _read_result(path: Path, protocol: dict[str, Any]) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return result if result.get("protocol") == protocol else None
+
+
+def _journal(results_dir: Path, name: str, protocol: dict[str, Any]) -> EvalJournal:
+    """A cell's finished datasets and tasks, so a compare killed mid-evaluation resumes there."""
+    return EvalJournal(results_dir / f"{name}.partial", protocol | {"cell": name})
 
 
 def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[dict[str, Any]]:
@@ -122,11 +129,13 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
             overall = bar.add_task("compare", total=len(pending) + (not fp_done))
             if not fp_done:
                 bar.update(overall, description=f"compare: {FP_NAME}")
-                measured = evaluate_suite(model, tokenizer, settings.evaluation, None, show_progress)
+                journal = _journal(results_dir, FP_NAME, protocol)
+                measured = evaluate_suite(model, tokenizer, settings.evaluation, None, show_progress, journal)
                 bits = float(torch.finfo(next(model.parameters()).dtype).bits)
                 write_json_atomic(results_dir / f"{FP_NAME}.json", {
                     "name": FP_NAME, "method": FP_NAME, "bits": None, "group_size": None, "bits_per_weight": bits,
                     "checkpoint_mb": None, "quantize_seconds": None, "protocol": protocol, **measured})
+                journal.remove()
                 bar.update(overall, advance=1)
             for cell in pending:
                 bar.update(overall, description=f"compare: {cell.name}")
@@ -147,12 +156,14 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
                                     extra={"quantize_seconds": round(seconds, 3)})
                     shutil.rmtree(ckpt_dir / f"{cell.name}.partial", ignore_errors=True)
                 info = checkpoint_info(path)
-                measured = evaluate_suite(quantized, tokenizer, settings.evaluation, model, show_progress)
+                journal = _journal(results_dir, cell.name, protocol)
+                measured = evaluate_suite(quantized, tokenizer, settings.evaluation, model, show_progress, journal)
                 write_json_atomic(results_dir / f"{cell.name}.json", {
                     "name": cell.name, "method": cell.method, "bits": cell.bits, "group_size": cell.group_size,
                     "bits_per_weight": info.bits_per_weight, **info.accounting(),
                     "checkpoint_mb": info.file_bytes / 1e6,
                     "quantize_seconds": read_config(path)[QUANT_KEY].get("quantize_seconds"), "protocol": protocol, **measured})
+                journal.remove()
                 del quantized
                 bar.update(overall, advance=1)
     results = [json.loads((results_dir / f"{name}.json").read_text())
