@@ -259,6 +259,14 @@ def test_shared_contexts_run_once():
     assert calls == [(1, 19), (4, 2)]  # the stem once, then four two-token tails
 
 
+def test_the_vocabulary_projection_gets_contiguous_inputs_only_while_scoring(llama):
+    seen = []
+    llama.lm_head.register_forward_hook(lambda _, args, out: seen.append(args[0].is_contiguous()))
+    zeroshot.loglikelihoods(llama, _multiple_choice_requests(7, 8) + _random_requests(8, 12), batch_size=4)
+    assert seen and all(seen)  # without the hook the kept slices of the hidden states are strided views
+    assert not llama.lm_head._forward_pre_hooks
+
+
 def test_forward_passes_stay_within_the_token_budget(llama):
     shapes = []
     llama.register_forward_pre_hook(lambda _, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),

@@ -32,6 +32,7 @@ import inspect
 import itertools
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -266,6 +267,27 @@ def _cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+@contextmanager
+def contiguous_head_input(model: nn.Module) -> Iterator[None]:
+    """Hand the output projection a contiguous input while the block runs.
+
+    transformers computes only the kept logits by slicing the hidden states
+    (`logits_to_keep`); PyTorch runs a linear layer on such a non-contiguous 3-D input as a
+    batched matmul over a copy of the weight per row. For SmolLM2's 49152 x 576 vocabulary
+    projection in bfloat16 on our CPU (PyTorch 2.13) that took 1.6 s per 32-row pass instead
+    of 9 ms with the slice made contiguous, a third of all task-scoring time.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Module):
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def loglikelihoods(
     model: nn.Module,
@@ -306,8 +328,9 @@ def loglikelihoods(
     for group, group_prefix in zip(groups, (prefix, [])):
         if not group:
             continue
-        scores = _score(model, [requests[i] for i in group], batch_size, max_length, group_prefix,
-                        lambda done, _, offset=offset: progress(offset + done, len(requests)), max_tokens)
+        with contiguous_head_input(model):
+            scores = _score(model, [requests[i] for i in group], batch_size, max_length, group_prefix,
+                            lambda done, _, offset=offset: progress(offset + done, len(requests)), max_tokens)
         for i, score in zip(group, scores):
             results[i] = score
         offset += len(group)
@@ -478,15 +501,24 @@ def _score(
             kwargs["use_cache"] = False
         logits = model(input_ids=ids.to(device), attention_mask=torch.cat([past_mask[index], mask], 1).to(device),
                        **kwargs).logits[:, -keep:]
-        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        # Normalise only the positions some target is read from: rows are right-padded, so the
+        # kept span also covers padding and the other rows' context tokens.
+        read_rows, read_positions, targets = [], [], []
         for row, ((_, tail), row_reads) in enumerate(zip(rows, reads)):
             end = len(tail) - (width - keep)  # one past the tail's last position, in kept coordinates
             for request, target_ids in row_reads:
-                target = torch.tensor(target_ids)
-                scores = logprobs[row, end - len(target):end]
-                total = scores.gather(-1, target.unsqueeze(-1)).sum().item()
-                results[request] = (total, bool((scores.argmax(-1) == target).all()))
-            done += len(row_reads)
+                read_rows += [row] * len(target_ids)
+                read_positions += range(end - len(target_ids), end)
+                targets.append((request, torch.tensor(target_ids)))
+        picked = logits[torch.tensor(read_rows, device=logits.device), torch.tensor(read_positions, device=logits.device)]
+        logprobs = torch.log_softmax(picked.float(), dim=-1).cpu()
+        at = 0
+        for request, target in targets:
+            scores = logprobs[at:at + len(target)]
+            at += len(target)
+            total = scores.gather(-1, target.unsqueeze(-1)).sum().item()
+            results[request] = (total, bool((scores.argmax(-1) == target).all()))
+        done += sum(len(r) for r in reads)
         progress(done, len(requests))
     return results
 
