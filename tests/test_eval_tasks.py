@@ -374,6 +374,19 @@ def test_mmlu_micro_and_macro_accuracy(tok, data_dir):
     assert limited["n"] == 2 and limited["acc"] == 1.0 and limited["shots"] == 0
 
 
+def test_mmlu_resumes_subject_by_subject(tok, data_dir, monkeypatch):
+    model = bigram((":", "B", 6.0))
+    committed: dict[str, list[int]] = {}
+    whole = mmlu.evaluate_mmlu(model, tok, data_dir, shots=1, on_subject=committed.__setitem__)
+    assert committed == {"biology": [1, 1, 0], "chemistry": [1, 0]}
+    scored, score = [], mmlu.loglikelihoods
+    monkeypatch.setattr(mmlu, "loglikelihoods", lambda m, requests, *a, **k: scored.append(len(requests))
+                        or score(m, requests, *a, **k))
+    resumed = mmlu.evaluate_mmlu(model, tok, data_dir, shots=1, finished={"biology": committed["biology"]},
+                                 on_subject=lambda *_: None)
+    assert scored == [8] and resumed == whole  # only chemistry's 2 questions x 4 letters were scored
+
+
 def test_mmlu_shots_beyond_the_dev_split_are_refused(tok, data_dir):
     with pytest.raises(UnibcqError, match="fewer than 2 shots"):
         mmlu.evaluate_mmlu(bigram(), tok, data_dir, shots=2)
@@ -574,31 +587,29 @@ def test_cli_eval_killed_half_way_resumes_without_redoing_finished_pieces(capsys
     report_path.unlink()
 
     calls: list[str] = []
-    run_one, windows = tasks._run_one, perplexity.evaluate_windows
+    windows, piqa, score = perplexity.evaluate_windows, tasks.evaluate_multiple_choice, mmlu.loglikelihoods
+    monkeypatch.setattr(perplexity, "evaluate_windows", lambda *a, **k: calls.append("ppl") or windows(*a, **k))
+    monkeypatch.setattr(tasks, "evaluate_multiple_choice", lambda *a, **k: calls.append("piqa") or piqa(*a, **k))
 
-    def dies_at_mmlu(name, *args, **kwargs):
-        calls.append(name)
-        if name == "mmlu":
+    def dies_in_the_second_subject(*args, **kwargs):
+        calls.append("mmlu subject")
+        if calls.count("mmlu subject") == 2:
             raise _Killed
-        return run_one(name, *args, **kwargs)
+        return score(*args, **kwargs)
 
-    def counted_windows(*args, **kwargs):
-        calls.append("ppl")
-        return windows(*args, **kwargs)
-
-    monkeypatch.setattr(perplexity, "evaluate_windows", counted_windows)
-    monkeypatch.setattr(tasks, "_run_one", dies_at_mmlu)
+    monkeypatch.setattr(mmlu, "loglikelihoods", dies_in_the_second_subject)
     with pytest.raises(_Killed):
         main(argv)
     journal = Path(f"{report_path}.partial")
-    assert not report_path.exists() and calls == ["ppl", "piqa", "mmlu"]
-    assert set(json.loads(journal.read_text())["pieces"]["task"]) == {"piqa"}
+    assert not report_path.exists() and calls == ["ppl", "piqa", "mmlu subject", "mmlu subject"]
+    pieces = json.loads(journal.read_text())["pieces"]
+    assert set(pieces["task"]) == {"piqa"} and set(pieces["mmlu"]) == {"biology"}
 
     calls.clear()
-    monkeypatch.setattr(tasks, "_run_one", lambda name, *a, **k: calls.append(name) or run_one(name, *a, **k))
+    monkeypatch.setattr(mmlu, "loglikelihoods", lambda *a, **k: calls.append("mmlu subject") or score(*a, **k))
     argv += ["--batch-size", "1"]  # a smaller batch (say, after running out of memory) still resumes
     assert main(argv) == 0, capsys.readouterr().err
-    assert calls == ["mmlu"], "finished pieces were measured again"
+    assert calls == ["mmlu subject"], "finished pieces were measured again"
     assert "resuming" in capsys.readouterr().err and not journal.exists()
     resumed = json.loads(report_path.read_text())
     for key in ("ppl", "windows", "tokens"):

@@ -20,17 +20,17 @@ JOURNAL_VERSION = 1
 
 
 class EvalJournal:
-    """Finished pieces of one evaluation, keyed by kind ("ppl", "task") and name."""
+    """Finished pieces of one evaluation, keyed by kind ("ppl", "task", "mmlu" subjects) and name."""
 
     def __init__(self, path: str | Path, protocol: dict[str, Any]) -> None:
         self.path = Path(path)
         self.protocol = json.loads(json.dumps(protocol, default=str))  # compare as it reads back from disk
-        self.pieces: dict[str, dict[str, Any]] = {"ppl": {}, "task": {}}
+        self.pieces: dict[str, dict[str, Any]] = {}
         stored = self._read()
         if stored is None:
             return
         if stored.get("version") == JOURNAL_VERSION and stored.get("protocol") == self.protocol:
-            self.pieces = {kind: dict(stored.get("pieces", {}).get(kind, {})) for kind in self.pieces}
+            self.pieces = {kind: dict(named) for kind, named in stored.get("pieces", {}).items()}
         else:
             print(f"unibcq: ignoring the partial results in {self.path}: they were measured under other "
                   "settings; starting over", file=sys.stderr)
@@ -45,16 +45,16 @@ class EvalJournal:
             return None
         return stored if isinstance(stored, dict) else None
 
-    def get(self, kind: str, name: str) -> dict[str, Any] | None:
+    def get(self, kind: str, name: str) -> Any:
         """The stored piece, or None when it still has to be measured."""
-        return self.pieces[kind].get(name)
+        return self.pieces.get(kind, {}).get(name)
 
-    def finished(self, kind: str) -> dict[str, dict[str, Any]]:
-        return dict(self.pieces[kind])
+    def finished(self, kind: str) -> dict[str, Any]:
+        return dict(self.pieces.get(kind, {}))
 
-    def put(self, kind: str, name: str, value: dict[str, Any]) -> None:
+    def put(self, kind: str, name: str, value: Any) -> None:
         """Record a finished piece and commit the journal atomically."""
-        self.pieces[kind][name] = value
+        self.pieces.setdefault(kind, {})[name] = value
         write_json_atomic(self.path, {"version": JOURNAL_VERSION, "protocol": self.protocol, "pieces": self.pieces})
 
     def remove(self) -> None:

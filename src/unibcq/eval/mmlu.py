@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from torch import nn
 
@@ -101,8 +101,15 @@ def evaluate_mmlu(
     batch_size: int = 8,
     max_length: int | None = None,
     progress: ProgressFn = no_progress,
+    finished: Mapping[str, list[int]] | None = None,
+    on_subject: Callable[[str, list[int]], None] | None = None,
 ) -> dict[str, Any]:
-    """Micro and macro accuracy over every subject, with per-subject accuracy and counts."""
+    """Micro and macro accuracy over every subject, with per-subject accuracy and counts.
+
+    `finished` maps subjects an interrupted run completed to their per-question hits (1 =
+    correct), which are reused; `on_subject(subject, hits)` is called as each other subject
+    completes.
+    """
     check_shots(shots)
     per_subject: dict[str, list[int]] = {}
     plans = []  # per subject: (name, token-level shared prefix, requests, gold letter indices)
@@ -122,11 +129,17 @@ def evaluate_mmlu(
     total = sum(len(requests) for _, _, requests, _ in plans)
     done = 0
     for subject, prefix, requests, golds in plans:
-        scores = loglikelihoods(model, requests, batch_size, max_length,
-                                lambda d, _, done=done: progress(done + d, total), prefix)
-        per_subject[subject] = [int(argmax_first([ll for ll, _ in scores[4 * i: 4 * i + 4]]) == gold)
-                                for i, gold in enumerate(golds)]
+        if finished and len(finished.get(subject, ())) == len(golds):
+            per_subject[subject] = list(finished[subject])
+        else:
+            scores = loglikelihoods(model, requests, batch_size, max_length,
+                                    lambda d, _, done=done: progress(done + d, total), prefix)
+            per_subject[subject] = [int(argmax_first([ll for ll, _ in scores[4 * i: 4 * i + 4]]) == gold)
+                                    for i, gold in enumerate(golds)]
+            if on_subject is not None:
+                on_subject(subject, per_subject[subject])
         done += len(requests)
+        progress(done, total)
     n = sum(len(hits) for hits in per_subject.values())
     if n == 0:
         raise UnibcqError(f"the MMLU test files under {root / 'mmlu' / 'test'} hold no questions")

@@ -93,8 +93,7 @@ def evaluate_suite(model: nn.Module, tokenizer, settings: EvalSettings, ref_mode
     if settings.tasks is not None:
         tasks = run_tasks(model, tokenizer, settings.tasks, settings.limit, settings.data_dir, settings.mmlu_shots,
                           settings.batch_size, show_progress=show_progress, dtype=settings.task_dtype,
-                          finished=journal.finished("task") if journal else None,
-                          on_finish=(lambda name, result: journal.put("task", name, result)) if journal else None)
+                          journal=journal)
         seconds += sum(r["seconds"] for k, r in tasks.items() if "seconds" in r)
     first = results[settings.datasets[0]] if settings.datasets else None
     measured = ref_model is not None

@@ -25,12 +25,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from unibcq.errors import UnibcqError
+from unibcq.eval.journal import EvalJournal
 from unibcq.eval.gsm8k import GSM8K_FILE, evaluate_gsm8k, greedy_generator, load_gsm8k
 from unibcq.eval.mmlu import check_shots, evaluate_mmlu, subjects
 from unibcq.eval.zeroshot import (
@@ -99,7 +100,7 @@ def resolve_tasks(tasks: Sequence[str], root: Path) -> list[str]:
 
 def _run_one(
     name: str, model: nn.Module, tokenizer, root: Path, limit: int | None, mmlu_shots: int, batch_size: int,
-    progress: ProgressFn,
+    progress: ProgressFn, journal: EvalJournal | None = None,
 ) -> dict[str, Any]:
     if name in MULTIPLE_CHOICE:
         task = MULTIPLE_CHOICE[name]
@@ -108,7 +109,10 @@ def _run_one(
     if name == "lambada":
         return evaluate_lambada(model, tokenizer, load_lambada(root, limit), batch_size, progress=progress)
     if name == "mmlu":
-        return evaluate_mmlu(model, tokenizer, root, mmlu_shots, limit, batch_size, progress=progress)
+        # MMLU is the longest task (14k questions), so it also resumes subject by subject.
+        return evaluate_mmlu(model, tokenizer, root, mmlu_shots, limit, batch_size, progress=progress,
+                             finished=journal.finished("mmlu") if journal else None,
+                             on_subject=(lambda subject, hits: journal.put("mmlu", subject, hits)) if journal else None)
     return evaluate_gsm8k(load_gsm8k(root, limit), greedy_generator(model, tokenizer), batch_size, progress)
 
 
@@ -145,17 +149,17 @@ def run_tasks(
     batch_size: int = 8,
     show_progress: bool = True,
     dtype: str = "float32",
-    finished: Mapping[str, dict[str, Any]] | None = None,
-    on_finish: Callable[[str, dict[str, Any]], None] | None = None,
+    journal: EvalJournal | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run `tasks` (names or "all") on the first `limit` items of each; see the module docstring.
 
-    Tasks in `finished` (results of an interrupted run with the same settings) are taken as
-    they are; `on_finish(name, result)` is called as each remaining task completes.
+    With a `journal` (an interrupted run's, same settings) its finished tasks are taken as
+    they are, and each task (and each MMLU subject) is committed to it as it completes.
     """
     root, names = check_tasks(tasks, limit, data_dir, mmlu_shots, batch_size)
     torch_dtype = scoring_dtype(dtype)
-    results = {name: dict(finished[name]) for name in names if finished and name in finished}
+    finished = journal.finished("task") if journal else {}
+    results = {name: dict(finished[name]) for name in names if name in finished}
     pending = [name for name in names if name not in results]
     if pending:
         with (torch.inference_mode(), dense_weights(model, torch_dtype), parameters_as(model, torch_dtype),
@@ -167,10 +171,11 @@ def run_tasks(
                     bar.update(bar_id, completed=done, total=total)
 
                 start = time.perf_counter()
-                results[name] = _run_one(name, model, tokenizer, root, limit, mmlu_shots, batch_size, progress)
+                results[name] = _run_one(name, model, tokenizer, root, limit, mmlu_shots, batch_size, progress,
+                                         journal)
                 results[name]["seconds"] = time.perf_counter() - start
-                if on_finish is not None:
-                    on_finish(name, results[name])
+                if journal is not None:
+                    journal.put("task", name, results[name])
     results = {name: results[name] for name in names}
     zeroshot = [n for n in names if n in ZEROSHOT_TASKS]
     scores = [results[n]["acc_norm"] if results[n]["acc_norm"] is not None else results[n]["acc"] for n in zeroshot]
