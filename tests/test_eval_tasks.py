@@ -655,6 +655,15 @@ def test_journal_survives_a_corrupt_file_and_commits_each_piece(tmp_path, capsys
     assert not path.exists()
 
 
+def test_a_checkpoint_written_anew_under_the_same_path_changes_the_fingerprint(tmp_path):
+    from unibcq.eval.journal import files_fingerprint
+
+    (tmp_path / "model.safetensors").write_bytes(b"old weights")
+    before = files_fingerprint(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"new weights, longer")
+    assert files_fingerprint(tmp_path) != before and files_fingerprint("org/hub-model-id") is None
+
+
 def test_generation_stops_once_the_completion_holds_a_stop_sequence():
     class Chars:
         def batch_decode(self, rows, skip_special_tokens=True):

@@ -433,11 +433,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def _eval_journal(args: argparse.Namespace, settings, ref_spec: str | None):
     """With --json PATH, finished pieces go to PATH.partial so a killed eval resumes there."""
-    from unibcq.eval.journal import EvalJournal
+    from unibcq.eval.journal import EvalJournal, files_fingerprint
 
     if not args.json:
         return None
-    protocol = settings.protocol() | {"model": _source_spec(args.model), "kl_ref": ref_spec and _source_spec(ref_spec)}
+    protocol = settings.protocol() | {"model": _source_spec(args.model), "model_files": files_fingerprint(args.model),
+                                      "kl_ref": ref_spec and _source_spec(ref_spec)}
     journal = EvalJournal(Path(f"{args.json}.partial"), protocol)
     if journal.resumed():
         print(f"unibcq: resuming from {journal.path}: reusing {', '.join(journal.resumed())}", file=sys.stderr)

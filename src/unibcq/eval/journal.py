@@ -19,6 +19,19 @@ from unibcq.atomic import write_json_atomic
 JOURNAL_VERSION = 1
 
 
+def files_fingerprint(spec: str | Path) -> list[tuple[str, int, int]] | None:
+    """(name, size, mtime_ns) of a local model file or of the files in a model folder; None
+    for a hub id. A checkpoint re-quantized under the same path then no longer matches."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file())
+    else:
+        return None
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
 class EvalJournal:
     """Finished pieces of one evaluation, keyed by kind ("ppl", "task", "mmlu" subjects) and name."""
 

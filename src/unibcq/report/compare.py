@@ -26,7 +26,7 @@ from unibcq.atomic import write_json_atomic
 from unibcq.checkpoint import QUANT_KEY, checkpoint_info, is_checkpoint, load_checkpoint, read_config, save_checkpoint
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
-from unibcq.eval.journal import EvalJournal
+from unibcq.eval.journal import EvalJournal, files_fingerprint
 from unibcq.eval.suite import EvalSettings, evaluate_suite
 from unibcq.methods import CALIBRATED, quantize_model
 from unibcq.methods.presets import apply_preset, preset_values
@@ -103,9 +103,10 @@ def _read_result(path: Path, protocol: dict[str, Any]) -> dict[str, Any] | None:
     return result if result.get("protocol") == protocol else None
 
 
-def _journal(results_dir: Path, name: str, protocol: dict[str, Any]) -> EvalJournal:
-    """A cell's finished datasets and tasks, so a compare killed mid-evaluation resumes there."""
-    return EvalJournal(results_dir / f"{name}.partial", protocol | {"cell": name})
+def _journal(results_dir: Path, name: str, protocol: dict[str, Any], model: str | Path) -> EvalJournal:
+    """A cell's finished datasets and tasks, so a compare killed mid-evaluation resumes there
+    (and only against the same `model` files: a checkpoint quantized anew starts over)."""
+    return EvalJournal(results_dir / f"{name}.partial", protocol | {"cell": name, "files": files_fingerprint(model)})
 
 
 def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[dict[str, Any]]:
@@ -129,7 +130,7 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
             overall = bar.add_task("compare", total=len(pending) + (not fp_done))
             if not fp_done:
                 bar.update(overall, description=f"compare: {FP_NAME}")
-                journal = _journal(results_dir, FP_NAME, protocol)
+                journal = _journal(results_dir, FP_NAME, protocol, settings.model)
                 measured = evaluate_suite(model, tokenizer, settings.evaluation, None, show_progress, journal)
                 bits = float(torch.finfo(next(model.parameters()).dtype).bits)
                 write_json_atomic(results_dir / f"{FP_NAME}.json", {
@@ -156,7 +157,7 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
                                     extra={"quantize_seconds": round(seconds, 3)})
                     shutil.rmtree(ckpt_dir / f"{cell.name}.partial", ignore_errors=True)
                 info = checkpoint_info(path)
-                journal = _journal(results_dir, cell.name, protocol)
+                journal = _journal(results_dir, cell.name, protocol, path)
                 measured = evaluate_suite(quantized, tokenizer, settings.evaluation, model, show_progress, journal)
                 write_json_atomic(results_dir / f"{cell.name}.json", {
                     "name": cell.name, "method": cell.method, "bits": cell.bits, "group_size": cell.group_size,
