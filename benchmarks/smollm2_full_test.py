@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from smollm2_table import default_unibcq, read_json, run, section_head, write_docs
-from smollm2_tasks import FP_ROW, bits_per_weight, checked_rows, label, row_parser
+from smollm2_tasks import FP_ROW, bits_per_weight, checked_rows, label, pending_note, row_parser
 
 from unibcq.report.render import cpu_model
 
@@ -84,7 +84,7 @@ def markdown_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def docs_section(table: str, first: dict[str, Any]) -> str:
+def docs_section(table: str, first: dict[str, Any], missing: Sequence[str] = ()) -> str:
     return section_head(START_MARKER, "SmolLM2-135M-Instruct: the full WikiText-2 test set at 2048 tokens") + f"""
 
 - **Protocol (the papers'):** the whole WikiText-2 raw test split, tokenized as in the main
@@ -94,7 +94,7 @@ def docs_section(table: str, first: dict[str, Any]) -> str:
 - **Checkpoints:** those of the main table (same flags, same calibration).
 - **Machine:** {os.cpu_count()} CPU cores, {cpu_model()}, no GPU. **eval s** is wall time
   on a machine shared with other benchmarks (most rows ran on one thread beside another run),
-  so it is not a speed figure. KL is "-" where the row ran without the reference (`--no-kl`).
+  so it is not a speed figure. KL is "-" where the row ran without the reference (`--no-kl`).{pending_note(missing)}
 
 {table}
 {END_MARKER}"""
@@ -103,17 +103,19 @@ def docs_section(table: str, first: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     exe = args.unibcq or default_unibcq()
-    rows = []
+    rows, missing = [], []
     for row in checked_rows(args.out, args.rows):
         path = evaluate_row(args, exe, row)
         if path.is_file():
             rows.append((row, row_figures(args, row, read_json(path))))
+        else:
+            missing.append(row)
     if not rows:
         raise SystemExit("smollm2_full_test: no row has results yet")
     table = markdown_table(rows)
     print(table)
     if args.write_docs:
-        write_docs(args.docs, docs_section(table, rows[0][1]), START_MARKER, END_MARKER)
+        write_docs(args.docs, docs_section(table, rows[0][1], missing), START_MARKER, END_MARKER)
     return 0
 
 

@@ -256,7 +256,8 @@ def command_line() -> str:
     except ValueError:
         pass
     prefix = f"UNIBCQ_DATA_DIR={shlex.quote(env)} " if env else ""
-    return prefix + shlex.join([str(exe), str(script), *sys.argv[1:]])
+    # --no-run only re-tabulates; the command that produces the figures is the same without it.
+    return prefix + shlex.join([str(exe), str(script), *(a for a in sys.argv[1:] if a != "--no-run")])
 
 
 def section_head(start_marker: str, title: str) -> str:

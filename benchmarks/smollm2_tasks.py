@@ -154,7 +154,8 @@ def markdown_table(rows: Sequence[tuple[str, float | None, dict[str, Any]]], sho
     return "\n".join(lines)
 
 
-def docs_section(args: argparse.Namespace, table: str, first: dict[str, Any], minutes: float) -> str:
+def docs_section(args: argparse.Namespace, table: str, first: dict[str, Any], minutes: float,
+                 missing: Sequence[str] = ()) -> str:
     items = "the full sets" if not args.limit else f"the first {first['n']} items of each task"
     questions = ("every test question" if not args.mmlu_limit
                  else f"the first {args.mmlu_limit} test questions of each subject ({first['mmlu_n']} in all)")
@@ -176,10 +177,15 @@ def docs_section(args: argparse.Namespace, table: str, first: dict[str, Any], mi
   BoolQ val, OpenBookQA test, LAMBADA OpenAI last-word accuracy); the score is acc_norm where
   the task defines it, else acc, in percent. MMLU is {args.mmlu_shots}-shot (dev exemplars), {questions},
   micro accuracy. Scored in {args.task_dtype} (`--task-dtype`); ± is one standard error; **eval s**
-  is the scoring time of the row (model loading excluded).{caveat}
+  is the scoring time of the row (model loading excluded).{caveat}{pending_note(missing)}
 
 {table}
 {end_marker}"""
+
+
+def pending_note(missing: Sequence[str]) -> str:
+    """A docs bullet naming the requested rows that have no results yet (empty when none)."""
+    return f"\n- **Not measured yet:** {', '.join(missing)}." if missing else ""
 
 
 def checked_rows(out: Path, rows: str) -> list[str]:
@@ -194,11 +200,14 @@ def checked_rows(out: Path, rows: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     exe = args.unibcq or default_unibcq()
-    rows = []
+    rows, missing = [], []
     for row in checked_rows(args.out, args.rows):
         zero_shot, mmlu = evaluate_row(args, exe, row)
         if not zero_shot.is_file():
+            missing.append(row)
             continue
+        if not mmlu.is_file():
+            missing.append(f"{row} (MMLU)")
         rows.append((row, bits_per_weight(args, row),
                      row_figures(read_json(zero_shot), read_json(mmlu) if mmlu.is_file() else None,
                                  args.task_dtype)))
@@ -207,8 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = markdown_table(rows, args.mmlu_shots)
     print(table)
     if args.write_docs:
-        write_docs(args.docs, docs_section(args, table, rows[0][2], sum(f["seconds"] for _, _, f in rows) / 60),
-                   *markers(args))
+        section = docs_section(args, table, rows[0][2], sum(f["seconds"] for _, _, f in rows) / 60, missing)
+        write_docs(args.docs, section, *markers(args))
     return 0
 
 
