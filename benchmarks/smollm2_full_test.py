@@ -92,9 +92,10 @@ def docs_section(table: str, first: dict[str, Any], missing: Sequence[str] = ())
   predicted tokens), float32. The 40 x 512 columns repeat the main table's figures for the
   same checkpoints; longer windows give each token more context, hence lower perplexity.
 - **Checkpoints:** those of the main table (same flags, same calibration).
-- **Machine:** {os.cpu_count()} CPU cores, {cpu_model()}, no GPU. **eval s** is wall time
-  on a machine shared with other benchmarks (most rows ran on one thread beside another run),
-  so it is not a speed figure. KL is "-" where the row ran without the reference (`--no-kl`).{pending_note(missing)}
+- **Machine:** {os.cpu_count()} CPU cores, {cpu_model()}, no GPU. **eval s** is the
+  measuring time (model loading excluded) on a machine shared with other benchmarks (most
+  rows ran on one thread beside another run), so it is not a speed figure. The KL columns
+  are against the checkpoint's source model; "-" where a row ran without it (`--no-kl`).{pending_note(missing)}
 
 {table}
 {END_MARKER}"""

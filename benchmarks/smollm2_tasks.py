@@ -46,7 +46,7 @@ def row_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="the folder smollm2_table.py wrote (checkpoints, JSONs)")
     p.add_argument("--rows", required=True,
                    help=f"comma-separated checkpoint names under --out, and '{FP_ROW}' for the unquantized model")
-    p.add_argument("--model", default="smollm2-135m", help="the unquantized model (the fp row and the reference)")
+    p.add_argument("--model", default="smollm2-135m", help="the unquantized model (the fp row)")
     p.add_argument("--data-dir", help="passed to unibcq (default: $UNIBCQ_DATA_DIR)")
     p.add_argument("--unibcq", default=None, help="path of the unibcq CLI (default: the repo's .venv)")
     p.add_argument("--no-run", action="store_true", help="only tabulate rows whose JSONs already exist")

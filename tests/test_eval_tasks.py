@@ -376,15 +376,17 @@ def test_mmlu_micro_and_macro_accuracy(tok, data_dir):
 
 def test_mmlu_resumes_subject_by_subject(tok, data_dir, monkeypatch):
     model = bigram((":", "B", 6.0))
-    committed: dict[str, list[int]] = {}
+    committed: dict[str, dict] = {}
     whole = mmlu.evaluate_mmlu(model, tok, data_dir, shots=1, on_subject=committed.__setitem__)
-    assert committed == {"biology": [1, 1, 0], "chemistry": [1, 0]}
+    assert {s: c["hits"] for s, c in committed.items()} == {"biology": [1, 1, 0], "chemistry": [1, 0]}
     scored, score = [], mmlu.loglikelihoods
     monkeypatch.setattr(mmlu, "loglikelihoods", lambda m, requests, *a, **k: scored.append(len(requests))
                         or score(m, requests, *a, **k))
+    again: dict[str, dict] = {}
     resumed = mmlu.evaluate_mmlu(model, tok, data_dir, shots=1, finished={"biology": committed["biology"]},
-                                 on_subject=lambda *_: None)
+                                 on_subject=again.__setitem__)
     assert scored == [8] and resumed == whole  # only chemistry's 2 questions x 4 letters were scored
+    assert list(again) == ["chemistry"]  # a reused subject is not committed again
 
 
 def test_mmlu_shots_beyond_the_dev_split_are_refused(tok, data_dir):
@@ -569,7 +571,8 @@ class _Killed(Exception):
 
 def _eval_argv(model_dir: Path, data_dir: Path, report_path: Path, limit: str = "3") -> list[str]:
     corpus = data_dir / "corpus.txt"
-    corpus.write_text(" ".join(WORDS[i % 50] for i in range(400)))
+    if not corpus.exists():
+        corpus.write_text(" ".join(WORDS[i % 50] for i in range(400)))
     return ["eval", str(model_dir), "--ppl", str(corpus), "--seq-len", "16", "--max-windows", "3", "--kl-ref", "none",
             "--tasks", "piqa,mmlu", "--limit", limit, "--mmlu-shots", "1", "--data-dir", str(data_dir),
             "--no-progress", "--json", str(report_path)]
@@ -580,7 +583,7 @@ def test_cli_eval_killed_half_way_resumes_without_redoing_finished_pieces(capsys
     import unibcq.eval.perplexity as perplexity
     import unibcq.eval.tasks as tasks
 
-    report_path = tmp_path / "report.json"
+    report_path = model_dir / "eval.json"  # beside the checkpoint: the journal must not fingerprint itself
     argv = _eval_argv(model_dir, data_dir, report_path)
     assert main(argv) == 0, capsys.readouterr().err
     uninterrupted = json.loads(report_path.read_text())
@@ -608,9 +611,11 @@ def test_cli_eval_killed_half_way_resumes_without_redoing_finished_pieces(capsys
     calls.clear()
     monkeypatch.setattr(mmlu, "loglikelihoods", lambda *a, **k: calls.append("mmlu subject") or score(*a, **k))
     argv += ["--batch-size", "1"]  # a smaller batch (say, after running out of memory) still resumes
+    argv[argv.index("piqa,mmlu")] = "mmlu,piqa"  # so does another order of the same tasks
     assert main(argv) == 0, capsys.readouterr().err
     assert calls == ["mmlu subject"], "finished pieces were measured again"
-    assert "resuming" in capsys.readouterr().err and not journal.exists()
+    assert "(1 perplexity dataset(s), 1 task(s), 1 MMLU subject(s) already measured)" in capsys.readouterr().err
+    assert not journal.exists()
     resumed = json.loads(report_path.read_text())
     for key in ("ppl", "windows", "tokens"):
         assert resumed[key] == uninterrupted[key]
@@ -647,12 +652,24 @@ def test_journal_survives_a_corrupt_file_and_commits_each_piece(tmp_path, capsys
     path = tmp_path / "r.json.partial"
     path.write_text("{ truncated")
     journal = EvalJournal(path, {"limit": 3, "data_dir": tmp_path})
-    assert "unreadable" in capsys.readouterr().err and journal.resumed() == []
+    assert "unreadable" in capsys.readouterr().err and journal.summary() == ""
     journal.put("task", "piqa", {"acc": 0.5})
     again = EvalJournal(path, {"limit": 3, "data_dir": tmp_path})
     assert again.get("task", "piqa") == {"acc": 0.5} and again.get("ppl", "wikitext2") is None
+    assert again.summary() == "1 task(s)"
     again.remove()
     assert not path.exists()
+
+
+def test_a_journal_that_cannot_be_written_only_costs_the_resume(tmp_path, capsys):
+    from unibcq.eval.journal import EvalJournal
+
+    (tmp_path / "a-file").write_text("not a folder")
+    journal = EvalJournal(tmp_path / "a-file" / "r.json.partial", {"limit": 3})
+    journal.put("task", "piqa", {"acc": 0.5})
+    journal.put("task", "boolq", {"acc": 0.6})
+    err = capsys.readouterr().err
+    assert err.count("will not be resumable") == 1 and journal.get("task", "boolq") == {"acc": 0.6}
 
 
 def test_a_checkpoint_written_anew_under_the_same_path_changes_the_fingerprint(tmp_path):

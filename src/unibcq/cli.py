@@ -12,12 +12,16 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from unibcq.atomic import write_json_atomic
 from unibcq.errors import UnibcqError
+
+if TYPE_CHECKING:
+    from unibcq.eval.journal import EvalJournal
+    from unibcq.eval.suite import EvalSettings
 
 PRESET_HELP = "calibration-free methods ignore the calibration options"
 
@@ -431,17 +435,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
         journal.remove()
 
 
-def _eval_journal(args: argparse.Namespace, settings, ref_spec: str | None):
+def _eval_journal(args: argparse.Namespace, settings: EvalSettings, ref_spec: str | None) -> EvalJournal | None:
     """With --json PATH, finished pieces go to PATH.partial so a killed eval resumes there."""
     from unibcq.eval.journal import EvalJournal, files_fingerprint
 
     if not args.json:
         return None
-    protocol = settings.protocol() | {"model": _source_spec(args.model), "model_files": files_fingerprint(args.model),
-                                      "kl_ref": ref_spec and _source_spec(ref_spec)}
-    journal = EvalJournal(Path(f"{args.json}.partial"), protocol)
-    if journal.resumed():
-        print(f"unibcq: resuming from {journal.path}: reusing {', '.join(journal.resumed())}", file=sys.stderr)
+    key = settings.journal_key() | {
+        "model": _source_spec(args.model), "model_files": files_fingerprint(args.model),
+        "kl_ref": ref_spec and _source_spec(ref_spec), "kl_ref_files": ref_spec and files_fingerprint(ref_spec)}
+    journal = EvalJournal(Path(f"{args.json}.partial"), key)
+    if journal.summary():
+        print(f"unibcq: resuming from {journal.path} ({journal.summary()} already measured)", file=sys.stderr)
     return journal
 
 

@@ -1,52 +1,59 @@
 """The on-disk journal that lets a long evaluation resume where it was killed.
 
 A full task set on a CPU takes hours, so every finished piece (one perplexity dataset, one
-task) is committed to a small JSON file as soon as it is measured. A rerun with the same
-protocol reuses those pieces instead of measuring them again; a journal written under a
-different protocol (other model, windows, limit, shots, dtype...) is never mixed in: it is
-replaced, with a message. The caller removes the journal once the final result is written.
+task, one MMLU subject) is committed to a small JSON file as soon as it is measured. A rerun
+under the same protocol reuses those pieces instead of measuring them again; a journal
+written under another protocol (other model files, windows, limit, shots, dtype, data...)
+is never mixed in: it is replaced, with a message. The caller removes the journal once the
+final result is written. A journal that cannot be written only costs the ability to resume.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from unibcq.atomic import write_json_atomic
 
 JOURNAL_VERSION = 1
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+MODEL_FILE_NAMES = ("config.json",)
+KIND_LABELS = {"ppl": "perplexity dataset(s)", "task": "task(s)", "mmlu": "MMLU subject(s)"}
 
 
 def files_fingerprint(spec: str | Path) -> list[tuple[str, int, int]] | None:
-    """(name, size, mtime_ns) of a local model file or of the files in a model folder; None
-    for a hub id. A checkpoint re-quantized under the same path then no longer matches."""
+    """(name, size, mtime_ns) of a local model file, or of a model folder's weight and config
+    files (not the eval outputs a user may keep beside them); None for a hub id. A checkpoint
+    re-quantized under the same path then no longer matches its old pieces."""
     path = Path(spec).expanduser()
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.is_file())
+        files = sorted(f for f in path.iterdir()
+                       if f.is_file() and (f.suffix in MODEL_FILE_SUFFIXES or f.name in MODEL_FILE_NAMES))
     else:
         return None
     return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
 class EvalJournal:
-    """Finished pieces of one evaluation, keyed by kind ("ppl", "task", "mmlu" subjects) and name."""
+    """Finished pieces of one evaluation, keyed by kind ("ppl", "task", "mmlu") and name."""
 
     def __init__(self, path: str | Path, protocol: dict[str, Any]) -> None:
         self.path = Path(path)
         self.protocol = json.loads(json.dumps(protocol, default=str))  # compare as it reads back from disk
         self.pieces: dict[str, dict[str, Any]] = {}
+        self.writable = True
         stored = self._read()
-        if stored is None:
-            return
-        if stored.get("version") == JOURNAL_VERSION and stored.get("protocol") == self.protocol:
-            self.pieces = {kind: dict(named) for kind, named in stored.get("pieces", {}).items()}
-        else:
+        if stored is not None and stored.get("version") == JOURNAL_VERSION and stored.get("protocol") == self.protocol:
+            self.pieces = {kind: dict(named) for kind, named in stored["pieces"].items()}
+        elif stored is not None:
             print(f"unibcq: ignoring the partial results in {self.path}: they were measured under other "
                   "settings; starting over", file=sys.stderr)
+        self.reused = Counter({kind: len(named) for kind, named in self.pieces.items() if named})
 
     def _read(self) -> dict[str, Any] | None:
         try:
@@ -54,25 +61,42 @@ class EvalJournal:
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
+            stored = None
+        well_formed = (isinstance(stored, dict) and isinstance(stored.get("pieces"), dict)
+                       and all(isinstance(named, dict) for named in stored["pieces"].values()))
+        if not well_formed:
             print(f"unibcq: ignoring the unreadable partial results in {self.path}", file=sys.stderr)
             return None
-        return stored if isinstance(stored, dict) else None
+        return stored
 
     def get(self, kind: str, name: str) -> Any:
         """The stored piece, or None when it still has to be measured."""
         return self.pieces.get(kind, {}).get(name)
 
     def finished(self, kind: str) -> dict[str, Any]:
+        """Every stored piece of `kind`, by name (a copy)."""
         return dict(self.pieces.get(kind, {}))
 
     def put(self, kind: str, name: str, value: Any) -> None:
-        """Record a finished piece and commit the journal atomically."""
+        """Record a finished piece and commit the journal atomically.
+
+        A failed write (read-only folder, full disk) is reported once and the evaluation goes
+        on without a journal: the result matters more than the ability to resume it.
+        """
         self.pieces.setdefault(kind, {})[name] = value
-        write_json_atomic(self.path, {"version": JOURNAL_VERSION, "protocol": self.protocol, "pieces": self.pieces})
+        if not self.writable:
+            return
+        try:
+            write_json_atomic(self.path, {"version": JOURNAL_VERSION, "protocol": self.protocol,
+                                          "pieces": self.pieces})
+        except OSError as err:
+            self.writable = False
+            print(f"unibcq: cannot write {self.path} ({err}); this evaluation will not be resumable",
+                  file=sys.stderr)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
 
-    def resumed(self) -> list[str]:
-        """Names of the pieces this run did not have to measure (for the user's message)."""
-        return [f"{kind} {name}" for kind, named in self.pieces.items() for name in named]
+    def summary(self) -> str:
+        """What this run found already measured, e.g. '2 task(s), 12 MMLU subject(s)'; empty if nothing."""
+        return ", ".join(f"{count} {KIND_LABELS.get(kind, kind)}" for kind, count in self.reused.items())

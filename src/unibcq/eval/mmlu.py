@@ -15,6 +15,7 @@ Micro accuracy counts every question equally; macro accuracy averages the subjec
 from __future__ import annotations
 
 import csv
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -101,14 +102,14 @@ def evaluate_mmlu(
     batch_size: int = 8,
     max_length: int | None = None,
     progress: ProgressFn = no_progress,
-    finished: Mapping[str, list[int]] | None = None,
-    on_subject: Callable[[str, list[int]], None] | None = None,
+    finished: Mapping[str, dict[str, Any]] | None = None,
+    on_subject: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Micro and macro accuracy over every subject, with per-subject accuracy and counts.
 
-    `finished` maps subjects an interrupted run completed to their per-question hits (1 =
-    correct), which are reused; `on_subject(subject, hits)` is called as each other subject
-    completes.
+    `finished` maps subjects an interrupted run completed to {"hits": per-question 1/0,
+    "seconds"}, which are reused; `on_subject(subject, that dict)` is called as each other
+    subject completes.
     """
     check_shots(shots)
     per_subject: dict[str, list[int]] = {}
@@ -129,15 +130,17 @@ def evaluate_mmlu(
     total = sum(len(requests) for _, _, requests, _ in plans)
     done = 0
     for subject, prefix, requests, golds in plans:
-        if finished and len(finished.get(subject, ())) == len(golds):
-            per_subject[subject] = list(finished[subject])
+        stored = (finished or {}).get(subject)
+        if stored is not None and len(stored["hits"]) == len(golds):
+            per_subject[subject] = list(stored["hits"])
         else:
+            start = time.perf_counter()
             scores = loglikelihoods(model, requests, batch_size, max_length,
                                     lambda d, _, done=done: progress(done + d, total), prefix)
             per_subject[subject] = [int(argmax_first([ll for ll, _ in scores[4 * i: 4 * i + 4]]) == gold)
                                     for i, gold in enumerate(golds)]
             if on_subject is not None:
-                on_subject(subject, per_subject[subject])
+                on_subject(subject, {"hits": per_subject[subject], "seconds": time.perf_counter() - start})
         done += len(requests)
         progress(done, total)
     n = sum(len(hits) for hits in per_subject.values())

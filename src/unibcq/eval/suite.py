@@ -55,12 +55,30 @@ class EvalSettings:
         if self.tasks is not None:
             check_tasks(self.tasks, self.limit, self.data_dir, self.mmlu_shots, self.batch_size)
 
-    def protocol(self) -> dict[str, Any]:
-        """The settings a result depends on; batch size only changes speed and memory, so a
-        run resumed with a smaller one (after running out of memory) still reuses its pieces."""
+    def journal_key(self) -> dict[str, Any]:
+        """The settings every journal piece depends on (see `unibcq.eval.journal`).
+
+        Pieces are named by their own dataset or task, so the lists of datasets and tasks
+        are left out: adding a task to a killed run keeps the pieces it finished. Batch size
+        is left out too: it changes speed and memory (in bfloat16, the last digits of a
+        score), so a run resumed with a smaller batch after running out of memory still
+        reuses its pieces. The data folder is resolved, so switching $UNIBCQ_DATA_DIR or
+        the working directory changes the key.
+        """
+        from unibcq.data.sources import resolve_data_dir
+
         fields = asdict(self)
-        del fields["batch_size"]
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in fields.items()}
+        for unused in ("batch_size", "datasets", "tasks"):
+            del fields[unused]
+        root = resolve_data_dir(self.data_dir)
+        fields["data_dir"] = str(root.resolve()) if root is not None else None
+        return fields
+
+
+def piece_name(dataset: str) -> str:
+    """A dataset as the journal names it: local files by absolute path, names as given."""
+    path = Path(dataset).expanduser()
+    return str(path.resolve()) if path.exists() else dataset
 
 
 def evaluate_suite(model: nn.Module, tokenizer, settings: EvalSettings, ref_model: nn.Module | None = None,
@@ -68,7 +86,8 @@ def evaluate_suite(model: nn.Module, tokenizer, settings: EvalSettings, ref_mode
     """Every figure of the protocol as a JSON-ready dict (the keys of `unibcq eval --json`).
 
     With a `journal`, each finished dataset and task is committed to it and pieces already
-    there are reused, so a killed run resumes; "seconds" is the measuring time of all pieces.
+    there are reused, so a killed run resumes. "seconds" is the measuring time of all pieces,
+    those of earlier runs included; loading the models is not counted.
     """
     from unibcq.data import eval_token_ids
     from unibcq.eval.perplexity import WindowStats, evaluate_windows
@@ -78,7 +97,7 @@ def evaluate_suite(model: nn.Module, tokenizer, settings: EvalSettings, ref_mode
     seconds = 0.0
     results = {}
     for name in settings.datasets:
-        piece = journal.get("ppl", name) if journal else None
+        piece = journal.get("ppl", piece_name(name)) if journal else None
         if piece is None:
             start = time.perf_counter()
             ids = eval_token_ids(tokenizer, name, settings.data_dir)
@@ -86,7 +105,7 @@ def evaluate_suite(model: nn.Module, tokenizer, settings: EvalSettings, ref_mode
                                      description=name, show_progress=show_progress)
             piece = {"stats": asdict(stats), "seconds": time.perf_counter() - start}
             if journal:
-                journal.put("ppl", name, piece)
+                journal.put("ppl", piece_name(name), piece)
         results[name] = WindowStats(**piece["stats"])
         seconds += piece["seconds"]
     tasks = None
@@ -94,7 +113,7 @@ def evaluate_suite(model: nn.Module, tokenizer, settings: EvalSettings, ref_mode
         tasks = run_tasks(model, tokenizer, settings.tasks, settings.limit, settings.data_dir, settings.mmlu_shots,
                           settings.batch_size, show_progress=show_progress, dtype=settings.task_dtype,
                           journal=journal)
-        seconds += sum(r["seconds"] for k, r in tasks.items() if "seconds" in r)
+        seconds += sum(r["seconds"] for r in tasks.values() if "seconds" in r)
     first = results[settings.datasets[0]] if settings.datasets else None
     measured = ref_model is not None
     return {

@@ -281,7 +281,12 @@ def contiguous_head_input(model: nn.Module) -> Iterator[None]:
     if not isinstance(head, nn.Module):
         yield
         return
-    handle = head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+    def contiguous(module: nn.Module, args: tuple) -> tuple | None:
+        if args and isinstance(args[0], torch.Tensor):
+            return (args[0].contiguous(), *args[1:])
+        return None
+
+    handle = head.register_forward_pre_hook(contiguous)
     try:
         yield
     finally:
@@ -501,21 +506,20 @@ def _score(
             kwargs["use_cache"] = False
         logits = model(input_ids=ids.to(device), attention_mask=torch.cat([past_mask[index], mask], 1).to(device),
                        **kwargs).logits[:, -keep:]
-        # Normalise only the positions some target is read from: rows are right-padded, so the
-        # kept span also covers padding and the other rows' context tokens.
-        read_rows, read_positions, targets = [], [], []
+        # Normalise only the positions some target is read from, each once: rows are
+        # right-padded, so the kept span also covers padding and other rows' context tokens,
+        # and MMLU's four letters read one position of one row.
+        slots: dict[tuple[int, int], int] = {}
+        targets = []
         for row, ((_, tail), row_reads) in enumerate(zip(rows, reads)):
             end = len(tail) - (width - keep)  # one past the tail's last position, in kept coordinates
             for request, target_ids in row_reads:
-                read_rows += [row] * len(target_ids)
-                read_positions += range(end - len(target_ids), end)
-                targets.append((request, torch.tensor(target_ids)))
-        picked = logits[torch.tensor(read_rows, device=logits.device), torch.tensor(read_positions, device=logits.device)]
-        logprobs = torch.log_softmax(picked.float(), dim=-1).cpu()
-        at = 0
-        for request, target in targets:
-            scores = logprobs[at:at + len(target)]
-            at += len(target)
+                at = [slots.setdefault((row, pos), len(slots)) for pos in range(end - len(target_ids), end)]
+                targets.append((request, at, torch.tensor(target_ids)))
+        where = torch.tensor(list(slots), device=logits.device)
+        logprobs = torch.log_softmax(logits[where[:, 0], where[:, 1]].float(), dim=-1).cpu()
+        for request, at, target in targets:
+            scores = logprobs[at]
             total = scores.gather(-1, target.unsqueeze(-1)).sum().item()
             results[request] = (total, bool((scores.argmax(-1) == target).all()))
         done += sum(len(r) for r in reads)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -92,7 +93,8 @@ def cell_config(cell: Cell, settings: CompareSettings) -> QuantConfig:
 
 def _protocol(settings: CompareSettings) -> dict[str, Any]:
     """The evaluation settings a stored result must match to be reused."""
-    return settings.evaluation.protocol() | {"reference": settings.model}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings.evaluation).items()} | {
+        "reference": settings.model}
 
 
 def _read_result(path: Path, protocol: dict[str, Any]) -> dict[str, Any] | None:
@@ -103,10 +105,15 @@ def _read_result(path: Path, protocol: dict[str, Any]) -> dict[str, Any] | None:
     return result if result.get("protocol") == protocol else None
 
 
-def _journal(results_dir: Path, name: str, protocol: dict[str, Any], model: str | Path) -> EvalJournal:
+def _journal(results_dir: Path, name: str, settings: CompareSettings, model: str | Path) -> EvalJournal:
     """A cell's finished datasets and tasks, so a compare killed mid-evaluation resumes there
     (and only against the same `model` files: a checkpoint quantized anew starts over)."""
-    return EvalJournal(results_dir / f"{name}.partial", protocol | {"cell": name, "files": files_fingerprint(model)})
+    journal = EvalJournal(results_dir / f"{name}.partial", settings.evaluation.journal_key() | {
+        "cell": name, "files": files_fingerprint(model), "reference": settings.model})
+    if journal.summary():
+        print(f"unibcq: {name}: resuming from {journal.path} ({journal.summary()} already measured)",
+              file=sys.stderr)
+    return journal
 
 
 def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[dict[str, Any]]:
@@ -130,7 +137,7 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
             overall = bar.add_task("compare", total=len(pending) + (not fp_done))
             if not fp_done:
                 bar.update(overall, description=f"compare: {FP_NAME}")
-                journal = _journal(results_dir, FP_NAME, protocol, settings.model)
+                journal = _journal(results_dir, FP_NAME, settings, settings.model)
                 measured = evaluate_suite(model, tokenizer, settings.evaluation, None, show_progress, journal)
                 bits = float(torch.finfo(next(model.parameters()).dtype).bits)
                 write_json_atomic(results_dir / f"{FP_NAME}.json", {
@@ -157,7 +164,7 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
                                     extra={"quantize_seconds": round(seconds, 3)})
                     shutil.rmtree(ckpt_dir / f"{cell.name}.partial", ignore_errors=True)
                 info = checkpoint_info(path)
-                journal = _journal(results_dir, cell.name, protocol, path)
+                journal = _journal(results_dir, cell.name, settings, path)
                 measured = evaluate_suite(quantized, tokenizer, settings.evaluation, model, show_progress, journal)
                 write_json_atomic(results_dir / f"{cell.name}.json", {
                     "name": cell.name, "method": cell.method, "bits": cell.bits, "group_size": cell.group_size,
