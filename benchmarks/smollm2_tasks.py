@@ -163,7 +163,8 @@ def docs_section(args: argparse.Namespace, table: str, first: dict[str, Any], mi
 - **Not full sets:** with {items} a task's standard error is
   {100 * max(first['stderrs']):.0f} points or less and the mean's about {100 * first['mean_stderr']:.1f}
   (first row), so only differences of several points in the mean are meaningful. A full-set row
-  costs about an hour on this machine (HellaSwag and MMLU dominate)."""
+  costs hours on this machine (HellaSwag alone took 76 min on one core); see the full-set
+  section below."""
     start_marker, end_marker = markers(args)
     title = "full sets" if not args.limit and not args.mmlu_limit else "quick subsets"
     return section_head(start_marker, f"SmolLM2-135M-Instruct: zero-shot tasks and MMLU per method ({title})") + f"""
