@@ -444,10 +444,7 @@ def _eval_journal(args: argparse.Namespace, settings: EvalSettings, ref_spec: st
     key = settings.journal_key() | {
         "model": _source_spec(args.model), "model_files": files_fingerprint(args.model),
         "kl_ref": ref_spec and _source_spec(ref_spec), "kl_ref_files": ref_spec and files_fingerprint(ref_spec)}
-    journal = EvalJournal(Path(f"{args.json}.partial"), key)
-    if journal.summary():
-        print(f"unibcq: resuming from {journal.path} ({journal.summary()} already measured)", file=sys.stderr)
-    return journal
+    return EvalJournal(Path(f"{args.json}.partial"), key)
 
 
 def _or_dash(value: Any) -> Any:

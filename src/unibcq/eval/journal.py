@@ -54,6 +54,8 @@ class EvalJournal:
             print(f"unibcq: ignoring the partial results in {self.path}: they were measured under other "
                   "settings; starting over", file=sys.stderr)
         self.reused = Counter({kind: len(named) for kind, named in self.pieces.items() if named})
+        if self.reused:
+            print(f"unibcq: resuming from {self.path} ({self.summary()} already measured)", file=sys.stderr)
 
     def _read(self) -> dict[str, Any] | None:
         try:

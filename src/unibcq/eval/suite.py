@@ -97,7 +97,8 @@ def evaluate_suite(model: nn.Module, tokenizer, settings: EvalSettings, ref_mode
     seconds = 0.0
     results = {}
     for name in settings.datasets:
-        piece = journal.get("ppl", piece_name(name)) if journal else None
+        key = piece_name(name)
+        piece = journal.get("ppl", key) if journal else None
         if piece is None:
             start = time.perf_counter()
             ids = eval_token_ids(tokenizer, name, settings.data_dir)
@@ -105,7 +106,7 @@ def evaluate_suite(model: nn.Module, tokenizer, settings: EvalSettings, ref_mode
                                      description=name, show_progress=show_progress)
             piece = {"stats": asdict(stats), "seconds": time.perf_counter() - start}
             if journal:
-                journal.put("ppl", piece_name(name), piece)
+                journal.put("ppl", key, piece)
         results[name] = WindowStats(**piece["stats"])
         seconds += piece["seconds"]
     tasks = None

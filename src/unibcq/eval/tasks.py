@@ -112,7 +112,7 @@ def _run_one(
         # MMLU is the longest task (14k questions), so it also resumes subject by subject.
         return evaluate_mmlu(model, tokenizer, root, mmlu_shots, limit, batch_size, progress=progress,
                              finished=journal.finished("mmlu") if journal else None,
-                             on_subject=(lambda subject, hits: journal.put("mmlu", subject, hits)) if journal else None)
+                             on_subject=(lambda subject, piece: journal.put("mmlu", subject, piece)) if journal else None)
     return evaluate_gsm8k(load_gsm8k(root, limit), greedy_generator(model, tokenizer), batch_size, progress)
 
 

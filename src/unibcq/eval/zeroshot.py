@@ -281,6 +281,7 @@ def contiguous_head_input(model: nn.Module) -> Iterator[None]:
     if not isinstance(head, nn.Module):
         yield
         return
+
     def contiguous(module: nn.Module, args: tuple) -> tuple | None:
         if args and isinstance(args[0], torch.Tensor):
             return (args[0].contiguous(), *args[1:])

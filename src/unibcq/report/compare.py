@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -108,12 +107,8 @@ def _read_result(path: Path, protocol: dict[str, Any]) -> dict[str, Any] | None:
 def _journal(results_dir: Path, name: str, settings: CompareSettings, model: str | Path) -> EvalJournal:
     """A cell's finished datasets and tasks, so a compare killed mid-evaluation resumes there
     (and only against the same `model` files: a checkpoint quantized anew starts over)."""
-    journal = EvalJournal(results_dir / f"{name}.partial", settings.evaluation.journal_key() | {
+    return EvalJournal(results_dir / f"{name}.partial", settings.evaluation.journal_key() | {
         "cell": name, "files": files_fingerprint(model), "reference": settings.model})
-    if journal.summary():
-        print(f"unibcq: {name}: resuming from {journal.path} ({journal.summary()} already measured)",
-              file=sys.stderr)
-    return journal
 
 
 def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[dict[str, Any]]:
