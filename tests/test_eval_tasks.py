@@ -284,6 +284,27 @@ def test_forward_passes_stay_within_the_token_budget(llama):
     assert max(rows for rows, _ in shapes) == 16  # a generous budget leaves batch_size as the limit
 
 
+def test_a_gpu_pass_is_sixteen_cpu_passes():
+    assert zeroshot.pass_budget(torch.device("cpu")) == (zeroshot.TOKENS_PER_PASS, zeroshot.CACHE_TOKENS_PER_PASS)
+    tokens, cached = zeroshot.pass_budget(torch.device("cuda", 0))
+    assert (tokens, cached) == (16 * zeroshot.TOKENS_PER_PASS, 16 * zeroshot.CACHE_TOKENS_PER_PASS)
+
+
+def test_placed_on_moves_models_back_even_when_evaluation_fails():
+    from unibcq.eval.suite import placed_on
+
+    class Recorded(torch.nn.Linear):
+        def to(self, device):  # records the moves; no GPU is needed to check them
+            self.moves.append(str(device))
+            return self
+
+    model = Recorded(2, 2)
+    model.moves = []
+    with pytest.raises(RuntimeError), placed_on("cuda:0", model, None):
+        raise RuntimeError("evaluation failed")
+    assert model.moves == ["cuda:0", "cpu"]
+
+
 def test_sliding_window_models_are_scored_exactly(tiny_qwen2):
     model = tiny_qwen2(seed=5, hidden_size=64, vocab_size=VOCAB_SIZE, use_sliding_window=True, sliding_window=6,
                        max_window_layers=0)
@@ -558,6 +579,8 @@ def test_cli_eval_tasks_in_bfloat16_records_the_dtype(capsys, tmp_path, model_di
     (["--ppl", "none"], "nothing to evaluate"),
     (["--ppl", "none", "--tasks", "piqa,nope"], "unknown task 'nope'"),
     (["--ppl", "none", "--tasks", "mmlu", "--mmlu-shots", "7"], "--mmlu-shots"),
+    (["--ppl", "none", "--tasks", "piqa", "--device", "tpu"], "--device takes cpu, cuda or cuda:N"),
+    (["--ppl", "none", "--tasks", "piqa", "--device", "cuda:9"], "--device cuda:9"),
 ])
 def test_cli_eval_task_errors(capsys, model_dir, data_dir, argv, message):
     code = main(["eval", str(model_dir), "--data-dir", str(data_dir), "--no-progress", *argv])

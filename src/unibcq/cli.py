@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of memory (automatic under --max-memory when they do not fit)")
     q.add_argument("--damp", type=float, default=0.01, help="gptq: Hessian damping, fraction of the mean diagonal")
     q.add_argument("--act-order", action="store_true", help="gptq: process columns by decreasing Hessian diagonal")
-    q.add_argument("--device", default="cpu", help="compute device for calibrated methods (cpu, cuda)")
+    q.add_argument("--device", default="cpu", help="compute device for calibrated methods (cpu, cuda, cuda:N)")
     q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (unties embeddings)")
     q.add_argument("--calib", default="wikitext2", help=f"calibration text source ({PRESET_HELP})")
     q.add_argument("--calib-samples", type=int, help="calibration windows (preset: fast 32, paper 128)")
@@ -133,7 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", default="wikitext2", help="calibration text (validation split of wikitext2/ptb, or a file)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--workers", type=int, default=1, help="parallel worker processes for per-matrix methods")
-    c.add_argument("--device", default="cpu", help="cpu, or cuda when a GPU exists")
     _add_eval_flags(c)
     c.add_argument("--no-progress", action="store_true")
 
@@ -202,10 +201,15 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
                                         "present + mmlu)")
     parser.add_argument("--limit", type=int, help="--tasks: only the first N items of each task (MMLU: of each subject)")
     parser.add_argument("--mmlu-shots", type=int, default=5, help="MMLU exemplars from the dev split (0-5)")
-    parser.add_argument("--batch-size", type=int, default=8, help="--tasks: most scored sequences per forward pass (a pass also stops near 1024 tokens)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="--tasks: most scored sequences per forward pass (a pass also stops near 1024 "
+                             "tokens on a CPU, 16384 on a GPU)")
     parser.add_argument("--task-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="--tasks: dtype the model scores in (bfloat16: 1.2-1.8x faster on a CPU with "
                              "AVX512-BF16 in our runs, and on GPUs); perplexity and KL always run in float32")
+    parser.add_argument("--device", default="cpu",
+                        help="where the models run: cpu, cuda or cuda:N (compare: also where calibrated methods "
+                             "quantize)")
 
 
 def _eval_settings(args: argparse.Namespace):
@@ -214,6 +218,23 @@ def _eval_settings(args: argparse.Namespace):
     return EvalSettings.from_flags(args.ppl, args.tasks, seq_len=args.seq_len, max_windows=args.max_windows,
                                    limit=args.limit, mmlu_shots=args.mmlu_shots, batch_size=args.batch_size,
                                    task_dtype=args.task_dtype, data_dir=args.data_dir)
+
+
+def _check_device(name: str) -> torch.device:
+    """`--device` as a torch device, or a clear error before any model is loaded."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UnibcqError(f"--device takes cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise UnibcqError(f"--device {name}: only cpu and cuda are supported")
+    if not torch.cuda.is_available():
+        raise UnibcqError(f"--device {name} requested but no CUDA GPU is available; use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UnibcqError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -260,8 +281,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     calibrated = config.method in CALIBRATED
     if args.spill_activations and not calibrated:
         raise UnibcqError(f"--spill-activations is for calibrated methods; {config.method} keeps no activations")
-    if args.device != "cpu" and not torch.cuda.is_available():
-        raise UnibcqError(f"--device {args.device} requested but no CUDA GPU is available; use --device cpu")
+    _check_device(args.device)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UnibcqError(f"output {out} already exists; remove it or pass --overwrite")
@@ -410,10 +430,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     settings = _eval_settings(args)
     settings.check()
+    device = _check_device(args.device)
     model, tokenizer, bits, default_ref = _load_for_eval(args.model)
     ref_spec = default_ref if args.kl_ref is None else (None if args.kl_ref.lower() == "none" else args.kl_ref)
     ref_spec = ref_spec if settings.datasets else None  # KL is measured on the perplexity windows only
-    ref_model = load_model(ref_spec) if ref_spec else None
+    ref_model = load_model(ref_spec).to(device) if ref_spec else None
+    model.to(device)
     journal = _eval_journal(args, settings, ref_spec)
     measured = evaluate_suite(model, tokenizer, settings, ref_model, show_progress=not args.no_progress,
                               journal=journal)
@@ -465,8 +487,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         evaluation=_eval_settings(args), preset=args.preset, calib=args.calib, seed=args.seed, workers=args.workers,
         device=args.device, command=shlex.join(["unibcq", *map(str, args.argv)]),
     )
-    if args.device != "cpu" and not torch.cuda.is_available():
-        raise UnibcqError(f"--device {args.device} requested but no CUDA GPU is available; use --device cpu")
+    _check_device(args.device)
     resolve_model(args.model)
     results = run_compare(settings, show_progress=not args.no_progress)
     first = settings.evaluation.datasets[0] if settings.evaluation.datasets else None

@@ -85,6 +85,7 @@ def test_compare_report_end_to_end_and_resume(capsys, tmp_path, tiny_model_dir, 
     (["--methods", "rtn", "--bits", "12"], "bits"),
     (["--methods", "rtn", "--tasks", "nope"], "nope"),
     (["--methods", "rtn", "--group-size", "0"], "group"),
+    (["--methods", "rtn", "--device", "cuda:9"], "--device cuda:9"),
 ])
 def test_compare_bad_input(capsys, tmp_path, tiny_model_dir, extra, needle):
     capsys.readouterr()

@@ -7,10 +7,13 @@ exactly as a standalone `unibcq eval` with the same flags would measure it.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from unibcq.errors import UnibcqError
@@ -79,6 +82,24 @@ def piece_name(dataset: str) -> str:
     """A dataset as the journal names it: local files by absolute path, names as given."""
     path = Path(dataset).expanduser()
     return str(path.resolve()) if path.exists() else dataset
+
+
+@contextmanager
+def placed_on(device: str | torch.device, *models: nn.Module | None) -> Iterator[None]:
+    """Run with `models` on `device`, then move each back where it was.
+
+    `compare` evaluates on the GPU but keeps its source model on the CPU between cells,
+    where the next cell copies it and quantization moves one block at a time to the device.
+    """
+    present = [m for m in models if m is not None]
+    homes = [next(m.parameters()).device for m in present]
+    for model in present:
+        model.to(device)
+    try:
+        yield
+    finally:
+        for model, home in zip(present, homes):
+            model.to(home)
 
 
 def evaluate_suite(model: nn.Module, tokenizer, settings: EvalSettings, ref_model: nn.Module | None = None,

@@ -48,9 +48,18 @@ ProgressFn = Callable[[int, int], None]
 
 DEFAULT_MAX_LENGTH = 2048
 # Scoring batches (see _batches): tokens computed per forward pass, padding included, and
-# cached positions copied per pass (tails x (prefix + stem)), which bounds its memory.
+# cached positions copied per pass (tails x (prefix + stem)), which bounds its memory. On a
+# CPU, activations that outgrow the caches cost more than the extra passes of smaller
+# batches; a GPU pays a kernel launch per op and pass, so it wants passes 16x larger.
 TOKENS_PER_PASS = 1024
 CACHE_TOKENS_PER_PASS = 8192
+GPU_PASS_SCALE = 16
+
+
+def pass_budget(device: torch.device) -> tuple[int, int]:
+    """(tokens computed, cached positions copied) per scoring pass on `device`."""
+    scale = 1 if device.type == "cpu" else GPU_PASS_SCALE
+    return TOKENS_PER_PASS * scale, CACHE_TOKENS_PER_PASS * scale
 
 
 def no_progress(done: int, total: int) -> None:
@@ -302,7 +311,7 @@ def loglikelihoods(
     max_length: int | None = None,
     progress: ProgressFn = no_progress,
     prefix: Sequence[int] = (),
-    max_tokens: int = TOKENS_PER_PASS,
+    max_tokens: int | None = None,
 ) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), greedy decoding reproduces it) per request.
 
@@ -314,7 +323,8 @@ def loglikelihoods(
     so the real tokens never attend to padding and padding costs little; only the logits
     over the continuation span are computed (`logits_to_keep`), which keeps the vocabulary
     projection off the long contexts. A forward pass scores at most `batch_size` rows and
-    reads about `max_tokens` tokens, padding included.
+    reads about `max_tokens` tokens, padding included (default: `pass_budget` of the model's
+    device).
 
     With `prefix` (token ids that many contexts start with, such as MMLU's few-shot
     exemplars) the prefix runs once and its key/value cache is reused by every request
@@ -386,20 +396,20 @@ Batch = list[tuple[tuple[int, ...], list[tuple[int, ...]]]]  # (stem, some of it
 
 def _batches(
     groups: dict[tuple[int, ...], dict[tuple[int, ...], Reads]], batch_size: int, max_tokens: int, prefix_length: int,
+    max_cached: int = CACHE_TOKENS_PER_PASS,
 ) -> Iterator[Batch]:
     """Batches of (stem, tails), longest first: unstemmed tails, then stems.
 
     A batch scores at most `batch_size` tails; padding included, each of its passes computes
-    about `max_tokens` tokens (on a CPU, activations that outgrow the caches cost more than
-    the extra passes of smaller batches), and the per-tail copies of the prefix + stem cache
-    hold at most CACHE_TOKENS_PER_PASS positions. A batch always holds at least one tail; a
+    about `max_tokens` tokens, and the per-tail copies of the prefix + stem cache hold at
+    most `max_cached` positions. A batch always holds at least one tail; a
     stem with more tails than fit runs once per batch its tails span.
     """
 
     def fits(rows: int, width: int, stems: int, stem_width: int) -> bool:
         cached = prefix_length + stem_width
         return (rows <= batch_size and rows * width <= max_tokens and stems * stem_width <= max_tokens
-                and rows * cached <= CACHE_TOKENS_PER_PASS)
+                and rows * cached <= max_cached)
 
     def pieces(stem: tuple[int, ...], tails: list[tuple[int, ...]]) -> Iterator[tuple[tuple[int, ...], list]]:
         chunk: list[tuple[int, ...]] = []
@@ -454,7 +464,7 @@ def _score(
     max_length: int,
     prefix: list[int],
     progress: ProgressFn,
-    max_tokens: int,
+    max_tokens: int | None,
 ) -> list[tuple[float, bool]]:
     """`loglikelihoods` for requests that all extend `prefix` untruncated, or any requests when it is empty.
 
@@ -477,7 +487,8 @@ def _score(
         prefix_cache = getattr(out, cache_arg)
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     done = 0
-    for batch in _batches(groups, batch_size, max_tokens, len(prefix)):
+    default_tokens, max_cached = pass_budget(device)
+    for batch in _batches(groups, batch_size, max_tokens or default_tokens, len(prefix), max_cached):
         rows = [(s, tail) for s, (_, tails) in enumerate(batch) for tail in tails]
         cache = copy.deepcopy(prefix_cache) if prefix_cache is not None else None  # a forward appends to its cache
         past_mask = torch.ones(1, len(prefix), dtype=torch.long)
@@ -510,19 +521,27 @@ def _score(
         # Normalise only the positions some target is read from, each once: rows are
         # right-padded, so the kept span also covers padding and other rows' context tokens,
         # and MMLU's four letters read one position of one row.
+        # Only per-token figures leave the device: a GPU would otherwise copy the whole
+        # vocabulary row of every slot back to the host.
         slots: dict[tuple[int, int], int] = {}
-        targets = []
+        requests_read, read_slots, read_ids = [], [], []
         for row, ((_, tail), row_reads) in enumerate(zip(rows, reads)):
             end = len(tail) - (width - keep)  # one past the tail's last position, in kept coordinates
             for request, target_ids in row_reads:
-                at = [slots.setdefault((row, pos), len(slots)) for pos in range(end - len(target_ids), end)]
-                targets.append((request, at, torch.tensor(target_ids)))
+                requests_read.append((request, len(target_ids)))
+                read_slots += [slots.setdefault((row, pos), len(slots)) for pos in range(end - len(target_ids), end)]
+                read_ids += target_ids
         where = torch.tensor(list(slots), device=logits.device)
-        logprobs = torch.log_softmax(logits[where[:, 0], where[:, 1]].float(), dim=-1).cpu()
-        for request, at, target in targets:
-            scores = logprobs[at]
-            total = scores.gather(-1, target.unsqueeze(-1)).sum().item()
-            results[request] = (total, bool((scores.argmax(-1) == target).all()))
+        slot_logits = logits[where[:, 0], where[:, 1]].float()
+        read_slots_t = torch.tensor(read_slots, device=logits.device)
+        read_ids_t = torch.tensor(read_ids, device=logits.device)
+        token_logprobs = (slot_logits[read_slots_t, read_ids_t]
+                          - torch.logsumexp(slot_logits, dim=-1)[read_slots_t]).tolist()
+        token_greedy = (slot_logits.argmax(-1)[read_slots_t] == read_ids_t).tolist()
+        first = 0
+        for request, length in requests_read:
+            results[request] = (sum(token_logprobs[first: first + length]), all(token_greedy[first: first + length]))
+            first += length
         done += sum(len(r) for r in reads)
         progress(done, len(requests))
     return results

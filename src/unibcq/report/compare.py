@@ -27,7 +27,7 @@ from unibcq.checkpoint import QUANT_KEY, checkpoint_info, is_checkpoint, load_ch
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
 from unibcq.eval.journal import EvalJournal, files_fingerprint
-from unibcq.eval.suite import EvalSettings, evaluate_suite
+from unibcq.eval.suite import EvalSettings, evaluate_suite, placed_on
 from unibcq.methods import CALIBRATED, quantize_model
 from unibcq.methods.presets import apply_preset, preset_values
 from unibcq.methods.registry import check_method
@@ -133,7 +133,8 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
             if not fp_done:
                 bar.update(overall, description=f"compare: {FP_NAME}")
                 journal = _journal(results_dir, FP_NAME, settings, settings.model)
-                measured = evaluate_suite(model, tokenizer, settings.evaluation, None, show_progress, journal)
+                with placed_on(settings.device, model):
+                    measured = evaluate_suite(model, tokenizer, settings.evaluation, None, show_progress, journal)
                 bits = float(torch.finfo(next(model.parameters()).dtype).bits)
                 write_json_atomic(results_dir / f"{FP_NAME}.json", {
                     "name": FP_NAME, "method": FP_NAME, "bits": None, "group_size": None, "bits_per_weight": bits,
@@ -160,7 +161,9 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
                     shutil.rmtree(ckpt_dir / f"{cell.name}.partial", ignore_errors=True)
                 info = checkpoint_info(path)
                 journal = _journal(results_dir, cell.name, settings, path)
-                measured = evaluate_suite(quantized, tokenizer, settings.evaluation, model, show_progress, journal)
+                with placed_on(settings.device, quantized, model):
+                    measured = evaluate_suite(quantized, tokenizer, settings.evaluation, model, show_progress,
+                                              journal)
                 write_json_atomic(results_dir / f"{cell.name}.json", {
                     "name": cell.name, "method": cell.method, "bits": cell.bits, "group_size": cell.group_size,
                     "bits_per_weight": info.bits_per_weight, **info.accounting(),

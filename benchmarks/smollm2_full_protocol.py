@@ -1,0 +1,253 @@
+"""SmolLM2-135M, every method on the whole protocol: quantize, then every figure, rows in parallel.
+
+The other SmolLM2 scripts each measure one part (the 40 x 512 table, the full test set,
+the tasks) over checkpoints made earlier. This one takes a row from nothing to every
+figure, so a machine lent for a short time (a GPU) produces a complete, self-consistent
+table in one go. For the unquantized model and each METHOD x BITS:GROUP row it runs
+
+    unibcq quantize MODEL --method M --bits B --group-size G --device D --out OUT/ROW
+    unibcq info OUT/ROW
+    unibcq eval OUT/ROW --ppl wikitext2 --seq-len 512 --max-windows 40 --device D        (+ KL)
+    unibcq eval OUT/ROW --ppl wikitext2 --seq-len 2048 --device D                        (+ KL)
+    unibcq eval OUT/ROW --ppl none --tasks piqa,...,lambada --task-dtype bfloat16 --device D
+    unibcq eval OUT/ROW --ppl none --tasks mmlu --mmlu-shots 5 --task-dtype bfloat16 --device D
+
+with --jobs rows at a time (each command limited to --threads CPU threads), and writes the
+JSONs under the names the other scripts read (ROW.eval-L512-N40.json, ROW.eval-L2048-full.json,
+ROW.tasks-full.json, ROW.mmlu5-full.json). A row whose command fails is reported and the
+others go on. Resumable: finished checkpoints and JSONs are reused, and a killed eval resumes
+from its journal. OUT/machine.json records where the rows ran; with --write-docs the section
+between ``<!-- smollm2-full-protocol:start -->`` and ``<!-- smollm2-full-protocol:end -->``
+of docs/BENCHMARKS.md is replaced.
+
+Example (a GPU machine; on a CPU drop --device and expect hours per row):
+    UNIBCQ_DATA_DIR=/work/shared/datasets .venv/bin/python benchmarks/smollm2_full_protocol.py \\
+        --out /tmp/gpu-bench --device cuda --jobs 6 --threads 2 --write-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+from smollm2_table import (
+    REPO, command_line, default_unibcq, is_complete_checkpoint, parse_configs, parse_methods, read_json, run,
+    section_head, write_docs,
+)
+from smollm2_tasks import FP_ROW, UNQUANTIZED_BITS, ZERO_SHOT, label, pending_note, row_figures
+from smollm2_tasks import markdown_table as task_table
+
+from unibcq.atomic import write_json_atomic
+from unibcq.report.render import cpu_model
+
+START_MARKER = "<!-- smollm2-full-protocol:start -->"
+END_MARKER = "<!-- smollm2-full-protocol:end -->"
+SHORT = ("512", "40")  # the main table's windows: seq_len, count
+MMLU_SHOTS = 5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="folder for checkpoints, JSONs and logs (reused on rerun)")
+    p.add_argument("--model", default="smollm2-135m", help="the unquantized model (alias, folder or hub id)")
+    p.add_argument("--methods", type=parse_methods,
+                   default=parse_methods("uniquanf,flexround,gptq,bcq-alternating,rtn,gptq-bcq"),
+                   help="comma-separated methods, slowest first (default: the six of the main table)")
+    p.add_argument("--configs", type=parse_configs, default=parse_configs("4:-1,3:128,2:128"),
+                   help="comma-separated BITS:GROUP_SIZE; -1 = per output channel (default: 4:-1,3:128,2:128)")
+    p.add_argument("--device", default="cpu", help="where quantization and evaluation run: cpu or cuda")
+    p.add_argument("--jobs", type=int, default=1, help="rows processed at a time")
+    p.add_argument("--threads", type=int, help="CPU threads per command (OMP_NUM_THREADS; default: torch's)")
+    p.add_argument("--limit", type=int, default=0, help="first N items of each zero-shot task; 0 = full sets")
+    p.add_argument("--mmlu-limit", type=int, default=0, help="first N questions per MMLU subject; 0 = all")
+    p.add_argument("--task-dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--batch-size", type=int, default=64, help="scored sequences per forward pass")
+    p.add_argument("--data-dir", help="passed to unibcq (default: $UNIBCQ_DATA_DIR)")
+    p.add_argument("--unibcq", default=None, help="path of the unibcq CLI (default: the repo's .venv)")
+    p.add_argument("--no-run", action="store_true", help="only tabulate rows whose JSONs already exist")
+    p.add_argument("--write-docs", action="store_true")
+    p.add_argument("--docs", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
+    return p
+
+
+def row_names(args: argparse.Namespace) -> list[str]:
+    """The unquantized row, then method by method in --methods order (the jobs start in this order)."""
+    return [FP_ROW, *(f"{m}-w{b}-g{g}" for m in args.methods for b, g in args.configs)]
+
+
+def _tag(limit: int) -> str:
+    return f"L{limit}" if limit else "full"
+
+
+def result_paths(args: argparse.Namespace, row: str) -> dict[str, Path]:
+    """Every JSON of a row, under the names the per-part scripts read."""
+    return {
+        "short": args.out / f"{row}.eval-L{SHORT[0]}-N{SHORT[1]}.json",
+        "full": args.out / f"{row}.eval-L2048-full.json",
+        "tasks": args.out / f"{row}.tasks-{_tag(args.limit)}.json",
+        "mmlu": args.out / f"{row}.mmlu{MMLU_SHOTS}-{_tag(args.mmlu_limit)}.json",
+    }
+
+
+def row_commands(args: argparse.Namespace, exe: str, row: str) -> list[tuple[str, list[str]]]:
+    """(step name, command) for each step of a row still to do, in order."""
+    data = ["--data-dir", args.data_dir] if args.data_dir else []
+    device = ["--device", args.device]
+    source = args.model if row == FP_ROW else str(args.out / row)
+    steps: list[tuple[str, list[str]]] = []
+    if row != FP_ROW:
+        method, _, rest = row.partition("-w")
+        bits, _, group = rest.partition("-g")
+        checkpoint = args.out / row
+        if not is_complete_checkpoint(checkpoint):
+            steps.append(("quantize", [exe, "quantize", args.model, "--method", method, "--bits", bits, "--group-size",
+                                       group, "--out", str(checkpoint), "--json",
+                                       str(args.out / f"{row}.quantize.json"), "--no-progress", *device, *data]))
+        steps.append(("info", [exe, "info", str(checkpoint), "--json", str(args.out / f"{row}.info.json")]))
+    kl = ["--kl-ref", "none"] if row == FP_ROW else []
+    tasks = ["--ppl", "none", "--task-dtype", args.task_dtype, "--batch-size", str(args.batch_size)]
+    evals = {
+        "short": ["--ppl", "wikitext2", "--seq-len", SHORT[0], "--max-windows", SHORT[1], *kl],
+        "full": ["--ppl", "wikitext2", "--seq-len", "2048", *kl],
+        "tasks": [*tasks, "--tasks", ",".join(ZERO_SHOT), *(["--limit", str(args.limit)] if args.limit else [])],
+        "mmlu": [*tasks, "--tasks", "mmlu", "--mmlu-shots", str(MMLU_SHOTS),
+                 *(["--limit", str(args.mmlu_limit)] if args.mmlu_limit else [])],
+    }
+    for key, path in result_paths(args, row).items():
+        if not path.is_file():
+            steps.append((key, [exe, "eval", source, *evals[key], *device, *data, "--no-progress",
+                                "--json", str(path)]))
+    return steps
+
+
+def process_row(args: argparse.Namespace, exe: str, row: str) -> str | None:
+    """Run a row's remaining steps; None when all succeeded, else the failure."""
+    for step, cmd in row_commands(args, exe, row):
+        try:
+            run(cmd, args.out / "logs" / f"{row}.{step}.log")
+        except SystemExit as failure:
+            return f"{row}: {failure}"
+    return None
+
+
+def machine_record(args: argparse.Namespace) -> dict[str, Any]:
+    """Where the rows run: written once per run, read back when tabulating elsewhere."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(args.device) if args.device != "cpu" and torch.cuda.is_available() else None
+    return {"gpu": gpu, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "jobs": args.jobs, "threads": args.threads,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")}
+
+
+def run_rows(args: argparse.Namespace, rows: Sequence[str]) -> tuple[list[str], float]:
+    """Process every row, --jobs at a time; returns the failures and the wall time."""
+    exe = args.unibcq or default_unibcq()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out / "machine.json", machine_record(args) | {"command": command_line()})
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+        outcomes = list(pool.map(lambda row: process_row(args, exe, row), rows))
+    return [o for o in outcomes if o], time.perf_counter() - start
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def row_summary(args: argparse.Namespace, row: str) -> dict[str, Any] | None:
+    """Every figure of a row, or None when it has none yet ('-' marks a missing part)."""
+    paths = result_paths(args, row)
+    loaded = {key: read_json(path) for key, path in paths.items() if path.is_file()}
+    if not loaded:
+        return None
+    info_path = args.out / f"{row}.info.json"
+    info = read_json(info_path) if info_path.is_file() else {}
+    quantize_path = args.out / f"{row}.quantize.json"
+    short, full = loaded.get("short", {}), loaded.get("full", {})
+    tasks = (row_figures(loaded["tasks"], loaded.get("mmlu"), args.task_dtype) if "tasks" in loaded else None)
+    mmlu = loaded.get("mmlu", {}).get("tasks", {}).get("mmlu") if "mmlu" in loaded else None
+    return {
+        "bits": UNQUANTIZED_BITS if row == FP_ROW else info.get("bits_per_weight"),
+        "short_ppl": short.get("ppl", {}).get("wikitext2"), "short_kl": short.get("kl_vs_ref"),
+        "full_ppl": full.get("ppl", {}).get("wikitext2"), "full_kl": full.get("kl_vs_ref"),
+        "tasks": tasks, "mmlu": mmlu,
+        "quantize_s": read_json(quantize_path)["seconds"] if quantize_path.is_file() else None,
+        "eval_s": sum(r.get("seconds", 0.0) for r in loaded.values()),
+        "complete": len(loaded) == len(paths),
+    }
+
+
+def summary_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    lines = ["| method | config | bits/weight | ppl 40 x 512 | KL 40 x 512 | ppl full test @ 2048 | KL full test | "
+             "zero-shot mean | MMLU 5-shot | quantize s | eval s |", "|---|---|" + "---:|" * 9]
+    for row, f in rows:
+        tasks, mmlu = f["tasks"], f["mmlu"]
+        mean = "-" if tasks is None else f"**{100 * tasks['mean']:.1f} ± {100 * (tasks['mean_stderr'] or 0):.1f}**"
+        mmlu_cell = "-" if mmlu is None else f"{100 * mmlu['acc']:.1f} ± {100 * mmlu['stderr']:.1f}"
+        lines.append(f"| {label(row)} | {_cell(f['bits'], '.3f')} | {_cell(f['short_ppl'], '.2f')} | "
+                     f"{_cell(f['short_kl'], '.4f')} | {_cell(f['full_ppl'], '.2f')} | {_cell(f['full_kl'], '.4f')} | "
+                     f"{mean} | {mmlu_cell} | {_cell(f['quantize_s'], '.0f')} | {f['eval_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def docs_section(args: argparse.Namespace, machine: dict[str, Any], summary: str, per_task: str,
+                 missing: Sequence[str]) -> str:
+    where = (f"one {machine['gpu']} GPU" if machine.get("gpu") else "no GPU") + (
+        f", {machine['cpu_count']} CPU cores ({machine['cpu']}), torch {machine['torch']}, "
+        f"{machine['jobs']} rows at a time with {machine['threads'] or 'default'} CPU threads each, {machine['date']}")
+    sets = "full sets" if not args.limit and not args.mmlu_limit else "subsets (--limit / --mmlu-limit)"
+    return section_head(START_MARKER, f"SmolLM2-135M-Instruct: every figure of every row ({sets}, one run)") + f"""
+
+- **Machine:** {where}. Each checkpoint was quantized on this machine (`--device`), so the
+  rows are not the main table's checkpoints: the trained methods land elsewhere run to run,
+  and GPU arithmetic differs from the CPU's in the last bits.
+- **Protocol:** WikiText-2 test perplexity on the main table's 40 x 512 windows and on the
+  whole test set at 2048 tokens (float32, KL against the unquantized model); the zero-shot
+  tasks and MMLU 5-shot as in the task sections above, scored in {args.task_dtype}. ± is one
+  standard error. **quantize s** and **eval s** are wall and measuring times of rows that
+  shared the machine, not speed figures.{pending_note(missing)}
+
+{summary}
+
+Per task (acc_norm where the task defines it, else acc):
+
+{per_task}
+{END_MARKER}"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rows = row_names(args)
+    failures: list[str] = []
+    if not args.no_run:
+        failures, seconds = run_rows(args, rows)
+        print(f"all rows processed in {seconds / 60:.1f} min", flush=True)
+    summaries = [(row, s) for row in rows if (s := row_summary(args, row)) is not None]
+    missing = [row for row in rows if not any(r == row and s["complete"] for r, s in summaries)]
+    if not summaries:
+        raise SystemExit("smollm2_full_protocol: no row has results yet")
+    summary = summary_table(summaries)
+    tasks = [(row, s["bits"], s["tasks"]) for row, s in summaries if s["tasks"] is not None]
+    per_task = task_table(tasks, MMLU_SHOTS) if tasks else "(no task results yet)"
+    print(summary, per_task, sep="\n\n")
+    for failure in failures:
+        print(f"FAILED {failure}", flush=True)
+    if args.write_docs:
+        machine = json.loads((args.out / "machine.json").read_text())
+        write_docs(args.docs, docs_section(args, machine, summary, per_task, missing), START_MARKER, END_MARKER)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
