@@ -127,7 +127,7 @@ def reconstruct_blocks(
     blocks = decoder_blocks(model)
     for param in model.parameters():
         param.requires_grad_(False)
-    captured = capture_block_inputs(model, windows, device, spill_dir)
+    captured = capture_block_inputs(model, windows, spill_dir)
     block_kwargs = captured.kwargs
     kwargs = {k: _to(v, device) for k, v in block_kwargs.items()}
     q_in, fp_in = captured.hidden, captured.hidden

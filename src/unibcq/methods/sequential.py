@@ -47,10 +47,15 @@ class BlockInputs:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device,
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor,
                          spill_dir: str | os.PathLike | None = None) -> BlockInputs:
-    """Run each calibration window (n, L) up to the first decoder block and keep its inputs."""
+    """Run each calibration window (n, L) up to the first decoder block and keep its inputs.
+
+    This runs where the embeddings are (the CPU, while only the block being quantized visits
+    the compute device); `run_block` moves the captured inputs to the device block by block.
+    """
     first = decoder_blocks(model)[0]
+    embeddings = model.get_input_embeddings().weight.device
     hidden = ActivationStore(spill_dir)
     shared: dict[str, Any] = {}
 
@@ -64,7 +69,7 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
     try:
         for window in windows:
             try:
-                model(window.unsqueeze(0).to(device), use_cache=False)
+                model(window.unsqueeze(0).to(embeddings), use_cache=False)
             except _Captured:
                 pass
     finally:
@@ -140,7 +145,7 @@ def quantize_sequential(
     device = torch.device(device)
     blocks = decoder_blocks(model)
     records: list[LayerRecord] = []
-    inputs = capture_block_inputs(model, windows, device, spill_dir)
+    inputs = capture_block_inputs(model, windows, spill_dir)
     first = 0
     if state is not None and state.completed:
         for index in range(state.completed if onload is not None else 0):
