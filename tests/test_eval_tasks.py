@@ -121,6 +121,23 @@ def test_encode_pair_takes_the_joint_encodings_tail_and_survives_a_boundary_merg
     assert zeroshot.encode_pair(CharTokenizer(), "xy", "abc") == ([ord("x"), ord("y")], [1000, ord("c")])
 
 
+def test_batched_pair_encoding_matches_lm_evals_one_at_a_time_split(tok):
+    pairs = [("Question: w1\nAnswer:", " w5 w6"), ("w1 w2 ", "w3"), ("", "w4"), ("Question: w1\nAnswer:", " w7"),
+             ("w2", " w3 w4")]
+
+    def one_at_a_time(context: str, continuation: str) -> tuple[list[int], list[int]]:
+        stripped = context.rstrip()
+        continuation, context = context[len(stripped):] + continuation, stripped
+        if not context:
+            return [tok.eos_token_id], tok.encode(continuation, add_special_tokens=False)
+        ids = tok.encode(context, add_special_tokens=False)
+        return ids, tok.encode(context + continuation, add_special_tokens=False)[len(ids):]
+
+    assert zeroshot.encode_pairs(tok, pairs) == [one_at_a_time(c, k) for c, k in pairs]
+    assert zeroshot.encode_pairs(CharTokenizer(), [("xy", "abc"), ("", "hi")]) == \
+        [zeroshot.encode_pair(CharTokenizer(), "xy", "abc"), zeroshot.encode_pair(CharTokenizer(), "", "hi")]
+
+
 def test_encode_pair_with_empty_context_scores_after_eos():
     assert zeroshot.encode_pair(CharTokenizer(), "", "hi") == ([7], [ord("h"), ord("i")])
 
@@ -408,6 +425,10 @@ def test_mmlu_resumes_subject_by_subject(tok, data_dir, monkeypatch):
                                  on_subject=again.__setitem__)
     assert scored == [8] and resumed == whole  # only chemistry's 2 questions x 4 letters were scored
     assert list(again) == ["chemistry"]  # a reused subject is not committed again
+    encoded, encode_batch = [], zeroshot.encode_batch
+    monkeypatch.setattr(zeroshot, "encode_batch", lambda t, texts: encoded.extend(texts) or encode_batch(t, texts))
+    mmlu.evaluate_mmlu(model, tok, data_dir, shots=1, finished={"biology": committed["biology"]})
+    assert encoded and not any("biology" in text for text in encoded)  # a finished subject is not even tokenized
 
 
 def test_mmlu_shots_beyond_the_dev_split_are_refused(tok, data_dir):

@@ -24,7 +24,7 @@ from torch import nn
 
 from unibcq.errors import UnibcqError
 from unibcq.eval.zeroshot import (
-    ProgressFn, argmax_first, data_file, encode, encode_pair, loglikelihoods, no_progress, stderr_of_mean,
+    ProgressFn, argmax_first, data_file, encode, encode_pairs, loglikelihoods, no_progress, stderr_of_mean,
 )
 
 LETTERS = ("A", "B", "C", "D")
@@ -113,35 +113,37 @@ def evaluate_mmlu(
     """
     check_shots(shots)
     per_subject: dict[str, list[int]] = {}
-    plans = []  # per subject: (name, token-level shared prefix, requests, gold letter indices)
+    plans = []  # per subject: (name, dev exemplars, test questions)
     for subject in subjects(root):
         exemplars = read_questions(data_file(root, f"mmlu/dev/{subject}_dev.csv"), shots) if shots else []
         if len(exemplars) < shots:
             raise UnibcqError(f"mmlu/dev/{subject}_dev.csv has {len(exemplars)} exemplars, fewer than {shots} shots")
         questions = read_questions(data_file(root, f"mmlu/test/{subject}_test.csv"), limit)
-        if not questions:
-            continue
-        requests = [encode_pair(tokenizer, build_prompt(subject, exemplars, q), f" {letter}")
-                    for q in questions for letter in LETTERS]
-        # Tokens can merge across the prefix's end ("\n\n" + next word), so share only the
-        # token prefix that the encoded few-shot text and every question really have in common.
-        prefix = _common_prefix([encode(tokenizer, few_shot_prefix(subject, exemplars))] + [c for c, _ in requests])
-        plans.append((subject, prefix, requests, [LETTERS.index(q.answer) for q in questions]))
-    total = sum(len(requests) for _, _, requests, _ in plans)
+        if questions:
+            plans.append((subject, exemplars, questions))
+    total = sum(len(LETTERS) * len(questions) for _, _, questions in plans)
     done = 0
-    for subject, prefix, requests, golds in plans:
+    for subject, exemplars, questions in plans:
+        golds = [LETTERS.index(q.answer) for q in questions]
         stored = (finished or {}).get(subject)
         if stored is not None and len(stored["hits"]) == len(golds):
             per_subject[subject] = list(stored["hits"])
         else:
             start = time.perf_counter()
+            # Tokenized only when scored: a resumed run skips the finished subjects' prompts.
+            requests = encode_pairs(tokenizer, [(build_prompt(subject, exemplars, q), f" {letter}")
+                                                for q in questions for letter in LETTERS])
+            # Tokens can merge across the prefix's end ("\n\n" + next word), so share only the
+            # token prefix that the encoded few-shot text and every question really have in common.
+            prefix = _common_prefix([encode(tokenizer, few_shot_prefix(subject, exemplars))]
+                                    + [c for c, _ in requests])
             scores = loglikelihoods(model, requests, batch_size, max_length,
                                     lambda d, _, done=done: progress(done + d, total), prefix)
             per_subject[subject] = [int(argmax_first([ll for ll, _ in scores[4 * i: 4 * i + 4]]) == gold)
                                     for i, gold in enumerate(golds)]
             if on_subject is not None:
                 on_subject(subject, {"hits": per_subject[subject], "seconds": time.perf_counter() - start})
-        done += len(requests)
+        done += len(LETTERS) * len(questions)
         progress(done, total)
     n = sum(len(hits) for hits in per_subject.values())
     if n == 0:

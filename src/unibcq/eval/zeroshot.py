@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from unibcq.data.sources import resolve_data_dir
 from unibcq.errors import UnibcqError
@@ -237,6 +238,16 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def encode_batch(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """`encode` of many texts; a Hugging Face tokenizer takes them in one call (in parallel
+    when it is a fast one), which matters for MMLU's thousands of long few-shot prompts."""
+    if not texts:
+        return []
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    return [encode(tokenizer, text) for text in texts]
+
+
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) the way lm-eval splits them.
 
@@ -244,17 +255,29 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     move to the continuation; the continuation ids are then the tail of the jointly encoded
     text, so they are the tokens the model would really see after that context.
     """
-    stripped = context.rstrip()
-    if stripped != context:
-        continuation = context[len(stripped):] + continuation
-        context = stripped
-    if not context:
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        return [prefix], encode(tokenizer, continuation)
-    context_ids = encode(tokenizer, context)
-    continuation_ids = encode(tokenizer, context + continuation)[len(context_ids):]
-    # A merge across the boundary can swallow a very short continuation; score it on its own then.
-    return context_ids, continuation_ids or encode(tokenizer, continuation)
+    return encode_pairs(tokenizer, [(context, continuation)])[0]
+
+
+def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """`encode_pair` of many (context, continuation) pairs: each distinct context is encoded
+    once (a question's choices share it) and all texts go through `encode_batch`."""
+    split = []
+    for context, continuation in pairs:
+        stripped = context.rstrip()
+        split.append((stripped, context[len(stripped):] + continuation))
+    contexts = list(dict.fromkeys(c for c, _ in split if c))
+    context_ids = dict(zip(contexts, encode_batch(tokenizer, contexts)))
+    joint = iter(encode_batch(tokenizer, [c + k for c, k in split if c]))
+    encoded = []
+    for context, continuation in split:
+        if not context:
+            prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+            encoded.append(([prefix], encode(tokenizer, continuation)))
+            continue
+        ids = context_ids[context]
+        # A merge across the boundary can swallow a very short continuation; score it on its own then.
+        encoded.append((ids, next(joint)[len(ids):] or encode(tokenizer, continuation)))
+    return encoded
 
 
 def model_max_length(model: nn.Module) -> int:
@@ -572,8 +595,8 @@ def evaluate_multiple_choice(
     """acc (and acc_norm when `normalize`) with standard errors over `docs`."""
     if not docs:
         raise UnibcqError("the task has no questions to score")
-    requests = [encode_pair(tokenizer, ctx, " " + choice)
-                for doc in docs for ctx, choice in zip(doc.contexts, doc.choices)]
+    requests = encode_pairs(tokenizer, [(ctx, " " + choice) for doc in docs
+                                        for ctx, choice in zip(doc.contexts, doc.choices)])
     scores = iter(loglikelihoods(model, requests, batch_size, max_length, progress))
     correct = correct_norm = 0
     for doc in docs:
@@ -602,7 +625,7 @@ def evaluate_lambada(
     """Last-word accuracy (greedy match of every target token) and target perplexity."""
     if not pairs:
         raise UnibcqError("lambada has no passages to score")
-    results = loglikelihoods(model, [encode_pair(tokenizer, c, t) for c, t in pairs], batch_size, max_length, progress)
+    results = loglikelihoods(model, encode_pairs(tokenizer, pairs), batch_size, max_length, progress)
     n = len(results)
     acc = sum(greedy for _, greedy in results) / n
     return {
