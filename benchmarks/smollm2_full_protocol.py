@@ -51,6 +51,7 @@ START_MARKER = "<!-- smollm2-full-protocol:start -->"
 END_MARKER = "<!-- smollm2-full-protocol:end -->"
 SHORT = ("512", "40")  # the main table's windows: seq_len, count
 MMLU_SHOTS = 5
+PART_NAMES = {"short": "40 x 512", "full": "full test", "tasks": "zero-shot", "mmlu": "MMLU"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,7 +185,7 @@ def row_summary(args: argparse.Namespace, row: str) -> dict[str, Any] | None:
         "tasks": tasks, "mmlu": mmlu,
         "quantize_s": read_json(quantize_path)["seconds"] if quantize_path.is_file() else None,
         "eval_s": sum(r.get("seconds", 0.0) for r in loaded.values()),
-        "complete": len(loaded) == len(paths),
+        "missing": [PART_NAMES[key] for key in paths if key not in loaded],
     }
 
 
@@ -207,7 +208,8 @@ def docs_section(args: argparse.Namespace, machine: dict[str, Any], summary: str
         f", {machine['cpu_count']} CPU cores ({machine['cpu']}), torch {machine['torch']}, "
         f"{machine['jobs']} rows at a time with {machine['threads'] or 'default'} CPU threads each, {machine['date']}")
     sets = "full sets" if not args.limit and not args.mmlu_limit else "subsets (--limit / --mmlu-limit)"
-    return section_head(START_MARKER, f"SmolLM2-135M-Instruct: every figure of every row ({sets}, one run)") + f"""
+    title = f"SmolLM2-135M-Instruct: every figure of every row ({sets}, one run)"
+    return section_head(START_MARKER, title, machine.get("command")) + f"""
 
 - **Machine:** {where}. Each checkpoint was quantized on this machine (`--device`), so the
   rows are not the main table's checkpoints: the trained methods land elsewhere run to run,
@@ -234,7 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         failures, seconds = run_rows(args, rows)
         print(f"all rows processed in {seconds / 60:.1f} min", flush=True)
     summaries = [(row, s) for row in rows if (s := row_summary(args, row)) is not None]
-    missing = [row for row in rows if not any(r == row and s["complete"] for r, s in summaries)]
+    measured = dict(summaries)
+    missing = [row if row not in measured else f"{row} ({', '.join(measured[row]['missing'])})"
+               for row in rows if row not in measured or measured[row]["missing"]]
     if not summaries:
         raise SystemExit("smollm2_full_protocol: no row has results yet")
     summary = summary_table(summaries)
