@@ -130,23 +130,49 @@ def row_commands(args: argparse.Namespace, exe: str, row: str) -> list[tuple[str
 
 
 def process_row(args: argparse.Namespace, exe: str, row: str) -> str | None:
-    """Run a row's remaining steps; None when all succeeded, else the failure."""
+    """Run a row's remaining steps; None when all succeeded, else the failure.
+
+    A row quantized anew loses the results of its earlier checkpoint first, so no figure
+    of one checkpoint is ever reported for another.
+    """
     for step, cmd in row_commands(args, exe, row):
+        if step == "quantize":
+            for path in result_paths(args, row).values():
+                path.unlink(missing_ok=True)
         try:
             run(cmd, args.out / "logs" / f"{row}.{step}.log")
-        except SystemExit as failure:
+        except (SystemExit, OSError) as failure:
             return f"{row}: {failure}"
     return None
 
 
+MACHINE_KEYS = ("gpu", "cpu", "cpu_count", "torch", "device", "model", "task_dtype")
+
+
 def machine_record(args: argparse.Namespace) -> dict[str, Any]:
-    """Where the rows run: written once per run, read back when tabulating elsewhere."""
+    """Where and how the rows run: written by the first run, read back when tabulating elsewhere."""
     import torch
 
     gpu = torch.cuda.get_device_name(args.device) if args.device != "cpu" and torch.cuda.is_available() else None
-    return {"gpu": gpu, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "jobs": args.jobs, "threads": args.threads,
-            "torch": torch.__version__, "python": platform.python_version(),
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")}
+    return {"gpu": gpu, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "device": args.device, "model": args.model, "task_dtype": args.task_dtype, "jobs": args.jobs,
+            "threads": args.threads, "python": platform.python_version(),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"), "command": command_line()}
+
+
+def claim_out(args: argparse.Namespace) -> None:
+    """Record this machine in OUT/machine.json, or refuse an OUT whose rows came from another
+    machine or settings: the docs present a folder as one run."""
+    path = args.out / "machine.json"
+    here = machine_record(args)
+    if path.is_file():
+        first = json.loads(path.read_text())
+        changed = [k for k in MACHINE_KEYS if first.get(k) != here[k]]
+        if changed:
+            raise SystemExit(f"smollm2_full_protocol: {args.out} holds rows made with other {', '.join(changed)} "
+                             f"({', '.join(str(first.get(k)) for k in changed)}); use another --out")
+        return
+    write_json_atomic(path, here)
 
 
 def run_rows(args: argparse.Namespace, rows: Sequence[str]) -> tuple[list[str], float]:
@@ -155,7 +181,7 @@ def run_rows(args: argparse.Namespace, rows: Sequence[str]) -> tuple[list[str], 
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "machine.json", machine_record(args) | {"command": command_line()})
+    claim_out(args)
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
         outcomes = list(pool.map(lambda row: process_row(args, exe, row), rows))
@@ -248,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for failure in failures:
         print(f"FAILED {failure}", flush=True)
     if args.write_docs:
+        if not (args.out / "machine.json").is_file():
+            raise SystemExit(f"smollm2_full_protocol: {args.out} has no machine.json; it was not made by this script")
         machine = json.loads((args.out / "machine.json").read_text())
         write_docs(args.docs, docs_section(args, machine, summary, per_task, missing), START_MARKER, END_MARKER)
     return 1 if failures else 0

@@ -301,10 +301,16 @@ def test_forward_passes_stay_within_the_token_budget(llama):
     assert max(rows for rows, _ in shapes) == 16  # a generous budget leaves batch_size as the limit
 
 
-def test_a_gpu_pass_is_sixteen_cpu_passes():
+def test_a_gpu_pass_is_sixteen_cpu_passes_within_a_cache_memory_bound(llama):
     assert zeroshot.pass_budget(torch.device("cpu")) == (zeroshot.TOKENS_PER_PASS, zeroshot.CACHE_TOKENS_PER_PASS)
     tokens, cached = zeroshot.pass_budget(torch.device("cuda", 0))
     assert (tokens, cached) == (16 * zeroshot.TOKENS_PER_PASS, 16 * zeroshot.CACHE_TOKENS_PER_PASS)
+    seven_b = 2 * 32 * 32 * 128 * 2  # Llama-2-7B in bf16: 0.5 MB of cache per position
+    assert zeroshot.pass_budget(torch.device("cuda"), seven_b)[1] * seven_b <= zeroshot.GPU_CACHE_BYTES
+    config = llama.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    assert zeroshot.kv_bytes_per_position(llama) == \
+        2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4
 
 
 def test_placed_on_moves_models_back_even_when_evaluation_fails():

@@ -22,7 +22,9 @@ re-capitalised), so its scores are close to, not identical with, lm-eval's.
 Tokenisation copies lm-eval's `_encode_pair`: trailing whitespace of the context moves to
 the continuation, the context and the concatenation are encoded without special tokens,
 and the continuation tokens are the concatenation's tail after the context's length.
-Inputs longer than the model's window are cut from the left.
+Inputs longer than the model's window are cut from the left. A token's log-probability is
+its logit minus the log-sum-exp of its position (float32), summed per continuation in double
+precision; this equals log-softmax to about 1e-6 per token, so only exact ties can differ.
 """
 
 from __future__ import annotations
@@ -51,16 +53,36 @@ DEFAULT_MAX_LENGTH = 2048
 # Scoring batches (see _batches): tokens computed per forward pass, padding included, and
 # cached positions copied per pass (tails x (prefix + stem)), which bounds its memory. On a
 # CPU, activations that outgrow the caches cost more than the extra passes of smaller
-# batches; a GPU pays a kernel launch per op and pass, so it wants passes 16x larger.
+# batches; a GPU pays a kernel launch per op and pass, so it wants passes 16x larger, with
+# the copied key/value cache also held under GPU_CACHE_BYTES (a 7B model's cache is about
+# 0.5 MB per position).
 TOKENS_PER_PASS = 1024
 CACHE_TOKENS_PER_PASS = 8192
 GPU_PASS_SCALE = 16
+GPU_CACHE_BYTES = 2 * 2**30
 
 
-def pass_budget(device: torch.device) -> tuple[int, int]:
-    """(tokens computed, cached positions copied) per scoring pass on `device`."""
-    scale = 1 if device.type == "cpu" else GPU_PASS_SCALE
-    return TOKENS_PER_PASS * scale, CACHE_TOKENS_PER_PASS * scale
+def kv_bytes_per_position(model: nn.Module) -> int:
+    """Bytes of key/value cache one position costs in `model` (from its config and dtype)."""
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", None) or 1
+    heads = getattr(config, "num_attention_heads", None) or 1
+    hidden = getattr(config, "hidden_size", None) or 0
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    element = next(model.parameters()).element_size()
+    return max(2 * layers * kv_heads * head_dim * element, 1)
+
+
+def pass_budget(device: torch.device, kv_bytes: int = 0) -> tuple[int, int]:
+    """(tokens computed, cached positions copied) per scoring pass on `device`, for a model
+    whose cache costs `kv_bytes` per position."""
+    if device.type == "cpu":
+        return TOKENS_PER_PASS, CACHE_TOKENS_PER_PASS
+    cached = CACHE_TOKENS_PER_PASS * GPU_PASS_SCALE
+    if kv_bytes:
+        cached = max(min(cached, GPU_CACHE_BYTES // kv_bytes), 1)
+    return TOKENS_PER_PASS * GPU_PASS_SCALE, cached
 
 
 def no_progress(done: int, total: int) -> None:
@@ -510,7 +532,7 @@ def _score(
         prefix_cache = getattr(out, cache_arg)
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     done = 0
-    default_tokens, max_cached = pass_budget(device)
+    default_tokens, max_cached = pass_budget(device, kv_bytes_per_position(model))
     for batch in _batches(groups, batch_size, max_tokens or default_tokens, len(prefix), max_cached):
         rows = [(s, tail) for s, (_, tails) in enumerate(batch) for tail in tails]
         cache = copy.deepcopy(prefix_cache) if prefix_cache is not None else None  # a forward appends to its cache

@@ -161,7 +161,8 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
                     shutil.rmtree(ckpt_dir / f"{cell.name}.partial", ignore_errors=True)
                 info = checkpoint_info(path)
                 journal = _journal(results_dir, cell.name, settings, path)
-                with placed_on(settings.device, quantized, model):
+                reference = model if settings.evaluation.datasets else None  # KL needs it on the device too
+                with placed_on(settings.device, quantized, reference):
                     measured = evaluate_suite(quantized, tokenizer, settings.evaluation, model, show_progress,
                                               journal)
                 write_json_atomic(results_dir / f"{cell.name}.json", {
