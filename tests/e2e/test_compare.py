@@ -51,6 +51,7 @@ def test_compare_report_end_to_end_and_resume(capsys, tmp_path, tiny_model_dir, 
         assert (out / "checkpoints" / name / "model.safetensors").is_file()
         assert r["kl_vs_ref"] > 0 and 0 <= r["tasks"]["piqa"]["acc"] <= 1
         assert r["bits_per_weight"] > r["bits"]  # scales and offsets (or group indices) are counted
+        assert r["device"] == "cpu"
     assert results["rtn-w2-g32"]["bits_per_weight"] < results["rtn-w3-g32"]["bits_per_weight"]
     assert results["dyngroup-w1-g-1"]["bits_per_weight_paper"] < results["dyngroup-w1-g-1"]["bits_per_weight"]
     report = (out / "report.md").read_text()
@@ -126,3 +127,11 @@ def test_compare_cell_killed_mid_evaluation_keeps_its_finished_datasets(capsys, 
     assert calls == [] and not partial.exists()
     result = json.loads((out / "results" / "rtn-w3-g32.json").read_text())
     assert result["kl_vs_ref"] > 0 and result["tasks"]["piqa"]["n"] == 6
+
+
+def test_the_report_names_cells_reused_from_a_run_on_another_device():
+    from unibcq.report.render import _devices_note
+
+    results = [{"name": "fp", "device": "cuda"}, {"name": "rtn-w3-g32", "device": "cpu"}, {"name": "gptq-w3-g32"}]
+    assert _devices_note(results, "cuda") == " Reused from a run on cpu: rtn-w3-g32, gptq-w3-g32."
+    assert _devices_note(results[1:], "cpu") == ""

@@ -138,6 +138,7 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
                 bits = float(torch.finfo(next(model.parameters()).dtype).bits)
                 write_json_atomic(results_dir / f"{FP_NAME}.json", {
                     "name": FP_NAME, "method": FP_NAME, "bits": None, "group_size": None, "bits_per_weight": bits,
+                    "device": settings.device,
                     "checkpoint_mb": None, "quantize_seconds": None, "protocol": protocol, **measured})
                 journal.remove()
                 bar.update(overall, advance=1)
@@ -167,6 +168,7 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
                                               journal)
                 write_json_atomic(results_dir / f"{cell.name}.json", {
                     "name": cell.name, "method": cell.method, "bits": cell.bits, "group_size": cell.group_size,
+                    "device": settings.device,
                     "bits_per_weight": info.bits_per_weight, **info.accounting(),
                     "checkpoint_mb": info.file_bytes / 1e6,
                     "quantize_seconds": read_config(path)[QUANT_KEY].get("quantize_seconds"), "protocol": protocol, **measured})

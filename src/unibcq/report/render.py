@@ -35,6 +35,16 @@ def machine_line(device: str = "cpu") -> str:
     return f"{os.cpu_count()} CPU cores ({cpu_model()}), {gpu}; torch {torch.__version__}, unibcq {__version__}"
 
 
+def _devices_note(results: list[dict[str, Any]], device: str) -> str:
+    """Where cells reused from an earlier run were measured, when that was not `device`."""
+    elsewhere: dict[str, list[str]] = {}
+    for result in results:
+        where = result.get("device", "cpu")  # results written before devices were recorded ran on the CPU
+        if where != device:
+            elsewhere.setdefault(where, []).append(result["name"])
+    return "".join(f" Reused from a run on {where}: {', '.join(names)}." for where, names in elsewhere.items())
+
+
 def _fmt(value: Any, spec: str = ".4g") -> str:
     if value is None:
         return "-"
@@ -148,7 +158,7 @@ def write_report(settings: "CompareSettings", results: Sequence[dict[str, Any]])
         settings.command or "(Python API: unibcq.report.run_compare)",
         "```",
         "",
-        f"- **Machine:** {machine_line(settings.device)}.",
+        f"- **Machine:** {machine_line(settings.device)}.{_devices_note(results, settings.device)}",
         f"- **Quantization:** group size {settings.group_size} (-1 = per output channel), preset "
         f"`{settings.preset}`, calibration `{settings.calib}` (calibrated methods only), seed {settings.seed}; "
         "embeddings and lm_head stay unquantized.",
