@@ -99,7 +99,12 @@ def result_paths(args: argparse.Namespace, row: str) -> dict[str, Path]:
 
 
 def row_commands(args: argparse.Namespace, exe: str, row: str) -> list[tuple[str, list[str]]]:
-    """(step name, command) for each step of a row still to do, in order."""
+    """(step name, command) for each step of a row still to do, in order: none for a row with
+    every figure (its checkpoint may be gone), all of them for a row quantized anew."""
+    paths = result_paths(args, row)
+    info_path = args.out / f"{row}.info.json"
+    if all(p.is_file() for p in paths.values()) and (row == FP_ROW or info_path.is_file()):
+        return []
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     device = ["--device", args.device]
     source = args.model if row == FP_ROW else str(args.out / row)
@@ -112,7 +117,7 @@ def row_commands(args: argparse.Namespace, exe: str, row: str) -> list[tuple[str
             steps.append(("quantize", [exe, "quantize", args.model, "--method", method, "--bits", bits, "--group-size",
                                        group, "--out", str(checkpoint), "--json",
                                        str(args.out / f"{row}.quantize.json"), "--no-progress", *device, *data]))
-        steps.append(("info", [exe, "info", str(checkpoint), "--json", str(args.out / f"{row}.info.json")]))
+        steps.append(("info", [exe, "info", str(checkpoint), "--json", str(info_path)]))
     kl = ["--kl-ref", "none"] if row == FP_ROW else []
     tasks = ["--ppl", "none", "--task-dtype", args.task_dtype, "--batch-size", str(args.batch_size)]
     evals = {
@@ -122,8 +127,9 @@ def row_commands(args: argparse.Namespace, exe: str, row: str) -> list[tuple[str
         "mmlu": [*tasks, "--tasks", "mmlu", "--mmlu-shots", str(MMLU_SHOTS),
                  *(["--limit", str(args.mmlu_limit)] if args.mmlu_limit else [])],
     }
-    for key, path in result_paths(args, row).items():
-        if not path.is_file():
+    fresh = bool(steps) and steps[0][0] == "quantize"
+    for key, path in paths.items():
+        if fresh or not path.is_file():
             steps.append((key, [exe, "eval", source, *evals[key], *device, *data, "--no-progress",
                                 "--json", str(path)]))
     return steps
