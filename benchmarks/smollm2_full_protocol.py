@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from smollm2_table import (
-    REPO, command_line, default_unibcq, is_complete_checkpoint, parse_configs, parse_methods, read_json, run,
+    command_line, default_unibcq, is_complete_checkpoint, parse_configs, parse_methods, read_json, run,
     section_head, write_docs,
 )
-from smollm2_tasks import FP_ROW, UNQUANTIZED_BITS, ZERO_SHOT, label, pending_note, row_figures
+from smollm2_tasks import FP_ROW, UNQUANTIZED_BITS, ZERO_SHOT, add_run_options, label, pending_note, row_figures
 from smollm2_tasks import markdown_table as task_table
 
 from unibcq.atomic import write_json_atomic
@@ -71,11 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mmlu-limit", type=int, default=0, help="first N questions per MMLU subject; 0 = all")
     p.add_argument("--task-dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--batch-size", type=int, default=64, help="scored sequences per forward pass")
-    p.add_argument("--data-dir", help="passed to unibcq (default: $UNIBCQ_DATA_DIR)")
-    p.add_argument("--unibcq", default=None, help="path of the unibcq CLI (default: the repo's .venv)")
-    p.add_argument("--no-run", action="store_true", help="only tabulate rows whose JSONs already exist")
-    p.add_argument("--write-docs", action="store_true")
-    p.add_argument("--docs", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
+    add_run_options(p)
     return p
 
 

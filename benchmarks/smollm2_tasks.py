@@ -47,12 +47,17 @@ def row_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--rows", required=True,
                    help=f"comma-separated checkpoint names under --out, and '{FP_ROW}' for the unquantized model")
     p.add_argument("--model", default="smollm2-135m", help="the unquantized model (the fp row)")
+    add_run_options(p)
+    return p
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Data folder, CLI, tabulate-only and docs options, the same in every per-row script."""
     p.add_argument("--data-dir", help="passed to unibcq (default: $UNIBCQ_DATA_DIR)")
     p.add_argument("--unibcq", default=None, help="path of the unibcq CLI (default: the repo's .venv)")
     p.add_argument("--no-run", action="store_true", help="only tabulate rows whose JSONs already exist")
     p.add_argument("--write-docs", action="store_true")
     p.add_argument("--docs", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
-    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
