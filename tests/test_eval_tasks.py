@@ -608,6 +608,7 @@ def test_cli_eval_tasks_in_bfloat16_records_the_dtype(capsys, tmp_path, model_di
     (["--ppl", "none", "--tasks", "mmlu", "--mmlu-shots", "7"], "--mmlu-shots"),
     (["--ppl", "none", "--tasks", "piqa", "--device", "tpu"], "--device takes cpu, cuda or cuda:N"),
     (["--ppl", "none", "--tasks", "piqa", "--device", "cuda:9"], "--device cuda:9"),
+    (["--ppl", "none", "--tasks", "piqa", "--device", "cpu:1"], "use cpu, cuda or cuda:N"),
 ])
 def test_cli_eval_task_errors(capsys, model_dir, data_dir, argv, message):
     code = main(["eval", str(model_dir), "--data-dir", str(data_dir), "--no-progress", *argv])

@@ -226,10 +226,10 @@ def _check_device(name: str) -> torch.device:
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise UnibcqError(f"--device takes cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cpu":
+    if device.type == "cpu" and device.index is None:
         return device
     if device.type != "cuda":
-        raise UnibcqError(f"--device {name}: only cpu and cuda are supported")
+        raise UnibcqError(f"--device {name}: use cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
         raise UnibcqError(f"--device {name} requested but no CUDA GPU is available; use --device cpu")
     if device.index is not None and device.index >= torch.cuda.device_count():
