@@ -124,6 +124,48 @@ def test_bfloat16_qwen2_round_trip(tiny_qwen2, ckpt_dir, logits_of):
     assert torch.equal(logits_of(loaded), expected)
 
 
+def _stored_dtypes(path: Path) -> dict[str, torch.dtype]:
+    return {k: v.dtype for k, v in load_file(path / WEIGHTS_FILE).items()}
+
+
+@pytest.mark.parametrize("tiny_model", ["llama", "qwen2"], indirect=True)
+def test_bfloat16_source_quantized_in_float32_is_stored_in_bfloat16_losslessly(tiny_model, ckpt_dir, logits_of):
+    """A bf16 model quantized in fp32 (as `quantize` loads it) gains nothing from fp32 embeddings."""
+    model = tiny_model(dtype=torch.bfloat16).to(torch.float32)
+    config = fast_config("rtn")
+    quantize(model, config)
+    unibcq.save(model, ckpt_dir("fp32"), config, source_model="tiny")
+    unibcq.save(model, ckpt_dir("bf16"), config, source_model="tiny", dtype=torch.bfloat16)
+    wide, narrow = _stored_dtypes(ckpt_dir("fp32")), _stored_dtypes(ckpt_dir("bf16"))
+    assert wide.keys() == narrow.keys()
+    packed = {k for k in wide if checkpoint_module.is_packed_key(k, checkpoint_module.layer_layout(model))}
+    assert packed and all(wide[k] == narrow[k] for k in packed)  # codes, scales and offsets as they were
+    assert {narrow[k] for k in wide.keys() - packed} == {torch.bfloat16}
+    info_wide, info_narrow = unibcq.checkpoint_info(ckpt_dir("fp32")), unibcq.checkpoint_info(ckpt_dir("bf16"))
+    assert (info_wide.dense_dtype, info_narrow.dense_dtype) == ("float32", "bfloat16")
+    assert info_narrow.dense_bytes * 2 == info_wide.dense_bytes
+    assert info_narrow.quantized_bytes == info_wide.quantized_bytes
+    assert info_narrow.bits_per_weight == info_wide.bits_per_weight
+    # Stored as published, computed in fp32 again: exactly the model that was quantized.
+    loaded = unibcq.load(ckpt_dir("bf16"), dtype=torch.float32)
+    assert loaded.model.embed_tokens.weight.dtype == torch.float32
+    assert torch.equal(logits_of(loaded), logits_of(model))
+    assert unibcq.load(ckpt_dir("bf16")).model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_save_dtype_float16_rounds_only_the_unquantized_tensors(tiny_llama, ckpt_dir):
+    model = tiny_llama()
+    config = fast_config("rtn")
+    quantize(model, config)
+    unibcq.save(model, ckpt_dir(), config, source_model="tiny", dtype=torch.float16)
+    loaded = unibcq.load(ckpt_dir(), dtype=torch.float32)
+    expected = model.model.embed_tokens.weight.detach().to(torch.float16).to(torch.float32)
+    assert torch.equal(loaded.model.embed_tokens.weight, expected)
+    for name, layer in quantized_layers(loaded).items():
+        original = quantized_layers(model)[name]
+        assert torch.equal(layer.bcq_planes, original.bcq_planes) and torch.equal(layer.bcq_alpha, original.bcq_alpha)
+
+
 # --------------------------------------------------------------------------- size accounting
 
 

@@ -49,6 +49,20 @@ def test_streaming_equals_in_memory(tmp_path, tiny_model, method, input_ids):
     assert info.bits_per_weight == pytest.approx(ref_info.bits_per_weight)
 
 
+def test_streaming_stores_the_unquantized_tensors_in_the_asked_dtype(tmp_path, tiny_llama):
+    """Default: the source's declared dtype; `dtype` overrides it, as `save_checkpoint` does."""
+    source = saved_model(tiny_llama(), tmp_path / "src")
+    config = QuantConfig(method="rtn", bits=3, group_size=32)
+    quantize_streaming(source, tmp_path / "bf16", config, "src", BUDGET, show_progress=False, dtype=torch.bfloat16)
+    reference = tiny_llama()
+    quantize_model(reference, config, show_progress=False)
+    save_checkpoint(reference, tmp_path / "in-memory", config, "src", dtype=torch.bfloat16)
+    assert checkpoint_info(tmp_path / "bf16").dense_dtype == "bfloat16"
+    streamed, expected = load(tmp_path / "bf16"), load(tmp_path / "in-memory")
+    for (name, a), (_, b) in zip(streamed.state_dict().items(), expected.state_dict().items(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
 def test_budget_too_small_fails_before_writing(tmp_path, tiny_llama):
     source = saved_model(tiny_llama(), tmp_path / "src")
     with pytest.raises(UnibcqError, match="too small"):

@@ -39,6 +39,8 @@ MANIFEST_FILE = "manifest.json"
 QUANT_KEY = "quantization_config"
 PACKED_SUFFIXES = ("bcq_planes", "bcq_alpha", "bcq_offset", "gb_signs", "gb_index", "gb_scales")
 ACCOUNTING_KEYS = ("bits_per_weight_paper", "bits_per_weight_fixed", "bits_per_weight_entropy")
+# What a checkpoint may store its unquantized tensors (embeddings, norms, biases) in.
+DENSE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A real config.json is a few kB (a few hundred kB with the layer layout of a large model);
 # anything far bigger is not a checkpoint config and is not read into memory.
 MAX_CONFIG_BYTES = 16 * 2**20
@@ -46,6 +48,22 @@ MAX_CONFIG_BYTES = 16 * 2**20
 
 def quantized_layers(model: torch.nn.Module) -> dict[str, PackedLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, PackedLinear)}
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """'bfloat16' for torch.bfloat16: how config.json and the CLI spell a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
+def is_packed_key(key: str, layers: dict[str, Any]) -> bool:
+    """Whether state-dict `key` is a packed tensor (codes, scales, offsets) of a quantized layer."""
+    layer, _, suffix = key.rpartition(".")
+    return suffix in PACKED_SUFFIXES and layer in layers
+
+
+def cast_dense(state: dict[str, torch.Tensor], layers: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`state` with its unquantized floating tensors in `dtype`; the packed ones keep their own."""
+    return {k: v.to(dtype) if v.is_floating_point() and not is_packed_key(k, layers) else v for k, v in state.items()}
 
 
 def layer_layout(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
@@ -61,8 +79,15 @@ def save_checkpoint(
     tokenizer=None,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write `model` (with BCQLinear layers) as a checkpoint directory, atomically."""
+    """Write `model` (with BCQLinear layers) as a checkpoint directory, atomically.
+
+    The unquantized tensors are stored in `dtype` (default: the embeddings' dtype), which
+    the config records as the checkpoint's dtype. Quantizing runs in float32, but a model
+    published in bfloat16 gains nothing from float32 embeddings: storing them in the
+    source's dtype is lossless and halves their share of the file.
+    """
     layout = layer_layout(model)
     if not layout:
         raise UnibcqError("the model has no quantized layers; run unibcq.quantize first")
@@ -71,7 +96,10 @@ def save_checkpoint(
         # Tied weights are one tensor; safetensors stores each storage once.
         state.pop("lm_head.weight", None)
     state = {k: v.detach().contiguous() for k, v in state.items()}
-    hf_config = model.config.to_dict()
+    # The config records what the tensors hold: `model.to(...)` does not update config.dtype.
+    dtype = dtype or model.get_input_embeddings().weight.dtype
+    state = cast_dense(state, layout, dtype)
+    hf_config = model.config.to_dict() | {"dtype": dtype_name(dtype)}
     hf_config[QUANT_KEY] = quantization_entry(config, source_model, layout, extra)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "unibcq_format": "bcq"})
@@ -485,21 +513,27 @@ def _verified_layout(path: Path) -> tuple[dict[str, Any], dict[str, tuple[tuple[
     return qcfg, header, hf_config, expected
 
 
-def load_checkpoint(path: str | os.PathLike) -> PreTrainedModel:
+def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Rebuild the quantized model: config -> empty model -> packed layers -> tensors.
 
     The whole layout is checked against the file header first (`_verified_layout`), so the
     real model, built next, is no larger than the files; then every file against the
     manifest's checksums, which catches damage that leaves the layout intact (a flipped
     bit in a tensor). A structural problem is reported as such before any checksum.
+    `dtype` is what the unquantized tensors compute in (default: as stored); evaluation
+    asks for float32 so that a bfloat16 checkpoint is compared with its float32 reference
+    on quantization error alone.
     """
     path = Path(path)
     qcfg, _, hf_config, expected = _verified_layout(path)
     verify_manifest(path, qcfg)
-    model = _build_model(path, hf_config, qcfg["layers"])
     state = _load_tensors(path)
     # The file could have changed since its header was read: check what was really loaded.
     _check_tensor_specs(path, expected, {k: (tuple(v.shape), v.dtype) for k, v in state.items()})
+    if dtype is not None and dtype != hf_config.dtype:
+        hf_config.dtype = dtype
+        state = cast_dense(state, qcfg["layers"], dtype)
+    model = _build_model(path, hf_config, qcfg["layers"])
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(hf_config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -519,6 +553,7 @@ class CheckpointInfo:
     quantized_bytes: int
     dense_params: int
     dense_bytes: int
+    dense_dtype: str
     file_bytes: int
     layers: dict[str, dict[str, Any]]
 
@@ -550,6 +585,7 @@ class CheckpointInfo:
             "quantized_bytes": self.quantized_bytes,
             "dense_params": self.dense_params,
             "dense_bytes": self.dense_bytes,
+            "dense_dtype": self.dense_dtype,
             "file_bytes": self.file_bytes,
             "layers": self.layers,
         }
@@ -562,15 +598,14 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     every tensor), so the figures describe a checkpoint whose layout can load.
     """
     path = Path(path)
-    qcfg, header, _, _ = _verified_layout(path)
+    qcfg, header, hf_config, _ = _verified_layout(path)
     layers: dict[str, dict[str, Any]] = {}
     dense_params = dense_bytes = 0
     for key, (shape, dtype) in header.items():
         numel = math.prod(shape)
         nbytes = numel * _dtype_size(dtype)
-        layer, _, suffix = key.rpartition(".")
-        if suffix in PACKED_SUFFIXES and layer in qcfg["layers"]:
-            layers.setdefault(layer, {"bytes": 0})["bytes"] += nbytes
+        if is_packed_key(key, qcfg["layers"]):
+            layers.setdefault(key.rpartition(".")[0], {"bytes": 0})["bytes"] += nbytes
         else:
             dense_params += numel
             dense_bytes += nbytes
@@ -586,6 +621,7 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     return CheckpointInfo(
         method=qcfg.get("method", "?"), bits=qcfg.get("bits", 0), group_size=qcfg.get("group_size", 0),
         quantized_params=qparams, quantized_bytes=qbytes, dense_params=dense_params, dense_bytes=dense_bytes,
+        dense_dtype=dtype_name(hf_config.dtype or torch.float32),
         file_bytes=sum(f.stat().st_size for f in weight_files(path)), layers=layers,
     )
 

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--shift", action="store_true", help="uniquanf: fit a BCQ shift beta at init (authors: off)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--data-dir", help="folder with the datasets (default: $UNIBCQ_DATA_DIR)")
+    q.add_argument("--save-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype of the tensors left unquantized (embeddings, norms, biases) in the checkpoint; "
+                        "auto = the dtype the model is published in (float32 for a GGUF)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     q.add_argument("--resume", action="store_true",
                    help="calibrated methods: continue a killed run from its last finished block (progress is "
@@ -286,8 +289,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if out.exists() and not args.overwrite:
         raise UnibcqError(f"output {out} already exists; remove it or pass --overwrite")
     source = resolve_model(args.model)
+    save_dtype = _save_dtype(args)
     if args.max_memory is not None and not calibrated:
-        return _quantize_streaming(args, config, source, out)
+        return _quantize_streaming(args, config, source, out, save_dtype)
     start = time.perf_counter()
     model, onload, spill = _onload_within_budget(config, source, args.max_memory) if args.max_memory else (
         load_model(args.model), None, False)
@@ -303,10 +307,18 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                              onload=onload, spill_activations=spill)
     seconds = time.perf_counter() - start
     save_checkpoint(model, out, config, _source_spec(args.model), tokenizer, overwrite=args.overwrite,
-                    extra={"quantize_seconds": round(seconds, 3)})
+                    extra={"quantize_seconds": round(seconds, 3)}, dtype=save_dtype)
     if state_dir is not None:
         shutil.rmtree(state_dir, ignore_errors=True)
     _report_quantize(args, config, records, out, f"in {seconds:.1f} s (load {load_seconds:.1f} s)", seconds, {})
+
+
+def _save_dtype(args: argparse.Namespace) -> torch.dtype:
+    """--save-dtype as a torch dtype; `auto` reads the source's config, before any weight loads."""
+    from unibcq.checkpoint import DENSE_DTYPES
+    from unibcq.models.loading import declared_dtype
+
+    return declared_dtype(args.model) if args.save_dtype == "auto" else DENSE_DTYPES[args.save_dtype]
 
 
 def _report_quantize(args: argparse.Namespace, config, records, out: Path, timing: str, seconds: float,
@@ -372,7 +384,7 @@ def _onload_within_budget(config, source, max_memory: str):
     return model, onload, True
 
 
-def _quantize_streaming(args: argparse.Namespace, config, source, out: Path) -> None:
+def _quantize_streaming(args: argparse.Namespace, config, source, out: Path, save_dtype: torch.dtype) -> None:
     """`quantize --max-memory`: the streaming path for models larger than memory."""
     from unibcq.methods.streaming import parse_memory, quantize_streaming
     from unibcq.models.loading import snapshot_dir
@@ -382,7 +394,7 @@ def _quantize_streaming(args: argparse.Namespace, config, source, out: Path) -> 
         raise UnibcqError("--max-memory runs one weight at a time; drop --workers")
     start = time.perf_counter()
     records = quantize_streaming(snapshot_dir(source), out, config, _source_spec(args.model), budget,
-                                 overwrite=args.overwrite, show_progress=not args.no_progress)
+                                 overwrite=args.overwrite, show_progress=not args.no_progress, dtype=save_dtype)
     seconds = time.perf_counter() - start
     _report_quantize(args, config, records, out, f"streamed in {seconds:.1f} s", seconds,
                      {"max_memory_mib": budget / 2**20})
@@ -411,7 +423,8 @@ def _load_for_eval(spec: str):
     # so the checkpoint loader reports what is wrong with it.
     if is_checkpoint(spec) or has_unibcq_weights(spec):
         source = read_config(spec)[QUANT_KEY].get("source_model")
-        model = load_checkpoint(spec)
+        # Computed in float32 like the reference model, whatever the checkpoint stores.
+        model = load_checkpoint(spec, dtype=torch.float32)
         has_tokenizer = (Path(spec) / "tokenizer_config.json").is_file()
         if not has_tokenizer and not source:
             raise UnibcqError(f"{spec} has no tokenizer and no source model to take one from")
@@ -518,6 +531,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         *[(f"{k} (paper: no index)" if k.endswith("paper") else k, v) for k, v in info.accounting().items()],
         ("quantized_params", f"{info.quantized_params:,}"), ("quantized MiB", info.quantized_bytes / 2**20),
         ("dense (unquantized) params", f"{info.dense_params:,}"), ("dense MiB", info.dense_bytes / 2**20),
+        ("dense dtype", info.dense_dtype),
         ("file MiB", info.file_bytes / 2**20), ("source_model", report["source_model"]),
     ])
     if args.json:

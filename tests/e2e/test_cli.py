@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from unibcq.cli import main
 
@@ -59,6 +61,43 @@ def test_quantize_info_eval(capsys, tmp_path, tiny_model_dir, corpus_file, metho
     assert report["kl_vs_ref"] > 0 and 0 <= report["top1_agreement"] <= 1
     assert report["windows"][str(corpus_file)] == 3 and report["seq_len"] == 32
     assert report["bits_per_weight"] == pytest.approx(info["bits_per_weight"])
+
+
+def test_save_dtype_defaults_to_the_published_dtype(capsys, tmp_path, tiny_model_dir, corpus_file):
+    """A bf16 model's checkpoint keeps bf16 embeddings (auto); eval computes in fp32 regardless."""
+    source = tmp_path / "bf16-llama"
+    shutil.copytree(tiny_model_dir, source)
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(source)
+    infos = {}
+    for save_dtype in ("auto", "float32"):
+        out = tmp_path / save_dtype
+        code, _, err = run(capsys, "quantize", source, "--method", "rtn", "--bits", "3", "--group-size", "32",
+                           "--out", out, "--no-progress", "--save-dtype", save_dtype)
+        assert code == 0, err
+        code, stdout, err = run(capsys, "info", out, "--json", tmp_path / f"{save_dtype}.json")
+        assert code == 0, err
+        infos[save_dtype] = json.loads((tmp_path / f"{save_dtype}.json").read_text())
+    assert "bfloat16" in run(capsys, "info", tmp_path / "auto")[1]
+    assert (infos["auto"]["dense_dtype"], infos["float32"]["dense_dtype"]) == ("bfloat16", "float32")
+    assert infos["auto"]["file_bytes"] < infos["float32"]["file_bytes"]
+    assert infos["auto"]["bits_per_weight"] == infos["float32"]["bits_per_weight"]
+    figures = []
+    for save_dtype in ("auto", "float32"):
+        code, _, err = run(capsys, "eval", tmp_path / save_dtype, "--ppl", corpus_file, "--seq-len", "32",
+                           "--max-windows", "2", "--no-progress", "--json", tmp_path / f"e-{save_dtype}.json")
+        assert code == 0, err
+        report = json.loads((tmp_path / f"e-{save_dtype}.json").read_text())
+        figures.append((report["ppl"][str(corpus_file)], report["kl_vs_ref"]))
+    assert figures[0] == figures[1]  # the bf16 values were exact, so both evaluate the same model
+
+
+@pytest.mark.parametrize("value", ["float64", "int8"])
+def test_save_dtype_rejects_other_dtypes(capsys, tmp_path, tiny_model_dir, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", str(tiny_model_dir), "--method", "rtn", "--out", str(tmp_path / "q"), "--save-dtype", value])
+    assert exit_info.value.code == 2
+    assert "--save-dtype: invalid choice" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
 
 
 def test_eval_full_precision_model_has_no_kl(capsys, tmp_path, tiny_model_dir, corpus_file):

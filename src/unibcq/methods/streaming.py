@@ -28,7 +28,9 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from unibcq.atomic import atomic_directory
-from unibcq.checkpoint import QUANT_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, quantization_entry, write_manifest
+from unibcq.checkpoint import (
+    QUANT_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, dtype_name, quantization_entry, write_manifest,
+)
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
 from unibcq.methods.per_matrix import LayerRecord, quantize_matrix
@@ -172,8 +174,11 @@ def quantize_streaming(
     overwrite: bool = False,
     show_progress: bool = True,
     shard_bytes: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> list[LayerRecord]:
     """Quantize the safetensors model in `model_dir` into the checkpoint `out_dir` within `max_memory` bytes.
+
+    Unquantized tensors are stored in `dtype` (default: the model's declared dtype).
 
     Raises before reading any weight when the budget cannot hold the largest weight's
     quantization, so a run never dies of memory half-way. Output shards hold what the
@@ -189,7 +194,7 @@ def quantize_streaming(
     hf_config = read_model_config(model_dir)
     skeleton = _skeleton(hf_config)
     linears = quantizable_linears(skeleton, config.include_lm_head)
-    dtype = hf_config.dtype or torch.float32
+    dtype = dtype or hf_config.dtype or torch.float32
     expected = dict(skeleton.state_dict())
     tied = getattr(hf_config, "tie_word_embeddings", False) and not config.include_lm_head
     if tied:
@@ -236,7 +241,7 @@ def quantize_streaming(
                     writer.add(key, read_tensor(files[key], key).to(dtype))
                 bar.update(task, advance=1, description=f"{config.method} {layer}")
         writer.finish()
-        hf_dict = hf_config.to_dict()
+        hf_dict = hf_config.to_dict() | {"dtype": dtype_name(dtype)}
         hf_dict[QUANT_KEY] = quantization_entry(config, source_model, layout, {
             "quantize_seconds": round(time.perf_counter() - start, 3), "max_memory": max_memory})
         (tmp / "config.json").write_text(json.dumps(hf_dict, indent=2) + "\n")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from unibcq.atomic import atomic_directory
 from unibcq.errors import UnibcqError
@@ -157,6 +157,20 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel
     model = _from_pretrained(AutoModelForCausalLM, resolve_model(spec), dtype=dtype)
     model.eval()
     return model
+
+
+def declared_dtype(spec: str) -> torch.dtype:
+    """The floating dtype the model is published in (its config's `dtype`), float32 if none.
+
+    A GGUF's tensors are block-quantized, not a float dtype; it is dequantized to float32.
+    """
+    source = resolve_model(spec)
+    if source.kind == "gguf":
+        return torch.float32
+    dtype = _from_pretrained(AutoConfig, source).dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:

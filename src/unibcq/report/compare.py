@@ -31,6 +31,7 @@ from unibcq.eval.suite import EvalSettings, evaluate_suite, placed_on
 from unibcq.methods import CALIBRATED, quantize_model
 from unibcq.methods.presets import apply_preset, preset_values
 from unibcq.methods.registry import check_method
+from unibcq.models.loading import declared_dtype
 from unibcq.progress import progress_bar
 from unibcq.report.render import write_report
 
@@ -146,7 +147,7 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
                 bar.update(overall, description=f"compare: {cell.name}")
                 config, path = configs[cell], ckpt_dir / cell.name
                 if is_checkpoint(path):
-                    quantized = load_checkpoint(path)
+                    quantized = load_checkpoint(path, dtype=torch.float32)  # computed like the reference
                 else:
                     if config.method in CALIBRATED and windows is None:
                         windows = calibration_windows(tokenizer, settings.calib, config.calib_samples,
@@ -158,7 +159,7 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
                                    state_dir=ckpt_dir / f"{cell.name}.partial", resume=True)
                     seconds = time.perf_counter() - start
                     save_checkpoint(quantized, path, config, settings.model, tokenizer,
-                                    extra={"quantize_seconds": round(seconds, 3)})
+                                    extra={"quantize_seconds": round(seconds, 3)}, dtype=declared_dtype(settings.model))
                     shutil.rmtree(ckpt_dir / f"{cell.name}.partial", ignore_errors=True)
                 info = checkpoint_info(path)
                 journal = _journal(results_dir, cell.name, settings, path)
