@@ -15,6 +15,10 @@ live under --work.
         --methods uniquanf --calib-args "--calib-samples 8 --seq-len 128 --epochs 1"
 
 `--layers`, `--hidden` and `--intermediate` shrink the model for a quicker run.
+`--eval-tokens N` then evaluates each checkpoint in a fresh process (perplexity of one
+window of N random token ids, float32 compute, the way `unibcq eval` loads it) and reports
+that process's peak memory: the packed model plus the dense copies of as many layers as
+half the available memory holds. `--reuse` keeps checkpoints a previous run wrote.
 """
 
 from __future__ import annotations
@@ -103,7 +107,12 @@ def main() -> None:
     parser.add_argument("--methods", default="rtn")
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--eval-tokens", type=int, default=0, help="evaluate each checkpoint on N tokens (0: skip)")
+    parser.add_argument("--reuse", action="store_true", help="keep checkpoints (and reports) a previous run wrote")
+    parser.add_argument("--evaluate", help=argparse.SUPPRESS)  # the child process of --eval-tokens
     args = parser.parse_args()
+    if args.evaluate:
+        return evaluate_checkpoint(Path(args.evaluate), args.eval_tokens)
     work = Path(args.work)
     start = time.perf_counter()
     tokenizer = None
@@ -126,15 +135,44 @@ def main() -> None:
                str(args.bits), "--group-size", str(args.group_size), "--max-memory", args.budget, "--out", str(out),
                "--overwrite", "--no-progress", "--json", str(report), *shlex.split(args.calib_args)]
         start = time.perf_counter()
-        subprocess.run(cmd, check=True)
+        if not (args.reuse and report.is_file() and (out / "config.json").is_file()):
+            subprocess.run(cmd, check=True)
         seconds = time.perf_counter() - start
         data = json.loads(report.read_text())
-        rows.append((method, args.layers, args.budget, f"{data['peak_rss_mib']:.0f}", f"{data['bits_per_weight']:.3f}",
-                     f"{data['file_bytes'] / 2**30:.2f}", f"{seconds:.0f}"))
+        if args.reuse:
+            seconds = data["seconds"]
+        row = (method, args.layers, args.budget, f"{data['peak_rss_mib']:.0f}", f"{data['bits_per_weight']:.3f}",
+               f"{data['file_bytes'] / 2**30:.2f}", f"{seconds:.0f}")
+        if args.eval_tokens:
+            child = subprocess.run([sys.executable, __file__, "--work", str(work), "--evaluate", str(out),
+                                    "--eval-tokens", str(args.eval_tokens)], check=True, capture_output=True, text=True)
+            measured = json.loads(child.stdout.strip().splitlines()[-1])
+            row += (f"{measured['ppl']:.1f}", f"{measured['available_gib']:.1f}", f"{measured['peak_rss_mib']:.0f}",
+                    f"{measured['seconds']:.0f}")
+        rows.append(row)
     params = sum(math.prod(shape) for shape in tensor_shapes(cfg).values())
+    columns = ["method", "layers", "budget", "peak RSS MiB", "bits/weight", "checkpoint GiB", "seconds"]
+    if args.eval_tokens:
+        columns += [f"eval ppl ({args.eval_tokens} tokens)", "eval: available GiB", "eval peak RSS MiB", "eval s"]
     print_table(f"quantization within a memory budget: {name} ({params / 1e9:.2f} B params, "
-                f"{params * 4 / 2**30:.1f} GiB as fp32)",
-                ["method", "layers", "budget", "peak RSS MiB", "bits/weight", "checkpoint GiB", "seconds"], rows)
+                f"{params * 4 / 2**30:.1f} GiB as fp32)", columns, rows)
+
+
+def evaluate_checkpoint(path: Path, tokens: int) -> None:
+    """Load `path` as `unibcq eval` does and score one window of random ids; print a JSON line."""
+    import resource
+
+    from unibcq import load
+    from unibcq.eval import evaluate_windows
+    from unibcq.memory import available_memory_bytes
+
+    available = available_memory_bytes(torch.device("cpu")) or 0
+    start = time.perf_counter()
+    model = load(path, dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
+    stats = evaluate_windows(model, ids, seq_len=tokens, max_windows=1, show_progress=False)
+    print(json.dumps({"ppl": stats.ppl, "seconds": time.perf_counter() - start, "available_gib": available / 2**30,
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 if __name__ == "__main__":

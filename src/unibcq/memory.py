@@ -13,11 +13,11 @@ import os
 from itertools import chain
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from unibcq.nn.qlinear import PackedLinear
-
 _STATM = Path("/proc/self/statm")
+_MEMINFO = Path("/proc/meminfo")
 
 
 def model_memory_bytes(model: nn.Module) -> int:
@@ -28,7 +28,7 @@ def model_memory_bytes(model: nn.Module) -> int:
     inside `unibcq.nn.dense_weights`) is counted too while it exists: it is memory the
     model holds, even though it is neither a parameter nor a buffer.
     """
-    caches = (m.dense_cache for m in model.modules() if isinstance(m, PackedLinear) and m.dense_cache is not None)
+    caches = (m.dense_cache for m in model.modules() if getattr(m, "dense_cache", None) is not None)
     seen: set[tuple[str, int]] = set()
     total = 0
     for tensor in chain(model.parameters(), model.buffers(), caches):
@@ -51,3 +51,17 @@ def resident_memory_bytes() -> int | None:
         return None
     return resident_pages * os.sysconf("SC_PAGE_SIZE")
 
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory that can still be allocated on `device`: free GPU memory, or the kernel's
+    MemAvailable estimate (free plus reclaimable page cache) on a CPU; None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in _MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return None

@@ -18,6 +18,7 @@ from unibcq.formats.bcq import STORAGE_DTYPE, BCQTensor, num_groups
 from unibcq.formats.grouped_binary import GroupedBinaryTensor, index_bits_for, num_segments
 from unibcq.kernels import bcq_linear
 from unibcq.kernels.dispatch import dequantize_weight
+from unibcq.memory import available_memory_bytes
 
 PackedTensor = BCQTensor | GroupedBinaryTensor
 
@@ -168,18 +169,35 @@ def packed_module(weight: PackedTensor, bias: torch.Tensor | None) -> PackedLine
     return BCQLinear.from_tensor(weight, bias)
 
 
+# Share of the memory still available that `dense_weights` may fill by default.
+DENSE_CACHE_SHARE = 0.5
+
+
 @contextmanager
-def dense_weights(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator[nn.Module]:
-    """Dequantize every packed layer once for a loop of forward passes, then drop the copies.
+def dense_weights(model: nn.Module, dtype: torch.dtype = torch.float32,
+                  budget_bytes: int | None = None) -> Iterator[nn.Module]:
+    """Dequantize packed layers once for a loop of forward passes, then drop the copies.
 
     Evaluation runs hundreds of forward passes; with the reference kernel each one would
     dequantize every layer again. The cached weights are the same `dequantize()` result, so
-    outputs are identical; only speed and (temporarily) memory change.
+    outputs are identical; only speed and (temporarily) memory change. Layers are cached
+    while their dense copies fit in `budget_bytes` (default: half the memory still
+    available where the model is); the rest dequantize on each call as without the cache,
+    so a model whose dense form outgrows memory (a 7B model is 26 GB in float32) still runs.
     """
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    if budget_bytes is None and layers:
+        available = available_memory_bytes(next(model.parameters()).device)
+        budget_bytes = int(available * DENSE_CACHE_SHARE) if available is not None else None
+    element = torch.empty((), dtype=dtype).element_size()
+    used = 0
     try:
         for layer in layers:
+            size = layer.in_features * layer.out_features * element
+            if budget_bytes is not None and used + size > budget_bytes:
+                break
             layer.dense_cache = dequantize_weight(layer.weight_tensor(), dtype)
+            used += size
         yield model
     finally:
         for layer in layers:

@@ -1,0 +1,63 @@
+"""`dense_weights`: packed layers dequantized once for evaluation, within a memory budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import unibcq
+import unibcq.nn.qlinear as qlinear
+from unibcq.checkpoint import quantized_layers
+from unibcq.eval import evaluate_windows
+from unibcq.memory import available_memory_bytes, model_memory_bytes
+from unibcq.nn import dense_weights
+
+
+@pytest.fixture
+def quantized(tiny_llama):
+    model = tiny_llama()
+    unibcq.quantize(model, unibcq.QuantConfig("rtn", bits=3, group_size=32), show_progress=False)
+    return model
+
+
+def _cached(model) -> list[str]:
+    return [name for name, layer in quantized_layers(model).items() if layer.dense_cache is not None]
+
+
+def test_budget_caches_only_the_layers_that_fit(quantized):
+    layers = list(quantized_layers(quantized).values())
+    budget = sum(4 * m.in_features * m.out_features for m in layers[:3])
+    before = model_memory_bytes(quantized)
+    with dense_weights(quantized, budget_bytes=budget):
+        assert len(_cached(quantized)) == 3
+        assert model_memory_bytes(quantized) - before == budget
+    assert _cached(quantized) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_uncached_layers_compute_the_same_outputs(quantized, input_ids, dtype):
+    """Layers left out of the cache dequantize on each call: same numbers, less memory."""
+    outputs = []
+    for budget in (None, 0):
+        with torch.no_grad(), dense_weights(quantized, dtype, budget_bytes=budget):
+            assert len(_cached(quantized)) == (0 if budget == 0 else len(quantized_layers(quantized)))
+            x = quantized.model.embed_tokens(input_ids).to(dtype)
+            layer = quantized.model.layers[0].mlp.up_proj
+            outputs.append(layer(x))
+    assert outputs[0].dtype == outputs[1].dtype == dtype
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_perplexity_without_room_for_the_cache(quantized, monkeypatch):
+    """The default budget is a share of the memory available; with none, evaluation still runs."""
+    ids = torch.randint(0, quantized.config.vocab_size, (200,), generator=torch.Generator().manual_seed(0))
+    full = evaluate_windows(quantized, ids, seq_len=32, show_progress=False)
+    monkeypatch.setattr(qlinear, "DENSE_CACHE_SHARE", 0.0)
+    none = evaluate_windows(quantized, ids, seq_len=32, show_progress=False)
+    assert none.ppl == pytest.approx(full.ppl, rel=1e-5)
+
+
+def test_available_memory_is_measured_on_this_machine():
+    available = available_memory_bytes(torch.device("cpu"))
+    assert available is None or available > 0
