@@ -447,12 +447,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model, tokenizer, bits, default_ref = _load_for_eval(args.model)
     ref_spec = default_ref if args.kl_ref is None else (None if args.kl_ref.lower() == "none" else args.kl_ref)
     ref_spec = ref_spec if settings.datasets else None  # KL is measured on the perplexity windows only
-    ref_model = load_model(ref_spec).to(device) if ref_spec else None
+    ref_dtype = _reference_dtype(ref_spec) if ref_spec else None
+    ref_model = load_model(ref_spec, ref_dtype).to(device) if ref_spec else None
     model.to(device)
-    journal = _eval_journal(args, settings, ref_spec)
+    journal = _eval_journal(args, settings, ref_spec, ref_dtype)
     measured = evaluate_suite(model, tokenizer, settings, ref_model, show_progress=not args.no_progress,
                               journal=journal)
-    report = {"model": args.model, "ref_model": ref_spec, "bits_per_weight": bits, **measured}
+    report = {"model": args.model, "ref_model": ref_spec, "ref_dtype": ref_dtype and str(ref_dtype).removeprefix("torch."),
+              "bits_per_weight": bits, **measured}
     tasks = report["tasks"]
     per_ref = {key: report[key] or {} for key in ("ref_ppl", "kl", "top1")}
     rows = [(name, report["windows"][name], report["tokens"][name], ppl,
@@ -470,7 +472,34 @@ def cmd_eval(args: argparse.Namespace) -> None:
         journal.remove()
 
 
-def _eval_journal(args: argparse.Namespace, settings: EvalSettings, ref_spec: str | None) -> EvalJournal | None:
+# Share of the available memory the KL reference may take in float32 (the rest is for the
+# activations, the logits of a window and the quantized model's dense cache).
+REFERENCE_MEMORY_SHARE = 0.8
+
+
+def _reference_dtype(ref_spec: str) -> torch.dtype:
+    """float32 when the KL reference fits in memory that way; else the 16-bit dtype it is
+    published in (a 7B reference is 27 GB in float32, 13.5 GB as published); else an error
+    before anything loads, rather than a process killed for memory half-way."""
+    from unibcq import memory
+    from unibcq.models.loading import declared_dtype, float32_bytes
+
+    needed = float32_bytes(ref_spec)
+    available = memory.available_memory_bytes(torch.device("cpu"))
+    if needed is None or available is None or needed <= available * REFERENCE_MEMORY_SHARE:
+        return torch.float32
+    published = declared_dtype(ref_spec)
+    gib = f"{needed / 2**30:.1f} GiB in float32 and {available / 2**30:.1f} GiB is available"
+    if published != torch.float32 and needed // 2 <= available * REFERENCE_MEMORY_SHARE:
+        print(f"unibcq: the KL reference {ref_spec} needs {gib}; it runs in "
+              f"{str(published).removeprefix('torch.')}, as published")
+        return published
+    raise UnibcqError(f"the KL reference {ref_spec} needs {gib}; pass --kl-ref none to measure perplexity "
+                      "alone, or a reference model that fits")
+
+
+def _eval_journal(args: argparse.Namespace, settings: EvalSettings, ref_spec: str | None,
+                  ref_dtype: torch.dtype | None) -> EvalJournal | None:
     """With --json PATH, finished pieces go to PATH.partial so a killed eval resumes there."""
     from unibcq.eval.journal import EvalJournal, files_fingerprint
 
@@ -479,6 +508,8 @@ def _eval_journal(args: argparse.Namespace, settings: EvalSettings, ref_spec: st
     key = settings.journal_key() | {
         "model": _source_spec(args.model), "model_files": files_fingerprint(args.model),
         "kl_ref": ref_spec and _source_spec(ref_spec), "kl_ref_files": ref_spec and files_fingerprint(ref_spec)}
+    if ref_dtype not in (None, torch.float32):  # a float32 reference keeps the key journals always had
+        key["kl_ref_dtype"] = str(ref_dtype)
     return EvalJournal(Path(f"{args.json}.partial"), key)
 
 

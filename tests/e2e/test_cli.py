@@ -91,6 +91,38 @@ def test_save_dtype_defaults_to_the_published_dtype(capsys, tmp_path, tiny_model
     assert figures[0] == figures[1]  # the bf16 values were exact, so both evaluate the same model
 
 
+def test_kl_reference_too_big_for_float32_runs_as_published_or_is_refused(capsys, tmp_path, tiny_model_dir,
+                                                                          corpus_file, monkeypatch):
+    """The reference's float32 size is read from its headers and checked before it loads."""
+    import unibcq.memory
+
+    source = tmp_path / "bf16-llama"
+    shutil.copytree(tiny_model_dir, source)
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(source)
+    code, _, err = run(capsys, "quantize", source, "--method", "rtn", "--bits", "3", "--group-size", "32",
+                       "--out", tmp_path / "q", "--no-progress")
+    assert code == 0, err
+    from unibcq.models.loading import float32_bytes
+
+    needed = float32_bytes(str(source))
+    assert needed == 4 * sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(source).parameters())
+    evaluate = ["eval", tmp_path / "q", "--ppl", corpus_file, "--seq-len", "32", "--max-windows", "2", "--no-progress"]
+    reports = {}
+    for name, available in (("roomy", 100 * needed), ("half", needed)):
+        monkeypatch.setattr(unibcq.memory, "available_memory_bytes", lambda device, a=available: a)
+        code, stdout, err = run(capsys, *evaluate, "--json", tmp_path / f"{name}.json")
+        assert code == 0, err
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert "runs in bfloat16, as published" in stdout
+    assert (reports["roomy"]["ref_dtype"], reports["half"]["ref_dtype"]) == ("float32", "bfloat16")
+    assert reports["half"]["kl_vs_ref"] == pytest.approx(reports["roomy"]["kl_vs_ref"], rel=0.2, abs=1e-3)
+    monkeypatch.setattr(unibcq.memory, "available_memory_bytes", lambda device: needed // 4)
+    code, _, err = run(capsys, *evaluate, "--json", tmp_path / "none.json")
+    assert code == 2 and "--kl-ref none" in err and not (tmp_path / "none.json").exists()
+    code, _, err = run(capsys, *evaluate, "--kl-ref", "none", "--json", tmp_path / "ppl.json")
+    assert code == 0, err
+
+
 @pytest.mark.parametrize("value", ["float64", "int8"])
 def test_save_dtype_rejects_other_dtypes(capsys, tmp_path, tiny_model_dir, value):
     with pytest.raises(SystemExit) as exit_info:

@@ -173,5 +173,25 @@ def declared_dtype(spec: str) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
+def float32_bytes(spec: str) -> int | None:
+    """Bytes the model's weights take in float32, from its safetensors headers (nothing is
+    loaded); None where they cannot be read without loading (a Hub id, .bin weights)."""
+    from safetensors import safe_open
+
+    source = resolve_model(spec)
+    if source.kind == "hub":
+        return None
+    files = sorted(Path(local_path(source)).glob("*.safetensors"))
+    if not files:
+        return None
+    numel = 0
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            for key in handle.keys():
+                shape = handle.get_slice(key).get_shape()
+                numel += int(torch.Size(shape).numel())
+    return 4 * numel
+
+
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     return _from_pretrained(AutoTokenizer, resolve_model(spec))
