@@ -166,6 +166,22 @@ def test_save_dtype_float16_rounds_only_the_unquantized_tensors(tiny_llama, ckpt
         assert torch.equal(layer.bcq_planes, original.bcq_planes) and torch.equal(layer.bcq_alpha, original.bcq_alpha)
 
 
+def test_save_dtype_overflow_is_refused_before_writing(tiny_llama, ckpt_dir):
+    """float16 ends at 65504: a larger finite value would be stored as inf, a checkpoint that
+    loading rejects as corrupt, so saving names the tensor instead."""
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.norm.weight[0] = 1e5
+    config = fast_config("rtn")
+    quantize(model, config)
+    with pytest.raises(UnibcqError, match="model.norm.weight .*float16"):
+        unibcq.save(model, ckpt_dir(), config, source_model="tiny", dtype=torch.float16)
+    assert not ckpt_dir().exists()
+    unibcq.save(model, ckpt_dir("bf16"), config, source_model="tiny", dtype=torch.bfloat16)
+    with pytest.raises(UnibcqError, match="model.norm.weight .*float16"):
+        unibcq.load(ckpt_dir("bf16"), dtype=torch.float16)
+
+
 # --------------------------------------------------------------------------- size accounting
 
 

@@ -61,9 +61,20 @@ def is_packed_key(key: str, layers: dict[str, Any]) -> bool:
     return suffix in PACKED_SUFFIXES and layer in layers
 
 
+def cast_checked(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`, or an error naming it when finite values overflow there (float16
+    ends at 65504), rather than a checkpoint that loading would call corrupt."""
+    cast = tensor.to(dtype)
+    if cast.dtype != tensor.dtype and not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(tensor).all()):
+        raise UnibcqError(f"tensor {key} holds values beyond {dtype_name(dtype)}'s range (largest magnitude "
+                          f"{tensor.abs().max().item():.4g}); use float32 or bfloat16 for it")
+    return cast
+
+
 def cast_dense(state: dict[str, torch.Tensor], layers: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """`state` with its unquantized floating tensors in `dtype`; the packed ones keep their own."""
-    return {k: v.to(dtype) if v.is_floating_point() and not is_packed_key(k, layers) else v for k, v in state.items()}
+    return {k: cast_checked(k, v, dtype) if v.is_floating_point() and not is_packed_key(k, layers) else v
+            for k, v in state.items()}
 
 
 def layer_layout(model: torch.nn.Module) -> dict[str, dict[str, Any]]:

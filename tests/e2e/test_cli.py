@@ -91,6 +91,21 @@ def test_save_dtype_defaults_to_the_published_dtype(capsys, tmp_path, tiny_model
     assert figures[0] == figures[1]  # the bf16 values were exact, so both evaluate the same model
 
 
+def test_published_dtype_is_read_from_the_weights_not_the_config(tmp_path, tiny_model_dir):
+    """A config that says bfloat16 over float32 weights must not make `auto` round them."""
+    from unibcq.models.loading import declared_dtype
+
+    assert declared_dtype(str(tiny_model_dir)) == torch.float32
+    config_file = tiny_model_dir / "config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"dtype": "bfloat16"}))
+    assert declared_dtype(str(tiny_model_dir)) == torch.float32
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(bf16)
+    assert declared_dtype(str(bf16)) == torch.bfloat16
+    (bf16 / "model.safetensors").unlink()  # no local weights: the config decides
+    assert declared_dtype(str(bf16)) == torch.bfloat16
+
+
 def test_kl_reference_too_big_for_float32_runs_as_published_or_is_refused(capsys, tmp_path, tiny_model_dir,
                                                                           corpus_file, monkeypatch):
     """The reference's float32 size is read from its headers and checked before it loads."""

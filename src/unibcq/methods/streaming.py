@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from unibcq.atomic import atomic_directory
 from unibcq.checkpoint import (
-    QUANT_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, dtype_name, quantization_entry, write_manifest,
+    QUANT_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, cast_checked, dtype_name, quantization_entry, write_manifest,
 )
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
@@ -228,7 +228,8 @@ def quantize_streaming(
                     layer_cfg = config.for_layer(layer)
                     packed, error, seconds = quantize_matrix(layer, read_tensor(files[key], key), layer_cfg)
                     bias_key = f"{layer}.bias"
-                    bias = read_tensor(files[bias_key], bias_key).to(dtype) if bias_key in expected else None
+                    bias = (cast_checked(bias_key, read_tensor(files[bias_key], bias_key), dtype)
+                            if bias_key in expected else None)
                     module = packed_module(packed, bias)
                     layout[layer] = module.layout()
                     for name, tensor in module.state_dict().items():
@@ -238,7 +239,7 @@ def quantize_streaming(
                                                packed.numel, packed.bits_per_weight, error, seconds, accounting))
                     del packed, module
                 else:
-                    writer.add(key, read_tensor(files[key], key).to(dtype))
+                    writer.add(key, cast_checked(key, read_tensor(files[key], key), dtype))
                 bar.update(task, advance=1, description=f"{config.method} {layer}")
         writer.finish()
         hf_dict = hf_config.to_dict() | {"dtype": dtype_name(dtype)}

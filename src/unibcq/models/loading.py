@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from unibcq.atomic import atomic_directory
@@ -159,14 +161,41 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel
     return model
 
 
-def declared_dtype(spec: str) -> torch.dtype:
-    """The floating dtype the model is published in (its config's `dtype`), float32 if none.
+# safetensors' names of the floating dtypes a published model stores
+_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
-    A GGUF's tensors are block-quantized, not a float dtype; it is dequantized to float32.
+
+def _stored_tensors(source: ModelSource) -> list[tuple[list[int], str]] | None:
+    """(shape, safetensors dtype name) of every stored tensor, read from the file headers
+    (nothing is loaded); None where the weights are not local safetensors (a Hub id, .bin)."""
+    if source.kind == "hub":
+        return None
+    files = sorted(Path(local_path(source)).glob("*.safetensors"))
+    if not files:
+        return None
+    found = []
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_slice(key)
+                found.append((tensor.get_shape(), tensor.get_dtype()))
+    return found
+
+
+def declared_dtype(spec: str) -> torch.dtype:
+    """The floating dtype the model is published in, float32 if nothing says.
+
+    Local safetensors are believed over config.json (whose `dtype` can be wrong): one 16-bit
+    dtype throughout is that dtype, anything wider or mixed is float32, so storing in the
+    result never rounds a published value. A GGUF's tensors are block-quantized, not a float
+    dtype; it is dequantized to float32.
     """
     source = resolve_model(spec)
     if source.kind == "gguf":
         return torch.float32
+    stored = {_FLOAT_DTYPES[name] for _, name in _stored_tensors(source) or [] if name in _FLOAT_DTYPES}
+    if stored:
+        return stored.pop() if len(stored) == 1 and stored <= {torch.bfloat16, torch.float16} else torch.float32
     dtype = _from_pretrained(AutoConfig, source).dtype
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
@@ -176,21 +205,8 @@ def declared_dtype(spec: str) -> torch.dtype:
 def float32_bytes(spec: str) -> int | None:
     """Bytes the model's weights take in float32, from its safetensors headers (nothing is
     loaded); None where they cannot be read without loading (a Hub id, .bin weights)."""
-    from safetensors import safe_open
-
-    source = resolve_model(spec)
-    if source.kind == "hub":
-        return None
-    files = sorted(Path(local_path(source)).glob("*.safetensors"))
-    if not files:
-        return None
-    numel = 0
-    for file in files:
-        with safe_open(str(file), "pt") as handle:
-            for key in handle.keys():
-                shape = handle.get_slice(key).get_shape()
-                numel += int(torch.Size(shape).numel())
-    return 4 * numel
+    stored = _stored_tensors(resolve_model(spec))
+    return None if stored is None else 4 * sum(math.prod(shape) for shape, _ in stored)
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
