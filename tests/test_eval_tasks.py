@@ -284,6 +284,18 @@ def test_the_vocabulary_projection_gets_contiguous_inputs_only_while_scoring(lla
     assert not llama.lm_head._forward_pre_hooks
 
 
+def test_the_vocabulary_projection_sees_only_the_positions_whose_logits_are_read(llama):
+    """Right-padded rows of different lengths: the kept span covers padding and context too."""
+    requests = _random_requests(9, 10)
+    assert len({tuple(c + k) for c, k in requests}) == len(requests)  # no two share a row
+    projected = []
+    llama.lm_head.register_forward_hook(lambda _, args, out: projected.append(args[0].shape[:-1].numel()))
+    scores = zeroshot.loglikelihoods(llama, requests, batch_size=4)
+    assert sum(projected) == sum(len(k) for _, k in requests)
+    for (ctx, cont), (ll, _) in zip(requests, scores):
+        assert ll == pytest.approx(_reference_ll(llama, ctx + cont, len(cont)), abs=1e-4)
+
+
 def test_forward_passes_stay_within_the_token_budget(llama):
     shapes = []
     llama.register_forward_pre_hook(lambda _, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),

@@ -321,29 +321,44 @@ def _cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+@dataclass
+class HeadSelection:
+    """The (row, position) pairs of the output projection's input whose logits are read."""
+
+    rows: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+
 @contextmanager
-def contiguous_head_input(model: nn.Module) -> Iterator[None]:
-    """Hand the output projection a contiguous input while the block runs.
+def head_input(model: nn.Module) -> Iterator[HeadSelection | None]:
+    """Hand the output projection a contiguous input, only the positions a selection names.
 
     transformers computes only the kept logits by slicing the hidden states
     (`logits_to_keep`); PyTorch runs a linear layer on such a non-contiguous 3-D input as a
     batched matmul over a copy of the weight per row. For SmolLM2's 49152 x 576 vocabulary
     projection in bfloat16 on our CPU (PyTorch 2.13) that took 1.6 s per 32-row pass instead
-    of 9 ms with the slice made contiguous, a third of all task-scoring time.
+    of 9 ms with the slice made contiguous, a third of all task-scoring time. While the
+    yielded selection is set, the projection receives just those (row, position) pairs as one
+    (1, pairs, hidden) input: the padding and other rows' context tokens that a right-padded
+    kept span also covers then cost no projection, and a pass's logits are pairs x vocab
+    instead of rows x span x vocab. None when the model has no output projection module.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Module):
-        yield
+        yield None
         return
+    selection = HeadSelection()
 
-    def contiguous(module: nn.Module, args: tuple) -> tuple | None:
-        if args and isinstance(args[0], torch.Tensor):
-            return (args[0].contiguous(), *args[1:])
-        return None
+    def select(module: nn.Module, args: tuple) -> tuple | None:
+        if not args or not isinstance(args[0], torch.Tensor):
+            return None
+        if selection.rows is not None:
+            return (args[0][selection.rows, selection.positions].unsqueeze(0), *args[1:])
+        return (args[0].contiguous(), *args[1:])
 
-    handle = head.register_forward_pre_hook(contiguous)
+    handle = head.register_forward_pre_hook(select)
     try:
-        yield
+        yield selection
     finally:
         handle.remove()
 
@@ -389,9 +404,10 @@ def loglikelihoods(
     for group, group_prefix in zip(groups, (prefix, [])):
         if not group:
             continue
-        with contiguous_head_input(model):
+        with head_input(model) as selection:
             scores = _score(model, [requests[i] for i in group], batch_size, max_length, group_prefix,
-                            lambda done, _, offset=offset: progress(offset + done, len(requests)), max_tokens)
+                            lambda done, _, offset=offset: progress(offset + done, len(requests)), max_tokens,
+                            selection)
         for i, score in zip(group, scores):
             results[i] = score
         offset += len(group)
@@ -510,6 +526,7 @@ def _score(
     prefix: list[int],
     progress: ProgressFn,
     max_tokens: int | None,
+    selection: HeadSelection | None = None,
 ) -> list[tuple[float, bool]]:
     """`loglikelihoods` for requests that all extend `prefix` untruncated, or any requests when it is empty.
 
@@ -561,8 +578,6 @@ def _score(
                            "position_ids": (start[:, None] + torch.arange(width)).to(device)})
         else:
             kwargs["use_cache"] = False
-        logits = model(input_ids=ids.to(device), attention_mask=torch.cat([past_mask[index], mask], 1).to(device),
-                       **kwargs).logits[:, -keep:]
         # Normalise only the positions some target is read from, each once: rows are
         # right-padded, so the kept span also covers padding and other rows' context tokens,
         # and MMLU's four letters read one position of one row.
@@ -576,10 +591,20 @@ def _score(
                 requests_read.append((request, len(target_ids)))
                 read_slots += [slots.setdefault((row, pos), len(slots)) for pos in range(end - len(target_ids), end)]
                 read_ids += target_ids
-        where = torch.tensor(list(slots), device=logits.device)
-        slot_logits = logits[where[:, 0], where[:, 1]].float()
-        read_slots_t = torch.tensor(read_slots, device=logits.device)
-        read_ids_t = torch.tensor(read_ids, device=logits.device)
+        where = torch.tensor(list(slots), device=device)
+        inputs = {"input_ids": ids.to(device), "attention_mask": torch.cat([past_mask[index], mask], 1).to(device)}
+        if selection is not None:
+            # The projection sees the kept span, or every position when the model keeps all.
+            selection.rows, selection.positions = where[:, 0], where[:, 1] + (0 if keep_arg else width - keep)
+            try:
+                slot_logits = model(**inputs, **kwargs).logits[0].float()
+            finally:
+                selection.rows = selection.positions = None
+        else:
+            logits = model(**inputs, **kwargs).logits[:, -keep:]
+            slot_logits = logits[where[:, 0], where[:, 1]].float()
+        read_slots_t = torch.tensor(read_slots, device=slot_logits.device)
+        read_ids_t = torch.tensor(read_ids, device=slot_logits.device)
         token_logprobs = (slot_logits[read_slots_t, read_ids_t]
                           - torch.logsumexp(slot_logits, dim=-1)[read_slots_t]).tolist()
         token_greedy = (slot_logits.argmax(-1)[read_slots_t] == read_ids_t).tolist()
