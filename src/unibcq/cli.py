@@ -260,8 +260,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from unibcq.methods import CALIBRATED, quantize_model
     from unibcq.models import load_model, load_tokenizer, resolve_model
 
+    from unibcq.memory import MemoryCap, MemoryCapExceeded
     from unibcq.methods.presets import apply_preset, preset_values
     from unibcq.methods.run_state import state_dir_for
+    from unibcq.methods.streaming import parse_memory
 
     binary = args.method == "dyngroup"
     preset = preset_values(args.preset, {
@@ -302,9 +304,14 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     windows = (calibration_windows(tokenizer, args.calib, config.calib_samples, config.calib_seq_len, args.seed,
                                    args.data_dir) if calibrated else None)
     state_dir = state_dir_for(out) if calibrated else None
-    records = quantize_model(model, config, windows, show_progress=not args.no_progress, workers=args.workers,
-                             device=args.device, state_dir=state_dir, resume=args.resume, backend=args.backend,
-                             onload=onload, spill_activations=spill)
+    cap = MemoryCap(parse_memory(args.max_memory)) if args.max_memory else None
+    try:
+        records = quantize_model(model, config, windows, show_progress=not args.no_progress, workers=args.workers,
+                                 device=args.device, state_dir=state_dir, resume=args.resume, backend=args.backend,
+                                 onload=onload, spill_activations=spill, memory_cap=cap)
+    except MemoryCapExceeded as exc:
+        raise UnibcqError(f"{exc}; the finished blocks are kept in {state_dir}: rerun with --resume and a larger "
+                          "--max-memory, fewer --calib-samples, a shorter --seq-len or --spill-activations") from exc
     seconds = time.perf_counter() - start
     save_checkpoint(model, out, config, _source_spec(args.model), tokenizer, overwrite=args.overwrite,
                     extra={"quantize_seconds": round(seconds, 3)}, dtype=save_dtype)

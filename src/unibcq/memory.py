@@ -16,7 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from unibcq.errors import UnibcqError
+
 _STATM = Path("/proc/self/statm")
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
 _MEMINFO = Path("/proc/meminfo")
 
 
@@ -65,3 +69,52 @@ def available_memory_bytes(device: torch.device) -> int | None:
     except (OSError, IndexError, ValueError):
         pass
     return None
+
+
+def peak_resident_bytes() -> int | None:
+    """This process's peak resident set size (VmHWM: since it started, or since the last
+    `reset_peak_resident`); None where /proc is unavailable."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
+
+
+def reset_peak_resident() -> bool:
+    """Restart the peak at the current resident size (Linux's clear_refs); False if refused."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+class MemoryCapExceeded(UnibcqError):
+    """The process's resident memory passed the budget a `MemoryCap` enforces."""
+
+
+class MemoryCap:
+    """A --max-memory budget enforced while a run goes, not only estimated before it.
+
+    `check` is called after every training step and every quantized layer, and raises once
+    this process's peak resident memory has passed the budget. The peak (VmHWM) also holds
+    what was allocated and freed between two checks, such as a backward pass's activations,
+    so nothing escapes; but it stops the run, it cannot refuse the allocation: the step that
+    crossed the budget has already run. A process that had already passed the budget when
+    the cap was set (a long Python session) is measured from then on instead.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        peak = peak_resident_bytes()
+        if peak is not None and peak > limit_bytes:
+            reset_peak_resident()
+
+    def check(self, where: str) -> None:
+        peak = peak_resident_bytes()
+        if peak is not None and peak > self.limit_bytes:
+            raise MemoryCapExceeded(f"resident memory reached {peak / 2**20:.0f} MiB in {where}, past the "
+                                    f"--max-memory budget of {self.limit_bytes / 2**20:.0f} MiB")

@@ -322,6 +322,36 @@ def test_max_memory_onloads_calibrated_methods_to_the_same_checkpoint(capsys, tm
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+@pytest.mark.parametrize("method,checks_before_block_2", [("gptq", 1 + 2 * 7), ("uniquanf", 1 + 2 * 5)])
+def test_max_memory_is_enforced_while_the_run_goes(capsys, tmp_path, deep_model_dir, corpus_file, monkeypatch,
+                                                   method, checks_before_block_2):
+    """A run whose memory passes the budget mid-way stops with its finished blocks kept, and
+    --resume (with room) finishes it to the checkpoint of a run that never stopped."""
+    import unibcq.memory
+
+    common = ["--method", method, "--bits", "3", "--group-size", "32", "--calib", corpus_file, "--calib-samples", "4",
+              "--seq-len", "16", "--epochs", "1", "--no-progress", "--max-memory", "4GiB"]
+    checks = []
+
+    def peak_in_block_2() -> int:  # the cap's first reading, then one per layer (gptq) or step + block end
+        checks.append(None)
+        return 5 * 2**30 if len(checks) > checks_before_block_2 else 2**30
+
+    monkeypatch.setattr(unibcq.memory, "peak_resident_bytes", peak_in_block_2)
+    code, _, err = run(capsys, "quantize", deep_model_dir, *common, "--out", tmp_path / "q")
+    assert code == 2
+    assert "5120 MiB in " in err and "past the --max-memory budget of 4096 MiB" in err and "--resume" in err
+    assert not (tmp_path / "q").exists()
+    assert json.loads((tmp_path / "q.partial" / "state.json").read_text())["completed"] == 2
+    monkeypatch.undo()
+    code, _, err = run(capsys, "quantize", deep_model_dir, *common, "--out", tmp_path / "q", "--resume")
+    assert code == 0, err
+    code, _, err = run(capsys, "quantize", deep_model_dir, *common, "--out", tmp_path / "whole")
+    assert code == 0, err
+    resumed, whole = load_file(str(tmp_path / "q" / "model.safetensors")), load_file(str(tmp_path / "whole" / "model.safetensors"))
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
 def test_max_memory_spills_activations_when_only_they_do_not_fit(capsys, tmp_path, tiny_model_dir, corpus_file):
     from unibcq.methods.onload import memory_estimate, onload_model
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
+from unibcq.memory import MemoryCap
 from unibcq.methods.per_matrix import LayerRecord, quantize_per_matrix
 from unibcq.methods.reconstruction import reconstruct_blocks
 from unibcq.methods.run_state import SPILL_PREFIX, RunState, run_fingerprint
@@ -32,6 +33,7 @@ def quantize_model(
     backend: str = "local",
     onload: Callable[[int], None] | None = None,
     spill_activations: bool = False,
+    memory_cap: MemoryCap | None = None,
 ) -> list[LayerRecord]:
     """Quantize `model` in place with `config`; calibrated methods need `calibration` (n, L) token ids.
 
@@ -43,6 +45,7 @@ def quantize_model(
     (calibrated methods) reads each block from disk when its turn comes (`methods.onload`);
     `spill_activations` keeps the calibration activations between blocks in files (in a
     temporary folder inside `state_dir`, else in the system's) instead of memory.
+    `memory_cap` (calibrated methods) is checked after every layer and training step.
     """
     config.validate()
     if type(workers) is not int or workers < 1:
@@ -66,9 +69,9 @@ def quantize_model(
                 spill_dir = spill if spill_activations else None
                 if config.method in HESSIAN_METHODS:
                     return quantize_sequential(model, config, calibration, HESSIAN_METHODS[config.method], device,
-                                               show_progress, state, onload, spill_dir)
+                                               show_progress, state, onload, spill_dir, memory_cap)
                 return reconstruct_blocks(model, config, calibration, device, show_progress, state, onload,
-                                          spill_dir)[0]
+                                          spill_dir, memory_cap)[0]
         finally:
             if state is not None:
                 state.close()

@@ -27,6 +27,7 @@ from torch import nn
 
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
+from unibcq.memory import MemoryCap
 from unibcq.methods.per_matrix import LayerRecord
 from unibcq.methods.run_state import RunState
 from unibcq.methods.sequential import BlockInputs, _to, capture_block_inputs, run_block
@@ -115,6 +116,7 @@ def reconstruct_blocks(
     state: RunState | None = None,
     onload: Callable[[int], None] | None = None,
     spill_dir: str | os.PathLike | None = None,
+    memory_cap: MemoryCap | None = None,
 ) -> tuple[list[LayerRecord], list[BlockRecord]]:
     """Quantize every decoder block of `model` in place by block-wise reconstruction.
 
@@ -122,6 +124,7 @@ def reconstruct_blocks(
     finished block is committed to it. `onload(index)` is called before block `index` is
     touched (see `unibcq.methods.onload`), for models whose blocks are read from disk. With
     `spill_dir` the three activation streams live in files there instead of memory.
+    `memory_cap` is checked after every training step and every finished block.
     """
     device = torch.device(device)
     blocks = decoder_blocks(model)
@@ -166,10 +169,13 @@ def reconstruct_blocks(
             initial = block_loss(block, q_in, targets, kwargs, device)
             task = bar.add_task(f"block {index}", total=steps)
             generator = torch.Generator().manual_seed(config.seed * 100_003 + index)
-            iterations = _train_block(
-                block, fakes, q_in, fp_in, targets, kwargs, config, device, generator,
-                lambda loss: bar.update(task, advance=1, description=f"block {index} loss {loss:.3g}"),
-            )
+
+            def on_step(loss: float, task=task, index=index) -> None:
+                bar.update(task, advance=1, description=f"block {index} loss {loss:.3g}")
+                if memory_cap is not None:
+                    memory_cap.check(f"block {index}")
+
+            iterations = _train_block(block, fakes, q_in, fp_in, targets, kwargs, config, device, generator, on_step)
             bar.update(task, visible=False)
             for name, fake in fakes.items():
                 packed = fake.export()
@@ -185,6 +191,8 @@ def reconstruct_blocks(
             q_in = run_block(block, BlockInputs(q_in, block_kwargs), device, spill_dir)
             block.to("cpu")
             block_records.append(BlockRecord(index, initial, final, iterations, time.perf_counter() - start))
+            if memory_cap is not None:
+                memory_cap.check(f"block {index}")
             if state is not None:
                 state.commit_block(model, index, {"quantized": q_in, "full_precision": fp_in},
                                    {"layers": layer_records, "blocks": block_records})

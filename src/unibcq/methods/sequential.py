@@ -24,6 +24,7 @@ from torch import nn
 
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
+from unibcq.memory import MemoryCap
 from unibcq.methods.activations import ActivationStore
 from unibcq.methods.per_matrix import LayerRecord
 from unibcq.methods.run_state import RunState
@@ -136,11 +137,13 @@ def quantize_sequential(
     state: RunState | None = None,
     onload: Callable[[int], None] | None = None,
     spill_dir: str | os.PathLike | None = None,
+    memory_cap: MemoryCap | None = None,
 ) -> list[LayerRecord]:
     """Quantize the decoder blocks in order, each on the outputs of the quantized ones before it.
 
     `onload(index)`, when given, reads block `index` from disk just before it is needed;
-    with `spill_dir` the activations between blocks live in files there instead of memory.
+    with `spill_dir` the activations between blocks live in files there instead of memory;
+    `memory_cap` is checked after every layer.
     """
     device = torch.device(device)
     blocks = decoder_blocks(model)
@@ -178,6 +181,8 @@ def quantize_sequential(
                 set_module(model, name, packed_module(packed, bias).to(device))
                 records.append(LayerRecord(name, config.method, layer_cfg.bits, layer_cfg.group_size, packed.numel,
                                            packed.bits_per_weight, error, seconds))
+                if memory_cap is not None:
+                    memory_cap.check(name)
             inputs = BlockInputs(run_block(block, inputs, device, spill_dir), inputs.kwargs)
             block.to("cpu")
             if state is not None:
