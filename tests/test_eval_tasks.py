@@ -296,6 +296,16 @@ def test_the_vocabulary_projection_sees_only_the_positions_whose_logits_are_read
         assert ll == pytest.approx(_reference_ll(llama, ctx + cont, len(cont)), abs=1e-4)
 
 
+def test_a_head_the_forward_does_not_call_is_not_trusted(llama, monkeypatch):
+    """Wrappers may report an output module their forward never calls: then every kept
+    position is projected as before, and the scores stay exact."""
+    monkeypatch.setattr(llama, "get_output_embeddings", lambda: torch.nn.Linear(4, 4))
+    requests = _random_requests(10, 8) + _multiple_choice_requests(11, 3)
+    scores = zeroshot.loglikelihoods(llama, requests, batch_size=4)
+    for (ctx, cont), (ll, _) in zip(requests, scores):
+        assert ll == pytest.approx(_reference_ll(llama, ctx + cont, len(cont)), abs=1e-4)
+
+
 def test_forward_passes_stay_within_the_token_budget(llama):
     shapes = []
     llama.register_forward_pre_hook(lambda _, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),

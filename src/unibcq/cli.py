@@ -7,6 +7,7 @@ results go to stdout as tables and, with --json, to a JSON file written atomical
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import shutil
 import sys
@@ -454,7 +455,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model, tokenizer, bits, default_ref = _load_for_eval(args.model)
     ref_spec = default_ref if args.kl_ref is None else (None if args.kl_ref.lower() == "none" else args.kl_ref)
     ref_spec = ref_spec if settings.datasets else None  # KL is measured on the perplexity windows only
-    ref_dtype = _reference_dtype(ref_spec) if ref_spec else None
+    ref_dtype = (_reference_dtype(ref_spec, device, _journal_reference_dtype(args, settings, ref_spec))
+                 if ref_spec else None)
     ref_model = load_model(ref_spec, ref_dtype).to(device) if ref_spec else None
     model.to(device)
     journal = _eval_journal(args, settings, ref_spec, ref_dtype)
@@ -484,20 +486,30 @@ def cmd_eval(args: argparse.Namespace) -> None:
 REFERENCE_MEMORY_SHARE = 0.8
 
 
-def _reference_dtype(ref_spec: str) -> torch.dtype:
+def _reference_dtype(ref_spec: str, device: torch.device, earlier: torch.dtype | None = None) -> torch.dtype:
     """float32 when the KL reference fits in memory that way; else the 16-bit dtype it is
     published in (a 7B reference is 27 GB in float32, 13.5 GB as published); else an error
-    before anything loads, rather than a process killed for memory half-way."""
+    before anything loads, rather than a process killed for memory half-way. Memory is the
+    host's, and the GPU's too with --device cuda. `earlier` (the dtype an interrupted run of
+    the same evaluation used) is kept when it fits, so its finished pieces stay valid."""
     from unibcq import memory
     from unibcq.models.loading import declared_dtype, float32_bytes
 
     needed = float32_bytes(ref_spec)
-    available = memory.available_memory_bytes(torch.device("cpu"))
-    if needed is None or available is None or needed <= available * REFERENCE_MEMORY_SHARE:
-        return torch.float32
+    places = [torch.device("cpu")] + ([device] if device.type != "cpu" else [])
+    free = [memory.available_memory_bytes(place) for place in places]
+    available = min((f for f in free if f is not None), default=None)
+    if needed is None or available is None:
+        return earlier or torch.float32
+    room = available * REFERENCE_MEMORY_SHARE
     published = declared_dtype(ref_spec)
+    halved = published != torch.float32 and needed // 2 <= room
+    if earlier is not None and (needed <= room or (earlier == published and halved)):
+        return earlier
+    if needed <= room:
+        return torch.float32
     gib = f"{needed / 2**30:.1f} GiB in float32 and {available / 2**30:.1f} GiB is available"
-    if published != torch.float32 and needed // 2 <= available * REFERENCE_MEMORY_SHARE:
+    if halved:
         print(f"unibcq: the KL reference {ref_spec} needs {gib}; it runs in "
               f"{str(published).removeprefix('torch.')}, as published")
         return published
@@ -505,19 +517,42 @@ def _reference_dtype(ref_spec: str) -> torch.dtype:
                       "alone, or a reference model that fits")
 
 
-def _eval_journal(args: argparse.Namespace, settings: EvalSettings, ref_spec: str | None,
-                  ref_dtype: torch.dtype | None) -> EvalJournal | None:
-    """With --json PATH, finished pieces go to PATH.partial so a killed eval resumes there."""
-    from unibcq.eval.journal import EvalJournal, files_fingerprint
+def _journal_key(args: argparse.Namespace, settings: EvalSettings, ref_spec: str | None,
+                 ref_dtype: torch.dtype | None) -> dict[str, Any]:
+    """What an evaluation's finished pieces depend on (see `EvalJournal`)."""
+    from unibcq.eval.journal import files_fingerprint
 
-    if not args.json:
-        return None
     key = settings.journal_key() | {
         "model": _source_spec(args.model), "model_files": files_fingerprint(args.model),
         "kl_ref": ref_spec and _source_spec(ref_spec), "kl_ref_files": ref_spec and files_fingerprint(ref_spec)}
     if ref_dtype not in (None, torch.float32):  # a float32 reference keeps the key journals always had
         key["kl_ref_dtype"] = str(ref_dtype)
-    return EvalJournal(Path(f"{args.json}.partial"), key)
+    return key
+
+
+def _journal_reference_dtype(args: argparse.Namespace, settings: EvalSettings, ref_spec: str) -> torch.dtype | None:
+    """The reference dtype an interrupted run of this same evaluation used, if one left a journal."""
+    from unibcq.eval.journal import EvalJournal
+
+    if not args.json:
+        return None
+    stored = EvalJournal.stored_protocol(Path(f"{args.json}.partial"))
+    if stored is None:
+        return None
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if stored == json.loads(json.dumps(_journal_key(args, settings, ref_spec, dtype), default=str)):
+            return dtype
+    return None
+
+
+def _eval_journal(args: argparse.Namespace, settings: EvalSettings, ref_spec: str | None,
+                  ref_dtype: torch.dtype | None) -> EvalJournal | None:
+    """With --json PATH, finished pieces go to PATH.partial so a killed eval resumes there."""
+    from unibcq.eval.journal import EvalJournal
+
+    if not args.json:
+        return None
+    return EvalJournal(Path(f"{args.json}.partial"), _journal_key(args, settings, ref_spec, ref_dtype))
 
 
 def _or_dash(value: Any) -> Any:

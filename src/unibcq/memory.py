@@ -57,18 +57,38 @@ def resident_memory_bytes() -> int | None:
 
 
 
+def _cgroup_room() -> int | None:
+    """Bytes this process's memory cgroup (a container's limit) still allows; None if unlimited."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit, usage = Path(limit_file).read_text().strip(), Path(usage_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and usage.isdigit() and int(limit) < 2**60:  # v1 writes a huge number for "none"
+            return max(int(limit) - int(usage), 0)
+        return None
+    return None
+
+
 def available_memory_bytes(device: torch.device) -> int | None:
-    """Memory that can still be allocated on `device`: free GPU memory, or the kernel's
-    MemAvailable estimate (free plus reclaimable page cache) on a CPU; None if unknown."""
+    """Memory that can still be allocated on `device`: free GPU memory, or on a CPU the
+    kernel's MemAvailable estimate (free plus reclaimable page cache), lowered to what a
+    container's memory limit still allows; None if unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    available = None
     try:
         for line in _MEMINFO.read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                available = int(line.split()[1]) * 1024
     except (OSError, IndexError, ValueError):
         pass
-    return None
+    room = _cgroup_room()
+    if room is None:
+        return available
+    return room if available is None else min(available, room)
 
 
 def peak_resident_bytes() -> int | None:

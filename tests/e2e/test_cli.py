@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from unibcq.cli import main
+from unibcq.errors import UnibcqError
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -136,6 +137,41 @@ def test_kl_reference_too_big_for_float32_runs_as_published_or_is_refused(capsys
     assert code == 2 and "--kl-ref none" in err and not (tmp_path / "none.json").exists()
     code, _, err = run(capsys, *evaluate, "--kl-ref", "none", "--json", tmp_path / "ppl.json")
     assert code == 0, err
+
+
+def test_reference_dtype_follows_an_interrupted_run_and_the_gpu(tmp_path, tiny_model_dir, monkeypatch):
+    """A resumed eval keeps the reference dtype its journal was measured with while it fits,
+    and with --device cuda the GPU's free memory counts too."""
+    import unibcq.memory
+    from unibcq.cli import _reference_dtype
+    from unibcq.models.loading import float32_bytes
+
+    source = tmp_path / "bf16-llama"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(source)
+    needed = float32_bytes(str(source))
+    memory = {"cpu": 100 * needed, "cuda": 100 * needed}
+    monkeypatch.setattr(unibcq.memory, "available_memory_bytes", lambda device: memory[device.type])
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _reference_dtype(str(source), cpu) == torch.float32
+    assert _reference_dtype(str(source), cpu, earlier=torch.bfloat16) == torch.bfloat16
+    memory["cuda"] = needed
+    assert _reference_dtype(str(source), cpu) == torch.float32
+    assert _reference_dtype(str(source), cuda) == torch.bfloat16
+    assert _reference_dtype(str(source), cuda, earlier=torch.float32) == torch.bfloat16  # no longer fits
+    memory["cuda"] = needed // 4
+    with pytest.raises(UnibcqError, match="--kl-ref none"):
+        _reference_dtype(str(source), cuda)
+
+
+def test_reference_size_reads_the_index_not_every_file(tmp_path, tiny_model_dir):
+    from unibcq.models.loading import float32_bytes
+
+    single = float32_bytes(str(tiny_model_dir))
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(sharded, max_shard_size="60KB")
+    shutil.copy(tiny_model_dir / "model.safetensors", sharded / "consolidated.safetensors")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert float32_bytes(str(sharded)) == single
 
 
 @pytest.mark.parametrize("value", ["float64", "int8"])

@@ -57,6 +57,15 @@ class EvalJournal:
         if self.reused:
             print(f"unibcq: resuming from {self.path} ({self.summary()} already measured)", file=sys.stderr)
 
+    @staticmethod
+    def stored_protocol(path: str | Path) -> dict[str, Any] | None:
+        """The protocol a journal file at `path` was written under, without taking its pieces."""
+        try:
+            stored = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return None
+        return stored.get("protocol") if isinstance(stored, dict) else None
+
     def _read(self) -> dict[str, Any] | None:
         try:
             stored = json.loads(self.path.read_text())

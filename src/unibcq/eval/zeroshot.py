@@ -327,6 +327,7 @@ class HeadSelection:
 
     rows: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    applied: bool = False  # whether the projection really took the selection (it may not be the head called)
 
 
 @contextmanager
@@ -353,7 +354,10 @@ def head_input(model: nn.Module) -> Iterator[HeadSelection | None]:
         if not args or not isinstance(args[0], torch.Tensor):
             return None
         if selection.rows is not None:
-            return (args[0][selection.rows, selection.positions].unsqueeze(0), *args[1:])
+            hidden = args[0]
+            selection.applied = True  # indices follow the input: a model split over devices moves it first
+            picked = hidden[selection.rows.to(hidden.device), selection.positions.to(hidden.device)]
+            return (picked.unsqueeze(0), *args[1:])
         return (args[0].contiguous(), *args[1:])
 
     handle = head.register_forward_pre_hook(select)
@@ -596,13 +600,17 @@ def _score(
         if selection is not None:
             # The projection sees the kept span, or every position when the model keeps all.
             selection.rows, selection.positions = where[:, 0], where[:, 1] + (0 if keep_arg else width - keep)
+            selection.applied = False
             try:
-                slot_logits = model(**inputs, **kwargs).logits[0].float()
+                logits = model(**inputs, **kwargs).logits
             finally:
                 selection.rows = selection.positions = None
         else:
-            logits = model(**inputs, **kwargs).logits[:, -keep:]
-            slot_logits = logits[where[:, 0], where[:, 1]].float()
+            logits = model(**inputs, **kwargs).logits
+        if selection is not None and selection.applied:
+            slot_logits = logits[0].float()
+        else:  # every kept position was projected: read the slots from them
+            slot_logits = logits[:, -keep:][where[:, 0], where[:, 1]].float()
         read_slots_t = torch.tensor(read_slots, device=slot_logits.device)
         read_ids_t = torch.tensor(read_ids, device=slot_logits.device)
         token_logprobs = (slot_logits[read_slots_t, read_ids_t]

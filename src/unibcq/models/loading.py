@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -165,12 +166,33 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel
 _FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files a model folder loads from: those its index names when it has one
+    (a folder can also hold, say, a consolidated copy of the same weights), else all of them."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    return sorted(folder.glob("*.safetensors"))
+
+
 def _stored_tensors(source: ModelSource) -> list[tuple[list[int], str]] | None:
     """(shape, safetensors dtype name) of every stored tensor, read from the file headers
-    (nothing is loaded); None where the weights are not local safetensors (a Hub id, .bin)."""
-    if source.kind == "hub":
+    (nothing is loaded); None where the weights are not local safetensors (a Hub id, .bin)
+    or are a quantized checkpoint's packed codes."""
+    if source.kind != "dir":
         return None
-    files = sorted(Path(local_path(source)).glob("*.safetensors"))
+    folder = Path(source.path)
+    try:
+        if "quantization_config" in json.loads((folder / "config.json").read_text()):
+            return None
+    except (OSError, ValueError, TypeError):
+        return None
+    files = _weight_files(folder)
     if not files:
         return None
     found = []
@@ -203,9 +225,15 @@ def declared_dtype(spec: str) -> torch.dtype:
 
 
 def float32_bytes(spec: str) -> int | None:
-    """Bytes the model's weights take in float32, from its safetensors headers (nothing is
-    loaded); None where they cannot be read without loading (a Hub id, .bin weights)."""
-    stored = _stored_tensors(resolve_model(spec))
+    """Bytes the model's weights take in float32, from its safetensors or GGUF headers (nothing
+    is loaded or dequantized); None where they cannot be read without loading (a Hub id,
+    .bin weights, a quantized checkpoint)."""
+    source = resolve_model(spec)
+    if source.kind == "gguf":
+        from gguf import GGUFReader
+
+        return 4 * sum(math.prod(int(d) for d in tensor.shape) for tensor in GGUFReader(source.path).tensors)
+    stored = _stored_tensors(source)
     return None if stored is None else 4 * sum(math.prod(shape) for shape, _ in stored)
 
 

@@ -34,6 +34,9 @@ class PackedLinear(nn.Module):
         self.out_features = out_features
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.dense_cache: torch.Tensor | None = None
+        # Inside `dense_weights`, layers left out of the cache dequantize to this dtype on
+        # every call and compute like the cached ones, so results do not depend on which fit.
+        self.dense_dtype: torch.dtype | None = None
 
     def weight_tensor(self) -> PackedTensor:
         raise NotImplementedError
@@ -50,6 +53,8 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense_cache is not None:
             return F.linear(x, self.dense_cache.to(x.dtype), self.bias)
+        if self.dense_dtype is not None:
+            return F.linear(x, dequantize_weight(self.weight_tensor(), self.dense_dtype).to(x.dtype), self.bias)
         return bcq_linear(x, self.weight_tensor(), self.bias)
 
 
@@ -182,8 +187,9 @@ def dense_weights(model: nn.Module, dtype: torch.dtype = torch.float32,
     dequantize every layer again. The cached weights are the same `dequantize()` result, so
     outputs are identical; only speed and (temporarily) memory change. Layers are cached
     while their dense copies fit in `budget_bytes` (default: half the memory still
-    available where the model is); the rest dequantize on each call as without the cache,
-    so a model whose dense form outgrows memory (a 7B model is 26 GB in float32) still runs.
+    available where the model is); the rest dequantize on each call into the same matmul, so
+    a model whose dense form outgrows memory (a 7B model is 26 GB in float32) still runs, and
+    the results do not depend on how many layers fit.
     """
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     if budget_bytes is None and layers:
@@ -193,12 +199,13 @@ def dense_weights(model: nn.Module, dtype: torch.dtype = torch.float32,
     used = 0
     try:
         for layer in layers:
+            layer.dense_dtype = dtype
             size = layer.in_features * layer.out_features * element
-            if budget_bytes is not None and used + size > budget_bytes:
-                break
-            layer.dense_cache = dequantize_weight(layer.weight_tensor(), dtype)
-            used += size
+            if budget_bytes is None or used + size <= budget_bytes:
+                layer.dense_cache = dequantize_weight(layer.weight_tensor(), dtype)
+                used += size
         yield model
     finally:
         for layer in layers:
             layer.dense_cache = None
+            layer.dense_dtype = None
