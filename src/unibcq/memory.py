@@ -1,10 +1,12 @@
-"""Memory a model really holds, and the process's resident memory.
+"""Memory a model really holds, the process's resident memory, what is still available,
+and the --max-memory budget enforced while a run goes (`MemoryCap`).
 
 `model_memory_bytes` counts what the tensors occupy as stored (a packed BCQ layer's uint8
 planes and fp16 scales, not the dense matrix they stand for), so a 3-bit checkpoint
 reports a fraction of its full-precision model. Process RSS is measured next to it
 because it also shows what the model count cannot: allocator slack, framework overhead,
-and any dense copy a kernel keeps outside the module's parameters and buffers.
+and any dense copy a kernel keeps outside the module's parameters and buffers. Available
+memory sizes what evaluation may cache and decides the precision of a KL reference.
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ def resident_memory_bytes() -> int | None:
     except (OSError, IndexError, ValueError):
         return None
     return resident_pages * os.sysconf("SC_PAGE_SIZE")
-
 
 
 def _cgroup_room() -> int | None:
