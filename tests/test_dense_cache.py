@@ -10,7 +10,7 @@ import unibcq.nn.qlinear as qlinear
 from unibcq.checkpoint import quantized_layers
 from unibcq.eval import evaluate_windows
 from unibcq.eval.tasks import parameters_as
-from unibcq.memory import available_memory_bytes, model_memory_bytes
+from unibcq.memory import available_memory_bytes, cgroup_room, model_memory_bytes
 from unibcq.nn import dense_weights
 
 
@@ -66,3 +66,17 @@ def test_perplexity_without_room_for_the_cache(quantized, monkeypatch):
 def test_available_memory_is_measured_on_this_machine():
     available = available_memory_bytes(torch.device("cpu"))
     assert available is None or available > 0
+
+
+@pytest.mark.parametrize("files,room", [
+    ({"memory.max": "1000\n", "memory.current": "300\n"}, 700),
+    ({"memory.max": "max\n", "memory.current": "300\n"}, None),
+    ({"memory/memory.limit_in_bytes": "1000", "memory/memory.usage_in_bytes": "1200"}, 0),
+    ({"memory/memory.limit_in_bytes": str(2**63 - 4096), "memory/memory.usage_in_bytes": "5"}, None),
+    ({}, None),
+])
+def test_a_containers_memory_limit_bounds_what_is_available(tmp_path, files, room):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_room(tmp_path) == room

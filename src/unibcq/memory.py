@@ -24,6 +24,7 @@ _STATM = Path("/proc/self/statm")
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _MEMINFO = Path("/proc/meminfo")
+_CGROUP = Path("/sys/fs/cgroup")
 
 
 def model_memory_bytes(model: nn.Module) -> int:
@@ -58,16 +59,19 @@ def resident_memory_bytes() -> int | None:
     return resident_pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def _cgroup_room() -> int | None:
-    """Bytes this process's memory cgroup (a container's limit) still allows; None if unlimited."""
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+def cgroup_room(root: Path = _CGROUP) -> int | None:
+    """Bytes this process's memory cgroup (a container's limit) still allows; None if unlimited.
+
+    cgroup v2 names the limit `memory.max` ("max" when there is none); v1 `memory.limit_in_bytes`
+    under `memory/`, with a huge number for none.
+    """
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
         try:
-            limit, usage = Path(limit_file).read_text().strip(), Path(usage_file).read_text().strip()
+            limit, usage = (root / limit_file).read_text().strip(), (root / usage_file).read_text().strip()
         except OSError:
             continue
-        if limit.isdigit() and usage.isdigit() and int(limit) < 2**60:  # v1 writes a huge number for "none"
+        if limit.isdigit() and usage.isdigit() and int(limit) < 2**60:
             return max(int(limit) - int(usage), 0)
         return None
     return None
@@ -86,7 +90,7 @@ def available_memory_bytes(device: torch.device) -> int | None:
                 available = int(line.split()[1]) * 1024
     except (OSError, IndexError, ValueError):
         pass
-    room = _cgroup_room()
+    room = cgroup_room()
     if room is None:
         return available
     return room if available is None else min(available, room)
