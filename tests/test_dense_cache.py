@@ -80,3 +80,18 @@ def test_a_containers_memory_limit_bounds_what_is_available(tmp_path, files, roo
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     assert cgroup_room(tmp_path) == room
+
+
+def test_memory_cap_counts_the_whole_process_unless_told_to_start_now():
+    from unibcq.memory import MemoryCap, MemoryCapExceeded, peak_resident_bytes, reset_peak_resident, \
+        resident_memory_bytes
+
+    if not reset_peak_resident() or peak_resident_bytes() is None:
+        pytest.skip("this kernel does not let a process restart its peak resident size")
+    spike = torch.ones(64 * 2**20)  # 256 MiB, touched, then freed
+    del spike
+    limit = resident_memory_bytes() + 128 * 2**20
+    assert peak_resident_bytes() > limit
+    with pytest.raises(MemoryCapExceeded, match="past the --max-memory budget"):
+        MemoryCap(limit).check("a test")
+    MemoryCap(limit, from_now=True).check("a test")

@@ -307,6 +307,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     state_dir = state_dir_for(out) if calibrated else None
     cap = MemoryCap(parse_memory(args.max_memory)) if args.max_memory else None
     try:
+        if cap is not None:
+            cap.check("loading the model and the calibration text")
         records = quantize_model(model, config, windows, show_progress=not args.no_progress, workers=args.workers,
                                  device=args.device, state_dir=state_dir, resume=args.resume, backend=args.backend,
                                  onload=onload, spill_activations=spill, memory_cap=cap)

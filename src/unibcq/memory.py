@@ -128,14 +128,13 @@ class MemoryCap:
     this process's peak resident memory has passed the budget. The peak (VmHWM) also holds
     what was allocated and freed between two checks, such as a backward pass's activations,
     so nothing escapes; but it stops the run, it cannot refuse the allocation: the step that
-    crossed the budget has already run. A process that had already passed the budget when
-    the cap was set (a long Python session) is measured from then on instead.
+    crossed the budget has already run. The whole process counts, loading included; with
+    `from_now` (a long Python session that did other work first) the peak restarts here.
     """
 
-    def __init__(self, limit_bytes: int) -> None:
+    def __init__(self, limit_bytes: int, from_now: bool = False) -> None:
         self.limit_bytes = limit_bytes
-        peak = peak_resident_bytes()
-        if peak is not None and peak > limit_bytes:
+        if from_now:
             reset_peak_resident()
 
     def check(self, where: str) -> None:
