@@ -162,6 +162,8 @@ def process_row(args: argparse.Namespace, exe: str, row: str, machine: dict[str,
     (time.monotonic()), and one still running then is killed.
     """
     fresh, steps = row_plan(args, exe, row, machine)
+    if steps and deadline is not None and deadline <= time.monotonic():  # touch nothing once out of time
+        return f"{row}: not finished (time budget; {steps[0][0]} and later steps not started)"
     if fresh:
         for path in [*result_paths(args, row).values(), args.out / f"{row}.info.json",
                      args.out / f"{row}.quantize.json"]:

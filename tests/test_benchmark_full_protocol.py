@@ -92,6 +92,10 @@ def test_the_time_budget_stops_a_running_step_and_starts_no_other(tmp_path):
     reason = protocol.process_row(args, _fake_cli(tmp_path, 30), "rtn-w3-g128", HERE, deadline=time.monotonic())
     assert reason == "rtn-w3-g128: not finished (time budget; quantize and later steps not started)"
     assert not (tmp_path / "logs" / "rtn-w3-g128.quantize.log").exists()
+    _touch(tmp_path / "rtn-w2-g128.machine.json", ELSEWHERE)
+    _touch(protocol.result_paths(args, "rtn-w2-g128")["short"])
+    protocol.process_row(args, _fake_cli(tmp_path, 30), "rtn-w2-g128", HERE, deadline=time.monotonic())
+    assert protocol.result_paths(args, "rtn-w2-g128")["short"].is_file()  # out of time: another machine's row stays
 
 
 def test_an_out_folder_holds_one_protocol(tmp_path):
