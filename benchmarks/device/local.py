@@ -14,7 +14,6 @@ reassembled file against the SHA-256 recorded here. See benchmarks/device/README
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -24,6 +23,8 @@ import sys
 import tarfile
 from pathlib import Path
 from typing import Sequence
+
+from remote import sha256  # the same check on both sides
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE = REPO / ".stage"
@@ -38,14 +39,6 @@ def tree_bytes() -> int:
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                             check=True, capture_output=True).stdout.decode().split("\0")
     return sum((REPO / name).stat().st_size for name in listed if name and (REPO / name).is_file())
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_file() -> tuple[str, Path]:
