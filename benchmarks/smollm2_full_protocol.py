@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="first N items of each zero-shot task; 0 = full sets")
     p.add_argument("--mmlu-limit", type=int, default=0, help="first N questions per MMLU subject; 0 = all")
     p.add_argument("--task-dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--batch-size", type=int, default=64, help="scored sequences per forward pass")
+    p.add_argument("--batch-size", type=int,
+                   help="scored sequences per forward pass (default: 64 on a CPU, 256 on a GPU)")
     p.add_argument("--time-budget", type=float, default=0.0,
                    help="seconds: start no step after this and kill the running ones at it (0 = no limit)")
     add_run_options(p)
@@ -92,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
 def row_names(args: argparse.Namespace) -> list[str]:
     """The unquantized row, then method by method in --methods order (the jobs start in this order)."""
     return [FP_ROW, *(f"{m}-w{b}-g{g}" for m in args.methods for b, g in args.configs)]
+
+
+def batch_size(args: argparse.Namespace) -> int:
+    """--batch-size, else by device. A GPU pass holds up to 16384 tokens, but 64 rows of
+    HellaSwag's ~20-token endings fill 1280 of them, so a GPU row makes ~10x the passes it
+    needs; 256 rows keep SmolLM2's read logits under 1 GB (not yet timed on a GPU)."""
+    return args.batch_size or (64 if args.device == "cpu" else 256)
 
 
 def _tag(limit: int) -> str:
@@ -137,7 +145,7 @@ def row_plan(args: argparse.Namespace, exe: str, row: str,
                                        *device, *data]))
         steps.append(("info", [exe, "info", str(checkpoint), "--json", str(info_path)]))
     kl = ["--kl-ref", "none"] if row == FP_ROW else []
-    tasks = ["--ppl", "none", "--task-dtype", args.task_dtype, "--batch-size", str(args.batch_size)]
+    tasks = ["--ppl", "none", "--task-dtype", args.task_dtype, "--batch-size", str(batch_size(args))]
     evals = {
         "short": ["--ppl", "wikitext2", "--seq-len", SHORT[0], "--max-windows", SHORT[1], *kl],
         "full": ["--ppl", "wikitext2", "--seq-len", "2048", *kl],

@@ -115,3 +115,14 @@ def test_the_docs_name_each_machine_with_its_rows():
     assert "H100 80GB HBM3 GPU" in two and ": fp." in two
     assert "no GPU, 2 CPU cores" in two and ": rtn-w3-g128." in two
     assert "not recorded: rtn-w2-g128." in two
+
+
+def test_scoring_passes_are_larger_on_a_gpu_unless_told(tmp_path):
+    def batch(*extra):
+        steps = protocol.row_plan(_args(tmp_path, *extra), "unibcq", "fp", HERE)[1]
+        cmd = dict(steps)["tasks"]
+        return int(cmd[cmd.index("--batch-size") + 1])
+
+    assert batch() == 64
+    assert batch("--device", "cuda") == 256
+    assert batch("--device", "cuda", "--batch-size", "32") == 32

@@ -763,3 +763,12 @@ def test_generation_stops_once_the_completion_holds_a_stop_sequence():
     rows = ["ab#\n\nxxxxxx", "\n\nabcdefghi", "abQuestion:"]
     ids = torch.tensor([[ord(c) for c in row] for row in rows])
     assert stop(ids, None).tolist() == [True, False, True]  # a blank line inside the prompt does not count
+
+
+def test_slot_normalizers_are_chunked_without_changing_a_number():
+    """Scoring normalises read slots a chunk at a time (bounded memory); the figures are the
+    unchunked float32 ones exactly, for a slot count that is not a multiple of the chunk."""
+    logits = (torch.randn(zeroshot.NORMALIZER_ROWS * 2 + 37, 1000) * 4).to(torch.bfloat16)
+    normalizers, argmax = zeroshot._normalizers_and_argmax(logits)
+    assert torch.equal(normalizers, torch.logsumexp(logits.float(), dim=-1))
+    assert torch.equal(argmax, logits.float().argmax(-1))

@@ -60,6 +60,7 @@ TOKENS_PER_PASS = 1024
 CACHE_TOKENS_PER_PASS = 8192
 GPU_PASS_SCALE = 16
 GPU_CACHE_BYTES = 2 * 2**30
+NORMALIZER_ROWS = 256  # slots normalised at a time (float32: 50 MB at a 49k vocabulary)
 
 
 def kv_bytes_per_position(model: nn.Module) -> int:
@@ -522,6 +523,22 @@ def _sliding_window(model: nn.Module) -> int | None:
     return window if isinstance(window, int) and window > 0 and used else None
 
 
+def _normalizers_and_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 logsumexp and the argmax of each row of `logits` (slots x vocabulary), a few rows at a time.
+
+    A pass can read thousands of slots, and a float32 copy of them all (plus logsumexp's
+    temporary) would be several GB beside the pass's own logits; converting a chunk at a
+    time gives the same numbers (the conversion is exact) at a fixed extra cost, and the
+    argmax runs on the converted chunk (on a CPU, bfloat16 argmax is several times slower).
+    """
+    normalizers, argmax = [], []
+    for chunk in logits.split(NORMALIZER_ROWS):
+        chunk = chunk.float()
+        normalizers.append(torch.logsumexp(chunk, dim=-1))
+        argmax.append(chunk.argmax(-1))
+    return torch.cat(normalizers), torch.cat(argmax)
+
+
 def _score(
     model: nn.Module,
     requests: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -608,14 +625,14 @@ def _score(
         else:
             logits = model(**inputs, **kwargs).logits
         if selection is not None and selection.applied:
-            slot_logits = logits[0].float()
+            slot_logits = logits[0]
         else:  # every kept position was projected: read the slots from them
-            slot_logits = logits[:, -keep:][where[:, 0], where[:, 1]].float()
+            slot_logits = logits[:, -keep:][where[:, 0], where[:, 1]]
         read_slots_t = torch.tensor(read_slots, device=slot_logits.device)
         read_ids_t = torch.tensor(read_ids, device=slot_logits.device)
-        token_logprobs = (slot_logits[read_slots_t, read_ids_t]
-                          - torch.logsumexp(slot_logits, dim=-1)[read_slots_t]).tolist()
-        token_greedy = (slot_logits.argmax(-1)[read_slots_t] == read_ids_t).tolist()
+        normalizers, argmax = _normalizers_and_argmax(slot_logits)
+        token_logprobs = (slot_logits[read_slots_t, read_ids_t].float() - normalizers[read_slots_t]).tolist()
+        token_greedy = (argmax[read_slots_t] == read_ids_t).tolist()
         first = 0
         for request, length in requests_read:
             results[request] = (sum(token_logprobs[first: first + length]), all(token_greedy[first: first + length]))
