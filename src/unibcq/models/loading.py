@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -80,10 +81,24 @@ def gguf_cache_dir(source: ModelSource) -> Path:
 
 
 def _cache_gguf(source: ModelSource) -> Path:
-    """Dequantize a GGUF once into an fp32 safetensors directory; return that directory."""
+    """Dequantize a GGUF once into an fp32 safetensors directory; return that directory.
+
+    Processes that start together (parallel benchmark rows, a job array) wait on a lock file
+    beside the cache while the first one builds it, rather than each dequantizing it and
+    replacing the folder while another process reads it.
+    """
     cached = gguf_cache_dir(source)
     if (cached / "config.json").is_file():
         return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{cached}.lock"):
+        if not (cached / "config.json").is_file():
+            _dequantize_gguf(source, cached)
+    return cached
+
+
+def _dequantize_gguf(source: ModelSource, cached: Path) -> None:
+    """Write the GGUF's model, dequantized to fp32, and its tokenizer to `cached` (atomically)."""
     folder, filename = str(Path(source.path).parent), Path(source.path).name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
@@ -98,7 +113,6 @@ def _cache_gguf(source: ModelSource) -> Path:
     with atomic_directory(cached, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return cached
 
 
 def local_path(source: ModelSource) -> str:

@@ -1,0 +1,34 @@
+"""Resolving and caching models: a GGUF is dequantized once, even by processes that start together."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from unibcq.atomic import atomic_directory
+from unibcq.models import loading
+
+
+def test_concurrent_first_loads_dequantize_a_gguf_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIBCQ_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "Tiny.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    source = loading.resolve_model(str(gguf))
+    builds: list[int] = []
+
+    def slow_dequantize(source, cached: Path) -> None:  # stands in for transformers' ~17 s
+        builds.append(1)
+        time.sleep(0.3)
+        with atomic_directory(cached, overwrite=True) as tmp:
+            (tmp / "config.json").write_text("{}")
+
+    monkeypatch.setattr(loading, "_dequantize_gguf", slow_dequantize)
+    found: list[Path] = []
+    threads = [threading.Thread(target=lambda: found.append(loading._cache_gguf(source))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1
+    assert len(found) == 4 and len(set(found)) == 1 and (found[0] / "config.json").is_file()
