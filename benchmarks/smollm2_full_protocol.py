@@ -16,15 +16,19 @@ with --jobs rows at a time (each command limited to --threads CPU threads), and 
 JSONs under the names the other scripts read (ROW.eval-L512-N40.json, ROW.eval-L2048-full.json,
 ROW.tasks-full.json, ROW.mmlu5-full.json). A row whose command fails is reported and the
 others go on. Resumable: finished checkpoints and JSONs are reused, and a killed eval resumes
-from its journal. --time-budget stops the run in time on a lent machine: no step starts
-after it and a running one is killed at it (its row stays unfinished, to be resumed).
+from its journal. --time-budget stops the run in time on a lent machine: a row that starts
+afresh starts only if the budget has its expected duration left (`expected_seconds`), no
+step starts after the budget and a running one is killed at it. A row left unfinished keeps
+its figures; the next run continues it on the same machine if its checkpoint is still
+there, and otherwise quantizes it anew and measures all of it again.
 
 Rows accumulate across machines and sessions: OUT/machine.json fixes the protocol (model,
 task dtype, set limits) for the folder, and OUT/ROW.machine.json records where each row ran.
 Every figure of a row comes from one machine: a row that a different machine (GPU, CPU,
-torch, device) would continue starts over. The JSONs are small and the repository keeps
-them (benchmarks/results/smollm2-full-protocol/, the default --out; checkpoints and logs
-there are ignored by git), so a later session computes only the rows still missing.
+torch, transformers, device) would continue starts over, after the rows never tried. The
+JSONs are small and the repository keeps them (benchmarks/results/smollm2-full-protocol/,
+the default --out; checkpoints and logs there are ignored by git), so a later session
+computes only the rows still missing.
 With --write-docs the section between ``<!-- smollm2-full-protocol:start -->`` and
 ``<!-- smollm2-full-protocol:end -->`` of docs/BENCHMARKS.md is replaced.
 
@@ -43,6 +47,7 @@ import os
 import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -62,6 +67,12 @@ SHORT = ("512", "40")  # the main table's windows: seq_len, count
 MMLU_SHOTS = 5
 PART_NAMES = {"short": "40 x 512", "full": "full test", "tasks": "zero-shot", "mmlu": "MMLU"}
 RESULTS = REPO / "benchmarks" / "results" / "smollm2-full-protocol"
+# Seconds a row started afresh needs with 8 rows sharing an H100: its quantization (the
+# 2026-11-26 run's slowest for uniquanf, flexround and gptq; no more than gptq's for the
+# others) plus its evaluations (243 s there without MMLU, plus about 60 s of MMLU).
+EXPECTED_QUANTIZE_SECONDS = {"uniquanf": 220, "flexround": 100, "gptq": 140, "gptq-bcq": 140,
+                             "bcq-alternating": 140, "rtn": 140}
+EXPECTED_EVAL_SECONDS = 300
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,17 +172,39 @@ def row_plan(args: argparse.Namespace, exe: str, row: str,
     return fresh, steps
 
 
+@dataclass(frozen=True)
+class Unfinished:
+    """A row the run did not finish: `failed` when a command failed, else the time budget stopped it."""
+
+    row: str
+    why: str
+    failed: bool
+
+    def __str__(self) -> str:
+        return f"{self.row}: {self.why}"
+
+
+def expected_seconds(row: str) -> int:
+    """How long a row started afresh takes on the lent GPU (EXPECTED_QUANTIZE_SECONDS)."""
+    method = row.partition("-w")[0]
+    quantize = 0 if row == FP_ROW else EXPECTED_QUANTIZE_SECONDS.get(method, max(EXPECTED_QUANTIZE_SECONDS.values()))
+    return quantize + EXPECTED_EVAL_SECONDS
+
+
 def process_row(args: argparse.Namespace, exe: str, row: str, machine: dict[str, Any],
-                deadline: float | None = None) -> str | None:
+                deadline: float | None = None) -> Unfinished | None:
     """Run a row's remaining steps; None when all succeeded, else why not.
 
     A row that starts over loses its earlier figures first, so no figure of one checkpoint
-    (or machine) is ever reported for another. No step starts after `deadline`
-    (time.monotonic()), and one still running then is killed.
+    (or machine) is ever reported for another; with a `deadline` (time.monotonic()) it
+    starts only if its expected duration is left, so figures are not thrown away for a row
+    that cannot finish. No step starts after `deadline`, and one still running then is killed.
     """
     fresh, steps = row_plan(args, exe, row, machine)
-    if steps and deadline is not None and deadline <= time.monotonic():  # touch nothing once out of time
-        return f"{row}: not finished (time budget; {steps[0][0]} and later steps not started)"
+    left = None if deadline is None else deadline - time.monotonic()
+    if steps and left is not None and (left <= 0 or (fresh and left < expected_seconds(row))):
+        return Unfinished(row, f"not started (time budget: {max(left, 0):.0f} s left, a fresh row expects "
+                               f"{expected_seconds(row)} s)" if fresh else "not started (time budget)", False)
     if fresh:
         for path in [*result_paths(args, row).values(), args.out / f"{row}.info.json",
                      args.out / f"{row}.quantize.json"]:
@@ -180,27 +213,28 @@ def process_row(args: argparse.Namespace, exe: str, row: str, machine: dict[str,
     for step, cmd in steps:
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
-            return f"{row}: not finished (time budget; {step} and later steps not started)"
+            return Unfinished(row, f"not finished (time budget; {step} and later steps not started)", False)
         try:
             run(cmd, args.out / "logs" / f"{row}.{step}.log", timeout=left)
         except OutOfTime:
-            return f"{row}: not finished (time budget; {step} stopped)"
+            return Unfinished(row, f"not finished (time budget; {step} stopped)", False)
         except (SystemExit, OSError) as failure:
-            return f"{row}: {failure}"
+            return Unfinished(row, str(failure), True)
     return None
 
 
 PROTOCOL_KEYS = ("model", "task_dtype", "limit", "mmlu_limit")  # one protocol per folder
-ROW_MACHINE_KEYS = ("gpu", "cpu", "cpu_count", "torch", "device")  # one machine per row
+ROW_MACHINE_KEYS = ("gpu", "cpu", "cpu_count", "torch", "transformers", "device")  # one machine per row
 
 
 def machine_record(args: argparse.Namespace) -> dict[str, Any]:
     """Where and how rows run now: the protocol settings and this machine."""
     import torch
+    import transformers
 
     gpu = torch.cuda.get_device_name(args.device) if args.device != "cpu" and torch.cuda.is_available() else None
     return {"gpu": gpu, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "device": args.device, "model": args.model, "task_dtype": args.task_dtype, "limit": args.limit,
+            "transformers": transformers.__version__, "device": args.device, "model": args.model, "task_dtype": args.task_dtype, "limit": args.limit,
             "mmlu_limit": args.mmlu_limit, "jobs": args.jobs, "threads": args.threads,
             "python": platform.python_version(),
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"), "command": command_line()}
@@ -232,8 +266,9 @@ def claim_out(args: argparse.Namespace) -> None:
     write_json_atomic(path, here)
 
 
-def run_rows(args: argparse.Namespace, rows: Sequence[str]) -> tuple[list[str], float]:
-    """Process every row, --jobs at a time; returns the unfinished rows (why) and the wall time."""
+def run_rows(args: argparse.Namespace, rows: Sequence[str]) -> tuple[list[Unfinished], float]:
+    """Process every row, --jobs at a time, those never tried first (in --methods order);
+    returns the unfinished rows and the wall time."""
     exe = args.unibcq or default_unibcq()
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -242,8 +277,9 @@ def run_rows(args: argparse.Namespace, rows: Sequence[str]) -> tuple[list[str], 
     machine = machine_record(args)
     start = time.perf_counter()
     deadline = time.monotonic() + args.time_budget if args.time_budget > 0 else None
+    ordered = sorted(rows, key=lambda row: row_machine(args, row) is not None)
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        outcomes = list(pool.map(lambda row: process_row(args, exe, row, machine, deadline), rows))
+        outcomes = list(pool.map(lambda row: process_row(args, exe, row, machine, deadline), ordered))
     return [o for o in outcomes if o], time.perf_counter() - start
 
 
@@ -297,7 +333,7 @@ def describe_machine(machine: dict[str, Any]) -> str:
 
 
 def machines_note(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
-    """One line per machine (and run) that made rows, naming its rows; rows of unknown origin last."""
+    """The machine of the rows, or one line per machine (and run) naming its rows, in row order."""
     groups: dict[str, list[str]] = {}
     for row, figures in rows:
         machine = figures["machine"]
@@ -313,10 +349,9 @@ def docs_section(args: argparse.Namespace, command: str | None, rows: Sequence[t
     title = f"SmolLM2-135M-Instruct: every figure of every row ({sets})"
     return section_head(START_MARKER, title, command) + f"""
 
-- **Machine:** {machines_note(rows)} Each checkpoint was quantized on the machine that
-  measured its row (`--device`), so the rows are not the main table's checkpoints: the
-  trained methods land elsewhere run to run, and GPU arithmetic differs from the CPU's in the
-  last bits.
+- **Machine:** each checkpoint was quantized on the machine that measured its row
+  (`--device`), so the rows are not the main table's checkpoints: the trained methods land
+  elsewhere run to run, and GPU arithmetic differs from the CPU's in the last bits. {machines_note(rows)}
 - **Protocol:** WikiText-2 test perplexity on the main table's 40 x 512 windows and on the
   whole test set at 2048 tokens (float32, KL against the unquantized model); the zero-shot
   tasks and MMLU 5-shot as in the task sections above, scored in {args.task_dtype}. ± is one
@@ -340,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"all rows processed in {seconds / 60:.1f} min", flush=True)
     for reason in unfinished:
         print(f"UNFINISHED {reason}", flush=True)
-    failed = any("time budget" not in reason for reason in unfinished)
+    failed = any(reason.failed for reason in unfinished)
     summaries = [(row, s) for row in rows if (s := row_summary(args, row)) is not None]
     if not summaries:
         print("smollm2_full_protocol: no row has results yet", flush=True)

@@ -6,6 +6,8 @@ import io
 import json
 import sys
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,14 @@ def test_the_model_is_reassembled_byte_for_byte_as_the_alias_package(tmp_path):
     model = remote.reassemble_model(stage, manifest, tmp_path / "site")
     assert model == tmp_path / "site" / "llm_fake" / "Model.Q4_1.gguf"
     assert model.read_bytes() == payload and (model.parent / "__init__.py").is_file()
+    stamp = model.stat().st_mtime_ns
+    time.sleep(0.01)
+    assert remote.reassemble_model(stage, manifest, tmp_path / "site").stat().st_mtime_ns == stamp  # a retry keeps it
+
+
+def test_the_protocol_is_pointed_at_its_results_folder_by_results_only():
+    with pytest.raises(SystemExit, match="--results"):
+        remote.protocol(540, remote.RESULTS, ["--out", "/tmp/elsewhere"])
 
 
 def test_a_lost_or_damaged_part_is_refused(tmp_path):
@@ -56,24 +66,66 @@ def _archive(path: Path, members: dict[str, bytes]) -> Path:
 def test_results_are_packed_flat_and_collected_without_escaping(tmp_path):
     results = tmp_path / "results"
     (results / "logs").mkdir(parents=True)
+    (results / "machine.json").write_text("{}")
     (results / "fp.eval-L512-N40.json").write_text(json.dumps({"ppl": {"wikitext2": 29.0}}))
     (results / "logs" / "fp.short.log").write_text("log")
     (results / "fp").mkdir()  # a checkpoint folder stays behind
     archive = remote.pack(results, tmp_path / "out")
     with tarfile.open(archive) as tar:
-        assert sorted(tar.getnames()) == ["fp.eval-L512-N40.json", "logs", "logs/fp.short.log"]
+        assert sorted(tar.getnames()) == ["fp.eval-L512-N40.json", "logs", "logs/fp.short.log", "machine.json"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["results.tar.gz"]
     into = tmp_path / "repo-results"
-    assert local.collect(archive, into) == ["fp.eval-L512-N40.json"]
+    assert local.collect(archive, into) == ["fp.eval-L512-N40.json", "machine.json"]
     assert json.loads((into / "fp.eval-L512-N40.json").read_text())["ppl"]["wikitext2"] == 29.0
 
-    hostile = _archive(tmp_path / "hostile.tar.gz", {"../escape.json": b"{}", "sub/row.json": b"{}",
+    hostile = _archive(tmp_path / "hostile.tar.gz", {"../escape.json": b"{}", "sub/row.json": b"{}", "machine.json": b"{}",
                                                      ".hidden.json": b"{}", "notes.txt": b"x", "ok.json": b"{}"})
-    assert local.collect(hostile, into) == ["ok.json"]
+    assert local.collect(hostile, into) == ["machine.json", "ok.json"]
     assert not (tmp_path / "escape.json").exists()
 
 
-def test_a_torn_result_takes_nothing(tmp_path):
-    torn = _archive(tmp_path / "torn.tar.gz", {"a.json": b"{}", "b.json": b'{"ppl": '})
+def test_collecting_drops_the_figures_the_run_discarded(tmp_path):
+    """A row the lent machine started over lost its old JSONs there; they must not survive here."""
+    into = tmp_path / "repo-results"
+    into.mkdir()
+    for name in ("machine.json", "fp.eval-L512-N40.json", "rtn-w3-g128.eval-L512-N40.json", "rtn-w3-g128.machine.json"):
+        (into / name).write_text("{}")
+    (into / ".gitignore").write_text("*\n")
+    archive = _archive(tmp_path / "run.tar.gz", {"machine.json": b"{}", "fp.eval-L512-N40.json": b"{}",
+                                                 "rtn-w3-g128.machine.json": b'{"gpu": "H100"}'})
+    local.collect(archive, into)
+    assert sorted(p.name for p in into.iterdir()) == [".gitignore", "fp.eval-L512-N40.json", "machine.json",
+                                                      "rtn-w3-g128.machine.json"]
+    assert json.loads((into / "rtn-w3-g128.machine.json").read_text()) == {"gpu": "H100"}
+
+
+def test_a_torn_or_foreign_archive_takes_nothing(tmp_path):
+    into = tmp_path / "into"
+    into.mkdir()
+    (into / "kept.json").write_text("{}")
+    torn = _archive(tmp_path / "torn.tar.gz", {"machine.json": b"{}", "a.json": b"{}", "b.json": b'{"ppl": '})
     with pytest.raises(SystemExit, match="b.json .* not JSON"):
-        local.collect(torn, tmp_path / "into")
-    assert not (tmp_path / "into" / "a.json").exists()
+        local.collect(torn, into)
+    foreign = _archive(tmp_path / "foreign.tar.gz", {"a.json": b"{}"})
+    with pytest.raises(SystemExit, match="no machine.json"):
+        local.collect(foreign, into)
+    assert sorted(p.name for p in into.iterdir()) == ["kept.json"]
+
+
+def test_the_archive_is_refreshed_while_the_protocol_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(remote, "PACK_EVERY", 0.05)
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "machine.json").write_text("{}")
+    stop = threading.Event()
+    packer = threading.Thread(target=remote.pack_meanwhile, args=(results, tmp_path / "out", stop))
+    packer.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not (tmp_path / "out" / "results.tar.gz").is_file() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        packer.join()
+    with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
+        assert tar.getnames() == ["machine.json"]

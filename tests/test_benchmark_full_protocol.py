@@ -13,8 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import smollm2_full_protocol as protocol  # noqa: E402
 
-HERE = {"gpu": None, "cpu": "cpu-a", "cpu_count": 2, "torch": "2.13.0", "device": "cpu", "jobs": 1, "threads": 1,
-        "date": "2026-11-26"}
+HERE = {"gpu": None, "cpu": "cpu-a", "cpu_count": 2, "torch": "2.13.0", "transformers": "5.0.0", "device": "cpu",
+        "jobs": 1, "threads": 1, "date": "2026-11-26"}
 ELSEWHERE = {**HERE, "gpu": "NVIDIA H100 80GB HBM3", "cpu_count": 16, "device": "cuda", "jobs": 8}
 
 
@@ -32,9 +32,9 @@ def _steps(args, row: str, machine: dict = HERE) -> list[str]:
 
 
 def _fake_cli(tmp_path: Path, seconds: float) -> str:
-    """A stand-in for the unibcq CLI that takes `seconds` per command."""
+    """A stand-in for the unibcq CLI that notes its arguments in calls.txt and takes `seconds`."""
     exe = tmp_path / "fake-unibcq"
-    exe.write_text(f"#!/bin/sh\nsleep {seconds}\n")
+    exe.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls.txt"}\nsleep {seconds}\n')
     exe.chmod(0o755)
     return str(exe)
 
@@ -78,24 +78,46 @@ def test_a_failed_requantization_leaves_no_old_figures_and_records_the_machine(t
     for path in protocol.result_paths(args, "rtn-w3-g128").values():
         _touch(path)
     failure = protocol.process_row(args, str(tmp_path / "no-such-unibcq"), "rtn-w3-g128", HERE)
-    assert failure and failure.startswith("rtn-w3-g128")
+    assert failure and failure.failed and failure.row == "rtn-w3-g128"
     assert not any(p.exists() for p in protocol.result_paths(args, "rtn-w3-g128").values())
     assert json.loads((tmp_path / "rtn-w3-g128.machine.json").read_text()) == HERE
 
 
-def test_the_time_budget_stops_a_running_step_and_starts_no_other(tmp_path):
+def test_the_time_budget_stops_a_running_step_and_starts_no_other(tmp_path, monkeypatch):
+    monkeypatch.setattr(protocol, "EXPECTED_EVAL_SECONDS", 0)
     args = _args(tmp_path)
     start = time.monotonic()
     reason = protocol.process_row(args, _fake_cli(tmp_path, 30), "fp", HERE, deadline=time.monotonic() + 0.5)
     assert time.monotonic() - start < 10
-    assert reason == "fp: not finished (time budget; short stopped)"
-    reason = protocol.process_row(args, _fake_cli(tmp_path, 30), "rtn-w3-g128", HERE, deadline=time.monotonic())
-    assert reason == "rtn-w3-g128: not finished (time budget; quantize and later steps not started)"
-    assert not (tmp_path / "logs" / "rtn-w3-g128.quantize.log").exists()
-    _touch(tmp_path / "rtn-w2-g128.machine.json", ELSEWHERE)
-    _touch(protocol.result_paths(args, "rtn-w2-g128")["short"])
-    protocol.process_row(args, _fake_cli(tmp_path, 30), "rtn-w2-g128", HERE, deadline=time.monotonic())
-    assert protocol.result_paths(args, "rtn-w2-g128")["short"].is_file()  # out of time: another machine's row stays
+    assert reason == protocol.Unfinished("fp", "not finished (time budget; short stopped)", failed=False)
+    reason = protocol.process_row(args, _fake_cli(tmp_path, 30), "fp", HERE, deadline=time.monotonic())
+    assert str(reason) == "fp: not started (time budget)"  # the same machine's row goes on, but not now
+    assert not (tmp_path / "logs" / "fp.full.log").exists()
+
+
+def test_a_fresh_row_starts_only_with_its_expected_time_left(tmp_path):
+    args = _args(tmp_path)
+    _touch(tmp_path / "rtn-w3-g128.machine.json", ELSEWHERE)
+    _touch(protocol.result_paths(args, "rtn-w3-g128")["short"])
+    expected = protocol.expected_seconds("rtn-w3-g128")
+    assert expected > protocol.expected_seconds("fp")
+    reason = protocol.process_row(args, _fake_cli(tmp_path, 0), "rtn-w3-g128", HERE,
+                                  deadline=time.monotonic() + expected - 5)
+    assert not reason.failed and reason.why.startswith("not started (time budget:")
+    assert protocol.result_paths(args, "rtn-w3-g128")["short"].is_file()  # another machine's figures stay
+    assert not (tmp_path / "calls.txt").exists()
+    assert protocol.process_row(args, _fake_cli(tmp_path, 0), "rtn-w3-g128", HERE,
+                                deadline=time.monotonic() + expected + 5) is None
+    assert not protocol.result_paths(args, "rtn-w3-g128")["short"].is_file()  # started over: the fake wrote none
+
+
+def test_rows_never_tried_go_first(tmp_path):
+    _touch(tmp_path / "fp.machine.json", ELSEWHERE)
+    args = _args(tmp_path, "--unibcq", _fake_cli(tmp_path, 0))
+    unfinished, _ = protocol.run_rows(args, protocol.row_names(args))
+    assert unfinished == []
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert calls[0].startswith("quantize smollm2-135m --method rtn") and calls[-1].startswith("eval smollm2-135m")
 
 
 def test_an_out_folder_holds_one_protocol(tmp_path):

