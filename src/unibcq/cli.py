@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(--shape 4096x11008 11008x4096) are left out because reference and bitplane take seconds per "
                     "call there at large batches. --json writes a list with one self-contained entry per "
                     "measurement (keys backend, shape, bits, group_size, batch, seconds, speedup_vs_fp32, gbps, "
-                    "weight_bytes, bandwidth_gbps, threads, note).")
+                    "weight_bytes, bandwidth_gbps, threads, device, note). --device cuda times the same grid on "
+                    "a GPU (the triton backend's home), each timed loop closed by a synchronisation.")
     bk.add_argument("--shape", nargs="+", metavar="OUTxIN", help="weight shapes (default: see above)")
     bk.add_argument("--bits", nargs="+", type=int, help="bit widths (default 2 3 4)")
     bk.add_argument("--group-size", type=int, default=128, help="input columns per group; -1 = per output row")
@@ -188,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--backends", help="comma-separated bcq_matmul backends (default: all but auto; one that raises "
                                          "on this machine is listed once as skipped)")
     bk.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement; the median is reported")
+    bk.add_argument("--device", default="cpu", help="where the weights live and the calls run: cpu, cuda or cuda:N")
     bk.add_argument("--json")
     bk.add_argument("--no-progress", action="store_true")
     return parser
@@ -653,15 +655,16 @@ def _bench_kernels(args: argparse.Namespace) -> None:
 
     shapes = [_parse_shape(s) for s in args.shape] if args.shape else list(kernels.DEFAULT_SHAPES)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+    device = _check_device(args.device)
     entries = kernels.benchmark_kernels(shapes, args.bits or kernels.DEFAULT_BITS,
                                         args.batch or kernels.DEFAULT_BATCHES, args.group_size, backends,
-                                        args.repeats, show_progress=not args.no_progress)
+                                        args.repeats, show_progress=not args.no_progress, device=device)
     order = {shape: i for i, shape in enumerate(dict.fromkeys(tuple(e["shape"]) for e in entries))}
     timed = sorted((e for e in entries if e["seconds"] is not None),
                    key=lambda e: (order[tuple(e["shape"])], e["batch"], e["bits"] or 0))
     bandwidth = entries[0]["bandwidth_gbps"]
     print_table(
-        f"bcq_matmul backends vs dense (threads {entries[0]['threads']}, group {args.group_size}, "
+        f"bcq_matmul backends vs dense ({device.type}, threads {entries[0]['threads']}, group {args.group_size}, "
         f"copy bandwidth {bandwidth:.1f} GB/s)",
         ["shape", "batch", "bits", "backend", "ms", "vs fp32", "GB/s", "% of copy"],
         [("x".join(map(str, e["shape"])), e["batch"], e["bits"] or "-", e["backend"], e["seconds"] * 1e3,

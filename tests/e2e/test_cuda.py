@@ -83,3 +83,15 @@ def test_compare_quantizes_and_evaluates_on_the_gpu(capsys, tmp_path, tiny_model
     assert code == 0, err
     report = (out / "report.md").read_text()
     assert "gptq" in report and torch.cuda.get_device_name() in report
+
+
+def test_bench_kernels_times_the_triton_kernels_on_the_gpu(capsys, tmp_path):
+    out = tmp_path / "k.json"
+    code, stdout, err = run(capsys, "bench", "kernels", "--shape", "256x512", "--bits", "2", "3", "--batch", "1", "16",
+                            "--backends", "reference,triton", "--device", "cuda", "--repeats", "2", "--no-progress",
+                            "--json", out)
+    assert code == 0, err
+    entries = json.loads(out.read_text())
+    assert {e["device"] for e in entries} == {"cuda"} and entries[0]["bandwidth_gbps"] > 100
+    triton = [e for e in entries if e["backend"] == "triton"]
+    assert len(triton) == 4 and all(e["note"] is None and e["seconds"] > 0 for e in triton)

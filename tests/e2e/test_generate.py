@@ -17,7 +17,7 @@ SUMMARY_KEYS = ("text", "token_ids", "new_tokens", "prompt_tokens", "chat", "sec
                 "prefill_seconds", "decode_seconds", "decode_tokens_per_second", "rss_bytes", "model_bytes",
                 "bits_per_weight", "model", "prompt", "max_new_tokens", "temperature", "seed")
 KERNEL_KEYS = ("backend", "shape", "bits", "group_size", "batch", "seconds", "speedup_vs_fp32", "gbps",
-               "weight_bytes", "bandwidth_gbps", "threads", "note")
+               "weight_bytes", "bandwidth_gbps", "threads", "device", "note")
 PROMPT = "w3 w10 w17 w24"
 
 
@@ -146,6 +146,7 @@ def test_bench_kernels_cli(capsys, tmp_path):
     for entry in entries:
         assert set(KERNEL_KEYS) <= set(entry)
         assert entry["shape"] == [64, 128] and entry["batch"] == 1 and entry["bandwidth_gbps"] > 0
+        assert entry["device"] == "cpu"
         if entry["backend"].startswith("dense"):
             assert entry["bits"] is None and entry["group_size"] is None
         else:
@@ -164,7 +165,20 @@ def test_bench_kernels_cli(capsys, tmp_path):
     (["--shape", "64x128", "--bits", "9"], "bits"),
     (["--shape", "64x128", "--backends", "cublas"], "unknown backend"),
     (["--shape", "64x128", "--batch", "0"], "batch"),
+    (["--shape", "64x128", "--device", "tpu"], "--device"),
 ])
 def test_bench_kernels_bad_input(capsys, extra, needle):
     code, _, err = run(capsys, "bench", "kernels", "--no-progress", *extra)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_kernel_timing_waits_for_the_device_after_every_timed_span():
+    """On a GPU a call returns when its kernels are queued; each span must end with a sync."""
+    from unibcq.bench.kernels import time_calls
+
+    events: list[str] = []
+    seconds = time_calls([lambda: events.append("call")], repeats=3, threads=1, sync=lambda: events.append("sync"))
+    assert seconds > 0
+    assert events[0] == "sync"  # nothing queued earlier is counted
+    spans = "".join("c" if e == "call" else "|" for e in events[1:]).split("|")[:-1]
+    assert all(spans) and events[-1] == "sync"  # every span of calls is closed by a sync

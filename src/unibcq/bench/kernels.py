@@ -10,7 +10,9 @@ for fp32 / bf16; activations are not counted) over seconds, next to the machine'
 bandwidth measured once at the start. Calls rotate over enough copies of the weight to
 defeat the caches (see COLD_BYTES), so small matrices are timed as a decode step meets
 them: streamed from memory. A backend that raises on some inputs is reported with a note
-instead of a time.
+instead of a time. On a GPU (`device`) the same grid runs on the GPU's memory: each timed
+loop ends with a synchronisation, so a time is that of the kernels, not of their launches,
+and the copy bandwidth is the GPU's (CPU-only backends are reported as skipped there).
 """
 
 from __future__ import annotations
@@ -60,7 +62,17 @@ def num_copies(weight_bytes: int) -> int:
     return max(1, min(MAX_COPIES, math.ceil(COLD_BYTES / max(weight_bytes, 1))))
 
 
-def time_calls(calls: Sequence[Callable[[], Any]], repeats: int, threads: int) -> float:
+def no_sync() -> None:
+    """A CPU call has finished when it returns."""
+
+
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """What waits for the work queued on `device`: a GPU runs its kernels after they are launched."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else no_sync
+
+
+def time_calls(calls: Sequence[Callable[[], Any]], repeats: int, threads: int,
+               sync: Callable[[], None] = no_sync) -> float:
     """Median seconds per call over `repeats` repeats, cycling through `calls`, on `threads` threads.
 
     `calls` run the same op on different copies of the weight. The warm-up runs each copy
@@ -68,15 +80,18 @@ def time_calls(calls: Sequence[Callable[[], Any]], repeats: int, threads: int) -
     compilation, the bit-plane GEMV's per-tensor fp32 scales, allocator growth. Its fastest call
     sets how many calls one repeat makes. The thread count is set before and after the
     warm-up because a first call can change it: numba's OpenMP pool starts with one thread
-    per core and shares the OpenMP runtime with torch.
+    per core and shares the OpenMP runtime with torch. `sync` waits for queued device work
+    and closes every timed span.
     """
     torch.set_num_threads(threads)
     warm: list[float] = []
     index = 0
+    sync()
     started = time.perf_counter()
     while index < max(len(calls), 2) and (index < 2 or time.perf_counter() - started < WARMUP_SECONDS):
         start = time.perf_counter()
         calls[index % len(calls)]()
+        sync()
         warm.append(time.perf_counter() - start)
         index += 1
     torch.set_num_threads(threads)
@@ -87,20 +102,21 @@ def time_calls(calls: Sequence[Callable[[], Any]], repeats: int, threads: int) -
         for _ in range(loops):
             calls[index % len(calls)]()
             index += 1
+        sync()
         times.append((time.perf_counter() - start) / loops)
     return statistics.median(times)
 
 
-def copy_bandwidth_gbps(repeats: int = 5) -> float:
-    """Memory bandwidth of a large tensor copy, counting bytes read plus bytes written (GB/s).
+def copy_bandwidth_gbps(repeats: int = 5, device: torch.device = torch.device("cpu")) -> float:
+    """Memory bandwidth of a large tensor copy on `device`, counting bytes read plus bytes written (GB/s).
 
     256 MiB is far beyond any cache, so this is what one process with the current threads
-    moves to and from DRAM: the yardstick for a memory-bound GEMV (which only reads, so
-    it may come somewhat above it).
+    moves to and from DRAM (or a GPU to and from its memory): the yardstick for a
+    memory-bound GEMV (which only reads, so it may come somewhat above it).
     """
-    src = torch.ones(BANDWIDTH_BYTES // 4)
+    src = torch.ones(BANDWIDTH_BYTES // 4, device=device)
     dst = torch.empty_like(src)
-    seconds = time_calls([lambda: dst.copy_(src)], repeats, torch.get_num_threads())
+    seconds = time_calls([lambda: dst.copy_(src)], repeats, torch.get_num_threads(), device_sync(device))
     return 2 * BANDWIDTH_BYTES / seconds / 1e9
 
 
@@ -130,14 +146,18 @@ def benchmark_kernels(
     repeats: int = DEFAULT_REPEATS,
     show_progress: bool = True,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> list[dict[str, Any]]:
     """One self-contained entry per measurement (see the module docstring).
 
     Keys: backend, shape [out, in], bits and group_size (None for dense), batch, seconds
     (None when the backend raised; `note` says why), speedup_vs_fp32 (dense fp32 seconds of
     the same shape and batch / seconds), gbps (weight bytes / seconds / 1e9), weight_bytes,
-    bandwidth_gbps (the machine's copy bandwidth, the same in every entry) and threads.
+    bandwidth_gbps (the copy bandwidth of `device`, the same in every entry), threads and
+    device. Weights and inputs are drawn on the CPU, so a seed gives the same grid anywhere.
     """
+    device = torch.device(device)
+    sync = device_sync(device)
     # Repeated values would only repeat measurements (and break the batch-keyed inputs).
     shapes = list(dict.fromkeys(tuple(shape) for shape in shapes))
     bits, batches = list(dict.fromkeys(bits)), list(dict.fromkeys(batches))
@@ -149,28 +169,29 @@ def benchmark_kernels(
     entries: list[dict[str, Any]] = []
     with progress_bar(show_progress) as bar, torch.no_grad():
         task = bar.add_task("kernels: copy bandwidth", total=total)
-        bandwidth = copy_bandwidth_gbps()
+        bandwidth = copy_bandwidth_gbps(device=device)
 
         def measure(backend: str, shape: tuple[int, int], nbits: int | None, batch: int, weight_bytes: int,
                     calls: list[Callable[[], Any]]) -> dict[str, Any]:
             bar.update(task, description=f"kernels: {shape[0]}x{shape[1]} "
                                          f"{'' if nbits is None else f'w{nbits} '}batch {batch} {backend}")
             try:
-                seconds, note = time_calls(calls, repeats, threads), None
+                seconds, note = time_calls(calls, repeats, threads, sync), None
             except (ValueError, RuntimeError, NotImplementedError) as exc:
                 seconds, note = None, f"skipped: {str(exc).splitlines()[0]}"
             bar.update(task, advance=1)
             return {"backend": backend, "shape": list(shape), "bits": nbits,
                     "group_size": None if nbits is None else group_size, "batch": batch, "seconds": seconds,
                     "speedup_vs_fp32": None, "gbps": weight_bytes / seconds / 1e9 if seconds else None,
-                    "weight_bytes": weight_bytes, "bandwidth_gbps": bandwidth, "threads": threads, "note": note}
+                    "weight_bytes": weight_bytes, "bandwidth_gbps": bandwidth, "threads": threads,
+                    "device": str(device), "note": note}
 
         for shape in shapes:
             weight = torch.randn(shape, generator=gen)
-            inputs = {batch: torch.randn(batch, shape[1], generator=gen) for batch in batches}
+            inputs = {batch: torch.randn(batch, shape[1], generator=gen).to(device) for batch in batches}
             rows = []
             for name, dtype in zip(DENSE_BACKENDS, (torch.float32, torch.bfloat16)):
-                first = weight.to(dtype)
+                first = weight.to(device, dtype)
                 nbytes = first.numel() * first.element_size()
                 copies = [first] + [first.clone() for _ in range(num_copies(nbytes) - 1)]
                 for batch, x in inputs.items():
@@ -179,10 +200,11 @@ def benchmark_kernels(
                                         [lambda xd=xd, w=w: F.linear(xd, w) for w in copies]))
             for nbits in bits:
                 packed = quantize_rtn(weight, nbits, group_size)
-                copies = [packed] + [
-                    BCQTensor(packed.planes.clone(), packed.alpha.clone(),
-                              None if packed.offset is None else packed.offset.clone(), packed.shape, group_size)
-                    for _ in range(num_copies(packed.nbytes) - 1)]
+                copies = [
+                    BCQTensor(packed.planes.to(device, copy=True), packed.alpha.to(device, copy=True),
+                              None if packed.offset is None else packed.offset.to(device, copy=True),
+                              packed.shape, group_size)
+                    for _ in range(num_copies(packed.nbytes))]
                 for batch, x in inputs.items():
                     for backend in backends:
                         rows.append(measure(backend, shape, nbits, batch, packed.nbytes, [
