@@ -289,7 +289,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     calibrated = config.method in CALIBRATED
     if args.spill_activations and not calibrated:
         raise UnibcqError(f"--spill-activations is for calibrated methods; {config.method} keeps no activations")
-    _check_device(args.device)
+    if _check_device(args.device).type != "cpu" and not calibrated:
+        print(f"unibcq: note: {config.method} quantizes each matrix on the CPU (--workers N for more cores); "
+              f"--device {args.device} places calibrated methods' blocks", file=sys.stderr)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UnibcqError(f"output {out} already exists; remove it or pass --overwrite")

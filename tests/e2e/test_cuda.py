@@ -59,6 +59,13 @@ def test_calibrated_methods_quantize_on_the_gpu_as_on_the_cpu(capsys, tmp_path, 
     assert math.isfinite(gpu) and gpu == pytest.approx(cpu, rel=0.05)  # same algorithm, other rounding
 
 
+def test_per_matrix_methods_say_they_run_on_the_cpu(capsys, tmp_path, tiny_model_dir):
+    code, _, err = run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--bits", "3", "--group-size", "32",
+                       "--device", "cuda", "--out", tmp_path / "rtn", "--no-progress")
+    assert code == 0, err
+    assert "rtn quantizes each matrix on the CPU" in err
+
+
 def test_eval_on_the_gpu_matches_the_cpu(capsys, tmp_path, tiny_model_dir, corpus_file):
     data_dir = _write_tasks(tmp_path / "data")
     out = tmp_path / "rtn"
