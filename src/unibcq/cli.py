@@ -180,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(--shape 4096x11008 11008x4096) are left out because reference and bitplane take seconds per "
                     "call there at large batches. --json writes a list with one self-contained entry per "
                     "measurement (keys backend, shape, bits, group_size, batch, seconds, speedup_vs_fp32, gbps, "
-                    "weight_bytes, bandwidth_gbps, threads, device, note). --device cuda times the same grid on "
-                    "a GPU (the triton backend's home), each timed loop closed by a synchronisation.")
+                    "weight_bytes, bandwidth_gbps, threads, device, gpu, note). --device cuda times the same "
+                    "grid on a GPU (the triton backend's home), each timed loop closed by a synchronisation; "
+                    "small calls there are launch-bound, as an eager decode step is.")
     bk.add_argument("--shape", nargs="+", metavar="OUTxIN", help="weight shapes (default: see above)")
     bk.add_argument("--bits", nargs="+", type=int, help="bit widths (default 2 3 4)")
     bk.add_argument("--group-size", type=int, default=128, help="input columns per group; -1 = per output row")
@@ -290,7 +291,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if args.spill_activations and not calibrated:
         raise UnibcqError(f"--spill-activations is for calibrated methods; {config.method} keeps no activations")
     if _check_device(args.device).type != "cpu" and not calibrated:
-        print(f"unibcq: note: {config.method} quantizes each matrix on the CPU (--workers N for more cores); "
+        more = "" if args.max_memory is not None else " (--workers N for more cores)"
+        print(f"unibcq: note: {config.method} quantizes each matrix on the CPU{more}; "
               f"--device {args.device} places calibrated methods' blocks", file=sys.stderr)
     out = Path(args.out)
     if out.exists() and not args.overwrite:

@@ -471,3 +471,15 @@ def test_sigkilled_run_resumes_to_the_same_checkpoint(capsys, tmp_path, deep_mod
     assert code == 0, err
     resumed, whole = load_file(str(killed_out / "model.safetensors")), load_file(str(tmp_path / "whole" / "model.safetensors"))
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+@pytest.mark.parametrize("extra,hint", [([], True), (["--max-memory", "4GiB"], False)])
+def test_a_per_matrix_method_on_a_gpu_says_it_runs_on_the_cpu(capsys, tmp_path, tiny_model_dir, monkeypatch,
+                                                              extra, hint):
+    """--device names where calibrated blocks run; rtn never moves, and says so (the hint to use
+    --workers is left out where streaming refuses it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # rtn never touches the GPU
+    code, _, err = run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--bits", "3", "--group-size", "32",
+                       "--device", "cuda", "--out", tmp_path / "rtn", "--no-progress", *extra)
+    assert code == 0, err
+    assert "rtn quantizes each matrix on the CPU" in err and ("--workers" in err) == hint

@@ -53,6 +53,7 @@ def test_calibrated_methods_quantize_on_the_gpu_as_on_the_cpu(capsys, tmp_path, 
                            "--calib", corpus_file, "--calib-samples", "4", "--seq-len", "32", "--epochs", "1",
                            "--device", device, "--out", out, "--no-progress")
         assert code == 0, err
+        assert "quantizes each matrix on the CPU" not in err
         assert all(not t.is_cuda for t in load_checkpoint(out).state_dict().values())  # saved from the CPU
         results[device] = _eval_json(capsys, tmp_path, out, corpus_file, "cpu")
     cpu, gpu = results["cpu"]["ppl"][str(corpus_file)], results["cuda"]["ppl"][str(corpus_file)]
@@ -99,6 +100,7 @@ def test_bench_kernels_times_the_triton_kernels_on_the_gpu(capsys, tmp_path):
                             "--json", out)
     assert code == 0, err
     entries = json.loads(out.read_text())
-    assert {e["device"] for e in entries} == {"cuda"} and entries[0]["bandwidth_gbps"] > 100
-    triton = [e for e in entries if e["backend"] == "triton"]
-    assert len(triton) == 4 and all(e["note"] is None and e["seconds"] > 0 for e in triton)
+    assert {e["device"] for e in entries} == {"cuda"} and entries[0]["gpu"]
+    assert 100 < entries[0]["bandwidth_gbps"] < 20_000  # a synchronised GPU copy, not a launch rate
+    assert all(e["note"] is None and e["seconds"] > 0 for e in entries)  # reference and triton both run there
+    assert len([e for e in entries if e["backend"] == "triton"]) == 4

@@ -17,7 +17,7 @@ SUMMARY_KEYS = ("text", "token_ids", "new_tokens", "prompt_tokens", "chat", "sec
                 "prefill_seconds", "decode_seconds", "decode_tokens_per_second", "rss_bytes", "model_bytes",
                 "bits_per_weight", "model", "prompt", "max_new_tokens", "temperature", "seed")
 KERNEL_KEYS = ("backend", "shape", "bits", "group_size", "batch", "seconds", "speedup_vs_fp32", "gbps",
-               "weight_bytes", "bandwidth_gbps", "threads", "device", "note")
+               "weight_bytes", "bandwidth_gbps", "threads", "device", "gpu", "note")
 PROMPT = "w3 w10 w17 w24"
 
 
@@ -146,7 +146,7 @@ def test_bench_kernels_cli(capsys, tmp_path):
     for entry in entries:
         assert set(KERNEL_KEYS) <= set(entry)
         assert entry["shape"] == [64, 128] and entry["batch"] == 1 and entry["bandwidth_gbps"] > 0
-        assert entry["device"] == "cpu"
+        assert entry["device"] == "cpu" and entry["gpu"] is None
         if entry["backend"].startswith("dense"):
             assert entry["bits"] is None and entry["group_size"] is None
         else:
@@ -177,8 +177,22 @@ def test_kernel_timing_waits_for_the_device_after_every_timed_span():
     from unibcq.bench.kernels import time_calls
 
     events: list[str] = []
-    seconds = time_calls([lambda: events.append("call")], repeats=3, threads=1, sync=lambda: events.append("sync"))
+    seconds = time_calls([lambda: events.append("call")], repeats=3, threads=torch.get_num_threads(),
+                         sync=lambda: events.append("sync"))
     assert seconds > 0
-    assert events[0] == "sync"  # nothing queued earlier is counted
+    assert events[:5] == ["sync", "call", "sync", "call", "sync"]  # nothing earlier counted; warm-up calls one by one
     spans = "".join("c" if e == "call" else "|" for e in events[1:]).split("|")[:-1]
     assert all(spans) and events[-1] == "sync"  # every span of calls is closed by a sync
+    assert "".join(spans).count("|") == 0 and len(spans) == events.count("sync") - 1
+
+
+def test_every_measurement_and_the_bandwidth_go_through_the_device_sync(monkeypatch):
+    from unibcq.bench import kernels
+
+    syncs = []
+    monkeypatch.setattr(kernels, "device_sync", lambda device: lambda: syncs.append(device))
+    entries = kernels.benchmark_kernels([(32, 64)], [2], [1], 32, ["reference"], repeats=1, show_progress=False)
+    timed = [e for e in entries if e["seconds"] is not None]
+    assert len(timed) == 3  # dense fp32, dense bf16, reference
+    # one opening sync, at least two warm-up calls and one repeat each: bandwidth plus every measurement
+    assert len(syncs) >= 4 * (1 + len(timed))

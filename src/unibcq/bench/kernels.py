@@ -10,9 +10,12 @@ for fp32 / bf16; activations are not counted) over seconds, next to the machine'
 bandwidth measured once at the start. Calls rotate over enough copies of the weight to
 defeat the caches (see COLD_BYTES), so small matrices are timed as a decode step meets
 them: streamed from memory. A backend that raises on some inputs is reported with a note
-instead of a time. On a GPU (`device`) the same grid runs on the GPU's memory: each timed
-loop ends with a synchronisation, so a time is that of the kernels, not of their launches,
-and the copy bandwidth is the GPU's (CPU-only backends are reported as skipped there).
+instead of a time. On a GPU (`device`) the same grid runs on the GPU's memory, and each
+timed loop ends with a synchronisation, so a time covers the queued calls end to end: for
+small matrices at batch 1 that is the Python dispatch and launch of each call (tens of
+microseconds) rather than the kernel, as in an eager decode step without CUDA graphs. The
+copy bandwidth is then the GPU's, CPU-only backends are reported as skipped, and a CUDA
+error stops the run (it would poison every later measurement).
 """
 
 from __future__ import annotations
@@ -153,11 +156,13 @@ def benchmark_kernels(
     Keys: backend, shape [out, in], bits and group_size (None for dense), batch, seconds
     (None when the backend raised; `note` says why), speedup_vs_fp32 (dense fp32 seconds of
     the same shape and batch / seconds), gbps (weight bytes / seconds / 1e9), weight_bytes,
-    bandwidth_gbps (the copy bandwidth of `device`, the same in every entry), threads and
-    device. Weights and inputs are drawn on the CPU, so a seed gives the same grid anywhere.
+    bandwidth_gbps (the copy bandwidth of `device`, the same in every entry), threads, device
+    and gpu (its name, None on a CPU). Weights and inputs are drawn on the CPU, so a seed
+    gives the same grid anywhere.
     """
     device = torch.device(device)
     sync = device_sync(device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     # Repeated values would only repeat measurements (and break the batch-keyed inputs).
     shapes = list(dict.fromkeys(tuple(shape) for shape in shapes))
     bits, batches = list(dict.fromkeys(bits)), list(dict.fromkeys(batches))
@@ -178,13 +183,15 @@ def benchmark_kernels(
             try:
                 seconds, note = time_calls(calls, repeats, threads, sync), None
             except (ValueError, RuntimeError, NotImplementedError) as exc:
+                if "CUDA error" in str(exc):  # sticky: every later call on this device would fail too
+                    raise
                 seconds, note = None, f"skipped: {str(exc).splitlines()[0]}"
             bar.update(task, advance=1)
             return {"backend": backend, "shape": list(shape), "bits": nbits,
                     "group_size": None if nbits is None else group_size, "batch": batch, "seconds": seconds,
                     "speedup_vs_fp32": None, "gbps": weight_bytes / seconds / 1e9 if seconds else None,
                     "weight_bytes": weight_bytes, "bandwidth_gbps": bandwidth, "threads": threads,
-                    "device": str(device), "note": note}
+                    "device": str(device), "gpu": gpu, "note": note}
 
         for shape in shapes:
             weight = torch.randn(shape, generator=gen)

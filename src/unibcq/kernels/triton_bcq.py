@@ -22,6 +22,8 @@ module is imported), which runs the same kernels on CPU tensors; CI tests them t
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 try:
@@ -138,15 +140,17 @@ def bcq_matmul_triton(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor
     block_k, tile_group = _tile_k(in_features, groups, gs)
     y = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
     common = dict(BITS=bits, HAS_OFFSET=has_offset, TILE_GROUP=tile_group, BLOCK_K=block_k)
-    if rows <= GEMV_MAX_ROWS:
-        block_n = 64
-        grid = (rows, triton.cdiv(out_features, block_n))
-        _gemv_kernel[grid](x, planes, alpha, offset, y, out_features, in_features, row_bytes, groups, gs,
-                           x.stride(0), y.stride(0), BLOCK_N=block_n, **common)
-    else:
-        block_m, block_n = (32, 64) if rows <= 64 else (64, 64)
-        grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n))
-        _gemm_kernel[grid](x, planes, alpha, offset, y, rows, out_features, in_features, row_bytes, groups, gs,
-                           x.stride(0), y.stride(0), IEEE=x.dtype == torch.float32,
-                           BLOCK_M=block_m, BLOCK_N=block_n, **common)
+    # Triton launches on the current CUDA device, not the tensors': make it theirs (cuda:1, ...).
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        if rows <= GEMV_MAX_ROWS:
+            block_n = 64
+            grid = (rows, triton.cdiv(out_features, block_n))
+            _gemv_kernel[grid](x, planes, alpha, offset, y, out_features, in_features, row_bytes, groups, gs,
+                               x.stride(0), y.stride(0), BLOCK_N=block_n, **common)
+        else:
+            block_m, block_n = (32, 64) if rows <= 64 else (64, 64)
+            grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n))
+            _gemm_kernel[grid](x, planes, alpha, offset, y, rows, out_features, in_features, row_bytes, groups, gs,
+                               x.stride(0), y.stride(0), IEEE=x.dtype == torch.float32,
+                               BLOCK_M=block_m, BLOCK_N=block_n, **common)
     return y
