@@ -24,11 +24,10 @@ import tarfile
 from pathlib import Path
 from typing import Sequence
 
-from remote import sha256  # the same check on both sides
+from remote import RESULTS, sha256  # the same folder and check on both sides
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE = REPO / ".stage"
-RESULTS = REPO / "benchmarks" / "results" / "smollm2-full-protocol"
 CALL_LIMIT = 64 * 2**20  # bytes one device call may carry: working tree + carried paths
 MARGIN = 2 * 2**20  # room for results JSONs and files written after staging
 MODEL_ALIAS = "smollm2-135m"
