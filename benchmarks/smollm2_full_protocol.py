@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated methods, slowest first (default: the six of the main table)")
     p.add_argument("--configs", type=parse_configs, default=parse_configs("4:-1,3:128,2:128"),
                    help="comma-separated BITS:GROUP_SIZE; -1 = per output channel (default: 4:-1,3:128,2:128)")
+    p.add_argument("--rows", help="comma-separated rows to run now (e.g. rtn-w3-g128,fp; default: every row); "
+                                  "the table still lists every row of --methods x --configs")
     p.add_argument("--device", default="cpu", help="where quantization and evaluation run: cpu or cuda")
     p.add_argument("--jobs", type=int, default=1, help="rows processed at a time")
     p.add_argument("--threads", type=int, help="CPU threads per command (OMP_NUM_THREADS; default: torch's)")
@@ -104,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
 def row_names(args: argparse.Namespace) -> list[str]:
     """The unquantized row, then method by method in --methods order (the jobs start in this order)."""
     return [FP_ROW, *(f"{m}-w{b}-g{g}" for m in args.methods for b, g in args.configs)]
+
+
+def rows_to_run(args: argparse.Namespace) -> list[str]:
+    """The rows this run processes: --rows, checked against the table's rows, else all of them."""
+    rows = row_names(args)
+    if not args.rows:
+        return rows
+    chosen = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in chosen if r not in rows]
+    if unknown or not chosen:
+        raise SystemExit(f"smollm2_full_protocol: --rows {', '.join(unknown) or '(none)'} not among the rows of "
+                         f"--methods x --configs: {', '.join(rows)}")
+    return chosen
 
 
 def batch_size(args: argparse.Namespace) -> int:
@@ -371,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = row_names(args)
     unfinished: list[str] = []
     if not args.no_run:
-        unfinished, seconds = run_rows(args, rows)
+        unfinished, seconds = run_rows(args, rows_to_run(args))
         print(f"all rows processed in {seconds / 60:.1f} min", flush=True)
     for reason in unfinished:
         print(f"UNFINISHED {reason}", flush=True)

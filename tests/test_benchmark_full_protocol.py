@@ -148,3 +148,12 @@ def test_scoring_passes_are_larger_on_a_gpu_unless_told(tmp_path):
     assert batch() == 64
     assert batch("--device", "cuda") == 256
     assert batch("--device", "cuda", "--batch-size", "32") == 32
+
+
+def test_rows_narrows_what_runs_not_what_the_table_lists(tmp_path):
+    args = _args(tmp_path, "--methods", "rtn,gptq", "--rows", "gptq-w3-g128")
+    assert protocol.rows_to_run(args) == ["gptq-w3-g128"]
+    assert protocol.row_names(args) == ["fp", "rtn-w3-g128", "gptq-w3-g128"]
+    assert protocol.rows_to_run(_args(tmp_path)) == ["fp", "rtn-w3-g128"]
+    with pytest.raises(SystemExit, match="rtn-w4-g-1 not among"):
+        protocol.rows_to_run(_args(tmp_path, "--rows", "rtn-w4-g-1"))

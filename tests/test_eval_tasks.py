@@ -192,6 +192,53 @@ def test_lambada_needs_every_target_token_greedy(tok):
     assert result["ppl"] == pytest.approx(math.exp(-sum(expected) / 3), rel=1e-5)
 
 
+def test_a_task_resumes_part_by_part_with_the_figures_of_an_uninterrupted_run(tok, monkeypatch):
+    monkeypatch.setattr(zeroshot, "TASK_PART_ITEMS", 2)
+    model = bigram((":", "w5", 5.0))
+    docs = [zeroshot.MultipleChoiceDoc.shared(f"Question: w{i}\nAnswer:", ["w5", "w6 w7"], gold)
+            for i, gold in enumerate([0, 1, 0, 0, 1])]
+    committed: dict[str, dict] = {}
+    whole = zeroshot.evaluate_multiple_choice(model, tok, docs, on_part=committed.__setitem__)
+    assert list(committed) == ["0-2", "2-4", "4-5"] and len(committed["4-5"]["outcomes"]) == 1
+    assert all(len(lls) == 2 and all(isinstance(ll, float) for ll in lls)
+               for piece in committed.values() for lls in piece["outcomes"])
+
+    score, calls = zeroshot.loglikelihoods, []
+
+    def dies_in_the_second_part(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == 2:
+            raise _Killed
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(zeroshot, "loglikelihoods", dies_in_the_second_part)
+    finished: dict[str, dict] = {}
+    with pytest.raises(_Killed):
+        zeroshot.evaluate_multiple_choice(model, tok, docs, on_part=finished.__setitem__)
+    assert list(finished) == ["0-2"]
+    stored = json.loads(json.dumps(finished))  # as a journal reads it back
+    calls.clear()
+    monkeypatch.setattr(zeroshot, "loglikelihoods", lambda *a, **k: calls.append(len(a[1])) or score(*a, **k))
+    again: dict[str, dict] = {}
+    assert zeroshot.evaluate_multiple_choice(model, tok, docs, finished=stored, on_part=again.__setitem__) == whole
+    assert calls == [4, 2] and list(again) == ["2-4", "4-5"]  # the first part was not scored again
+    monkeypatch.setattr(zeroshot, "TASK_PART_ITEMS", 3)  # parts of another size are other ranges: none reused
+    calls.clear()
+    zeroshot.evaluate_multiple_choice(model, tok, docs, finished=stored)
+    assert calls == [6, 4]
+
+
+def test_lambada_resumes_part_by_part(tok, monkeypatch):
+    monkeypatch.setattr(zeroshot, "TASK_PART_ITEMS", 2)
+    model = bigram(("w1", "w2", 8.0), ("w2", "w3", 8.0))
+    pairs = [("w0 w1", " w2"), ("w0 w2", " w3"), ("w0 w1", " w4")]
+    committed: dict[str, dict] = {}
+    whole = zeroshot.evaluate_lambada(model, tok, pairs, on_part=committed.__setitem__)
+    assert list(committed) == ["0-2", "2-3"] and committed["0-2"]["outcomes"][0][1] is True
+    stored = json.loads(json.dumps({"0-2": committed["0-2"]}))
+    assert zeroshot.evaluate_lambada(model, tok, pairs, finished=stored) == whole
+
+
 def _reference_ll(model, ids: list[int], n_cont: int) -> float:
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids[:-1]])).logits[0].float()
@@ -680,6 +727,7 @@ def test_cli_eval_killed_half_way_resumes_without_redoing_finished_pieces(capsys
     assert not report_path.exists() and calls == ["ppl", "piqa", "mmlu subject", "mmlu subject"]
     pieces = json.loads(journal.read_text())["pieces"]
     assert set(pieces["task"]) == {"piqa"} and set(pieces["mmlu"]) == {"biology"}
+    assert "part" not in pieces  # a finished task's parts leave the journal with it
 
     calls.clear()
     monkeypatch.setattr(mmlu, "loglikelihoods", lambda *a, **k: calls.append("mmlu subject") or score(*a, **k))

@@ -123,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="quantized checkpoint dir, or any MODEL accepted by quantize")
     e.add_argument("--kl-ref", help="reference model for KL (default: a checkpoint's source model; 'none' skips)")
     _add_eval_flags(e)
-    e.add_argument("--json", help="write every printed figure to this JSON file; finished datasets and tasks "
-                                  "are kept in JSON.partial meanwhile, so a killed eval rerun resumes there")
+    e.add_argument("--json", help="write every printed figure to this JSON file; finished datasets, tasks and parts "
+                                  "of tasks are kept in JSON.partial meanwhile, so a killed eval rerun resumes there")
     e.add_argument("--no-progress", action="store_true")
 
     c = sub.add_parser("compare", help="quantize with several methods and bit widths, evaluate all, write a report")

@@ -1,10 +1,10 @@
 """The on-disk journal that lets a long evaluation resume where it was killed.
 
 A full task set on a CPU takes hours, so every finished piece (one perplexity dataset, one
-task, one MMLU subject) is committed to a small JSON file as soon as it is measured. A rerun
-under the same protocol reuses those pieces instead of measuring them again; a journal
-written under another protocol (other model files, windows, limit, shots, dtype, data...)
-is never mixed in: it is replaced, with a message. The caller removes the journal once the
+task, one MMLU subject, one part of a zero-shot task) is committed to a small JSON file as
+soon as it is measured. A rerun under the same protocol reuses those pieces instead of
+measuring them again; a journal written under another protocol (other model files, windows,
+limit, shots, dtype, data...) is never mixed in: it is replaced, with a message. The caller removes the journal once the
 final result is written. A journal that cannot be written only costs the ability to resume.
 """
 
@@ -14,14 +14,15 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from unibcq.atomic import write_json_atomic
 
 JOURNAL_VERSION = 1
 MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 MODEL_FILE_NAMES = ("config.json",)
-KIND_LABELS = {"ppl": "perplexity dataset(s)", "task": "task(s)", "mmlu": "MMLU subject(s)"}
+KIND_LABELS = {"ppl": "perplexity dataset(s)", "task": "task(s)", "mmlu": "MMLU subject(s)",
+               "part": "task part(s)"}
 
 
 def files_fingerprint(spec: str | Path) -> list[tuple[str, int, int]] | None:
@@ -40,7 +41,7 @@ def files_fingerprint(spec: str | Path) -> list[tuple[str, int, int]] | None:
 
 
 class EvalJournal:
-    """Finished pieces of one evaluation, keyed by kind ("ppl", "task", "mmlu") and name."""
+    """Finished pieces of one evaluation, keyed by kind ("ppl", "task", "mmlu", "part") and name."""
 
     def __init__(self, path: str | Path, protocol: dict[str, Any]) -> None:
         self.path = Path(path)
@@ -88,12 +89,16 @@ class EvalJournal:
         """Every stored piece of `kind`, by name (a copy)."""
         return dict(self.pieces.get(kind, {}))
 
-    def put(self, kind: str, name: str, value: Any) -> None:
-        """Record a finished piece and commit the journal atomically.
+    def put(self, kind: str, name: str, value: Any, supersedes: Sequence[tuple[str, str]] = ()) -> None:
+        """Record a finished piece and commit the journal atomically; the (kind, name) pieces
+        it `supersedes` (the parts of a task now finished) leave the journal in the same write.
 
         A failed write (read-only folder, full disk) is reported once and the evaluation goes
         on without a journal: the result matters more than the ability to resume it.
         """
+        for old_kind, old_name in supersedes:
+            self.pieces.get(old_kind, {}).pop(old_name, None)
+        self.pieces = {k: named for k, named in self.pieces.items() if named}
         self.pieces.setdefault(kind, {})[name] = value
         if not self.writable:
             return

@@ -98,18 +98,28 @@ def resolve_tasks(tasks: Sequence[str], root: Path) -> list[str]:
     return chosen
 
 
+def _finished_parts(journal: EvalJournal | None, name: str) -> dict[str, dict[str, Any]]:
+    """The parts of task `name` an interrupted run finished, by part name (journal kind "part")."""
+    if journal is None:
+        return {}
+    return {part.removeprefix(f"{name}:"): piece for part, piece in journal.finished("part").items()
+            if part.startswith(f"{name}:")}
+
+
 def _run_one(
     name: str, model: nn.Module, tokenizer, root: Path, limit: int | None, mmlu_shots: int, batch_size: int,
     progress: ProgressFn, journal: EvalJournal | None = None,
 ) -> dict[str, Any]:
+    # Long tasks resume part by part (zero-shot) or subject by subject (MMLU, 14k questions).
+    on_part = (lambda part, piece: journal.put("part", f"{name}:{part}", piece)) if journal else None
     if name in MULTIPLE_CHOICE:
         task = MULTIPLE_CHOICE[name]
         return evaluate_multiple_choice(model, tokenizer, task.load(root, limit), task.normalize, batch_size,
-                                        progress=progress)
+                                        progress=progress, finished=_finished_parts(journal, name), on_part=on_part)
     if name == "lambada":
-        return evaluate_lambada(model, tokenizer, load_lambada(root, limit), batch_size, progress=progress)
+        return evaluate_lambada(model, tokenizer, load_lambada(root, limit), batch_size, progress=progress,
+                                finished=_finished_parts(journal, name), on_part=on_part)
     if name == "mmlu":
-        # MMLU is the longest task (14k questions), so it also resumes subject by subject.
         return evaluate_mmlu(model, tokenizer, root, mmlu_shots, limit, batch_size, progress=progress,
                              finished=journal.finished("mmlu") if journal else None,
                              on_subject=(lambda subject, piece: journal.put("mmlu", subject, piece)) if journal else None)
@@ -154,7 +164,8 @@ def run_tasks(
     """Run `tasks` (names or "all") on the first `limit` items of each; see the module docstring.
 
     With a `journal` (an interrupted run's, same settings) its finished tasks are taken as
-    they are, and each task (and each MMLU subject) is committed to it as it completes.
+    they are, and each task (and each MMLU subject and zero-shot part) is committed to it as
+    it completes.
     """
     root, names = check_tasks(tasks, limit, data_dir, mmlu_shots, batch_size)
     torch_dtype = scoring_dtype(dtype)
@@ -170,15 +181,18 @@ def run_tasks(
                 def progress(done: int, total: int, bar_id=bar_id) -> None:
                     bar.update(bar_id, completed=done, total=total)
 
-                # An MMLU resumed mid-way also counts the time its reused subjects took.
+                # A task resumed mid-way also counts the time its reused subjects or parts took.
                 reused = journal.finished("mmlu").values() if journal and name == "mmlu" else ()
+                reused = [*reused, *_finished_parts(journal, name).values()]
                 earlier = sum(piece["seconds"] for piece in reused)
                 start = time.perf_counter()
                 results[name] = _run_one(name, model, tokenizer, root, limit, mmlu_shots, batch_size, progress,
                                          journal)
                 results[name]["seconds"] = time.perf_counter() - start + earlier
                 if journal is not None:
-                    journal.put("task", name, results[name])
+                    parts = [("part", f"{name}:{part}") for part in _finished_parts(journal, name)]
+                    subjects_done = [("mmlu", s) for s in journal.finished("mmlu")] if name == "mmlu" else []
+                    journal.put("task", name, results[name], supersedes=parts + subjects_done)
     results = {name: results[name] for name in names}
     zeroshot = [n for n in names if n in ZEROSHOT_TASKS]
     scores = [results[n]["acc_norm"] if results[n]["acc_norm"] is not None else results[n]["acc"] for n in zeroshot]

@@ -25,6 +25,13 @@ and the continuation tokens are the concatenation's tail after the context's len
 Inputs longer than the model's window are cut from the left. A token's log-probability is
 its logit minus the log-sum-exp of its position (float32), summed per continuation in double
 precision; this equals log-softmax to about 1e-6 per token, so only exact ties can differ.
+
+In bfloat16 (`--task-dtype bfloat16`) a request's score also depends on the batch it shares
+(padding width, which stems run together): on SmolLM2-135M, ARC-Easy's first 600 questions
+scored as one part and as three parts of 200 gave choice log-likelihoods up to 0.57 apart
+and accuracies 3 questions apart, against 5e-5 and none in float32. Tasks are therefore
+always scored in the same fixed parts (`score_in_parts`), so a resumed run reproduces an
+uninterrupted one (at the same batch size) exactly.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import inspect
 import itertools
 import json
 import math
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -655,6 +663,52 @@ def argmax_first(values: Sequence[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
+# Items (questions, passages) per journaled part of a task: HellaSwag on one CPU core takes
+# about 90 min, so a run killed in it loses at most one part (about 8 min), not the task.
+TASK_PART_ITEMS = 1000
+
+# Called as each part of a task completes: (part name "START-STOP", {"outcomes", "seconds"}).
+PartFn = Callable[[str, dict[str, Any]], None]
+
+
+def part_name(start: int, stop: int) -> str:
+    """A part as the journal names it: its item range, so parts of another size never match."""
+    return f"{start}-{stop}"
+
+
+def score_in_parts(
+    items: Sequence[Any],
+    score: Callable[[Sequence[Any], ProgressFn], list[Any]],
+    progress: ProgressFn = no_progress,
+    finished: dict[str, dict[str, Any]] | None = None,
+    on_part: PartFn | None = None,
+    part_items: int | None = None,
+) -> list[Any]:
+    """`score(items, progress)`'s per-item outcomes, scored TASK_PART_ITEMS items at a time.
+
+    Items are always scored in the same fixed parts, resumed or not, so a resumed task gives
+    exactly the figures of an uninterrupted one; the parts in `finished` (JSON-able outcomes,
+    as `on_part` received them) are reused. `progress` counts items.
+    """
+    outcomes: list[Any] = []
+    part_items = part_items or TASK_PART_ITEMS
+    for start in range(0, len(items), part_items):
+        part = items[start: start + part_items]
+        name = part_name(start, start + len(part))
+        stored = (finished or {}).get(name)
+        if stored is not None and len(stored["outcomes"]) == len(part):
+            outcomes.extend(stored["outcomes"])
+        else:
+            began = time.perf_counter()
+            scored = score(part, lambda done, total, start=start, size=len(part):
+                           progress(start + done * size // max(total, 1), len(items)))
+            outcomes.extend(scored)
+            if on_part is not None:
+                on_part(name, {"outcomes": scored, "seconds": time.perf_counter() - began})
+        progress(start + len(part), len(items))
+    return outcomes
+
+
 def evaluate_multiple_choice(
     model: nn.Module,
     tokenizer,
@@ -663,16 +717,25 @@ def evaluate_multiple_choice(
     batch_size: int = 8,
     max_length: int | None = None,
     progress: ProgressFn = no_progress,
+    finished: dict[str, dict[str, Any]] | None = None,
+    on_part: PartFn | None = None,
 ) -> dict[str, Any]:
-    """acc (and acc_norm when `normalize`) with standard errors over `docs`."""
+    """acc (and acc_norm when `normalize`) with standard errors over `docs`.
+
+    Scored in parts (`score_in_parts`); a part's outcomes are each document's choice
+    log-likelihoods, so `finished` parts of an interrupted run are reused as they are.
+    """
     if not docs:
         raise UnibcqError("the task has no questions to score")
-    requests = encode_pairs(tokenizer, [(ctx, " " + choice) for doc in docs
-                                        for ctx, choice in zip(doc.contexts, doc.choices)])
-    scores = iter(loglikelihoods(model, requests, batch_size, max_length, progress))
+
+    def score(part: Sequence[MultipleChoiceDoc], part_progress: ProgressFn) -> list[list[float]]:
+        requests = encode_pairs(tokenizer, [(ctx, " " + choice) for doc in part
+                                            for ctx, choice in zip(doc.contexts, doc.choices)])
+        scores = iter(loglikelihoods(model, requests, batch_size, max_length, part_progress))
+        return [[next(scores)[0] for _ in doc.choices] for doc in part]
+
     correct = correct_norm = 0
-    for doc in docs:
-        lls = [next(scores)[0] for _ in doc.choices]
+    for doc, lls in zip(docs, score_in_parts(docs, score, progress, finished, on_part)):
         correct += argmax_first(lls) == doc.gold
         if normalize:
             per_byte = [ll / max(len(choice.encode("utf-8")), 1) for ll, choice in zip(lls, doc.choices)]
@@ -693,13 +756,21 @@ def evaluate_lambada(
     batch_size: int = 8,
     max_length: int | None = None,
     progress: ProgressFn = no_progress,
+    finished: dict[str, dict[str, Any]] | None = None,
+    on_part: PartFn | None = None,
 ) -> dict[str, Any]:
-    """Last-word accuracy (greedy match of every target token) and target perplexity."""
+    """Last-word accuracy (greedy match of every target token) and target perplexity, scored
+    in parts like `evaluate_multiple_choice` (a part's outcomes: [log-likelihood, greedy])."""
     if not pairs:
         raise UnibcqError("lambada has no passages to score")
-    results = loglikelihoods(model, encode_pairs(tokenizer, pairs), batch_size, max_length, progress)
+
+    def score(part: Sequence[tuple[str, str]], part_progress: ProgressFn) -> list[list[Any]]:
+        return [[ll, greedy] for ll, greedy in loglikelihoods(model, encode_pairs(tokenizer, part), batch_size,
+                                                             max_length, part_progress)]
+
+    results = score_in_parts(pairs, score, progress, finished, on_part)
     n = len(results)
-    acc = sum(greedy for _, greedy in results) / n
+    acc = sum(bool(greedy) for _, greedy in results) / n
     return {
         "acc": acc, "acc_norm": None, "stderr": stderr_of_mean(acc, n), "n": n,
         "ppl": math.exp(-sum(ll for ll, _ in results) / n),
