@@ -343,30 +343,36 @@ def describe_machine(machine: dict[str, Any]) -> str:
     """'one NVIDIA H100 80GB HBM3 GPU, 16 CPU cores (...), torch ..., 8 rows at a time ..., DATE'."""
     where = f"one {machine['gpu']} GPU" if machine.get("gpu") else "no GPU"
     return (f"{where}, {machine['cpu_count']} CPU cores ({machine['cpu']}), torch {machine['torch']}, "
-            f"{machine['jobs']} rows at a time with {machine['threads'] or 'default'} CPU threads each, "
+            f"{machine['jobs']} rows at a time with {machine['threads'] or 'default'} CPU "
+            f"thread{'' if machine['threads'] == 1 else 's'} each, "
             f"{machine['date']}")
 
 
 def machines_note(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
-    """The machine of the rows, or one line per machine (and run) naming its rows, in row order."""
+    """The machine and run command of the rows, or one line per machine and run naming its rows."""
     groups: dict[str, list[str]] = {}
     for row, figures in rows:
         machine = figures["machine"]
-        groups.setdefault(describe_machine(machine) if machine else "not recorded", []).append(row)
+        where = "not recorded" if not machine else describe_machine(machine) + (
+            f"; run as `{machine['command']}`" if machine.get("command") else "")
+        groups.setdefault(where, []).append(row)
     if len(groups) == 1:
         return f"{next(iter(groups))}."
     return "".join(f"\n  - {where}: {', '.join(names)}." for where, names in groups.items())
 
 
-def docs_section(args: argparse.Namespace, command: str | None, rows: Sequence[tuple[str, dict[str, Any]]],
+def docs_section(args: argparse.Namespace, rows: Sequence[tuple[str, dict[str, Any]]],
                  summary: str, per_task: str, missing: Sequence[str]) -> str:
     sets = "full sets" if not args.limit and not args.mmlu_limit else "subsets (--limit / --mmlu-limit)"
     title = f"SmolLM2-135M-Instruct: every figure of every row ({sets})"
-    return section_head(START_MARKER, title, command) + f"""
+    return section_head(START_MARKER, title) + f"""
 
-- **Machine:** each checkpoint was quantized on the machine that measured its row
-  (`--device`), so the rows are not the main table's checkpoints: the trained methods land
-  elsewhere run to run, and GPU arithmetic differs from the CPU's in the last bits. {machines_note(rows)}
+- **Machine:** {machines_note(rows)}
+- **Checkpoints:** each quantized on the machine that measured its row (`--device`), so the
+  rows are not the main table's checkpoints: the trained methods land elsewhere run to run,
+  and GPU arithmetic differs from the CPU's in the last bits. Rows accumulate over runs
+  (`--rows`, `--time-budget`) in `{args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}`;
+  the command above measures whatever is still missing.
 - **Protocol:** WikiText-2 test perplexity on the main table's 40 x 512 windows and on the
   whole test set at 2048 tokens (float32, KL against the unquantized model); the zero-shot
   tasks and MMLU 5-shot as in the task sections above, scored in {args.task_dtype}. ± is one
@@ -405,8 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.write_docs:
         if not (args.out / "machine.json").is_file():
             raise SystemExit(f"smollm2_full_protocol: {args.out} has no machine.json; it was not made by this script")
-        command = json.loads((args.out / "machine.json").read_text()).get("command")
-        write_docs(args.docs, docs_section(args, command, summaries, summary, per_task, missing),
+        write_docs(args.docs, docs_section(args, summaries, summary, per_task, missing),
                    START_MARKER, END_MARKER)
     return 1 if failed else 0
 

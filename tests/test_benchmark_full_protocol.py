@@ -136,6 +136,8 @@ def test_the_docs_name_each_machine_with_its_rows():
                                   ("rtn-w2-g128", {"machine": None})])
     assert "H100 80GB HBM3 GPU" in two and ": fp." in two
     assert "no GPU, 2 CPU cores" in two and ": rtn-w3-g128." in two
+    ran = protocol.machines_note([("rtn-w3-g128", {"machine": {**HERE, "command": "python x.py --rows rtn-w3-g128"}})])
+    assert ran.endswith("run as `python x.py --rows rtn-w3-g128`.")
     assert "not recorded: rtn-w2-g128." in two
 
 
