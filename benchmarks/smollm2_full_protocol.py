@@ -111,9 +111,9 @@ def row_names(args: argparse.Namespace) -> list[str]:
 def rows_to_run(args: argparse.Namespace) -> list[str]:
     """The rows this run processes: --rows, checked against the table's rows, else all of them."""
     rows = row_names(args)
-    if not args.rows:
+    if args.rows is None:
         return rows
-    chosen = [r.strip() for r in args.rows.split(",") if r.strip()]
+    chosen = list(dict.fromkeys(r.strip() for r in args.rows.split(",") if r.strip()))  # one job per row
     unknown = [r for r in chosen if r not in rows]
     if unknown or not chosen:
         raise SystemExit(f"smollm2_full_protocol: --rows {', '.join(unknown) or '(none)'} not among the rows of "

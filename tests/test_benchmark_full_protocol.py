@@ -157,5 +157,8 @@ def test_rows_narrows_what_runs_not_what_the_table_lists(tmp_path):
     assert protocol.rows_to_run(args) == ["gptq-w3-g128"]
     assert protocol.row_names(args) == ["fp", "rtn-w3-g128", "gptq-w3-g128"]
     assert protocol.rows_to_run(_args(tmp_path)) == ["fp", "rtn-w3-g128"]
+    assert protocol.rows_to_run(_args(tmp_path, "--rows", "fp,rtn-w3-g128,fp")) == ["fp", "rtn-w3-g128"]
+    with pytest.raises(SystemExit, match="none"):
+        protocol.rows_to_run(_args(tmp_path, "--rows", ""))
     with pytest.raises(SystemExit, match="rtn-w4-g-1 not among"):
         protocol.rows_to_run(_args(tmp_path, "--rows", "rtn-w4-g-1"))

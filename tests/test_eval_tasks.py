@@ -192,6 +192,11 @@ def test_lambada_needs_every_target_token_greedy(tok):
     assert result["ppl"] == pytest.approx(math.exp(-sum(expected) / 3), rel=1e-5)
 
 
+def _figures(result: dict) -> dict:
+    """A task result without its timing, which differs run to run."""
+    return {k: v for k, v in result.items() if k != "seconds"}
+
+
 def test_a_task_resumes_part_by_part_with_the_figures_of_an_uninterrupted_run(tok, monkeypatch):
     monkeypatch.setattr(zeroshot, "TASK_PART_ITEMS", 2)
     model = bigram((":", "w5", 5.0))
@@ -220,7 +225,9 @@ def test_a_task_resumes_part_by_part_with_the_figures_of_an_uninterrupted_run(to
     calls.clear()
     monkeypatch.setattr(zeroshot, "loglikelihoods", lambda *a, **k: calls.append(len(a[1])) or score(*a, **k))
     again: dict[str, dict] = {}
-    assert zeroshot.evaluate_multiple_choice(model, tok, docs, finished=stored, on_part=again.__setitem__) == whole
+    resumed = zeroshot.evaluate_multiple_choice(model, tok, docs, finished=stored, on_part=again.__setitem__)
+    assert _figures(resumed) == _figures(whole)
+    assert resumed["seconds"] >= stored["0-2"]["seconds"]  # the reused part's time counts
     assert calls == [4, 2] and list(again) == ["2-4", "4-5"]  # the first part was not scored again
     monkeypatch.setattr(zeroshot, "TASK_PART_ITEMS", 3)  # parts of another size are other ranges: none reused
     calls.clear()
@@ -236,7 +243,7 @@ def test_lambada_resumes_part_by_part(tok, monkeypatch):
     whole = zeroshot.evaluate_lambada(model, tok, pairs, on_part=committed.__setitem__)
     assert list(committed) == ["0-2", "2-3"] and committed["0-2"]["outcomes"][0][1] is True
     stored = json.loads(json.dumps({"0-2": committed["0-2"]}))
-    assert zeroshot.evaluate_lambada(model, tok, pairs, finished=stored) == whole
+    assert _figures(zeroshot.evaluate_lambada(model, tok, pairs, finished=stored)) == _figures(whole)
 
 
 def _reference_ll(model, ids: list[int], n_cont: int) -> float:
@@ -498,7 +505,8 @@ def test_mmlu_resumes_subject_by_subject(tok, data_dir, monkeypatch):
     again: dict[str, dict] = {}
     resumed = mmlu.evaluate_mmlu(model, tok, data_dir, shots=1, finished={"biology": committed["biology"]},
                                  on_subject=again.__setitem__)
-    assert scored == [8] and resumed == whole  # only chemistry's 2 questions x 4 letters were scored
+    assert scored == [8] and _figures(resumed) == _figures(whole)  # only chemistry's 2 x 4 letters were scored
+    assert resumed["seconds"] >= committed["biology"]["seconds"]
     assert list(again) == ["chemistry"]  # a reused subject is not committed again
     encoded, encode_batch = [], zeroshot.encode_batch
     monkeypatch.setattr(zeroshot, "encode_batch", lambda t, texts: encoded.extend(texts) or encode_batch(t, texts))
@@ -591,6 +599,38 @@ def test_run_tasks_reports_every_task_and_the_zero_shot_mean(data_dir, tok):
     assert results["mmlu"]["acc"] == pytest.approx(3 / 5) and results["mmlu"]["shots"] == 1
     assert results[MEAN_KEY] == {"mean_acc": results["piqa"]["acc_norm"], "tasks": ["piqa"]}
     assert all(results[name]["seconds"] >= 0 for name in ("piqa", "mmlu"))
+
+
+def test_run_tasks_resumes_a_task_killed_mid_way_from_its_journal(data_dir, tok, tmp_path, monkeypatch):
+    from unibcq.eval.journal import EvalJournal
+
+    monkeypatch.setattr(zeroshot, "TASK_PART_ITEMS", 2)  # PIQA's 4 questions: parts 0-2 and 2-4
+    model = bigram((":", "w5", 5.0), ("w5", "w6", 5.0))
+    whole = run_tasks(model, tok, ["piqa"], None, data_dir, show_progress=False)["piqa"]
+    path = tmp_path / "r.json.partial"
+    score, calls = zeroshot.loglikelihoods, []
+
+    def dies_in_the_second_part(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == 2:
+            raise _Killed
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(zeroshot, "loglikelihoods", dies_in_the_second_part)
+    with pytest.raises(_Killed):
+        run_tasks(model, tok, ["piqa"], None, data_dir, show_progress=False, journal=EvalJournal(path, {"k": 1}))
+    first = json.loads(path.read_text())["pieces"]["part"]["piqa:0-2"]
+    first["seconds"] = 1000.0  # a part that took long, so its share of the resumed time shows
+    stored = json.loads(path.read_text())
+    stored["pieces"]["part"]["piqa:0-2"] = first
+    path.write_text(json.dumps(stored))
+    calls.clear()
+    monkeypatch.setattr(zeroshot, "loglikelihoods", lambda *a, **k: calls.append(len(a[1])) or score(*a, **k))
+    journal = EvalJournal(path, {"k": 1})
+    resumed = run_tasks(model, tok, ["piqa"], None, data_dir, show_progress=False, journal=journal)["piqa"]
+    assert calls == [4] and _figures(resumed) == _figures(whole)  # only the second part was scored
+    assert 1000.0 <= resumed["seconds"] < 1100.0
+    assert set(json.loads(path.read_text())["pieces"]) == {"task"}  # the parts left with the finished task
 
 
 # ----------------------------------------------------------------------------- real data files

@@ -24,7 +24,8 @@ from torch import nn
 
 from unibcq.errors import UnibcqError
 from unibcq.eval.zeroshot import (
-    ProgressFn, argmax_first, data_file, encode, encode_pairs, loglikelihoods, no_progress, stderr_of_mean,
+    ProgressFn, argmax_first, data_file, encode, encode_pairs, loglikelihoods, no_progress,
+    stderr_of_mean,
 )
 
 LETTERS = ("A", "B", "C", "D")
@@ -123,11 +124,13 @@ def evaluate_mmlu(
             plans.append((subject, exemplars, questions))
     total = sum(len(LETTERS) * len(questions) for _, _, questions in plans)
     done = 0
+    began, reused_seconds = time.perf_counter(), 0.0
     for subject, exemplars, questions in plans:
         golds = [LETTERS.index(q.answer) for q in questions]
         stored = (finished or {}).get(subject)
         if stored is not None and len(stored["hits"]) == len(golds):
             per_subject[subject] = list(stored["hits"])
+            reused_seconds += stored["seconds"]
         else:
             start = time.perf_counter()
             # Tokenized only when scored: a resumed run skips the finished subjects' prompts.
@@ -154,4 +157,5 @@ def evaluate_mmlu(
         "acc": acc, "acc_norm": None, "stderr": stderr_of_mean(acc, n), "n": n,
         "acc_macro": sum(subject_acc.values()) / len(subject_acc), "shots": shots,
         "subjects": {s: {"acc": subject_acc[s], "n": len(h)} for s, h in per_subject.items()},
+        "seconds": time.perf_counter() - began + reused_seconds,
     }

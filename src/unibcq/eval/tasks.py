@@ -181,14 +181,11 @@ def run_tasks(
                 def progress(done: int, total: int, bar_id=bar_id) -> None:
                     bar.update(bar_id, completed=done, total=total)
 
-                # A task resumed mid-way also counts the time its reused subjects or parts took.
-                reused = journal.finished("mmlu").values() if journal and name == "mmlu" else ()
-                reused = [*reused, *_finished_parts(journal, name).values()]
-                earlier = sum(piece["seconds"] for piece in reused)
                 start = time.perf_counter()
                 results[name] = _run_one(name, model, tokenizer, root, limit, mmlu_shots, batch_size, progress,
                                          journal)
-                results[name]["seconds"] = time.perf_counter() - start + earlier
+                # Resumable tasks time themselves, counting the time their reused parts took.
+                results[name].setdefault("seconds", time.perf_counter() - start)
                 if journal is not None:
                     parts = [("part", f"{name}:{part}") for part in _finished_parts(journal, name)]
                     subjects_done = [("mmlu", s) for s in journal.finished("mmlu")] if name == "mmlu" else []

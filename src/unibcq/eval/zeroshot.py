@@ -683,14 +683,16 @@ def score_in_parts(
     finished: dict[str, dict[str, Any]] | None = None,
     on_part: PartFn | None = None,
     part_items: int | None = None,
-) -> list[Any]:
-    """`score(items, progress)`'s per-item outcomes, scored TASK_PART_ITEMS items at a time.
+) -> tuple[list[Any], float]:
+    """(`score(items, progress)`'s per-item outcomes, seconds the reused parts took when scored),
+    scored TASK_PART_ITEMS items at a time.
 
     Items are always scored in the same fixed parts, resumed or not, so a resumed task gives
-    exactly the figures of an uninterrupted one; the parts in `finished` (JSON-able outcomes,
-    as `on_part` received them) are reused. `progress` counts items.
+    the figures of an uninterrupted one (at the same batch size); the parts in `finished`
+    (JSON-able outcomes, as `on_part` received them) are reused. `progress` counts items.
     """
     outcomes: list[Any] = []
+    reused_seconds = 0.0
     part_items = part_items or TASK_PART_ITEMS
     for start in range(0, len(items), part_items):
         part = items[start: start + part_items]
@@ -698,6 +700,7 @@ def score_in_parts(
         stored = (finished or {}).get(name)
         if stored is not None and len(stored["outcomes"]) == len(part):
             outcomes.extend(stored["outcomes"])
+            reused_seconds += stored["seconds"]
         else:
             began = time.perf_counter()
             scored = score(part, lambda done, total, start=start, size=len(part):
@@ -706,7 +709,7 @@ def score_in_parts(
             if on_part is not None:
                 on_part(name, {"outcomes": scored, "seconds": time.perf_counter() - began})
         progress(start + len(part), len(items))
-    return outcomes
+    return outcomes, reused_seconds
 
 
 def evaluate_multiple_choice(
@@ -720,13 +723,15 @@ def evaluate_multiple_choice(
     finished: dict[str, dict[str, Any]] | None = None,
     on_part: PartFn | None = None,
 ) -> dict[str, Any]:
-    """acc (and acc_norm when `normalize`) with standard errors over `docs`.
+    """acc (and acc_norm when `normalize`) with standard errors over `docs`, and the seconds
+    scoring took (reused parts count the seconds they took when they were scored).
 
     Scored in parts (`score_in_parts`); a part's outcomes are each document's choice
     log-likelihoods, so `finished` parts of an interrupted run are reused as they are.
     """
     if not docs:
         raise UnibcqError("the task has no questions to score")
+    began = time.perf_counter()
 
     def score(part: Sequence[MultipleChoiceDoc], part_progress: ProgressFn) -> list[list[float]]:
         requests = encode_pairs(tokenizer, [(ctx, " " + choice) for doc in part
@@ -735,7 +740,8 @@ def evaluate_multiple_choice(
         return [[next(scores)[0] for _ in doc.choices] for doc in part]
 
     correct = correct_norm = 0
-    for doc, lls in zip(docs, score_in_parts(docs, score, progress, finished, on_part)):
+    scored, reused_seconds = score_in_parts(docs, score, progress, finished, on_part)
+    for doc, lls in zip(docs, scored):
         correct += argmax_first(lls) == doc.gold
         if normalize:
             per_byte = [ll / max(len(choice.encode("utf-8")), 1) for ll, choice in zip(lls, doc.choices)]
@@ -746,6 +752,7 @@ def evaluate_multiple_choice(
     return {
         "acc": acc, "acc_norm": acc_norm, "stderr": stderr_of_mean(acc, n),
         "acc_norm_stderr": stderr_of_mean(acc_norm, n) if acc_norm is not None else None, "n": n,
+        "seconds": time.perf_counter() - began + reused_seconds,
     }
 
 
@@ -763,15 +770,16 @@ def evaluate_lambada(
     in parts like `evaluate_multiple_choice` (a part's outcomes: [log-likelihood, greedy])."""
     if not pairs:
         raise UnibcqError("lambada has no passages to score")
+    began = time.perf_counter()
 
     def score(part: Sequence[tuple[str, str]], part_progress: ProgressFn) -> list[list[Any]]:
         return [[ll, greedy] for ll, greedy in loglikelihoods(model, encode_pairs(tokenizer, part), batch_size,
                                                              max_length, part_progress)]
 
-    results = score_in_parts(pairs, score, progress, finished, on_part)
+    results, reused_seconds = score_in_parts(pairs, score, progress, finished, on_part)
     n = len(results)
     acc = sum(bool(greedy) for _, greedy in results) / n
     return {
         "acc": acc, "acc_norm": None, "stderr": stderr_of_mean(acc, n), "n": n,
-        "ppl": math.exp(-sum(ll for ll, _ in results) / n),
+        "ppl": math.exp(-sum(ll for ll, _ in results) / n), "seconds": time.perf_counter() - began + reused_seconds,
     }
