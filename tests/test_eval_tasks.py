@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from decimal import Decimal
 from pathlib import Path
 from types import SimpleNamespace
@@ -233,6 +234,21 @@ def test_a_task_resumes_part_by_part_with_the_figures_of_an_uninterrupted_run(to
     calls.clear()
     zeroshot.evaluate_multiple_choice(model, tok, docs, finished=stored)
     assert calls == [6, 4]
+
+
+def test_the_batching_noise_benchmark_compares_the_same_choices_in_order(tok):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import task_batching_noise
+
+    model = bigram((":", "w5", 5.0))
+    docs = [zeroshot.MultipleChoiceDoc.shared(f"Question: w{i}\nAnswer:", ["w5", "w6 w7", "w8"], i % 3)
+            for i in range(5)]
+    whole, result = task_batching_noise.score(model, tok, docs, 5, 8, True)
+    split, _ = task_batching_noise.score(model, tok, docs, 2, 8, True)
+    assert len(whole) == 15 and split == pytest.approx(whole, abs=1e-6)
+    assert whole[:3] == pytest.approx([logp(model, ":", "w5"), logp(model, ":", "w6") + logp(model, "w6", "w7"),
+                                       logp(model, ":", "w8")], abs=1e-5)
+    assert result["n"] == 5 and zeroshot.TASK_PART_ITEMS == 1000  # the module setting is restored
 
 
 def test_lambada_resumes_part_by_part(tok, monkeypatch):
