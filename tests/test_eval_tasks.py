@@ -193,6 +193,17 @@ def test_lambada_needs_every_target_token_greedy(tok):
     assert result["ppl"] == pytest.approx(math.exp(-sum(expected) / 3), rel=1e-5)
 
 
+def _scorer_killed_in_call(n: int, score, calls: list[int]):
+    """`score` (loglikelihoods) that notes each call's request count in `calls` and dies in call `n`."""
+    def scorer(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == n:
+            raise _Killed
+        return score(*args, **kwargs)
+
+    return scorer
+
+
 def _figures(result: dict) -> dict:
     """A task result without its timing, which differs run to run."""
     return {k: v for k, v in result.items() if k != "seconds"}
@@ -210,14 +221,7 @@ def test_a_task_resumes_part_by_part_with_the_figures_of_an_uninterrupted_run(to
                for piece in committed.values() for lls in piece["outcomes"])
 
     score, calls = zeroshot.loglikelihoods, []
-
-    def dies_in_the_second_part(*args, **kwargs):
-        calls.append(len(args[1]))
-        if len(calls) == 2:
-            raise _Killed
-        return score(*args, **kwargs)
-
-    monkeypatch.setattr(zeroshot, "loglikelihoods", dies_in_the_second_part)
+    monkeypatch.setattr(zeroshot, "loglikelihoods", _scorer_killed_in_call(2, score, calls))
     finished: dict[str, dict] = {}
     with pytest.raises(_Killed):
         zeroshot.evaluate_multiple_choice(model, tok, docs, on_part=finished.__setitem__)
@@ -625,14 +629,7 @@ def test_run_tasks_resumes_a_task_killed_mid_way_from_its_journal(data_dir, tok,
     whole = run_tasks(model, tok, ["piqa"], None, data_dir, show_progress=False)["piqa"]
     path = tmp_path / "r.json.partial"
     score, calls = zeroshot.loglikelihoods, []
-
-    def dies_in_the_second_part(*args, **kwargs):
-        calls.append(len(args[1]))
-        if len(calls) == 2:
-            raise _Killed
-        return score(*args, **kwargs)
-
-    monkeypatch.setattr(zeroshot, "loglikelihoods", dies_in_the_second_part)
+    monkeypatch.setattr(zeroshot, "loglikelihoods", _scorer_killed_in_call(2, score, calls))
     with pytest.raises(_Killed):
         run_tasks(model, tok, ["piqa"], None, data_dir, show_progress=False, journal=EvalJournal(path, {"k": 1}))
     first = json.loads(path.read_text())["pieces"]["part"]["piqa:0-2"]
