@@ -32,10 +32,17 @@ computes only the rows still missing.
 With --write-docs the section between ``<!-- smollm2-full-protocol:start -->`` and
 ``<!-- smollm2-full-protocol:end -->`` of docs/BENCHMARKS.md is replaced.
 
-Example (a GPU machine; on a CPU drop --device and expect hours per row; on a lent GPU
-machine, benchmarks/device/README.md stages the model and data and runs this):
+Example (a GPU machine; on a lent GPU machine, benchmarks/device/README.md stages the model
+and data and runs this):
     UNIBCQ_DATA_DIR=/work/shared/datasets .venv/bin/python benchmarks/smollm2_full_protocol.py \\
         --device cuda --jobs 6 --threads 2 --write-docs
+
+On a 2-core CPU a row takes five to six hours on one thread (the full test set with KL about
+58 min, the zero-shot sets and MMLU about 2 h each), so it spans sessions: give each run a --time-budget
+and the rows to work on, e.g. `--rows rtn-w3-g128,bcq-alternating-w3-g128 --jobs 2 --threads 1
+--time-budget 9000`. The checkpoints and the evals' journals (ROW.*.json.partial) stay in the
+folder (git ignores them), so the next run of the same rows on the same machine continues
+where the budget stopped it, losing at most the zero-shot part or MMLU subject in progress.
 """
 
 from __future__ import annotations
