@@ -165,8 +165,8 @@ def test_accuracy_follows_the_models_preference():
     assert result["stderr"] == pytest.approx(math.sqrt(0.75 * 0.25 / 3))
 
 
-def test_acc_norm_divides_by_byte_length_and_can_disagree_with_acc(tok):
-    # Choice 0 is four tokens (11 bytes) with a lower total but a higher per-byte score.
+def test_acc_norm_divides_by_length_and_can_disagree_with_acc(tok):
+    # Choice 0 is four tokens (11 characters) with a lower total but a higher per-character score.
     model = bigram((":", "w8", 3.0), ("w7", "w7", 10.0))
     long_ll = logp(model, ":", "w7") + 3 * logp(model, "w7", "w7")
     short_ll = logp(model, ":", "w8")
@@ -175,6 +175,28 @@ def test_acc_norm_divides_by_byte_length_and_can_disagree_with_acc(tok):
     result = zeroshot.evaluate_multiple_choice(model, tok, docs)
     assert result["acc"] == 0.0 and result["acc_norm"] == 1.0
     assert zeroshot.evaluate_multiple_choice(model, tok, docs, normalize=False)["acc_norm"] is None
+
+
+def test_acc_norm_counts_characters_not_utf8_bytes(tok):
+    # "éééé" is one [UNK] token of 4 characters but 8 bytes: lm-eval's completion_len is 4.
+    model = bigram((":", "w7", 6.8), ("w7", "w7", 10.0), (":", "[UNK]", 7.3))
+    long_ll = logp(model, ":", "w7") + 3 * logp(model, "w7", "w7")
+    accented_ll = logp(model, ":", "[UNK]")
+    assert long_ll / 11 > accented_ll / 4 and accented_ll / 8 > long_ll / 11
+    docs = [zeroshot.MultipleChoiceDoc.shared("Answer:", ["w7 w7 w7 w7", "éééé"], 0)]
+    assert zeroshot.evaluate_multiple_choice(model, tok, docs)["acc_norm"] == 1.0
+
+
+def test_hellaswag_text_goes_through_lm_evals_preprocess(tmp_path):
+    # One pass of "  " -> " ", as lm-eval: the three spaces left around "[step]" become two.
+    assert zeroshot.hellaswag_preprocess(" How to cook [title] Boil water [step]  then  wait. ") == \
+        "How to cook. Boil water  then wait."
+    row = {"activity_label": "Home", "ctx": "Call [insert name of town] office.", "label": 1,
+           "endings": ["visit [www.kiddio.org] today.", "wait.", "go [title] Run.", "sit."]}
+    _write_jsonl(tmp_path / "zeroshot/hellaswag/hellaswag_val_from_text.jsonl", [row])
+    (doc,) = zeroshot.MULTIPLE_CHOICE["hellaswag"].load(tmp_path, None)
+    assert doc.contexts == ("Home: Call office.",) * 4
+    assert doc.choices == ("visit today.", "wait.", "go. Run.", "sit.") and doc.gold == 1
 
 
 def test_partial_scoring_compares_the_continuation_after_each_context(tok):

@@ -69,7 +69,7 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor) -> float
 
 def reference_gptq(
     w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, act_order: bool = False,
-    inner: str = "uniform", symmetric: bool = False, integer_zero: bool = False, damp: float = 0.01,
+    inner: str = "uniform", symmetric: bool = False, integer_zero: bool = True, damp: float = 0.01,
 ) -> torch.Tensor:
     """Textbook GPTQ in float64: one column at a time, no lazy batching. Returns Q (out, in).
 
@@ -120,9 +120,9 @@ def reference_gptq(
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize(
     "variant",
-    [{"inner": "uniform"}, {"inner": "uniform", "symmetric": True}, {"inner": "uniform", "integer_zero": True},
+    [{"inner": "uniform"}, {"inner": "uniform", "symmetric": True}, {"inner": "uniform", "integer_zero": False},
      {"inner": "bcq"}],
-    ids=["uniform", "symmetric", "integer-zero", "bcq"],
+    ids=["uniform", "symmetric", "real-zero", "bcq"],
 )
 def test_matches_reference(variant, act_order, group_size):
     """16 x 72 at group size 32: two full groups and an 8-column tail per row. Block sizes
@@ -145,8 +145,8 @@ def test_identity_hessian_is_rtn():
     h = torch.eye(72)
     for bits in (2, 3, 4):
         for group_size in (32, -1):
-            for opts in ({}, {"symmetric": True}, {"integer_zero": True}):
-                rtn = quantize_rtn(w, bits, group_size, **({"integer_zero": False} | opts))
+            for opts in ({}, {"symmetric": True}, {"integer_zero": False}):
+                rtn = quantize_rtn(w, bits, group_size, **opts)
                 for act_order in (False, True):
                     t = gptq_quantize(w, h, bits, group_size, act_order=act_order, **opts)
                     assert torch.equal(t.planes, rtn.planes)
@@ -162,7 +162,7 @@ def test_identity_hessian_is_rtn():
 def test_gptq_beats_rtn_and_gptq_bcq_beats_bcq(bits, group_size, act_order):
     w, x, h = correlated_layer(seed=0)
     gptq = output_error(w, gptq_quantize(w, h, bits, group_size, act_order=act_order).dequantize(), x)
-    rtn = output_error(w, quantize_rtn(w, bits, group_size, integer_zero=False).dequantize(), x)
+    rtn = output_error(w, quantize_rtn(w, bits, group_size).dequantize(), x)
     assert gptq < rtn, (gptq, rtn)
     gptq_bcq = gptq_quantize(w, h, bits, group_size, act_order=act_order, inner="bcq")
     bcq = output_error(w, quantize_bcq(w, bits, group_size, "alternating").dequantize(), x)
@@ -181,7 +181,7 @@ def test_act_order_uses_original_groups():
     assert h.diagonal().max() / h.diagonal().min() > 100
     plain = gptq_quantize(w, h, 3, 32)
     ordered = gptq_quantize(w, h, 3, 32, act_order=True)
-    rtn = quantize_rtn(w, 3, 32, integer_zero=False)
+    rtn = quantize_rtn(w, 3, 32)
     assert not torch.equal(plain.dequantize(), ordered.dequantize())
     assert torch.equal(ordered.alpha, rtn.alpha) and torch.equal(ordered.offset, rtn.offset)
     # Each column decodes to one of its own (original) group's levels.
@@ -210,7 +210,7 @@ def test_dead_inputs(inner, act_order):
     for c in dead:
         nearest_to_zero = levels[:, c // 32].abs().min(1).values
         torch.testing.assert_close(dq[:, c].abs(), nearest_to_zero)
-    rtn = quantize_rtn(w, 3, 32, integer_zero=False)
+    rtn = quantize_rtn(w, 3, 32)
     assert output_error(w, dq, x) < output_error(w, rtn.dequantize(), x)
 
 

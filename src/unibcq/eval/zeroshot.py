@@ -2,8 +2,9 @@
 
 Every choice is a continuation scored after a context: the model's summed log-probability
 of the continuation tokens. `acc` takes the argmax of that sum; `acc_norm` divides it by
-the UTF-8 byte length of the choice text first (without the " " that joins it to the
-context, as lm-eval's `completion_len`), which removes the bias towards short answers.
+the length of the choice text in characters first (without the " " that joins it to the
+context: lm-eval's `completion_len`, `len` of the string, not its UTF-8 bytes, which are
+lm-eval's separate `acc_bytes`), which removes the bias towards short answers.
 Standard errors are those of a mean of 0/1 outcomes, sqrt(p (1 - p) / (n - 1)).
 
 Prompts are lm-eval's:
@@ -11,16 +12,20 @@ Prompts are lm-eval's:
   arc_*       "Question: {stem}\\nAnswer:" + " {choice}"
   openbookqa  "{stem}" + " {choice}"
   boolq       "{passage}\\nQuestion: {question}?\\nAnswer:" + " no" / " yes"   (acc only)
-  hellaswag   "{activity_label}: {ctx}" + " {ending}"
+  hellaswag   "{activity_label}: {ctx}" + " {ending}", both through lm-eval's `preprocess`
+              (" [title]" becomes ". ", other [bracketed] text goes, double spaces close)
   winogrande  partial scoring: the same " {continuation}" after each of two contexts (acc only)
   lambada     last word: "{text without it}" + " {last word}"; correct iff greedy decoding
               reproduces every target token; also the perplexity exp(-mean target log-lik).
 
-The local HellaSwag file comes pre-processed with a single-part context (ctx_b is not
-re-capitalised), so its scores are close to, not identical with, lm-eval's.
+The local HellaSwag file keeps ctx_a and ctx_b joined, so ctx_b cannot be re-capitalised as
+lm-eval does (about a third of the items start their second part in lower case there): its
+scores are close to, not identical with, lm-eval's.
 
 Tokenisation copies lm-eval's `_encode_pair`: trailing whitespace of the context moves to
-the continuation, the context and the concatenation are encoded without special tokens,
+the continuation, the context and the concatenation are encoded without special tokens
+(lm-eval's causal-LM default up to v0.4.9, which most published scores used; later versions
+let the tokenizer add its BOS, which changes Llama and Mistral scores, not SmolLM or Qwen),
 and the continuation tokens are the concatenation's tail after the context's length.
 Inputs longer than the model's window are cut from the left. A token's log-probability is
 its logit minus the log-sum-exp of its position (float32), summed per continuation in double
@@ -41,6 +46,7 @@ import inspect
 import itertools
 import json
 import math
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -204,10 +210,19 @@ def _boolq(root: Path, limit: int | None) -> list[MultipleChoiceDoc]:
     return parse_rows(path, read_jsonl(path), _boolq_doc, limit)
 
 
+def hellaswag_preprocess(text: str) -> str:
+    """lm-eval's HellaSwag clean-up of WikiHow artefacts; the local file still holds some
+    (e.g. "[www.kiddio.org]", "[insert name of town]"), which would change those items'
+    log-likelihoods and acc_norm lengths."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
 def _hellaswag(root: Path, limit: int | None) -> list[MultipleChoiceDoc]:
     path = data_file(root, "zeroshot/hellaswag/hellaswag_val_from_text.jsonl")
     return parse_rows(path, read_jsonl(path), lambda r: MultipleChoiceDoc.shared(
-        f"{r['activity_label']}: {r['ctx']}", r["endings"], int(r["label"])), limit)
+        hellaswag_preprocess(f"{r['activity_label']}: {r['ctx']}"),
+        [hellaswag_preprocess(ending) for ending in r["endings"]], int(r["label"])), limit)
 
 
 def _winogrande_doc(row: dict[str, Any]) -> MultipleChoiceDoc:
@@ -744,8 +759,8 @@ def evaluate_multiple_choice(
     for doc, lls in zip(docs, scored):
         correct += argmax_first(lls) == doc.gold
         if normalize:
-            per_byte = [ll / max(len(choice.encode("utf-8")), 1) for ll, choice in zip(lls, doc.choices)]
-            correct_norm += argmax_first(per_byte) == doc.gold
+            per_char = [ll / max(len(choice), 1) for ll, choice in zip(lls, doc.choices)]
+            correct_norm += argmax_first(per_char) == doc.gold
     n = len(docs)
     acc = correct / n
     acc_norm = correct_norm / n if normalize else None

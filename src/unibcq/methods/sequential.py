@@ -141,6 +141,10 @@ def quantize_sequential(
 ) -> list[LayerRecord]:
     """Quantize the decoder blocks in order, each on the outputs of the quantized ones before it.
 
+    Within a block every layer's input Hessian is collected in one pass before any layer is
+    quantized, as in the GPTQ reference code (so o_proj and down_proj see the unquantized
+    q/k/v and gate/up outputs of their own block; AutoGPTQ's `true_sequential` does not).
+
     `onload(index)`, when given, reads block `index` from disk just before it is needed;
     with `spill_dir` the activations between blocks live in files there instead of memory;
     `memory_cap` is checked after every layer.

@@ -1,8 +1,10 @@
 """Where the decoder blocks and their linear layers live, per architecture.
 
 An architecture is a few lines of data: the attribute path of the block list and the
-block's linear layers in execution order (order matters to calibrated methods such as GPTQ,
-which quantize a block's layers in the order their inputs are produced).
+block's linear layers in execution order, the order in which they are quantized and reported.
+GPTQ does not depend on it: every layer's Hessian comes from one pass over the block before
+any of its layers is quantized (the reference implementation's default, not AutoGPTQ's
+`true_sequential`).
 """
 
 from __future__ import annotations

@@ -183,7 +183,8 @@ def _check_args(
         )
     if not hessian.is_floating_point() or not torch.isfinite(hessian).all():
         raise UnibcqError("Hessian must be a finite floating-point matrix (it has NaN/inf or is not float)")
-    return hessian.detach().float()
+    # float64 stays float64 for the factorization (accumulate_hessian(dtype=torch.float64)).
+    return hessian.detach().to(torch.promote_types(hessian.dtype, torch.float32))
 
 
 def gptq_quantize(
@@ -195,7 +196,7 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = False,
     symmetric: bool = False,
-    integer_zero: bool = False,
+    integer_zero: bool | None = None,
     inner: str = "uniform",
     bcq_iters: int = 15,
 ) -> BCQTensor:
@@ -203,11 +204,14 @@ def gptq_quantize(
 
     Inputs that never fire (H[i, i] == 0) cannot affect the output: their weights are set
     to 0 and H[i, i] to 1 so H stays invertible. `symmetric` / `integer_zero` shape the
-    uniform grid as in `quantize_rtn`; `bcq_iters` is the alternating-BCQ iteration count
+    uniform grid as in `quantize_rtn` (`integer_zero` left as None means the reference's integer
+zero point for inner="uniform" and does not apply to BCQ levels); `bcq_iters` is the alternating-BCQ iteration count
     for inner="bcq". Neither input is modified.
     """
     w = check_weight(weight).clone()
     out_features, in_features = w.shape
+    if integer_zero is None:
+        integer_zero = inner == "uniform"
     h = _check_args(
         hessian, in_features, bits, group_size, damp, block_size, inner, symmetric, integer_zero, bcq_iters
     ).to(w.device).clone()
