@@ -10,6 +10,9 @@ and the model's answer is the choice among " A", " B", " C", " D" with the highe
 log-likelihood after it (the next-token logits when each letter is one token; the four
 share one forward pass). `--limit N` keeps the first N test questions of every subject.
 Micro accuracy counts every question equally; macro accuracy averages the subjects.
+The standard error is that of the micro mean over all questions pooled; the harness's
+group figure pools the per-subject variances instead, which leaves out the spread between
+subjects and comes out a few percent smaller.
 """
 
 from __future__ import annotations
