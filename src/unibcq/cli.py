@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of memory (automatic under --max-memory when they do not fit)")
     q.add_argument("--damp", type=float, default=0.01, help="gptq: Hessian damping, fraction of the mean diagonal")
     q.add_argument("--act-order", action="store_true", help="gptq: process columns by decreasing Hessian diagonal")
+    q.add_argument("--true-sequential", action="store_true",
+                   help="gptq: collect each layer's Hessian after the layers before it in its block are quantized "
+                        "(AutoGPTQ's default; one calibration pass per group of layers sharing an input)")
     q.add_argument("--device", default="cpu", help="compute device for calibrated methods (cpu, cuda, cuda:N)")
     q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (unties embeddings)")
     q.add_argument("--calib", default="wikitext2", help=f"calibration text source ({PRESET_HELP})")
@@ -285,6 +288,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         algorithm=args.algorithm, max_groups=args.max_groups, lam=args.lam, window=args.window,
         granularity=args.granularity, normalize_lambda=not args.raw_lambda, dp_atom_size=args.dp_atom_size,
         refine_sweeps=args.refine_sweeps, damp=args.damp, act_order=args.act_order,
+        true_sequential=args.true_sequential,
         mapping=args.mapping, shift=args.shift,
     ), preset, args.calib).validate()
     calibrated = config.method in CALIBRATED

@@ -45,6 +45,7 @@ class QuantConfig:
     refine_sweeps: int = 0
     damp: float = 0.01
     act_order: bool = False
+    true_sequential: bool = False
     epochs: int = 2
     u_lr: float = 5e-3
     b_lr: float = 5e-4
@@ -82,6 +83,9 @@ class QuantConfig:
             raise UnibcqError(f"damp must be a number >= 0, got {self.damp!r}")
         if self.method in ("uniquanf", "flexround"):
             self._validate_reconstruction()
+        gptq_only = [name for name in ("act_order", "true_sequential") if getattr(self, name)]
+        if gptq_only and self.method not in ("gptq", "gptq-bcq"):
+            raise UnibcqError(f"{' and '.join(gptq_only)} apply to gptq and gptq-bcq, not {self.method}")
         if type(self.iters) is not int or self.iters < 0:
             raise UnibcqError(f"iters must be an integer >= 0, got {self.iters!r}")
         if self.init not in ("greedy", "greedy+uniform"):

@@ -324,7 +324,7 @@ def test_dyngroup_rejects_other_bit_widths(capsys, tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("method,extra", [
     ("gptq", ["--act-order"]),
-    ("gptq-bcq", []),
+    ("gptq-bcq", ["--true-sequential"]),
     ("uniquanf", ["--epochs", "1", "--iters", "2"]),
     ("flexround", ["--epochs", "1"]),
 ])

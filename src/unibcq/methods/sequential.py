@@ -8,7 +8,8 @@ Activations stay on the CPU, or with `spill_dir` in per-sample files on disk (se
 
 GPTQ uses it through `quantize_sequential` with a per-layer quantizer that receives the
 layer's input Hessian H = 2 X^T X / n, accumulated by forward hooks on the block's linear
-layers during one pass over the calibration set.
+layers during one pass over the calibration set; with `true_sequential` one pass per group
+of layers that read the same input, each after the groups before it are quantized.
 """
 
 from __future__ import annotations
@@ -127,6 +128,38 @@ def accumulate_input_hessians(
     return {name: h for name, (h, _) in state.items()}
 
 
+@torch.no_grad()
+def input_groups(block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs,
+                 device: torch.device) -> list[list[str]]:
+    """The block's linear layers grouped by the tensor they read, in the order they run.
+
+    Found from one sample, so no architecture has to spell it out: in a Llama block
+    [q, k, v], [o], [gate, up], [down]. Layers the sample never reached form a last group
+    (their Hessians stay empty, which the quantizer reports).
+    """
+    seen: list[tuple[torch.Tensor, list[str]]] = []
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            for tensor, names in seen:
+                if tensor is args[0]:
+                    names.append(name)
+                    return
+            seen.append((args[0], [name]))
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in layers.items()]
+    try:
+        run_block(block, BlockInputs([inputs.hidden[0]], inputs.kwargs), device, keep=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups = [names for _, names in seen]
+    reached = {name for names in groups for name in names}
+    missed = [name for name in layers if name not in reached]
+    return groups + [missed] if missed else groups
+
+
 def quantize_sequential(
     model: nn.Module,
     config: QuantConfig,
@@ -144,6 +177,10 @@ def quantize_sequential(
     Within a block every layer's input Hessian is collected in one pass before any layer is
     quantized, as in the GPTQ reference code (so o_proj and down_proj see the unquantized
     q/k/v and gate/up outputs of their own block; AutoGPTQ's `true_sequential` does not).
+
+    With `config.true_sequential` the Hessians are collected group by group instead
+    (`input_groups`), so o_proj sees the quantized q/k/v and down_proj the quantized gate/up:
+    one pass over the calibration set per group instead of one per block.
 
     `onload(index)`, when given, reads block `index` from disk just before it is needed;
     with `spill_dir` the activations between blocks live in files there instead of memory;
@@ -170,26 +207,35 @@ def quantize_sequential(
                 onload(index)
             block.to(device)
             layers = block_linears(model, index)
-            hessians = accumulate_input_hessians(block, layers, inputs, device)
-            for name, layer in layers.items():
-                layer_cfg = config.for_layer(name)
-                start = time.perf_counter()
-                weight = layer.weight.detach().float()
-                try:
-                    packed = quantizer(weight, hessians.pop(name), layer_cfg)
-                except UnibcqError as exc:
-                    raise UnibcqError(f"{name}: {exc}") from exc
-                seconds = time.perf_counter() - start
-                error = float((packed.dequantize().to(weight.device) - weight).norm() / weight.norm().clamp(min=1e-30))
-                bias = layer.bias.detach() if layer.bias is not None else None
-                set_module(model, name, packed_module(packed, bias).to(device))
-                records.append(LayerRecord(name, config.method, layer_cfg.bits, layer_cfg.group_size, packed.numel,
-                                           packed.bits_per_weight, error, seconds))
-                if memory_cap is not None:
-                    memory_cap.check(name)
+            groups = input_groups(block, layers, inputs, device) if config.true_sequential else [list(layers)]
+            for group in groups:
+                hessians = accumulate_input_hessians(block, {name: layers[name] for name in group}, inputs, device)
+                for name in group:
+                    records.append(_quantize_layer(model, name, layers[name], hessians.pop(name), quantizer,
+                                                   config, device))
+                    if memory_cap is not None:
+                        memory_cap.check(name)
             inputs = BlockInputs(run_block(block, inputs, device, spill_dir), inputs.kwargs)
             block.to("cpu")
             if state is not None:
                 state.commit_block(model, index, {"quantized": inputs.hidden}, {"layers": records})
             bar.update(task, advance=1, description=f"{config.method} block {index}")
     return records
+
+
+def _quantize_layer(model: nn.Module, name: str, layer: nn.Module, hessian: torch.Tensor,
+                    quantizer: HessianQuantizer, config: QuantConfig, device: torch.device) -> LayerRecord:
+    """Quantize one linear layer from its input Hessian and put the packed module in its place."""
+    layer_cfg = config.for_layer(name)
+    start = time.perf_counter()
+    weight = layer.weight.detach().float()
+    try:
+        packed = quantizer(weight, hessian, layer_cfg)
+    except UnibcqError as exc:
+        raise UnibcqError(f"{name}: {exc}") from exc
+    seconds = time.perf_counter() - start
+    error = float((packed.dequantize().to(weight.device) - weight).norm() / weight.norm().clamp(min=1e-30))
+    bias = layer.bias.detach() if layer.bias is not None else None
+    set_module(model, name, packed_module(packed, bias).to(device))
+    return LayerRecord(name, config.method, layer_cfg.bits, layer_cfg.group_size, packed.numel,
+                       packed.bits_per_weight, error, seconds)
