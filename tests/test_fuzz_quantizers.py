@@ -343,7 +343,7 @@ HOSTILE = st.one_of(st.none(), st.booleans(), st.integers(-10, 300), st.sampled_
                     st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
 FIELDS = ["bits", "group_size", "iters", "init", "algorithm", "max_groups", "lam", "window", "granularity",
           "dp_atom_size", "refine_sweeps", "damp", "epochs", "u_lr", "b_lr", "remap_every", "grid_points",
-          "p_norm", "mapping", "batch_size", "input_prob", "overrides"]
+          "p_norm", "mapping", "batch_size", "input_prob", "overrides", "merge_rule", "act_order", "true_sequential"]
 
 
 @settings(max_examples=150 * SCALE, **FUZZ)

@@ -44,17 +44,22 @@ def _brute_force(values: np.ndarray, max_groups: int, lam: float, cuts=None) -> 
     return best
 
 
-def _naive_greedy(values: np.ndarray, max_groups: int, lam: float) -> list[int]:
-    """The greedy merge without a heap: rescan all adjacent pairs before every merge."""
+def _naive_greedy(values: np.ndarray, max_groups: int, lam: float, rule: str = "objective") -> list[int]:
+    """The greedy merge without a heap: rescan all adjacent pairs before every merge.
+
+    rule="objective" ranks a pair by the change of J, "paper" by the merged run's cost."""
     runs = [[v] for v in values]
 
     def cost(run):
         return len(run) * float(np.var(run)) + lam / len(run)
 
     while len(runs) > 1:
-        deltas = [cost(a + b) - cost(a) - cost(b) for a, b in zip(runs[:-1], runs[1:])]
-        i = int(np.argmin(deltas))
-        if len(runs) <= max_groups and deltas[i] >= 0:
+        if rule == "paper":
+            keys = [cost(a + b) for a, b in zip(runs[:-1], runs[1:])]
+        else:
+            keys = [cost(a + b) - cost(a) - cost(b) for a, b in zip(runs[:-1], runs[1:])]
+        i = int(np.argmin(keys))
+        if len(runs) <= max_groups and (rule == "paper" or keys[i] >= 0):
             break
         runs[i : i + 2] = [runs[i] + runs[i + 1]]
     return [0, *itertools.accumulate(len(r) for r in runs)]
@@ -122,14 +127,27 @@ def test_dp_large_lambda_uses_fewer_groups():
 # --------------------------------------------------------------------------- greedy
 
 
-def test_greedy_matches_naive_reference():
+@pytest.mark.parametrize("rule", ["objective", "paper"])
+def test_greedy_matches_naive_reference(rule):
     rng = np.random.default_rng(2)
     for trial in range(40):
         n = int(rng.integers(1, 30))
         x = _sorted_abs(n, 200 + trial)
         max_groups = int(rng.integers(1, 8))
         lam = float(rng.choice([0.0, 0.05, 1.0, 10.0]))
-        assert segment_greedy(x, max_groups, lam).tolist() == _naive_greedy(x.numpy(), max_groups, lam)
+        assert segment_greedy(x, max_groups, lam, rule).tolist() == _naive_greedy(x.numpy(), max_groups, lam, rule)
+
+
+def test_paper_rule_stops_at_exactly_max_groups():
+    """A large lambda makes every merge lower J: the objective rule goes on to one run, the
+    authors' rule stops at max_groups; windows of one weight are the greedy merge."""
+    x = _sorted_abs(60, 9)
+    assert segment_greedy(x, 5, 1e3, "objective").tolist() == [0, 60]
+    paper = segment_greedy(x, 5, 1e3, "paper")
+    assert paper.numel() - 1 == 5
+    assert torch.equal(segment_windowed(x, 5, 1e3, 1, "paper"), paper)
+    with pytest.raises(UnibcqError, match="merge rule"):
+        segment_greedy(x, 5, 0.0, "fastest")
 
 
 def test_greedy_and_windowed_never_beat_dp():

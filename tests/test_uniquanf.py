@@ -90,8 +90,7 @@ def test_unified_init_never_worse_than_min_max_uq(bits):
 
 def test_clipping_grid():
     assert clipping_grid(1) == [1.0]
-    grid = clipping_grid(5, 0.6)
-    assert grid[0] == 1.0 and grid[-1] == pytest.approx(0.6) and len(grid) == 5
+    assert clipping_grid(5) == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
 
 
 def test_local_remap_uses_value_neighbours():
@@ -206,6 +205,32 @@ def test_reconstruction_config_validation(changes, needle):
         setattr(config, key, value)
     with pytest.raises(unibcq.UnibcqError, match=needle):
         config.validate()
+
+
+class _InputRecorder(nn.Module):
+    """A "block" around one fake-quant layer that keeps the inputs it was trained on."""
+
+    def __init__(self, fake: nn.Module):
+        super().__init__()
+        self.fake, self.seen = fake, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return self.fake(x)
+
+
+@pytest.mark.parametrize("input_prob,expected", [(1.0, 0.0), (0.0, 1.0), (0.25, 0.75)])
+def test_input_prob_is_the_chance_of_the_quantized_input(input_prob, expected):
+    from unibcq.methods.reconstruction import _train_block, make_fake_quant
+
+    config = unibcq.QuantConfig("flexround", bits=3, group_size=32, epochs=2, input_prob=input_prob)
+    block = _InputRecorder(make_fake_quant(_linear(8, 64), config))
+    q_in, fp_in = [torch.zeros(1, 16, 64)] * 4, [torch.ones(1, 16, 64)] * 4  # fp elements are 1, quantized 0
+    targets = [torch.zeros(1, 16, 8)] * 4
+    _train_block(block, {"fake": block.fake}, q_in, fp_in, targets, {}, config, torch.device("cpu"),
+                 torch.Generator().manual_seed(0), lambda loss: None)
+    assert len(block.seen) == 8
+    assert float(torch.cat(block.seen).mean()) == pytest.approx(expected, abs=0.02)
 
 
 def test_calibrated_method_needs_data(tiny_llama):

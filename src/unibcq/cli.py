@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dp-atom-size", type=int, default=1, help="dyngroup dp: cut only every N sorted weights")
     q.add_argument("--refine-sweeps", type=int, default=0,
                    help="dyngroup greedy/windowed: boundary-refinement sweeps after merging (0 = the paper's)")
+    q.add_argument("--merge-rule", default="objective", choices=["objective", "paper"],
+                   help="dyngroup greedy/windowed: merge the pair that raises the objective least and stop when "
+                        "no merge lowers it (default), or the authors' rule: the pair whose merged group costs "
+                        "least, down to exactly --max-groups (with --raw-lambda: the paper's setting)")
     q.add_argument("--workers", type=int, default=1, help="parallel worker processes for per-matrix methods")
     q.add_argument("--backend", default="local", choices=["local", "ray"],
                    help="per-matrix methods: local worker processes, or Ray tasks on the cluster RAY_ADDRESS "
@@ -103,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--u-lr", type=float, help="uniquanf/flexround: learning rate of the mapping parameters")
     q.add_argument("--b-lr", type=float, help="uniquanf: learning rate of the BCQ alphas")
     q.add_argument("--remap-every", type=int, help="uniquanf: periodic re-mapping period p")
-    q.add_argument("--grid-points", type=int, help="uniquanf: clipping-ratio grid size at init")
+    q.add_argument("--grid-points", type=int, help="uniquanf: clipping ratios tried at init, G of them: i / G for i = G .. 1")
     q.add_argument("--batch-size", type=int, help="uniquanf/flexround: samples per step")
-    q.add_argument("--input-prob", type=float, help="uniquanf/flexround: probability of taking an FP input element")
+    q.add_argument("--input-prob", type=float, help="uniquanf/flexround: probability of taking a block input element from the quantized "
+                        "stream rather than the FP one (QDrop's and the authors' meaning)")
     q.add_argument("--mapping", default="local", choices=["local", "global", "direct"],
                    help="uniquanf: re-mapping to value-neighbour levels (local), all levels every p steps "
                         "(global), or all levels every step (direct, for ablation)")
@@ -287,7 +292,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         overrides=dict(_parse_override(o) for o in args.override), seed=args.seed,
         algorithm=args.algorithm, max_groups=args.max_groups, lam=args.lam, window=args.window,
         granularity=args.granularity, normalize_lambda=not args.raw_lambda, dp_atom_size=args.dp_atom_size,
-        refine_sweeps=args.refine_sweeps, damp=args.damp, act_order=args.act_order,
+        refine_sweeps=args.refine_sweeps, merge_rule=args.merge_rule, damp=args.damp, act_order=args.act_order,
         true_sequential=args.true_sequential,
         mapping=args.mapping, shift=args.shift,
     ), preset, args.calib).validate()

@@ -43,6 +43,7 @@ class QuantConfig:
     normalize_lambda: bool = True
     dp_atom_size: int = 1
     refine_sweeps: int = 0
+    merge_rule: str = "objective"
     damp: float = 0.01
     act_order: bool = False
     true_sequential: bool = False
@@ -105,6 +106,8 @@ class QuantConfig:
                 raise UnibcqError(f"{name} must be an integer >= 1, got {value!r}")
         if type(self.refine_sweeps) is not int or self.refine_sweeps < 0:
             raise UnibcqError(f"refine_sweeps must be an integer >= 0, got {self.refine_sweeps!r}")
+        if self.merge_rule not in ("objective", "paper"):
+            raise UnibcqError(f"unknown dyngroup merge rule {self.merge_rule!r}; use objective or paper")
         if self.max_groups > 256:
             raise UnibcqError(f"max_groups must be <= 256 (8-bit group index), got {self.max_groups}")
         if not isinstance(self.lam, (int, float)) or not self.lam >= 0 or self.lam == float("inf"):

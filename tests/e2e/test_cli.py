@@ -300,11 +300,14 @@ def test_console_script(tmp_path, tiny_model_dir):
     assert result.stderr.startswith("unibcq: error: bits")
 
 
-def test_dyngroup_cli_reports_three_bit_counts(capsys, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("rule", ["objective", "paper"])
+def test_dyngroup_cli_reports_three_bit_counts(capsys, tmp_path, tiny_model_dir, rule):
     out = tmp_path / "dg"
     code, stdout, err = run(capsys, "quantize", tiny_model_dir, "--method", "dyngroup", "--max-groups", "4",
-                            "--window", "8", "--out", out, "--no-progress")
+                            "--window", "8", "--merge-rule", rule, "--raw-lambda", "--out", out, "--no-progress")
     assert code == 0, err
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["merge_rule"] == rule and qcfg["normalize_lambda"] is False
     assert "bits paper" in stdout and "bits entropy" in stdout
     code, stdout, err = run(capsys, "info", out, "--json", tmp_path / "info.json")
     assert code == 0, err

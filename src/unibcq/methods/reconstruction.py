@@ -2,14 +2,16 @@
 
 For each decoder block in order: the full-precision inputs X_fp and outputs Y_fp on the
 calibration set, and the inputs X_q produced by the already-quantized earlier blocks, are
-kept on the CPU (or, with `spill_dir`, in per-sample files on disk). The block's linear layers become trainable fake-quant modules (UniQuanF
-or FlexRound); Adam (one learning rate for mapping parameters, one for BCQ levels) with a
-cosine schedule minimises MSE(block(X), Y_fp), where X mixes X_q and X_fp element-wise
-(an element is taken from X_fp with probability `input_prob`, as QDrop does). Then the
-block is frozen, each layer exported to packed BCQ (for UniQuanF through the unification
-theorem), and the block's quantized outputs become the next block's X_q. Only one block's
-trainable state exists at a time. With a `RunState`, every finished block is committed to
-disk and a killed run continues from the last committed block with the same result.
+kept on the CPU (or, with `spill_dir`, in per-sample files on disk). The block's linear
+layers become trainable fake-quant modules (UniQuanF or FlexRound); Adam (one learning rate
+for mapping parameters, one for BCQ levels) with a cosine schedule minimises
+MSE(block(X), Y_fp), where X mixes X_q and X_fp element-wise (an element is taken from X_q
+with probability `input_prob`, else from X_fp, as in QDrop and the UniQuanF authors' code).
+Then the block is frozen, each layer exported to packed BCQ (for UniQuanF through the
+unification theorem), and the block's quantized outputs become the next block's X_q. Only
+one block's trainable state exists at a time. With a `RunState`, every finished block is
+committed to disk and a killed run continues from the last committed block with the same
+result.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def _train_block(block: nn.Module, fakes: dict[str, nn.Module], q_in: Sequence[t
             x_q = torch.cat([q_in[i] for i in idx]).to(device)
             x_fp = torch.cat([fp_in[i] for i in idx]).to(device)
             y = torch.cat([targets[i] for i in idx]).to(device)
-            take_fp = torch.rand(x_q.shape, generator=generator).to(device) < config.input_prob
+            take_fp = torch.rand(x_q.shape, generator=generator).to(device) < 1 - config.input_prob
             out = block(torch.where(take_fp, x_fp, x_q), **kwargs)
             loss = F.mse_loss(out[0] if isinstance(out, tuple) else out, y)
             if not math.isfinite(loss.item()):
@@ -162,7 +164,8 @@ def reconstruct_blocks(
             fakes = {}
             for name, layer in layers.items():
                 try:
-                    fakes[name] = make_fake_quant(layer, config.for_layer(name)).to(device)
+                    # eval(): the loss before training must not remap or advance the remap period.
+                    fakes[name] = make_fake_quant(layer, config.for_layer(name)).to(device).eval()
                 except UnibcqError as exc:
                     raise UnibcqError(f"{name}: {exc}") from exc
                 set_module(model, name, fakes[name])

@@ -29,7 +29,7 @@ def _dyngroup(weight: torch.Tensor, c: "QuantConfig") -> GroupedBinaryTensor:
         raise UnibcqError("weight is all zeros: there are no magnitudes to group (a broken or pruned layer?)")
     result = dyngroup_quantize(
         weight, c.max_groups, c.lam, c.algorithm, c.window, parse_granularity(c.granularity),
-        c.normalize_lambda, c.dp_atom_size, c.refine_sweeps,
+        c.normalize_lambda, c.dp_atom_size, c.refine_sweeps, c.merge_rule,
     )
     return GroupedBinaryTensor.from_parts(result.signs, result.group_index, result.scales, c.granularity)
 

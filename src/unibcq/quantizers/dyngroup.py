@@ -15,9 +15,17 @@ keeps the sizes, hence the penalty, fixed), so the optimum is a segmentation of 
 sums of x and x^2 (float64) the cost of any run is O(1), which gives three solvers:
 
 * `segment_dp`: exact optimum with at most G runs (divide-and-conquer DP, O(G N log N)).
-* `segment_greedy`: the paper's bottom-up merge of adjacent runs, starting from singletons.
+* `segment_greedy`: bottom-up merging of adjacent runs, starting from singletons.
 * `segment_windowed`: the same merge starting from windows of consecutive magnitudes, fast
   enough for full LLM layers (a 4096 x 4096 matrix in 2-3 s on one core).
+
+The merges rank adjacent pairs by one of two rules (`merge_rule`):
+* "paper": the authors' rule, the cost of the merged group |g| Var + lam / |g|, merging
+  until exactly max_groups runs remain.
+* "objective": the increase of J the merge causes (the merged cost less the two runs'
+  costs), then merging below max_groups while that still lowers J. This is the greedy step
+  on J itself; the paper's rank ignores what the two runs cost apart, so from singletons
+  with lam > 0 it keeps merging cheap small runs and leaves far worse segmentations.
 
 `dyngroup_quantize` applies one of them to a whole matrix, to each row, or to each column
 block, and returns signs, per-weight group indices and per-group scales.
@@ -36,6 +44,8 @@ import torch
 from unibcq.errors import UnibcqError
 
 Algorithm = Literal["windowed", "greedy", "dp"]
+MergeRule = Literal["paper", "objective"]
+MERGE_RULES = ("paper", "objective")
 Granularity = Union[Literal["matrix", "row"], tuple[Literal["block"], int]]
 
 _ALGORITHMS = ("windowed", "greedy", "dp")
@@ -63,6 +73,11 @@ def _check_lam(lam: float) -> None:
 def _check_window(window: int, name: str = "window") -> None:
     if not _is_int(window) or window < 1:
         raise UnibcqError(f"{name} must be an integer >= 1, got {window!r}")
+
+
+def _check_rule(rule: str) -> None:
+    if not isinstance(rule, str) or rule not in MERGE_RULES:
+        raise UnibcqError(f"merge rule must be one of {MERGE_RULES}, got {rule!r}")
 
 
 def _sorted_mags_array(sorted_mags: torch.Tensor) -> np.ndarray:
@@ -353,14 +368,23 @@ def _merge_delta(n_a: ArrayLike, s_a: ArrayLike, n_b: ArrayLike, s_b: ArrayLike,
     return n_a * n_b / n_ab * dm * dm + lam * (1.0 / n_ab - 1.0 / n_a - 1.0 / n_b)
 
 
-def _greedy_merge(counts: np.ndarray, sums: np.ndarray, max_groups: int, lam: float) -> np.ndarray:
+def _merged_cost(n_a: float, s_a: float, q_a: float, n_b: float, s_b: float, q_b: float, lam: float) -> float:
+    """The paper's merge priority: cost |g| Var + lam / |g| of the run A + B (sums of x and x^2)."""
+    n, s = n_a + n_b, s_a + s_b
+    return max(q_a + q_b - s * s / n, 0.0) + lam / n
+
+
+def _greedy_merge(counts: np.ndarray, sums: np.ndarray, squares: np.ndarray, max_groups: int, lam: float,
+                  rule: MergeRule = "objective") -> np.ndarray:
     """Merge adjacent runs bottom-up; return the sizes of the surviving runs.
 
-    Each step merges the adjacent pair with the smallest increase of J,
+    With rule="objective" each step merges the adjacent pair with the smallest increase of J,
     ``dJ = nA nB / (nA + nB) (muA - muB)^2 + lam (1/(nA+nB) - 1/nA - 1/nB)``, which only
     needs sizes and sums. Merging continues until at most `max_groups` runs remain and then
-    only while a merge still lowers J (dJ < 0): the paper stops at exactly max_groups, but
-    J is minimised over *at most* max_groups runs, and the extra merges only ever help.
+    only while a merge still lowers J (dJ < 0): J is minimised over *at most* max_groups
+    runs, and the extra merges only ever help. With rule="paper" the pair whose merged run
+    costs least goes first (`_merged_cost`, which needs the sums of squares too) and merging
+    stops at exactly max_groups runs, as in the authors' code.
 
     The heap holds (dJ, left run, version) per adjacent pair; ``pair_version[i]`` counts
     the changes of the pair starting at run i (i or its right neighbour merged, or i died),
@@ -373,12 +397,25 @@ def _greedy_merge(counts: np.ndarray, sums: np.ndarray, max_groups: int, lam: fl
     if r <= 1:
         return counts.astype(np.int64)
     n = counts.astype(np.float64)
-    delta0 = _merge_delta(n[:-1], sums[:-1], n[1:], sums[1:], lam)
-    heap = list(zip(delta0.tolist(), range(r - 1), [0] * (r - 1)))
+    paper = rule == "paper"
+    if paper:
+        merged = n[:-1] + n[1:]
+        summed = sums[:-1] + sums[1:]
+        key0 = np.maximum(squares[:-1] + squares[1:] - summed * summed / merged, 0.0) + lam / merged
+    else:
+        key0 = _merge_delta(n[:-1], sums[:-1], n[1:], sums[1:], lam)
+    heap = list(zip(key0.tolist(), range(r - 1), [0] * (r - 1)))
     heapq.heapify(heap)
 
     size = counts.astype(np.int64).tolist()
     total = sums.tolist()
+    square = squares.tolist()
+
+    def key(a: int, b: int) -> float:
+        if paper:
+            return _merged_cost(size[a], total[a], square[a], size[b], total[b], square[b], lam)
+        return _merge_delta(size[a], total[a], size[b], total[b], lam)
+
     pair_version = [0] * r
     prv = list(range(-1, r - 1))
     nxt = list(range(1, r + 1))
@@ -389,12 +426,13 @@ def _greedy_merge(counts: np.ndarray, sums: np.ndarray, max_groups: int, lam: fl
         d, left, ver = pop(heap)
         if pair_version[left] != ver:
             continue
-        if runs <= max_groups and d >= 0.0:
+        if runs <= max_groups and (paper or d >= 0.0):
             break
         right = nxt[left]
         after = nxt[right]
         size[left] += size[right]
         total[left] += total[right]
+        square[left] += square[right]
         pair_version[left] += 1
         pair_version[right] += 1
         nxt[left] = after
@@ -404,11 +442,9 @@ def _greedy_merge(counts: np.ndarray, sums: np.ndarray, max_groups: int, lam: fl
         before = prv[left]
         if before >= 0:
             pair_version[before] += 1
-            d_before = _merge_delta(size[before], total[before], size[left], total[left], lam)
-            push(heap, (d_before, before, pair_version[before]))
+            push(heap, (key(before, left), before, pair_version[before]))
         if after >= 0:
-            d_after = _merge_delta(size[left], total[left], size[after], total[after], lam)
-            push(heap, (d_after, left, pair_version[left]))
+            push(heap, (key(left, after), left, pair_version[left]))
 
     kept = []
     run = 0  # the first run always survives: merges keep the left run's id
@@ -422,15 +458,18 @@ def _to_boundaries(sizes: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
 
-def _greedy_np(x: np.ndarray, max_groups: int, lam: float) -> np.ndarray:
-    return _to_boundaries(_greedy_merge(np.ones(x.size, dtype=np.int64), x.astype(np.float64), max_groups, lam))
+def _greedy_np(x: np.ndarray, max_groups: int, lam: float, rule: MergeRule = "objective") -> np.ndarray:
+    x64 = x.astype(np.float64)
+    return _to_boundaries(_greedy_merge(np.ones(x.size, dtype=np.int64), x64, x64 * x64, max_groups, lam, rule))
 
 
-def _windowed_np(x: np.ndarray, max_groups: int, lam: float, window: int) -> np.ndarray:
+def _windowed_np(x: np.ndarray, max_groups: int, lam: float, window: int, rule: MergeRule = "objective") -> np.ndarray:
     starts = np.arange(0, x.size, window)
     counts = np.diff(np.append(starts, x.size))
-    sums = np.add.reduceat(x, starts, dtype=np.float64) if x.size else np.zeros(0)
-    return _to_boundaries(_greedy_merge(counts, sums, max_groups, lam))
+    x64 = x.astype(np.float64)
+    sums = np.add.reduceat(x64, starts) if x.size else np.zeros(0)
+    squares = np.add.reduceat(x64 * x64, starts) if x.size else np.zeros(0)
+    return _to_boundaries(_greedy_merge(counts, sums, squares, max_groups, lam, rule))
 
 
 def _refine_pass(
@@ -495,8 +534,9 @@ def _refine_np(x: np.ndarray, bounds: np.ndarray, lam: float, sweeps: int, fine_
     return _refine_pass(x.size, c1, c2, b, lam, sweeps, 1, stride)
 
 
-def segment_greedy(sorted_mags: torch.Tensor, max_groups: int, lam: float) -> torch.Tensor:
-    """Greedy bottom-up merging from singletons (the paper's greedy algorithm).
+def segment_greedy(sorted_mags: torch.Tensor, max_groups: int, lam: float,
+                   rule: MergeRule = "objective") -> torch.Tensor:
+    """Greedy bottom-up merging from singletons, ranking pairs by `rule` (module docstring).
 
     O(N log N) heap operations, but in pure Python: about 10 us per weight (~10 s per
     million weights, ~3 s for 576 x 576), too slow and memory hungry (Python objects per
@@ -506,10 +546,12 @@ def segment_greedy(sorted_mags: torch.Tensor, max_groups: int, lam: float) -> to
     """
     _check_max_groups(max_groups)
     _check_lam(lam)
-    return torch.from_numpy(_greedy_np(_sorted_mags_array(sorted_mags), max_groups, lam))
+    _check_rule(rule)
+    return torch.from_numpy(_greedy_np(_sorted_mags_array(sorted_mags), max_groups, lam, rule))
 
 
-def segment_windowed(sorted_mags: torch.Tensor, max_groups: int, lam: float, window: int) -> torch.Tensor:
+def segment_windowed(sorted_mags: torch.Tensor, max_groups: int, lam: float, window: int,
+                     rule: MergeRule = "objective") -> torch.Tensor:
     """Windowed greedy merging: start from runs of `window` consecutive sorted magnitudes.
 
     The last window may be shorter. This cuts the number of heap items by `window`
@@ -520,7 +562,8 @@ def segment_windowed(sorted_mags: torch.Tensor, max_groups: int, lam: float, win
     _check_max_groups(max_groups)
     _check_lam(lam)
     _check_window(window)
-    return torch.from_numpy(_windowed_np(_sorted_mags_array(sorted_mags), max_groups, lam, window))
+    _check_rule(rule)
+    return torch.from_numpy(_windowed_np(_sorted_mags_array(sorted_mags), max_groups, lam, window, rule))
 
 
 # --------------------------------------------------------------------------- matrices
@@ -621,6 +664,7 @@ def dyngroup_quantize(
     normalize_lambda: bool = True,
     dp_atom_size: int = 1,
     refine_sweeps: int = 0,
+    merge_rule: MergeRule = "objective",
 ) -> DynGroupResult:
     """Binary-quantize a 2-D weight with at most `max_groups` dynamic groups per segment.
 
@@ -636,7 +680,9 @@ def dyngroup_quantize(
     dp_atom_size: the DP only cuts every this many sorted magnitudes (1 = exact); use e.g.
         64 to make "dp" practical on matrices with millions of weights.
     refine_sweeps: after greedy / windowed, up to this many boundary-refinement sweeps
-        (`_refine_np`); 0 keeps the paper's algorithms unchanged. Not applied to "dp".
+        (`_refine_np`); 0 keeps the merge's result. Not applied to "dp".
+    merge_rule: how greedy / windowed rank adjacent pairs, "paper" or "objective" (module
+        docstring); the authors' setting is merge_rule="paper", normalize_lambda=False.
 
     The weight may live on any device and have any floating dtype; the work happens on the
     CPU in float32 (float64 inputs stay float64) and the result is on the CPU.
@@ -645,6 +691,7 @@ def dyngroup_quantize(
     _check_lam(lam)
     _check_window(window)
     _check_window(dp_atom_size, "dp_atom_size")
+    _check_rule(merge_rule)
     if not _is_int(refine_sweeps) or refine_sweeps < 0:
         raise UnibcqError(f"refine_sweeps must be an integer >= 0, got {refine_sweeps!r}")
     if not isinstance(algorithm, str) or algorithm not in _ALGORITHMS:
@@ -677,9 +724,9 @@ def dyngroup_quantize(
         if normalize_lambda and x.size:
             raw_lam = normalized_lambda(lam, x.size, float(x.var(dtype=np.float64)), max_groups)
         if algorithm == "windowed":
-            bounds = _windowed_np(x, max_groups, raw_lam, window)
+            bounds = _windowed_np(x, max_groups, raw_lam, window, merge_rule)
         elif algorithm == "greedy":
-            bounds = _greedy_np(x, max_groups, raw_lam)
+            bounds = _greedy_np(x, max_groups, raw_lam, merge_rule)
         else:
             cuts = np.unique(np.append(np.arange(0, x.size, dp_atom_size), x.size))
             bounds = _dp_np(PrefixSums._of_array(x), cuts, max_groups, raw_lam)

@@ -35,11 +35,9 @@ class UniQuanFInit:
     beta: torch.Tensor
 
 
-def clipping_grid(points: int, lowest: float = 0.5) -> list[float]:
-    """Ratios r applied to the min-max scale: [1.0] for one point, else 1.0 down to `lowest`."""
-    if points <= 1:
-        return [1.0]
-    return [1.0 - (1.0 - lowest) * i / (points - 1) for i in range(points)]
+def clipping_grid(points: int) -> list[float]:
+    """Ratios r applied to the min-max scale: i / G for i = G .. 1, the authors' grid of G points."""
+    return [i / points for i in range(max(points, 1), 0, -1)] if points > 1 else [1.0]
 
 
 def unified_init(
