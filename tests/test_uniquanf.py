@@ -145,6 +145,17 @@ def test_periodic_remapping(monkeypatch):
     assert direct_calls == [False] * 4
 
 
+@pytest.mark.parametrize("make", [lambda l: UniQuanFLinear(l, 3, 32, init_iters=2), lambda l: FlexRoundLinear(l, 3, 32)],
+                         ids=["uniquanf", "flexround"])
+def test_export_refuses_scales_that_overflow_fp16(make):
+    layer = make(_linear())
+    log_scale = layer.d1 if isinstance(layer, UniQuanFLinear) else layer.log_s1
+    with torch.no_grad():
+        log_scale.add_(15.0)  # scales times e^15 ~ 3e6: past fp16's 65504, as a diverged training would
+    with pytest.raises(unibcq.UnibcqError, match="too wide for the fp16 scales"):
+        layer.export()
+
+
 def test_flexround_starts_at_rtn_with_clipping_search_and_exports_exactly():
     linear = _linear()
     layer = FlexRoundLinear(linear, 3, 32)

@@ -15,7 +15,7 @@ from torch import nn
 
 from unibcq.formats.bcq import BCQTensor, effective_group_size
 from unibcq.quantizers.bcq import sign_patterns
-from unibcq.quantizers.grouping import from_padded_groups, to_padded_groups
+from unibcq.quantizers.grouping import check_stored, from_padded_groups, to_padded_groups
 from unibcq.quantizers.uniform import search_clipping, uniform_to_bcq
 from unibcq.quantizers.uniquanf import clipping_grid, global_remap, local_remap, unified_init
 
@@ -138,7 +138,8 @@ class UniQuanFLinear(nn.Module):
 
     def export(self) -> BCQTensor:
         planes, alpha, offset = self.unified()
-        return BCQTensor.from_codes(planes, alpha, offset, self.group_size)
+        return check_stored(BCQTensor.from_codes(planes, alpha, offset, self.group_size),
+                            from_padded_groups(self.grouped_weight, self.in_features))
 
 
 class FlexRoundLinear(nn.Module):
@@ -186,5 +187,6 @@ class FlexRoundLinear(nn.Module):
         scale = torch.exp(self.log_s1).reshape(-1)
         codes = uniform_to_bcq(q.reshape(-1, gs), scale, self.zero.reshape(-1), self.bits)
         signs = from_padded_groups(codes.signs.reshape(out_features, groups, gs, self.bits), self.in_features)
-        return BCQTensor.from_codes(signs.permute(2, 0, 1), codes.alpha.reshape(out_features, groups, self.bits),
-                                    codes.offset.reshape(out_features, groups), self.group_size)
+        packed = BCQTensor.from_codes(signs.permute(2, 0, 1), codes.alpha.reshape(out_features, groups, self.bits),
+                                      codes.offset.reshape(out_features, groups), self.group_size)
+        return check_stored(packed, from_padded_groups(self.grouped_weight, self.in_features))
