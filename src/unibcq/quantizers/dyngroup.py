@@ -28,7 +28,10 @@ The merges rank adjacent pairs by one of two rules (`merge_rule`):
   with lam > 0 it keeps merging cheap small runs and leaves far worse segmentations.
 
 `dyngroup_quantize` applies one of them to a whole matrix, to each row, or to each column
-block, and returns signs, per-weight group indices and per-group scales.
+block, and returns signs, per-weight group indices and per-group scales. Exact zeros are
+grouped like any other weight (stored as +alpha of the smallest group); the authors' code
+leaves them out and keeps them 0, which sign-times-scale storage cannot express without
+another bit per weight (it matters only for pruned layers).
 """
 
 from __future__ import annotations
