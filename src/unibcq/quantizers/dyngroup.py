@@ -371,10 +371,11 @@ def _merge_delta(n_a: ArrayLike, s_a: ArrayLike, n_b: ArrayLike, s_b: ArrayLike,
     return n_a * n_b / n_ab * dm * dm + lam * (1.0 / n_ab - 1.0 / n_a - 1.0 / n_b)
 
 
-def _merged_cost(n_a: float, s_a: float, q_a: float, n_b: float, s_b: float, q_b: float, lam: float) -> float:
+def _merged_cost(n_a: ArrayLike, s_a: ArrayLike, q_a: ArrayLike, n_b: ArrayLike, s_b: ArrayLike, q_b: ArrayLike,
+                 lam: float) -> ArrayLike:
     """The paper's merge priority: cost |g| Var + lam / |g| of the run A + B (sums of x and x^2)."""
     n, s = n_a + n_b, s_a + s_b
-    return max(q_a + q_b - s * s / n, 0.0) + lam / n
+    return np.maximum(q_a + q_b - s * s / n, 0.0) + lam / n
 
 
 def _greedy_merge(counts: np.ndarray, sums: np.ndarray, squares: np.ndarray, max_groups: int, lam: float,
@@ -402,9 +403,7 @@ def _greedy_merge(counts: np.ndarray, sums: np.ndarray, squares: np.ndarray, max
     n = counts.astype(np.float64)
     paper = rule == "paper"
     if paper:
-        merged = n[:-1] + n[1:]
-        summed = sums[:-1] + sums[1:]
-        key0 = np.maximum(squares[:-1] + squares[1:] - summed * summed / merged, 0.0) + lam / merged
+        key0 = _merged_cost(n[:-1], sums[:-1], squares[:-1], n[1:], sums[1:], squares[1:], lam)
     else:
         key0 = _merge_delta(n[:-1], sums[:-1], n[1:], sums[1:], lam)
     heap = list(zip(key0.tolist(), range(r - 1), [0] * (r - 1)))
