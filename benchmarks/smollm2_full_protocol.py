@@ -273,6 +273,13 @@ def same_machine(recorded: dict[str, Any], here: dict[str, Any]) -> bool:
     return all(recorded.get(k) == here[k] for k in ROW_MACHINE_KEYS)
 
 
+def continuation_rank(recorded: dict[str, Any] | None, here: dict[str, Any]) -> int:
+    """0 for a row this machine continues, 1 for one never tried, 2 for one that starts over."""
+    if recorded is None:
+        return 1
+    return 0 if same_machine(recorded, here) else 2
+
+
 def claim_out(args: argparse.Namespace) -> None:
     """Record the protocol in OUT/machine.json, or refuse an OUT whose rows follow another one:
     the docs present a folder's rows as one table."""
@@ -289,8 +296,11 @@ def claim_out(args: argparse.Namespace) -> None:
 
 
 def run_rows(args: argparse.Namespace, rows: Sequence[str]) -> tuple[list[Unfinished], float]:
-    """Process every row, --jobs at a time, those never tried first (in --methods order);
-    returns the unfinished rows and the wall time."""
+    """Process every row, --jobs at a time, and return the unfinished rows and the wall time.
+
+    Rows this machine began go first (their checkpoints exist and the rest of their figures
+    are nearest to done), then rows never tried, then rows another machine began, which start
+    over; within each kind the --methods order holds."""
     exe = args.unibcq or default_unibcq()
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -299,7 +309,7 @@ def run_rows(args: argparse.Namespace, rows: Sequence[str]) -> tuple[list[Unfini
     machine = machine_record(args)
     start = time.perf_counter()
     deadline = time.monotonic() + args.time_budget if args.time_budget > 0 else None
-    ordered = sorted(rows, key=lambda row: row_machine(args, row) is not None)
+    ordered = sorted(rows, key=lambda row: continuation_rank(row_machine(args, row), machine))
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
         outcomes = list(pool.map(lambda row: process_row(args, exe, row, machine, deadline), ordered))
     return [o for o in outcomes if o], time.perf_counter() - start

@@ -111,13 +111,16 @@ def test_a_fresh_row_starts_only_with_its_expected_time_left(tmp_path):
     assert not protocol.result_paths(args, "rtn-w3-g128")["short"].is_file()  # started over: the fake wrote none
 
 
-def test_rows_never_tried_go_first(tmp_path):
+def test_rows_this_machine_began_go_first_and_other_machines_rows_last(tmp_path):
     _touch(tmp_path / "fp.machine.json", ELSEWHERE)
-    args = _args(tmp_path, "--unibcq", _fake_cli(tmp_path, 0))
+    args = _args(tmp_path, "--configs", "3:128,2:128", "--unibcq", _fake_cli(tmp_path, 0))
+    _touch(tmp_path / "rtn-w2-g128.machine.json", protocol.machine_record(args))
     unfinished, _ = protocol.run_rows(args, protocol.row_names(args))
     assert unfinished == []
     calls = (tmp_path / "calls.txt").read_text().splitlines()
-    assert calls[0].startswith("quantize smollm2-135m --method rtn") and calls[-1].startswith("eval smollm2-135m")
+    quantized = [c.split("--bits ")[1][0] for c in calls if c.startswith("quantize")]
+    assert quantized == ["2", "3"]
+    assert calls[-1].startswith("eval smollm2-135m") and "--method" not in calls[-1]  # fp, begun elsewhere
 
 
 def test_an_out_folder_holds_one_protocol(tmp_path):
