@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-from decimal import Decimal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -567,40 +566,51 @@ def test_mmlu_shots_beyond_the_dev_split_are_refused(tok, data_dir):
 
 
 @pytest.mark.parametrize(("text", "strict", "flexible"), [
-    ("She makes 9 * 2 = 18 dollars.\n#### 18", "18", "18"),
-    ("#### 1,234", "1234", "1234"),
-    ("The total is -5 degrees.\n#### -5", "-5", "-5"),
-    ("#### $3.50", "3.5", "3.50"),
-    ("so 12 apples and 7.5 kg, total $1,000.", None, "1000"),
-    ("#### 7 because 8", "7", "8"),
-    ("I do not know", None, None),
+    ("She makes 9 * 2 = 18 dollars. The answer is 18.", "18", "18."),
+    ("The answer is 1,234.\n", "1,234", "1,234."),
+    ("It is -5 degrees. The answer is -5. Q", "-5.", "-5."),  # the pattern's last "." is any character
+    ("The answer is $3.50 each", gsm8k.INVALID, "$3.50"),  # lm-eval's strict pattern takes no "$"
+    ("so 12 apples and 7.5 kg, total $1,000.", gsm8k.INVALID, "$1,000."),
+    ("The answer is 7 because 8", "7", "8"),
+    ("I do not know...", gsm8k.INVALID, "..."),
+    ("I do not know", gsm8k.INVALID, gsm8k.INVALID),
 ])
-def test_gsm8k_answer_extraction(text, strict, flexible):
-    assert gsm8k.extract_strict(text) == (Decimal(strict) if strict else None)
-    assert gsm8k.extract_flexible(text) == (Decimal(flexible) if flexible else None)
+def test_gsm8k_answer_extraction_follows_lm_eval_filters(text, strict, flexible):
+    assert gsm8k.extract_strict(text) == strict
+    assert gsm8k.extract_flexible(text) == flexible
+
+
+@pytest.mark.parametrize(("extracted", "gold", "hit"), [
+    ("18.", "18", True), ("$1,000.", "1000", True), ("2,125", "2,125", True), ("-5.", "-5", True),
+    ("18.00", "18", False), ("018", "18", False), ("1,000..", "1000", False), ("...", "3", False),
+    (gsm8k.INVALID, "18", False),
+])
+def test_gsm8k_answers_match_as_normalised_strings(extracted, gold, hit):
+    assert gsm8k.is_correct(extracted, gold) is hit
 
 
 def test_gsm8k_stop_sequences_and_prompt():
-    assert gsm8k.truncate_at_stop("a #### 4\n\nQuestion: b") == "a #### 4"
-    assert gsm8k.truncate_at_stop("a\nQuestion: b\n\nc") == "a\n"
+    assert gsm8k.truncate_at_stop("a. The answer is 4.\n\nQ: b") == "a. The answer is 4.\n\n"
+    assert gsm8k.truncate_at_stop("a\n</s>Q: b") == "a\n"
     prompt = gsm8k.build_prompt("How many?")
-    assert prompt.count("Question:") == 9 and prompt.endswith("\n\nQuestion: How many?\nAnswer:")
-    assert "There are 15 trees in the grove." in prompt and "\n#### 6\n\n" in prompt
+    assert prompt.count("Q: ") == 9 and prompt.endswith(" The answer is 8.\n\nQ: How many?\nA:")
+    assert prompt.startswith("Q: There are 15 trees in the grove.")
+    assert "\nA: There are 15 trees originally." in prompt and "= 6. The answer is 6.\n\nQ: If there" in prompt
 
 
 def test_gsm8k_scores_a_stub_generator():
-    problems = [gsm8k.Problem(f"q{i}", Decimal(g)) for i, g in enumerate(["18", "3", "7", "10", "1000"])]
-    canned = {"q0": "x #### 18\n\nQuestion: 99", "q1": "The answer is 3.", "q2": "#### 7 because 8",
+    problems = [gsm8k.Problem(f"q{i}", g) for i, g in enumerate(["18", "3", "7", "10", "1,000"])]
+    canned = {"q0": "x = 18. The answer is 18.\n\nQ: 99", "q1": "The answer is 3.", "q2": "The answer is 7 because 8",
               "q3": "I do not know", "q4": "Total: $1,000"}
     batches = []
 
     def generate(prompts: list[str]) -> list[str]:
         batches.append(len(prompts))
-        return [canned[p.rsplit("Question: ", 1)[1].split("\n")[0]] for p in prompts]
+        return [canned[p.rsplit("Q: ", 1)[1].split("\n")[0]] for p in prompts]
 
     result = gsm8k.evaluate_gsm8k(problems, generate, batch_size=2)
     assert batches == [2, 2, 1]
-    assert result["acc"] == pytest.approx(3 / 5) and result["acc_strict"] == pytest.approx(2 / 5)
+    assert result["acc"] == pytest.approx(3 / 5) and result["acc_strict"] == pytest.approx(3 / 5)
     assert result["n"] == 5 and result["acc_norm"] is None
 
 
@@ -699,7 +709,7 @@ def test_real_lambada_gsm8k_and_mmlu_files_load(real_data):
     pairs = zeroshot.load_lambada(real_data, 5)
     assert len(pairs) == 5 and all(t.startswith(" ") and " " not in t[1:] for _, t in pairs)
     problems = gsm8k.load_gsm8k(real_data, 3)
-    assert [p.gold for p in problems] == [Decimal(18), Decimal(3), Decimal(70000)]
+    assert [p.gold for p in problems] == ["18", "3", "70000"]
     subjects = mmlu.subjects(real_data)
     assert len(subjects) == 57
     for subject in subjects:
@@ -883,9 +893,9 @@ def test_generation_stops_once_the_completion_holds_a_stop_sequence():
             return ["".join(chr(int(i)) for i in row) for row in rows]
 
     stop = gsm8k._StopOnText(Chars(), 2, gsm8k.STOP_SEQUENCES)
-    rows = ["ab#\n\nxxxxxx", "\n\nabcdefghi", "abQuestion:"]
+    rows = ["abQ:xxxxxx", "Q:abcdefgh", "ab</s>xxxx"]
     ids = torch.tensor([[ord(c) for c in row] for row in rows])
-    assert stop(ids, None).tolist() == [True, False, True]  # a blank line inside the prompt does not count
+    assert stop(ids, None).tolist() == [True, False, True]  # a stop inside the prompt does not count
 
 
 def test_slot_normalizers_are_chunked_without_changing_a_number():

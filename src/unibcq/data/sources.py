@@ -7,6 +7,16 @@ laid out as in the shared datasets folder; when neither has them, the Hugging Fa
 
 Calibration never uses the evaluation text: for `wikitext2` it draws from the WikiText-2
 validation split, for `ptb` from PTB validation. A local file is used as given for both.
+
+A known dataset's text is the same string whether it comes from the folder or the Hub:
+its non-empty lines, stripped of line endings, joined by the dataset's separator. For
+`ptb` that is GPTQ's `ptb-new` text (sentences joined by " "). For `wikitext2` it is the
+lines joined by a blank line, which is not quite GPTQ's string: GPTQ joins the Hub rows
+with "\n\n", and those rows keep their newline and include the empty rows around
+headings, which the local file does not hold. On SmolLM2's tokenizer GPTQ's string is
+about 1% more tokens (estimated by putting blank rows back around the headings), so WikiText-2 perplexities here are close to, not digit for digit,
+the papers'. The evaluation stream is tokenised with the tokenizer's defaults (one BOS at
+its start where the tokenizer adds one, as GPTQ does); calibration text without.
 """
 
 from __future__ import annotations
@@ -26,10 +36,13 @@ CALIB = "calib"
 
 @dataclass(frozen=True)
 class KnownDataset:
-    """Relative paths under the data directory and the Hub fallback for each split."""
+    """Relative paths under the data directory, the Hub fallback for each split, and the
+    separator that joins the text's lines."""
 
     files: dict[str, str]
     hub: tuple[str, str | None, dict[str, str], str]  # (path, config, split per role, text column)
+    separator: str = "\n\n"
+    strip_lines: bool = False  # PTB's lines carry a space on each side; WikiText's leading space is text
 
 
 KNOWN: dict[str, KnownDataset] = {
@@ -40,6 +53,8 @@ KNOWN: dict[str, KnownDataset] = {
     "ptb": KnownDataset(
         files={EVAL: "ptb/ptb.test.txt", CALIB: "ptb/ptb.valid.txt"},
         hub=("ptb_text_only", "penn_treebank", {EVAL: "test", CALIB: "validation"}, "sentence"),
+        separator=" ",
+        strip_lines=True,
     ),
 }
 
@@ -49,10 +64,10 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     return Path(chosen).expanduser() if chosen else None
 
 
-def _join_lines(text: str) -> str:
-    """Normalise line endings and join non-empty lines with a blank line between them."""
+def _join_lines(text: str, separator: str = "\n\n", strip: bool = False) -> str:
+    """Normalise line endings and join the non-empty lines (stripped, if `strip`) with `separator`."""
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    return "\n\n".join(line for line in lines if line.strip())
+    return separator.join(line.strip() if strip else line for line in lines if line.strip())
 
 
 def _read_local_file(path: Path) -> str:
@@ -87,7 +102,8 @@ def _from_hub(name: str, role: str) -> str:
         rows = datasets.load_dataset(hub_path, hub_config, split=splits[role])[column]
     except Exception as exc:  # the datasets library raises many kinds of network errors
         raise UnibcqError(f"could not fetch {name} from the Hugging Face Hub: {exc}") from exc
-    return "\n\n".join(rows)
+    known = KNOWN[name]
+    return _join_lines("\n".join(rows), known.separator, known.strip_lines)
 
 
 def load_text(source: str, role: str = EVAL, data_dir: str | os.PathLike | None = None) -> str:
@@ -101,7 +117,8 @@ def load_text(source: str, role: str = EVAL, data_dir: str | os.PathLike | None 
                     f"{source} {role} file {path} not found; point --data-dir / UNIBCQ_DATA_DIR at a "
                     f"folder containing {KNOWN[source].files[role]}"
                 )
-            return _join_lines(path.read_text(encoding="utf-8"))
+            known = KNOWN[source]
+            return _join_lines(path.read_text(encoding="utf-8"), known.separator, known.strip_lines)
         return _from_hub(source, role)
     path = Path(source).expanduser()
     if path.suffix in (".txt", ".jsonl", ".raw", ".tokens") or path.exists():
@@ -109,14 +126,15 @@ def load_text(source: str, role: str = EVAL, data_dir: str | os.PathLike | None 
     raise UnibcqError(f"unknown data source {source!r}; use {', '.join(KNOWN)} or a .txt/.jsonl file")
 
 
-def _tokenize(tokenizer, text: str) -> torch.Tensor:
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False)["input_ids"][0]
+def _tokenize(tokenizer, text: str, special_tokens: bool = False) -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=special_tokens, verbose=False)["input_ids"][0]
     return ids.to(torch.long)
 
 
 def eval_token_ids(tokenizer, source: str, data_dir: str | os.PathLike | None = None) -> torch.Tensor:
-    """The evaluation text tokenised once (1-D)."""
-    return _tokenize(tokenizer, load_text(source, EVAL, data_dir))
+    """The evaluation text tokenised once (1-D), with the tokenizer's special tokens as GPTQ's
+    evaluation has them (a BOS at the start of the stream for Llama-2's tokenizer)."""
+    return _tokenize(tokenizer, load_text(source, EVAL, data_dir), special_tokens=True)
 
 
 def calibration_windows(

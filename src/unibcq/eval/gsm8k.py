@@ -1,18 +1,22 @@
 """GSM8K by greedy generation with an 8-shot chain-of-thought prompt, scored by exact match.
 
-There is no local train split to draw exemplars from, so the prompt uses the eight
-exemplars of the chain-of-thought paper (Wei et al., 2022), written in GSM8K's own answer
-format ("reasoning\\n#### N") so that the model's answer can be read after "####":
+The task is lm-evaluation-harness's `gsm8k_cot` (v3): the eight exemplars of the
+chain-of-thought paper (Wei et al., 2022), each ending "The answer is N.", first-n, joined
+by blank lines:
 
-    Question: {exemplar}\\nAnswer: {reasoning}\\n#### {n}\\n\\n  (x 8)
-    Question: {test question}\\nAnswer:
+    Q: {exemplar}\nA: {reasoning} The answer is {n}.\n\n  (x 8)
+    Q: {test question}\nA:
 
-Generation is greedy, at most 256 new tokens, cut at the first "Question:" or blank line
-(lm-eval's `until`). Two scores, as lm-eval's gsm8k:
-  strict    the number right after "####" in the output;
-  flexible  the last number anywhere in the output (the reported `acc`).
-Numbers are compared by value after dropping "$" and thousands commas ("1,000.0" == 1000),
-against the gold number after "####" in the reference answer.
+(lm-eval's plain `gsm8k` task draws its 5 exemplars from the train split, which is not
+here.) Generation is greedy, at most 256 new tokens, cut at the first "Q:", "</s>" or
+"<|im_end|>" (lm-eval's `until`). Two scores, as lm-eval's filters:
+  strict    the text after the first "The answer is " (`strict-match`);
+  flexible  the last number-like run anywhere in the output (`flexible-extract`; the
+            reported `acc`).
+An extracted answer matches the gold text after "####" when both are equal once
+lower-cased with commas, "$", anything up to "#### " and one trailing "." removed
+(lm-eval's exact_match with its `regexes_to_ignore`): a string match, so "18.00" does not
+match "18", as in lm-eval.
 
 `evaluate_gsm8k` takes any function from a batch of prompts to completions, so tests can
 stub the model; `greedy_generator` is the one backed by a Hugging Face model.
@@ -22,7 +26,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,7 +39,7 @@ from unibcq.eval.zeroshot import (
 )
 
 GSM8K_FILE = "zeroshot/gsm8k/test.jsonl"
-STOP_SEQUENCES = ("Question:", "\n\n")
+STOP_SEQUENCES = ("Q:", "</s>", "<|im_end|>")
 MAX_NEW_TOKENS = 256
 
 # (question, reasoning, answer): the chain-of-thought paper's eight GSM8K-style exemplars.
@@ -68,9 +71,10 @@ EXEMPLARS: tuple[tuple[str, str, int], ...] = (
      "So she has 23 - 15 dollars left. 23 - 15 is 8.", 8),
 )
 
-_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
-_STRICT = re.compile(r"####\s*(" + _NUMBER + ")")
-_ANY_NUMBER = re.compile(_NUMBER)
+_STRICT = re.compile(r"The answer is (\-?[0-9\.\,]+).")
+_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+_IGNORED = tuple(re.compile(r) for r in (",", r"\$", r"(?s).*#### ", r"\.$"))
+INVALID = "[invalid]"  # lm-eval's filter output when nothing matches
 
 GenerateFn = Callable[[list[str]], list[str]]
 
@@ -78,27 +82,33 @@ GenerateFn = Callable[[list[str]], list[str]]
 @dataclass(frozen=True)
 class Problem:
     question: str
-    gold: Decimal
+    gold: str  # the reference answer's text after the last "####"
 
 
-def to_number(text: str) -> Decimal | None:
-    """The value of a number as written ("$1,234.50", "-7", "12."), or None."""
-    try:
-        return Decimal(text.replace(",", "").replace("$", "").rstrip("."))
-    except InvalidOperation:
-        return None
+def normalize_answer(text: str) -> str:
+    """An answer as lm-eval's exact_match compares it: commas, "$", everything up to
+    "#### " and one trailing "." removed, in that order, then lower-cased."""
+    for pattern in _IGNORED:
+        text = pattern.sub("", text)
+    return text.lower()
 
 
-def extract_strict(output: str) -> Decimal | None:
-    """The number right after the first "####", or None when the output has no such answer."""
+def extract_strict(output: str) -> str:
+    """The answer after the first "The answer is ", or INVALID."""
     match = _STRICT.search(output)
-    return to_number(match.group(1)) if match else None
+    return match.group(1) if match else INVALID
 
 
-def extract_flexible(output: str) -> Decimal | None:
-    """The last number anywhere in the output, or None."""
-    numbers = _ANY_NUMBER.findall(output)
-    return to_number(numbers[-1]) if numbers else None
+def extract_flexible(output: str) -> str:
+    """The last number-like run in the output, or INVALID."""
+    matches = _FLEXIBLE.findall(output)
+    if not matches:
+        return INVALID
+    return next((group for group in matches[-1] if group), INVALID)
+
+
+def is_correct(extracted: str, gold: str) -> bool:
+    return normalize_answer(extracted) == normalize_answer(gold)
 
 
 def truncate_at_stop(text: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:
@@ -108,21 +118,20 @@ def truncate_at_stop(text: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:
 
 
 def build_prompt(question: str) -> str:
-    """The 8-shot prompt ending with "Answer:" after `question`."""
-    shots = "".join(f"Question: {q}\nAnswer: {r}\n#### {n}\n\n" for q, r, n in EXEMPLARS)
-    return f"{shots}Question: {question}\nAnswer:"
+    """The 8-shot prompt ending with "A:" after `question`."""
+    shots = "".join(f"Q: {q}\nA: {r} The answer is {n}.\n\n" for q, r, n in EXEMPLARS)
+    return f"{shots}Q: {question}\nA:"
 
 
 def load_gsm8k(root: Path, limit: int | None) -> list[Problem]:
-    """The first `limit` test problems with their gold numbers."""
+    """The first `limit` test problems with their gold answers."""
     path = data_file(root, GSM8K_FILE)
 
     def build(row: dict[str, Any]) -> Problem:
         _, sep, tail = row["answer"].rpartition("####")
-        gold = to_number(tail.strip()) if sep else None
-        if gold is None:
-            raise ValueError("answer does not end with '#### <number>'")
-        return Problem(row["question"], gold)
+        if not sep or not tail.strip():
+            raise ValueError("answer does not end with '#### <answer>'")
+        return Problem(row["question"], tail.strip())
 
     return parse_rows(path, read_jsonl(path), build, limit)
 
@@ -198,8 +207,8 @@ def evaluate_gsm8k(
             outputs[i] = truncate_at_stop(text)
         progress(min(start + batch_size, len(order)), len(order))
     n = len(problems)
-    flexible = sum(extract_flexible(o) == p.gold for o, p in zip(outputs, problems)) / n
-    strict = sum(extract_strict(o) == p.gold for o, p in zip(outputs, problems)) / n
+    flexible = sum(is_correct(extract_flexible(o), p.gold) for o, p in zip(outputs, problems)) / n
+    strict = sum(is_correct(extract_strict(o), p.gold) for o, p in zip(outputs, problems)) / n
     return {
         "acc": flexible, "acc_norm": None, "stderr": stderr_of_mean(flexible, n), "n": n,
         "acc_strict": strict, "acc_strict_stderr": stderr_of_mean(strict, n), "shots": len(EXEMPLARS),

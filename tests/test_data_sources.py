@@ -1,0 +1,76 @@
+"""A known dataset is the same text from the local folder and from the Hub, joined as GPTQ
+joins it where the local files allow; the evaluation stream keeps the tokenizer's BOS."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from unibcq.data import calibration_windows, eval_token_ids, load_text
+from unibcq.data.sources import CALIB, EVAL
+from unibcq.errors import UnibcqError
+
+WIKI_FILE = " = Title = \r\n Para one . \r\n\r\n = = Part = = \r\n Para two . \r\n"
+WIKI_HUB_ROWS = ["", " = Title = \n", "", " Para one . \n", "", " = = Part = = \n", "", " Para two . \n"]
+PTB_FILE = " no it was n't black monday \n but while the new york stock exchange \n"
+PTB_HUB_ROWS = ["no it was n't black monday", "but while the new york stock exchange"]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    (tmp_path / "wikitext-2-raw").mkdir()
+    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_bytes(WIKI_FILE.encode())
+    (tmp_path / "ptb").mkdir()
+    (tmp_path / "ptb" / "ptb.test.txt").write_text(PTB_FILE)
+    return tmp_path
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A `datasets` module that serves Hub-shaped rows (WikiText's keep their newline and
+    include empty rows; PTB's sentences come stripped)."""
+    rows = {"wikitext": ("text", WIKI_HUB_ROWS), "ptb_text_only": ("sentence", PTB_HUB_ROWS)}
+
+    def load_dataset(path, config, split):
+        column, values = rows[path]
+        return {column: values}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.delenv("UNIBCQ_DATA_DIR", raising=False)
+
+
+def test_wikitext2_lines_are_joined_by_blank_lines_keeping_their_leading_space(data_dir):
+    assert load_text("wikitext2", EVAL, data_dir) == " = Title = \n\n Para one . \n\n = = Part = = \n\n Para two . "
+
+
+def test_ptb_is_gptqs_ptb_new_text(data_dir):
+    assert load_text("ptb", EVAL, data_dir) == "no it was n't black monday but while the new york stock exchange"
+
+
+@pytest.mark.parametrize("name", ["wikitext2", "ptb"])
+def test_the_hub_and_the_local_folder_give_the_same_text(name, data_dir, fake_hub):
+    assert load_text(name, EVAL) == load_text(name, EVAL, data_dir)
+
+
+def test_a_missing_file_names_what_to_point_at(tmp_path):
+    with pytest.raises(UnibcqError, match="wiki.valid.tokens"):
+        load_text("wikitext2", CALIB, tmp_path)
+
+
+class _BosTokenizer:
+    """Words to ids, with id 1 as BOS when special tokens are asked for."""
+
+    def __call__(self, text, return_tensors, add_special_tokens, verbose):
+        ids = [1] * add_special_tokens + [2 + len(w) for w in text.split()]
+        return {"input_ids": torch.tensor([ids])}
+
+
+def test_the_evaluation_stream_starts_with_bos_and_calibration_windows_do_not(data_dir):
+    ids = eval_token_ids(_BosTokenizer(), "ptb", data_dir)
+    assert ids[0].item() == 1 and (ids[1:] != 1).all()
+    (data_dir / "ptb" / "ptb.valid.txt").write_text(PTB_FILE * 4)
+    windows = calibration_windows(_BosTokenizer(), "ptb", n_samples=8, seq_len=4, data_dir=data_dir)
+    assert windows.shape == (8, 4) and (windows != 1).all()
