@@ -12,6 +12,8 @@ from unibcq.formats.bcq import BCQTensor, group_index, num_groups
 from unibcq.quantizers import quantize_bcq, quantize_rtn
 from unibcq.quantizers.bcq import (
     alternate,
+    bcq_greedy_groups,
+    bcq_refined_groups,
     greedy_codes,
     least_squares_scales,
     nearest_codes,
@@ -218,11 +220,25 @@ def test_alternating_inits(bits, offset):
     assert rel_error(w, plain) <= rel_error(w, greedy) * (1 + 1e-4)
 
 
-def test_alternating_zero_iterations_is_refined_quality():
+def test_alternating_zero_iterations_is_refined_plus_one_code_pick():
     w = randn(8, 64, seed=9)
     t0 = quantize_bcq(w, 3, 32, "alternating", iters=0, init="greedy")
     refined = quantize_bcq(w, 3, 32, "refined")
-    assert rel_error(w, t0) == pytest.approx(rel_error(w, refined), rel=1e-3)
+    assert torch.equal(t0.alpha, refined.alpha)  # the pick changes codes, not the refit scales
+    assert rel_error(w, t0) < rel_error(w, refined)
+
+
+@pytest.mark.parametrize("offset", [True, False])
+def test_greedy_and_refined_keep_greedys_residual_sign_codes(offset):
+    """Guo et al.'s codes: plane i is the sign of the residual the planes before it left,
+    never re-picked as the nearest level (that would be a step of alternating)."""
+    x = randn(12, 32, seed=3)
+    expected, _, _ = greedy_codes(x, 3, offset)
+    assert torch.equal(bcq_greedy_groups(x, 3, offset).signs, expected > 0)
+    refined = bcq_refined_groups(x, 3, offset)
+    alpha, _ = least_squares_scales(x, expected, offset)
+    flip = (alpha < 0)[:, None, :]
+    assert torch.equal(refined.signs, (expected > 0) ^ flip)
 
 
 def test_unknown_init_and_algorithm_rejected():

@@ -56,6 +56,20 @@ def test_uniform_as_bcq_is_exact(bits):
     assert torch.equal(t.alpha[..., 1:].float(), 2 * t.alpha[..., :-1].float())
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_stored_uniform_grid_is_off_only_by_the_fp16_rounding_of_the_offset(bits):
+    """With scales that are not powers of two the fp16 offset s * (c - z) is rounded: the
+    stored grid may shift by at most half an fp16 ulp of the offset, never more."""
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(64, 128, generator=gen) * 0.02
+    scale, zero = minmax_params(x, bits, symmetric=False)
+    q = quantize_to_grid(x, scale, zero, bits)
+    codes = uniform_to_bcq(q, scale, zero, bits)
+    t = BCQTensor.from_codes(codes.signs.permute(2, 0, 1), codes.alpha[:, None, :], codes.offset[:, None], -1)
+    shift = (t.dequantize() - scale[:, None] * (q - zero[:, None])).abs().amax(1)
+    assert (shift <= codes.offset.abs() * 2.0**-11 + 1e-12).all()
+
+
 def test_uniform_as_bcq_with_grouping_is_exact():
     """Same check through several groups per row and a tail group."""
     bits, out_features, in_features, gs = 3, 6, 21, 8

@@ -12,7 +12,8 @@ with
     alpha  : float16 (out, groups, bits)
     offset : float16 (out, groups), or None for offset-free BCQ
 
-Uniform quantization is an exact special case (see `unibcq.quantizers.uniform`), so RTN,
+Uniform quantization is an exact special case, stored up to fp16 rounding of the offset
+(see `unibcq.quantizers.uniform`), so RTN,
 GPTQ and FlexRound results live in the same tensors and are served by the same kernels.
 Bits per weight are computed from the bytes actually stored, padding included.
 """

@@ -3,8 +3,8 @@
 All functions take X (R, g), R independent groups of g values, and return `GroupCodes`.
 Each group is approximated as sum_i alpha_i b_i (+ offset), b_i in {-1, +1}^g.
 
-- greedy (Guo et al. 2017): b_i = sign(residual), alpha_i = mean |residual|.
-- refined: greedy codes, then alpha (and offset) by least squares.
+- greedy (Guo et al. 2017): b_i = sign(residual), alpha_i = mean |residual|; codes kept.
+- refined: greedy codes kept, alpha (and offset) refit by least squares.
 - alternating (Xu et al. 2018): repeat { least-squares alpha | nearest-level codes }.
   The nearest of the 2^n levels is found by sorting the levels of each group and a batched
   binary search, so memory is O(R 2^n + R g), never O(R g 2^n).
@@ -144,14 +144,18 @@ def finalize(x: torch.Tensor, codes: GroupCodes) -> GroupCodes:
 
 
 def bcq_greedy_groups(x: torch.Tensor, bits: int, offset: bool = True) -> GroupCodes:
+    """Greedy as Guo et al. define it: the residual-sign codes are kept as found (re-picking
+    the nearest levels would be a step of alternating, and a stronger baseline than greedy)."""
     b, alpha, o = greedy_codes(x, bits, offset)
-    return finalize(x, canonical(b, alpha, o))
+    return canonical(b, alpha, o)
 
 
 def bcq_refined_groups(x: torch.Tensor, bits: int, offset: bool = True) -> GroupCodes:
+    """Refined greedy: greedy's codes kept, their scales (and offset) refit by least squares.
+    One nearest-level pick after this is alternating with `iters=0`."""
     b, _, _ = greedy_codes(x, bits, offset)
     alpha, o = least_squares_scales(x, b, offset)
-    return finalize(x, canonical(b, alpha, o))
+    return canonical(b, alpha, o)
 
 
 def alternate(
@@ -198,6 +202,12 @@ def bcq_alternating_groups(
     x: torch.Tensor, bits: int, offset: bool = True, iters: int = 15, init: str = "greedy+uniform"
 ) -> GroupCodes:
     """Alternating BCQ (Xu et al. 2018).
+
+    From the start's codes: a least-squares fit of the scales, then `iters` rounds of
+    (nearest-level codes | least-squares scales), then one last pick of codes for the
+    fp16-rounded scales; so `iters=0` is refined greedy plus one code pick, and `iters=T`
+    makes T + 1 scale fits and T + 1 code picks (Xu et al.'s T cycles of both, after the
+    first fit). Each group keeps its best round.
 
     `init="greedy"` starts from greedy codes as the paper does. The default
     `"greedy+uniform"` also runs from the min-max uniform grid's codes (a valid BCQ point,

@@ -3,6 +3,12 @@
 An n-bit asymmetric grid s * (q - z), q in 0..2^n - 1, equals BCQ with
 alpha = s * (2^(n-2), ..., 1, 1/2) and offset s * ((2^n - 1) / 2 - z): writing
 q = sum_j 2^j t_j with t_j in {0, 1} and b_j = 2 t_j - 1 gives q - c = sum_j 2^(j-1) b_j.
+
+The identity is exact; storage is exact up to fp16 rounding of the offset. The alphas are
+the fp16 scale times powers of two (exact), but s * (c - z) needs more significant bits than
+fp16 keeps, so the stored grid is shifted from s * (q - z) by up to 2^-11 of the offset:
+measured on 0.02-scale Gaussian rows of 128, at most 6e-4 of a grid step at 3 bits, 1.2e-3
+at 4 bits and 2e-2 at 8 bits (2 bits: none), far below the rounding error itself.
 """
 
 from __future__ import annotations
@@ -99,7 +105,7 @@ def dequantize_grid(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
 
 
 def uniform_to_bcq(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> GroupCodes:
-    """Exact BCQ form of uniform codes: plane j is bit j of q, alpha_j = s * 2^(j-1)."""
+    """BCQ form of uniform codes (exact in float32): plane j is bit j of q, alpha_j = s * 2^(j-1)."""
     q = q.to(torch.int64)
     signs = torch.stack([((q >> j) & 1).bool() for j in range(bits)], dim=-1)
     powers = 2.0 ** (torch.arange(bits, dtype=torch.float32, device=q.device) - 1)
