@@ -15,6 +15,8 @@ from unibcq.errors import UnibcqError
 
 WIKI_FILE = " = Title = \r\n Para one . \r\n\r\n = = Part = = \r\n Para two . \r\n"
 WIKI_HUB_ROWS = ["", " = Title = \n", "", " Para one . \n", "", " = = Part = = \n", "", " Para two . \n"]
+WIKI_TOKENS_FILE = " = Valid = \n\n The <unk> was here . \n"
+WIKI_TOKENS_HUB_ROWS = ["", " = Valid = \n", "", " The <unk> was here . \n"]
 PTB_FILE = " no it was n't black monday \n but while the new york stock exchange \n"
 PTB_HUB_ROWS = ["no it was n't black monday", "but while the new york stock exchange"]
 
@@ -23,6 +25,8 @@ PTB_HUB_ROWS = ["no it was n't black monday", "but while the new york stock exch
 def data_dir(tmp_path):
     (tmp_path / "wikitext-2-raw").mkdir()
     (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_bytes(WIKI_FILE.encode())
+    (tmp_path / "wikitext-2").mkdir()
+    (tmp_path / "wikitext-2" / "wiki.valid.tokens").write_text(WIKI_TOKENS_FILE)
     (tmp_path / "ptb").mkdir()
     (tmp_path / "ptb" / "ptb.test.txt").write_text(PTB_FILE)
     return tmp_path
@@ -32,10 +36,12 @@ def data_dir(tmp_path):
 def fake_hub(monkeypatch):
     """A `datasets` module that serves Hub-shaped rows (WikiText's keep their newline and
     include empty rows; PTB's sentences come stripped)."""
-    rows = {"wikitext": ("text", WIKI_HUB_ROWS), "ptb_text_only": ("sentence", PTB_HUB_ROWS)}
+    rows = {("wikitext", "wikitext-2-raw-v1", "test"): ("text", WIKI_HUB_ROWS),
+            ("wikitext", "wikitext-2-v1", "validation"): ("text", WIKI_TOKENS_HUB_ROWS),
+            ("ptb_text_only", "penn_treebank", "test"): ("sentence", PTB_HUB_ROWS)}
 
     def load_dataset(path, config, split):
-        column, values = rows[path]
+        column, values = rows[path, config, split]
         return {column: values}
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
@@ -50,9 +56,9 @@ def test_ptb_is_gptqs_ptb_new_text(data_dir):
     assert load_text("ptb", EVAL, data_dir) == "no it was n't black monday but while the new york stock exchange"
 
 
-@pytest.mark.parametrize("name", ["wikitext2", "ptb"])
-def test_the_hub_and_the_local_folder_give_the_same_text(name, data_dir, fake_hub):
-    assert load_text(name, EVAL) == load_text(name, EVAL, data_dir)
+@pytest.mark.parametrize(("name", "role"), [("wikitext2", EVAL), ("wikitext2", CALIB), ("ptb", EVAL)])
+def test_the_hub_and_the_local_folder_give_the_same_text(name, role, data_dir, fake_hub):
+    assert load_text(name, role) == load_text(name, role, data_dir)
 
 
 def test_a_missing_file_names_what_to_point_at(tmp_path):

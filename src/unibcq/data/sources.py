@@ -6,7 +6,8 @@ laid out as in the shared datasets folder; when neither has them, the Hugging Fa
 `datasets` loader is tried (needs the network and `pip install datasets`).
 
 Calibration never uses the evaluation text: for `wikitext2` it draws from the WikiText-2
-validation split, for `ptb` from PTB validation. A local file is used as given for both.
+validation split (its word-level version with <unk>, the one the local folder holds; the Hub's
+`wikitext-2-v1`), for `ptb` from PTB validation. A local file is used as given for both.
 
 A known dataset's text is the same string whether it comes from the folder or the Hub:
 its non-empty lines, stripped of line endings, joined by the dataset's separator. For
@@ -40,7 +41,7 @@ class KnownDataset:
     separator that joins the text's lines."""
 
     files: dict[str, str]
-    hub: tuple[str, str | None, dict[str, str], str]  # (path, config, split per role, text column)
+    hub: tuple[str, dict[str, tuple[str | None, str]], str]  # (path, (config, split) per role, text column)
     separator: str = "\n\n"
     strip_lines: bool = False  # PTB's lines carry a space on each side; WikiText's leading space is text
 
@@ -48,11 +49,12 @@ class KnownDataset:
 KNOWN: dict[str, KnownDataset] = {
     "wikitext2": KnownDataset(
         files={EVAL: "wikitext-2-raw/wiki.test.raw", CALIB: "wikitext-2/wiki.valid.tokens"},
-        hub=("wikitext", "wikitext-2-raw-v1", {EVAL: "test", CALIB: "validation"}, "text"),
+        # the local calibration file is the word-level (tokens) validation split, so is the Hub's
+        hub=("wikitext", {EVAL: ("wikitext-2-raw-v1", "test"), CALIB: ("wikitext-2-v1", "validation")}, "text"),
     ),
     "ptb": KnownDataset(
         files={EVAL: "ptb/ptb.test.txt", CALIB: "ptb/ptb.valid.txt"},
-        hub=("ptb_text_only", "penn_treebank", {EVAL: "test", CALIB: "validation"}, "sentence"),
+        hub=("ptb_text_only", {EVAL: ("penn_treebank", "test"), CALIB: ("penn_treebank", "validation")}, "sentence"),
         separator=" ",
         strip_lines=True,
     ),
@@ -90,7 +92,8 @@ def _read_local_file(path: Path) -> str:
 
 
 def _from_hub(name: str, role: str) -> str:
-    hub_path, hub_config, splits, column = KNOWN[name].hub
+    hub_path, splits, column = KNOWN[name].hub
+    hub_config, split = splits[role]
     try:
         import datasets
     except ImportError as exc:
@@ -99,7 +102,7 @@ def _from_hub(name: str, role: str) -> str:
             "(e.g. to the shared datasets folder), or `pip install datasets` when online"
         ) from exc
     try:
-        rows = datasets.load_dataset(hub_path, hub_config, split=splits[role])[column]
+        rows = datasets.load_dataset(hub_path, hub_config, split=split)[column]
     except Exception as exc:  # the datasets library raises many kinds of network errors
         raise UnibcqError(f"could not fetch {name} from the Hugging Face Hub: {exc}") from exc
     known = KNOWN[name]
