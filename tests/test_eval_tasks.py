@@ -8,6 +8,7 @@ change nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -21,7 +22,9 @@ from torch import nn
 from unibcq.cli import main
 from unibcq.errors import UnibcqError
 from unibcq.eval import gsm8k, mmlu, zeroshot
-from unibcq.eval.tasks import MEAN_KEY, TASKS, resolve_tasks, run_tasks
+from unibcq.eval import tasks as tasks_module
+from unibcq.eval.suite import EvalSettings
+from unibcq.eval.tasks import MEAN_KEY, TASKS, check_tasks, resolve_tasks, run_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "datasets"
@@ -612,6 +615,45 @@ def test_gsm8k_scores_a_stub_generator():
     assert batches == [2, 2, 1]
     assert result["acc"] == pytest.approx(3 / 5) and result["acc_strict"] == pytest.approx(3 / 5)
     assert result["n"] == 5 and result["acc_norm"] is None
+
+
+def test_gsm8k_chat_prompt_turns_each_exemplar_into_a_user_and_an_assistant_turn():
+    class Template:
+        chat_template = "stand-in"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            assert not tokenize and add_generation_prompt
+            return "".join(f"<{m['role']}>{m['content']}</>" for m in messages) + "<assistant>"
+
+    prompt = gsm8k.build_chat_prompt(Template(), "How many?")
+    assert prompt.count("<user>Q: ") == 9 and prompt.count("<assistant>") == 9
+    assert prompt.startswith("<user>Q: There are 15 trees in the grove.")
+    assert "</><assistant>There are 15 trees originally." in prompt and "The answer is 6.</>" in prompt
+    assert prompt.endswith("<user>Q: How many?\nA:</><assistant>")
+    with pytest.raises(UnibcqError, match="no chat template"):
+        gsm8k.build_chat_prompt(object(), "How many?")
+
+
+def test_chat_template_is_refused_without_gsm8k(data_dir):
+    with pytest.raises(UnibcqError, match="gsm8k"):
+        check_tasks(["piqa"], None, data_dir, chat_template=True)
+    with pytest.raises(UnibcqError, match="gsm8k"):
+        EvalSettings.from_flags("wikitext2", None, chat_template=True).check()
+
+
+def test_gsm8k_runs_end_to_end_plain_and_as_a_chat(tiny_llama, tok, data_dir, monkeypatch):
+    monkeypatch.setattr(tasks_module, "greedy_generator", functools.partial(gsm8k.greedy_generator, max_new_tokens=4))
+    llama = tiny_llama(seed=3, hidden_size=64, vocab_size=VOCAB_SIZE, max_position_embeddings=1024)
+    _write_jsonl(data_dir / gsm8k.GSM8K_FILE, [{"question": "w1 w2 ?", "answer": "w3\n#### 18"},
+                                               {"question": "w4 ?", "answer": "w5\n#### 1,000"}])
+    plain = run_tasks(llama, tok, ["gsm8k"], None, data_dir, show_progress=False)["gsm8k"]
+    assert plain["n"] == 2 and plain["chat_template"] is False and 0 <= plain["acc"] <= 1
+    with pytest.raises(UnibcqError, match="no chat template"):
+        run_tasks(llama, tok, ["gsm8k"], None, data_dir, show_progress=False, chat_template=True)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}assistant{% endif %}")
+    chat = run_tasks(llama, tok, ["gsm8k"], None, data_dir, show_progress=False, chat_template=True)["gsm8k"]
+    assert chat["n"] == 2 and chat["chat_template"] is True
 
 
 def test_gsm8k_hf_generation_is_the_same_batched_and_alone(llama, tok):

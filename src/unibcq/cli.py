@@ -222,6 +222,9 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="--tasks: dtype the model scores in (bfloat16: 1.2-1.8x faster on a CPU with "
                              "AVX512-BF16 in our runs, and on GPUs); perplexity and KL always run in float32")
+    parser.add_argument("--chat-template", action="store_true",
+                        help="gsm8k: render the 8-shot prompt as a multi-turn chat with the tokenizer's template "
+                             "(instruct models; lm-eval's --apply_chat_template --fewshot_as_multiturn)")
     parser.add_argument("--device", default="cpu",
                         help="where the models run: cpu, cuda or cuda:N (compare: also where calibrated methods "
                              "quantize)")
@@ -232,7 +235,8 @@ def _eval_settings(args: argparse.Namespace):
 
     return EvalSettings.from_flags(args.ppl, args.tasks, seq_len=args.seq_len, max_windows=args.max_windows,
                                    limit=args.limit, mmlu_shots=args.mmlu_shots, batch_size=args.batch_size,
-                                   task_dtype=args.task_dtype, data_dir=args.data_dir)
+                                   task_dtype=args.task_dtype, data_dir=args.data_dir,
+                                   chat_template=args.chat_template)
 
 
 def _check_device(name: str) -> torch.device:

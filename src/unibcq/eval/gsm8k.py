@@ -8,7 +8,10 @@ by blank lines:
     Q: {test question}\nA:
 
 (lm-eval's plain `gsm8k` task draws its 5 exemplars from the train split, which is not
-here.) Generation is greedy, at most 256 new tokens, cut at the first "Q:", "</s>" or
+here.) With `chat=True` (`--chat-template`, for instruct models) the same exemplars become
+alternating user ("Q: ...\nA:") and assistant ("... The answer is N.") turns rendered by the
+tokenizer's chat template with the generation prompt appended, as lm-eval's
+`--apply_chat_template --fewshot_as_multiturn`. Generation is greedy, at most 256 new tokens, cut at the first "Q:", "</s>" or
 "<|im_end|>" (lm-eval's `until`). Two scores, as lm-eval's filters:
   strict    the text after the first "The answer is " (`strict-match`);
   flexible  the last number-like run anywhere in the output (`flexible-extract`; the
@@ -123,6 +126,18 @@ def build_prompt(question: str) -> str:
     return f"{shots}Q: {question}\nA:"
 
 
+def build_chat_prompt(tokenizer, question: str) -> str:
+    """The 8-shot prompt as a multi-turn chat, rendered by the tokenizer's template."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise UnibcqError("--chat-template: the tokenizer has no chat template")
+    messages: list[dict[str, str]] = []
+    for q, r, n in EXEMPLARS:
+        messages += [{"role": "user", "content": f"Q: {q}\nA:"},
+                     {"role": "assistant", "content": f"{r} The answer is {n}."}]
+    messages.append({"role": "user", "content": f"Q: {question}\nA:"})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def load_gsm8k(root: Path, limit: int | None) -> list[Problem]:
     """The first `limit` test problems with their gold answers."""
     path = data_file(root, GSM8K_FILE)
@@ -192,13 +207,15 @@ def evaluate_gsm8k(
     generate: GenerateFn,
     batch_size: int = 8,
     progress: ProgressFn = no_progress,
+    prompt: Callable[[str], str] = build_prompt,
 ) -> dict[str, Any]:
-    """Flexible (`acc`) and strict exact match; prompts go out longest first to limit padding."""
+    """Flexible (`acc`) and strict exact match; prompts (`prompt` of each question: plain
+    few-shot text, or a chat rendering) go out longest first to limit padding."""
     if not problems:
         raise UnibcqError("gsm8k has no problems to score")
     if batch_size < 1:
         raise UnibcqError(f"--batch-size must be >= 1, got {batch_size}")
-    prompts = [build_prompt(p.question) for p in problems]
+    prompts = [prompt(p.question) for p in problems]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):

@@ -33,6 +33,7 @@ class EvalSettings:
     batch_size: int = 8
     task_dtype: str = "float32"
     data_dir: str | Path | None = None
+    chat_template: bool = False
 
     @classmethod
     def from_flags(cls, ppl: str, tasks: str | None, **kwargs: Any) -> "EvalSettings":
@@ -56,7 +57,9 @@ class EvalSettings:
             raise UnibcqError(f"--max-windows must be >= 1, got {self.max_windows}")
         scoring_dtype(self.task_dtype)
         if self.tasks is not None:
-            check_tasks(self.tasks, self.limit, self.data_dir, self.mmlu_shots, self.batch_size)
+            check_tasks(self.tasks, self.limit, self.data_dir, self.mmlu_shots, self.batch_size, self.chat_template)
+        elif self.chat_template:
+            raise UnibcqError("--chat-template applies to gsm8k; add --tasks gsm8k")
 
     def journal_key(self) -> dict[str, Any]:
         """The settings every journal piece depends on (see `unibcq.eval.journal`).
@@ -73,6 +76,8 @@ class EvalSettings:
         fields = asdict(self)
         for unused in ("batch_size", "datasets", "tasks"):
             del fields[unused]
+        if not self.chat_template:  # the key journals had before the option existed
+            del fields["chat_template"]
         root = resolve_data_dir(self.data_dir)
         fields["data_dir"] = str(root.resolve()) if root is not None else None
         return fields
@@ -134,7 +139,7 @@ def evaluate_suite(model: nn.Module, tokenizer, settings: EvalSettings, ref_mode
     if settings.tasks is not None:
         tasks = run_tasks(model, tokenizer, settings.tasks, settings.limit, settings.data_dir, settings.mmlu_shots,
                           settings.batch_size, show_progress=show_progress, dtype=settings.task_dtype,
-                          journal=journal)
+                          journal=journal, chat_template=settings.chat_template)
         seconds += sum(r["seconds"] for r in tasks.values() if "seconds" in r)
     first = results[settings.datasets[0]] if settings.datasets else None
     measured = ref_model is not None

@@ -32,7 +32,9 @@ from torch import nn
 
 from unibcq.errors import UnibcqError
 from unibcq.eval.journal import EvalJournal
-from unibcq.eval.gsm8k import GSM8K_FILE, evaluate_gsm8k, greedy_generator, load_gsm8k
+from unibcq.eval.gsm8k import (
+    GSM8K_FILE, build_chat_prompt, build_prompt, evaluate_gsm8k, greedy_generator, load_gsm8k,
+)
 from unibcq.eval.mmlu import check_shots, evaluate_mmlu, subjects
 from unibcq.eval.zeroshot import (
     LAMBADA_FILE, MULTIPLE_CHOICE, ProgressFn, data_file, data_root, evaluate_lambada, evaluate_multiple_choice,
@@ -108,7 +110,7 @@ def _finished_parts(journal: EvalJournal | None, name: str) -> dict[str, dict[st
 
 def _run_one(
     name: str, model: nn.Module, tokenizer, root: Path, limit: int | None, mmlu_shots: int, batch_size: int,
-    progress: ProgressFn, journal: EvalJournal | None = None,
+    progress: ProgressFn, journal: EvalJournal | None = None, chat_template: bool = False,
 ) -> dict[str, Any]:
     # Long tasks resume part by part (zero-shot) or subject by subject (MMLU, 14k questions).
     on_part = (lambda part, piece: journal.put("part", f"{name}:{part}", piece)) if journal else None
@@ -123,11 +125,14 @@ def _run_one(
         return evaluate_mmlu(model, tokenizer, root, mmlu_shots, limit, batch_size, progress=progress,
                              finished=journal.finished("mmlu") if journal else None,
                              on_subject=(lambda subject, piece: journal.put("mmlu", subject, piece)) if journal else None)
-    return evaluate_gsm8k(load_gsm8k(root, limit), greedy_generator(model, tokenizer), batch_size, progress)
+    prompt = (lambda question: build_chat_prompt(tokenizer, question)) if chat_template else build_prompt
+    result = evaluate_gsm8k(load_gsm8k(root, limit), greedy_generator(model, tokenizer), batch_size, progress, prompt)
+    return {**result, "chat_template": chat_template}
 
 
 def check_tasks(
     tasks: Sequence[str], limit: int | None, data_dir: str | Path | None, mmlu_shots: int = 5, batch_size: int = 8,
+    chat_template: bool = False,
 ) -> tuple[Path, list[str]]:
     """(data directory, task names) after checking every option and task file.
 
@@ -146,6 +151,9 @@ def check_tasks(
     if "mmlu" in names:
         check_shots(mmlu_shots)
         subjects(root)
+    if chat_template and "gsm8k" not in names:
+        raise UnibcqError("--chat-template applies to gsm8k only (the scored tasks follow lm-eval's plain "
+                          "prompts); add gsm8k to --tasks")
     return root, names
 
 
@@ -160,6 +168,7 @@ def run_tasks(
     show_progress: bool = True,
     dtype: str = "float32",
     journal: EvalJournal | None = None,
+    chat_template: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Run `tasks` (names or "all") on the first `limit` items of each; see the module docstring.
 
@@ -167,7 +176,7 @@ def run_tasks(
     they are, and each task (and each MMLU subject and zero-shot part) is committed to it as
     it completes.
     """
-    root, names = check_tasks(tasks, limit, data_dir, mmlu_shots, batch_size)
+    root, names = check_tasks(tasks, limit, data_dir, mmlu_shots, batch_size, chat_template)
     torch_dtype = scoring_dtype(dtype)
     finished = journal.finished("task") if journal else {}
     results = {name: dict(finished[name]) for name in names if name in finished}
@@ -183,7 +192,7 @@ def run_tasks(
 
                 start = time.perf_counter()
                 results[name] = _run_one(name, model, tokenizer, root, limit, mmlu_shots, batch_size, progress,
-                                         journal)
+                                         journal, chat_template)
                 # Resumable tasks time themselves, counting the time their reused parts took.
                 results[name].setdefault("seconds", time.perf_counter() - start)
                 if journal is not None:
