@@ -13,7 +13,7 @@ A known dataset's text is the same string whether it comes from the folder or th
 its non-empty lines, stripped of line endings, joined by the dataset's separator. For
 `ptb` that is GPTQ's `ptb-new` text (sentences joined by " "). For `wikitext2` it is the
 lines joined by a blank line, which is not quite GPTQ's string: GPTQ joins the Hub rows
-with "\n\n", and those rows keep their newline and include the empty rows around
+with "\\n\\n", and those rows keep their newline and include the empty rows around
 headings, which the local file does not hold. On SmolLM2's tokenizer GPTQ's string is
 about 1% more tokens (estimated by putting blank rows back around the headings), so WikiText-2 perplexities here are close to, not digit for digit,
 the papers'. The evaluation stream is tokenised with the tokenizer's defaults (one BOS at

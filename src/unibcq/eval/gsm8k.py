@@ -4,22 +4,24 @@ The task is lm-evaluation-harness's `gsm8k_cot` (v3): the eight exemplars of the
 chain-of-thought paper (Wei et al., 2022), each ending "The answer is N.", first-n, joined
 by blank lines:
 
-    Q: {exemplar}\nA: {reasoning} The answer is {n}.\n\n  (x 8)
-    Q: {test question}\nA:
+    Q: {exemplar}\\nA: {reasoning} The answer is {n}.\\n\\n  (x 8)
+    Q: {test question}\\nA:
 
 (lm-eval's plain `gsm8k` task draws its 5 exemplars from the train split, which is not
-here.) With `chat=True` (`--chat-template`, for instruct models) the same exemplars become
-alternating user ("Q: ...\nA:") and assistant ("... The answer is N.") turns rendered by the
-tokenizer's chat template with the generation prompt appended, as lm-eval's
-`--apply_chat_template --fewshot_as_multiturn`. Generation is greedy, at most 256 new tokens, cut at the first "Q:", "</s>" or
-"<|im_end|>" (lm-eval's `until`). Two scores, as lm-eval's filters:
+here.) With `--chat-template` (instruct models) the same exemplars become alternating user
+("Q: ...\\nA:") and assistant ("... The answer is N.") turns rendered by the tokenizer's chat
+template with the generation prompt appended, as lm-eval's `--apply_chat_template
+--fewshot_as_multiturn`.
+
+Generation is greedy, at most 256 new tokens, cut at the first "Q:", "</s>" or "<|im_end|>"
+(lm-eval's `until`). Two scores, as lm-eval's filters:
   strict    the text after the first "The answer is " (`strict-match`);
   flexible  the last number-like run anywhere in the output (`flexible-extract`; the
             reported `acc`).
-An extracted answer matches the gold text after "####" when both are equal once
-lower-cased with commas, "$", anything up to "#### " and one trailing "." removed
-(lm-eval's exact_match with its `regexes_to_ignore`): a string match, so "18.00" does not
-match "18", as in lm-eval.
+An extracted answer matches the gold text after "####" when both are equal once commas,
+"$", anything up to "#### " and one trailing "." are removed and case is ignored (lm-eval's
+exact_match with its `regexes_to_ignore`): a string match, so "18.00" does not match "18",
+as in lm-eval.
 
 `evaluate_gsm8k` takes any function from a batch of prompts to completions, so tests can
 stub the model; `greedy_generator` is the one backed by a Hugging Face model.
