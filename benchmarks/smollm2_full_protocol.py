@@ -42,7 +42,8 @@ On a 2-core CPU a row takes five to six hours on one thread (the full test set w
 and the rows to work on, e.g. `--rows rtn-w3-g128,bcq-alternating-w3-g128 --jobs 2 --threads 1
 --time-budget 9000`. The checkpoints and the evals' journals (ROW.*.json.partial) stay in the
 folder (git ignores them), so the next run of the same rows on the same machine continues
-where the budget stopped it, losing at most the zero-shot part or MMLU subject in progress.
+where the budget stopped it, losing at most the zero-shot part or MMLU subject in progress;
+rows this machine began go before new ones, so --rows may name the next rows too.
 """
 
 from __future__ import annotations
