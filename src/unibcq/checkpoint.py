@@ -278,6 +278,28 @@ def _check_layer_spec(where: str, name: str, spec: Any) -> None:
             raise CheckpointError(f"{where}: layer {name}: {exc}") from exc
 
 
+def check_output_dir(out: str | os.PathLike, overwrite: bool, source: str | None = None) -> None:
+    """Refuse an --out that would lose something: an existing path without `overwrite`; with
+    it, anything but an earlier unibcq checkpoint (or an empty folder) -- never the working
+    directory, a folder holding it, or the model being quantized."""
+    out = Path(out).expanduser()
+    if not out.exists():
+        return
+    if not overwrite:
+        raise UnibcqError(f"output {out} already exists; remove it or pass --overwrite")
+    if not out.is_dir():
+        raise UnibcqError(f"output {out} is a file; --overwrite replaces only an earlier checkpoint folder")
+    target = out.resolve()
+    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
+        raise UnibcqError(f"output {out} is the working directory or holds it; choose another --out")
+    model = Path(source).expanduser() if source else None
+    if model is not None and model.exists() and (model.resolve() == target or target in model.resolve().parents):
+        raise UnibcqError(f"output {out} holds the model being quantized ({source}); choose another --out")
+    if any(out.iterdir()) and not is_checkpoint(out):
+        raise UnibcqError(f"output {out} is not a unibcq checkpoint; --overwrite replaces only an earlier "
+                          "checkpoint, so move its files away or choose another --out")
+
+
 def is_checkpoint(path: str | os.PathLike) -> bool:
     """Whether `path` holds a config.json that declares a unibcq checkpoint."""
     cfg_file = Path(path) / "config.json"

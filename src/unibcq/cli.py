@@ -270,7 +270,7 @@ def _source_spec(spec: str) -> str:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from unibcq.checkpoint import save_checkpoint
+    from unibcq.checkpoint import check_output_dir, save_checkpoint
     from unibcq.config import QuantConfig
     from unibcq.data import calibration_windows
     from unibcq.methods import CALIBRATED, quantize_model
@@ -308,8 +308,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         print(f"unibcq: note: {config.method} quantizes each matrix on the CPU{more}; "
               f"--device {args.device} places calibrated methods' blocks", file=sys.stderr)
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise UnibcqError(f"output {out} already exists; remove it or pass --overwrite")
+    check_output_dir(out, args.overwrite, args.model)
     source = resolve_model(args.model)
     save_dtype = _save_dtype(args)
     if args.max_memory is not None and not calibrated:

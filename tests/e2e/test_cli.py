@@ -278,6 +278,23 @@ def test_existing_output_is_kept(capsys, tmp_path, tiny_model_dir):
     assert (out / "keep.txt").read_text() == "mine"
 
 
+def test_overwrite_replaces_only_an_earlier_checkpoint(capsys, tmp_path, tiny_model_dir, monkeypatch):
+    quantize = ("quantize", tiny_model_dir, "--method", "rtn", "--no-progress", "--overwrite", "--out")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    code, _, err = run(capsys, *quantize, mine)
+    assert code == 2 and "not a unibcq checkpoint" in err and (mine / "keep.txt").read_text() == "mine"
+    code, _, err = run(capsys, *quantize, tiny_model_dir)
+    assert code == 2 and "model being quantized" in err and (Path(tiny_model_dir) / "config.json").is_file()
+    monkeypatch.chdir(mine)
+    code, _, err = run(capsys, *quantize, ".")
+    assert code == 2 and "working directory" in err and (mine / "keep.txt").is_file()
+    earlier = tmp_path / "earlier"
+    assert run(capsys, *quantize, earlier)[0] == 0
+    assert run(capsys, *quantize, earlier)[0] == 0  # an earlier checkpoint is what --overwrite is for
+
+
 def test_corrupt_checkpoint_cli(capsys, tmp_path, tiny_model_dir):
     out = tmp_path / "q"
     assert run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--out", out, "--no-progress")[0] == 0
