@@ -921,7 +921,7 @@ def test_a_journal_that_cannot_be_written_only_costs_the_resume(tmp_path, capsys
 
 
 def test_a_checkpoint_written_anew_under_the_same_path_changes_the_fingerprint(tmp_path):
-    from unibcq.eval.journal import files_fingerprint
+    from unibcq.models.fingerprint import files_fingerprint
 
     (tmp_path / "model.safetensors").write_bytes(b"old weights")
     before = files_fingerprint(tmp_path)

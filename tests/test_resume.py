@@ -84,6 +84,21 @@ def test_existing_state_needs_resume_and_the_same_run(tiny_llama, tmp_path, monk
         unibcq.quantize(tiny_llama(), config, calib + 1, show_progress=False, state_dir=tmp_path / "s", resume=True)
 
 
+def test_a_model_replaced_under_the_same_path_is_not_continued(tiny_llama, tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    tiny_llama(seed=1).save_pretrained(folder)
+
+    def load():
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+    config, calib = _gptq_killed_after_one_block(load(), tmp_path / "s", monkeypatch, seed=8)
+    tiny_llama(seed=2).save_pretrained(folder)  # other weights, same path and shapes
+    with pytest.raises(unibcq.UnibcqError, match="differs in: model_files"):
+        unibcq.quantize(load(), config, calib, show_progress=False, state_dir=tmp_path / "s", resume=True)
+
+
 def test_corrupt_state_is_a_clear_error(tiny_llama, tmp_path, monkeypatch):
     config, calib = _gptq_killed_after_one_block(tiny_llama(), tmp_path / "s", monkeypatch, seed=7)
     block = tmp_path / "s" / "block-0000.safetensors"

@@ -540,7 +540,7 @@ def _reference_dtype(ref_spec: str, device: torch.device, earlier: torch.dtype |
 def _journal_key(args: argparse.Namespace, settings: EvalSettings, ref_spec: str | None,
                  ref_dtype: torch.dtype | None) -> dict[str, Any]:
     """What an evaluation's finished pieces depend on (see `EvalJournal`)."""
-    from unibcq.eval.journal import files_fingerprint
+    from unibcq.models.fingerprint import files_fingerprint
 
     key = settings.journal_key() | {
         "model": _source_spec(args.model), "model_files": files_fingerprint(args.model),

@@ -19,25 +19,8 @@ from typing import Any, Sequence
 from unibcq.atomic import write_json_atomic
 
 JOURNAL_VERSION = 1
-MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
-MODEL_FILE_NAMES = ("config.json",)
 KIND_LABELS = {"ppl": "perplexity dataset(s)", "task": "task(s)", "mmlu": "MMLU subject(s)",
                "part": "task part(s)"}
-
-
-def files_fingerprint(spec: str | Path) -> list[tuple[str, int, int]] | None:
-    """(name, size, mtime_ns) of a local model file, or of a model folder's weight and config
-    files (not the eval outputs a user may keep beside them); None for a hub id. A checkpoint
-    re-quantized under the same path then no longer matches its old pieces."""
-    path = Path(spec).expanduser()
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(f for f in path.iterdir()
-                       if f.is_file() and (f.suffix in MODEL_FILE_SUFFIXES or f.name in MODEL_FILE_NAMES))
-    else:
-        return None
-    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
 class EvalJournal:

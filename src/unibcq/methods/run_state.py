@@ -36,6 +36,7 @@ from unibcq.config import QuantConfig
 from unibcq.errors import CheckpointError, UnibcqError
 from unibcq.methods.activations import ActivationStore, as_store
 from unibcq.models.architectures import block_linears, set_module
+from unibcq.models.fingerprint import files_fingerprint
 from unibcq.nn.qlinear import PACKED_MODULES, PackedLinear
 
 STATE_FILE = "state.json"
@@ -56,12 +57,15 @@ def state_dir_for(out_dir: str | os.PathLike) -> Path:
 
 
 def run_fingerprint(model: nn.Module, config: QuantConfig, windows: torch.Tensor) -> dict[str, Any]:
-    """What must be equal for a saved state to be continued: config, model shape and name, calibration tokens."""
+    """What must be equal for a saved state to be continued: config, model shape and name, the
+    model's files (a model replaced under the same path must not be continued), calibration tokens."""
     model_config = model.config.to_dict() if hasattr(model, "config") else {}
+    name = model_config.get("_name_or_path")
     return {
         "config": config.to_dict(),
         "model": {k: model_config.get(k) for k in ("_name_or_path", "model_type", "hidden_size",
                                                    "num_hidden_layers", "intermediate_size", "vocab_size")},
+        "model_files": files_fingerprint(name) if name else None,
         "calibration_sha256": hashlib.sha256(windows.cpu().contiguous().numpy().tobytes()).hexdigest(),
         "calibration_shape": list(windows.shape),
     }

@@ -26,7 +26,8 @@ from unibcq.atomic import write_json_atomic
 from unibcq.checkpoint import QUANT_KEY, checkpoint_info, is_checkpoint, load_checkpoint, read_config, save_checkpoint
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
-from unibcq.eval.journal import EvalJournal, files_fingerprint
+from unibcq.eval.journal import EvalJournal
+from unibcq.models.fingerprint import files_fingerprint
 from unibcq.eval.suite import EvalSettings, evaluate_suite, placed_on
 from unibcq.methods import CALIBRATED, quantize_model
 from unibcq.methods.presets import apply_preset, preset_values
