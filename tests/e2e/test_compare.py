@@ -80,6 +80,39 @@ def test_compare_report_end_to_end_and_resume(capsys, tmp_path, tiny_model_dir, 
     assert again["windows"][str(corpus_file)] == 1 and again["bits_per_weight"] == results["gptq-w3-g32"]["bits_per_weight"]
 
 
+def test_a_reused_folder_never_passes_off_another_runs_checkpoints(capsys, tmp_path, tiny_model_dir, corpus_file,
+                                                                    monkeypatch):
+    """Checkpoints and results are reused only for the same model and the same quantization."""
+    import shutil
+
+    import unibcq.report.compare as compare
+
+    out = tmp_path / "report"
+    argv = ["compare", str(tiny_model_dir), "--methods", "rtn,gptq", "--bits", "3", "--group-size", "32",
+            "--out", str(out), "--ppl", str(corpus_file), "--seq-len", "32", "--max-windows", "1",
+            "--calib", str(corpus_file), "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    quantized = []
+    original = compare.quantize_model
+    monkeypatch.setattr(compare, "quantize_model", lambda model, config, *a, **k: (
+        quantized.append(config.method), original(model, config, *a, **k))[1])
+
+    other_calib = tmp_path / "other.txt"
+    other_calib.write_text(corpus_file.read_text()[::-1])
+    argv[argv.index("--calib") + 1] = str(other_calib)
+    assert main(argv) == 0, capsys.readouterr().err
+    assert quantized == ["gptq"]  # rtn uses no calibration text, so its checkpoint stands
+
+    other_model = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, other_model)
+    argv[1] = str(other_model)
+    quantized.clear()
+    assert main(argv) == 0, capsys.readouterr().err
+    assert quantized == ["rtn", "gptq"]
+    stored = json.loads((out / "checkpoints" / "rtn-w3-g32" / "config.json").read_text())
+    assert stored["quantization_config"]["source_model"] == str(other_model)
+
+
 @pytest.mark.parametrize("extra,needle", [
     (["--methods", "rtn,nope"], "unknown method"),
     (["--methods", "rtn", "--bits", "3,x"], "--bits"),

@@ -4,8 +4,9 @@ Every (method, bits) cell is quantized with the same group size, preset and cali
 windows, saved as a normal checkpoint under OUT/checkpoints/, and evaluated with the same
 `EvalSettings` as the unquantized model (which is also the KL reference). Results go to
 OUT/results/<cell>.json, each written atomically as soon as the cell is done, so a rerun
-skips finished cells, reuses finished checkpoints and re-evaluates a cell only when the
-evaluation protocol changed; within a cell, finished datasets and tasks are kept in
+skips finished cells, reuses finished checkpoints made from the same model with the same
+quantization settings (others are quantized anew) and re-evaluates a cell only when the
+evaluation protocol or its quantization changed; within a cell, finished datasets and tasks are kept in
 OUT/results/<cell>.partial until the cell is done, so even a cell killed mid-evaluation
 resumes. OUT/report.md and the plots are rebuilt from all results.
 """
@@ -27,11 +28,11 @@ from unibcq.checkpoint import QUANT_KEY, checkpoint_info, is_checkpoint, load_ch
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
 from unibcq.eval.journal import EvalJournal
-from unibcq.models.fingerprint import files_fingerprint
 from unibcq.eval.suite import EvalSettings, evaluate_suite, placed_on
 from unibcq.methods import CALIBRATED, quantize_model
 from unibcq.methods.presets import apply_preset, preset_values
 from unibcq.methods.registry import check_method
+from unibcq.models.fingerprint import files_fingerprint
 from unibcq.models.loading import declared_dtype
 from unibcq.progress import progress_bar
 from unibcq.report.render import write_report
@@ -113,6 +114,21 @@ def _journal(results_dir: Path, name: str, settings: CompareSettings, model: str
         "cell": name, "files": files_fingerprint(model), "reference": settings.model})
 
 
+def _cell_protocol(protocol: dict[str, Any], config: QuantConfig) -> dict[str, Any]:
+    """A cell's result is reused only under the same evaluation and the same quantization."""
+    return protocol | {"quantization": json.loads(json.dumps(config.to_dict()))}
+
+
+def _reusable_checkpoint(path: Path, config: QuantConfig, model: str) -> bool:
+    """Whether `path` is a checkpoint of `model` made with `config` (a folder reused with
+    another model, calibration, seed or preset holds checkpoints that are not)."""
+    if not is_checkpoint(path):
+        return False
+    stored = read_config(path)[QUANT_KEY]
+    wanted = json.loads(json.dumps(config.to_dict()))
+    return stored.get("source_model") == model and all(stored.get(k) == v for k, v in wanted.items())
+
+
 def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[dict[str, Any]]:
     """Quantize and evaluate every cell (skipping finished ones); returns all results, FP first."""
     from unibcq.data import calibration_windows
@@ -123,7 +139,8 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
     settings.evaluation.check()
     results_dir, ckpt_dir = settings.out / "results", settings.out / "checkpoints"
     protocol = _protocol(settings)
-    pending = [c for c in cells if _read_result(results_dir / f"{c.name}.json", protocol) is None]
+    pending = [c for c in cells
+               if _read_result(results_dir / f"{c.name}.json", _cell_protocol(protocol, configs[c])) is None]
     fp_done = _read_result(results_dir / f"{FP_NAME}.json", protocol) is not None
 
     if pending or not fp_done:
@@ -147,7 +164,7 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
             for cell in pending:
                 bar.update(overall, description=f"compare: {cell.name}")
                 config, path = configs[cell], ckpt_dir / cell.name
-                if is_checkpoint(path):
+                if _reusable_checkpoint(path, config, settings.model):
                     quantized = load_checkpoint(path, dtype=torch.float32)  # computed like the reference
                 else:
                     if config.method in CALIBRATED and windows is None:
@@ -159,7 +176,7 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
                                    show_progress=show_progress, workers=settings.workers, device=settings.device,
                                    state_dir=ckpt_dir / f"{cell.name}.partial", resume=True)
                     seconds = time.perf_counter() - start
-                    save_checkpoint(quantized, path, config, settings.model, tokenizer,
+                    save_checkpoint(quantized, path, config, settings.model, tokenizer, overwrite=is_checkpoint(path),
                                     extra={"quantize_seconds": round(seconds, 3)}, dtype=declared_dtype(settings.model))
                     shutil.rmtree(ckpt_dir / f"{cell.name}.partial", ignore_errors=True)
                 info = checkpoint_info(path)
@@ -173,7 +190,8 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
                     "device": settings.device,
                     "bits_per_weight": info.bits_per_weight, **info.accounting(),
                     "checkpoint_mb": info.file_bytes / 1e6,
-                    "quantize_seconds": read_config(path)[QUANT_KEY].get("quantize_seconds"), "protocol": protocol, **measured})
+                    "quantize_seconds": read_config(path)[QUANT_KEY].get("quantize_seconds"),
+                    "protocol": _cell_protocol(protocol, config), **measured})
                 journal.remove()
                 del quantized
                 bar.update(overall, advance=1)
