@@ -295,6 +295,20 @@ def test_overwrite_replaces_only_an_earlier_checkpoint(capsys, tmp_path, tiny_mo
     assert run(capsys, *quantize, earlier)[0] == 0  # an earlier checkpoint is what --overwrite is for
 
 
+def test_a_truncated_source_model_is_a_clear_error(capsys, tmp_path, tiny_model_dir, corpus_file):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, _, err = run(capsys, "quantize", bad, "--method", "rtn", "--out", tmp_path / "q", "--no-progress")
+    assert code == 2 and "truncated or corrupt" in err and not (tmp_path / "q").exists()
+    code, _, err = run(capsys, "eval", tiny_model_dir, "--kl-ref", bad, "--ppl", corpus_file, "--seq-len", "16",
+                       "--no-progress")
+    assert code == 2 and "truncated or corrupt" in err
+
+
 def test_corrupt_checkpoint_cli(capsys, tmp_path, tiny_model_dir):
     out = tmp_path / "q"
     assert run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--out", out, "--no-progress")[0] == 0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from unibcq.atomic import atomic_directory
@@ -211,10 +211,13 @@ def _stored_tensors(source: ModelSource) -> list[tuple[list[int], str]] | None:
         return None
     found = []
     for file in files:
-        with safe_open(str(file), "pt") as handle:
-            for key in handle.keys():
-                tensor = handle.get_slice(key)
-                found.append((tensor.get_shape(), tensor.get_dtype()))
+        try:
+            with safe_open(str(file), "pt") as handle:
+                for key in handle.keys():
+                    tensor = handle.get_slice(key)
+                    found.append((tensor.get_shape(), tensor.get_dtype()))
+        except (SafetensorError, OSError) as exc:
+            raise UnibcqError(f"model file {file} is truncated or corrupt ({exc}); restore or re-download it") from exc
     return found
 
 
