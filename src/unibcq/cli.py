@@ -478,6 +478,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     ref_dtype = (_reference_dtype(ref_spec, device, _journal_reference_dtype(args, settings, ref_spec))
                  if ref_spec else None)
     ref_model = load_model(ref_spec, ref_dtype).to(device) if ref_spec else None
+    if ref_model is not None:
+        ours, theirs = (m.get_output_embeddings().out_features for m in (model, ref_model))
+        if ours != theirs:
+            raise UnibcqError(f"the KL reference {ref_spec} predicts {theirs} tokens and {args.model} {ours}: KL needs "
+                              "the same vocabulary; pass the model it was quantized from, or --kl-ref none")
     model.to(device)
     journal = _eval_journal(args, settings, ref_spec, ref_dtype)
     measured = evaluate_suite(model, tokenizer, settings, ref_model, show_progress=not args.no_progress,

@@ -309,6 +309,14 @@ def test_a_truncated_source_model_is_a_clear_error(capsys, tmp_path, tiny_model_
     assert code == 2 and "truncated or corrupt" in err
 
 
+def test_a_kl_reference_with_another_vocabulary_is_refused(capsys, tmp_path, tiny_model_dir, corpus_file, tiny_llama):
+    other = tmp_path / "other-vocab"
+    tiny_llama(seed=3, vocab_size=300).save_pretrained(other)
+    code, _, err = run(capsys, "eval", tiny_model_dir, "--kl-ref", other, "--ppl", corpus_file, "--seq-len", "16",
+                       "--no-progress")
+    assert code == 2 and "same vocabulary" in err and "300" in err
+
+
 def test_corrupt_checkpoint_cli(capsys, tmp_path, tiny_model_dir):
     out = tmp_path / "q"
     assert run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--out", out, "--no-progress")[0] == 0
