@@ -43,6 +43,23 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
         raise
 
 
+def check_writable(path: str | os.PathLike, flag: str, directory: bool = False) -> None:
+    """Fail before any work when `path` (a file, or a folder with `directory`) cannot be written
+    later: a folder where a file goes (or the reverse), a file in its parent chain, or a parent
+    this user may not write to."""
+    path = Path(path).expanduser().absolute()
+    if path.exists() and path.is_dir() != directory:
+        raise UnibcqError(f"{flag} {path} is {'a file' if directory else 'a directory'}; give a "
+                          f"{'folder' if directory else 'file'} path")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UnibcqError(f"{flag} {path}: {parent} is a file, so nothing can be written under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UnibcqError(f"{flag} {path}: no permission to write in {parent}")
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON to `path` through a temporary file and an atomic rename."""
     path = Path(path)

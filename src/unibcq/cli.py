@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from unibcq.atomic import write_json_atomic
+from unibcq.atomic import check_writable, write_json_atomic
 from unibcq.errors import UnibcqError
 
 if TYPE_CHECKING:
@@ -730,6 +730,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:
+        if getattr(args, "json", None):
+            check_writable(args.json, "--json")
+        if args.command in ("quantize", "compare"):
+            check_writable(args.out, "--out", directory=True)
         COMMANDS[args.command](args)
     except UnibcqError as exc:
         print(f"unibcq: error: {exc}", file=sys.stderr)

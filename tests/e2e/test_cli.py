@@ -317,6 +317,18 @@ def test_a_kl_reference_with_another_vocabulary_is_refused(capsys, tmp_path, tin
     assert code == 2 and "same vocabulary" in err and "300" in err
 
 
+def test_output_paths_that_cannot_be_written_fail_before_any_work(capsys, tmp_path, tiny_model_dir, corpus_file):
+    quantize = ("quantize", tiny_model_dir, "--method", "rtn", "--no-progress")
+    code, _, err = run(capsys, *quantize, "--out", corpus_file / "q")
+    assert code == 2 and "is a file" in err
+    code, _, err = run(capsys, *quantize, "--out", corpus_file)
+    assert code == 2 and "--out" in err and "is a file" in err
+    code, _, err = run(capsys, *quantize, "--out", tmp_path / "q", "--json", tmp_path)
+    assert code == 2 and "is a directory" in err and not (tmp_path / "q").exists()
+    code, _, err = run(capsys, "eval", tiny_model_dir, "--ppl", corpus_file, "--json", corpus_file / "e.json")
+    assert code == 2 and "--json" in err
+
+
 def test_corrupt_checkpoint_cli(capsys, tmp_path, tiny_model_dir):
     out = tmp_path / "q"
     assert run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--out", out, "--no-progress")[0] == 0
