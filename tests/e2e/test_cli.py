@@ -244,6 +244,15 @@ def test_bad_quantize_flags(capsys, tmp_path, tiny_model_dir, extra, needle):
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("method", ["gptq", "uniquanf"])
+def test_nan_weights_are_named_before_calibration(capsys, tmp_path, nan_model_dir, corpus_file, method):
+    out = tmp_path / "q"
+    code, _, err = run(capsys, "quantize", nan_model_dir, "--method", method, "--out", out, "--calib", corpus_file,
+                       "--calib-samples", "2", "--seq-len", "16", "--no-progress")
+    assert code == 2 and "layers.1.mlp.up_proj.weight has 1 NaN/inf" in err
+    assert not out.exists() and not (tmp_path / "q.partial").exists()
+
+
 def test_nan_weights_fail_cleanly(capsys, tmp_path, nan_model_dir):
     out = tmp_path / "q"
     code, _, err = run(capsys, "quantize", nan_model_dir, "--method", "bcq-greedy", "--out", out, "--no-progress")

@@ -53,6 +53,12 @@ def quantize_model(
     for name, layer in quantizable_linears(model, config.include_lm_head).items():
         if isinstance(layer, PackedLinear):
             raise UnibcqError(f"{name} is already quantized; start from a full-precision model")
+        # Calibrated methods would otherwise meet the NaN as a calibration overflow or a NaN loss,
+        # far from its cause. Weights not loaded yet (meta, read block by block) are not seen here.
+        weight = layer.weight
+        if config.method in CALIBRATED and weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
+            bad = int((~torch.isfinite(weight)).sum())
+            raise UnibcqError(f"{name}.weight has {bad} NaN/inf values; fix or re-export the model before quantizing")
     torch.manual_seed(config.seed)
     if config.method in CALIBRATED and backend != "local":
         raise UnibcqError(f"{config.method} runs block by block on one machine; --backend {backend} is for "
