@@ -475,6 +475,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model, tokenizer, bits, default_ref = _load_for_eval(args.model)
     ref_spec = default_ref if args.kl_ref is None else (None if args.kl_ref.lower() == "none" else args.kl_ref)
     ref_spec = ref_spec if settings.datasets else None  # KL is measured on the perplexity windows only
+    if ref_spec and args.kl_ref is None and Path(ref_spec).is_absolute() and not Path(ref_spec).exists():
+        raise UnibcqError(f"the checkpoint's source model {ref_spec}, the default KL reference, is gone; pass "
+                          "--kl-ref MODEL (where it is now) or --kl-ref none")
     ref_dtype = (_reference_dtype(ref_spec, device, _journal_reference_dtype(args, settings, ref_spec))
                  if ref_spec else None)
     ref_model = load_model(ref_spec, ref_dtype).to(device) if ref_spec else None

@@ -338,6 +338,21 @@ def test_output_paths_that_cannot_be_written_fail_before_any_work(capsys, tmp_pa
     assert code == 2 and "--json" in err
 
 
+def test_a_checkpoint_whose_source_model_is_gone_names_the_kl_reference(capsys, tmp_path, tiny_model_dir,
+                                                                         corpus_file):
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_model_dir, source)
+    out = tmp_path / "q"
+    assert run(capsys, "quantize", source, "--method", "rtn", "--out", out, "--no-progress")[0] == 0
+    shutil.rmtree(source)
+    eval_args = ("eval", out, "--ppl", corpus_file, "--seq-len", "16", "--max-windows", "1", "--no-progress")
+    code, _, err = run(capsys, *eval_args)
+    assert code == 2 and "default KL reference" in err and "--kl-ref none" in err
+    assert run(capsys, *eval_args, "--kl-ref", "none")[0] == 0
+
+
 def test_corrupt_checkpoint_cli(capsys, tmp_path, tiny_model_dir):
     out = tmp_path / "q"
     assert run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--out", out, "--no-progress")[0] == 0
