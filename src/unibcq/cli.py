@@ -742,7 +742,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"unibcq: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("unibcq: interrupted", file=sys.stderr)
+        from unibcq.methods import CALIBRATED
+
+        resumable = args.command == "quantize" and args.method in CALIBRATED
+        print("unibcq: interrupted" + ("; the same command with --resume continues from the last finished block"
+                                       if resumable else ""), file=sys.stderr)
         return 130
     return 0
 

@@ -353,6 +353,18 @@ def test_a_checkpoint_whose_source_model_is_gone_names_the_kl_reference(capsys, 
     assert run(capsys, *eval_args, "--kl-ref", "none")[0] == 0
 
 
+@pytest.mark.parametrize(("method", "hint"), [("gptq", True), ("rtn", False)])
+def test_an_interrupted_calibrated_run_points_at_resume(capsys, tmp_path, tiny_model_dir, monkeypatch, method, hint):
+    import unibcq.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "quantize", interrupted)
+    code, _, err = run(capsys, "quantize", tiny_model_dir, "--method", method, "--out", tmp_path / "q")
+    assert code == 130 and err.startswith("unibcq: interrupted") and ("--resume" in err) == hint
+
+
 def test_corrupt_checkpoint_cli(capsys, tmp_path, tiny_model_dir):
     out = tmp_path / "q"
     assert run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--out", out, "--no-progress")[0] == 0
