@@ -269,11 +269,37 @@ def _source_spec(spec: str) -> str:
     return str(path.resolve()) if path.exists() else spec
 
 
+def flag_methods() -> dict[str, tuple[str, ...]]:
+    """quantize flags -> the methods that read them."""
+    from unibcq.methods.registry import CALIBRATED, RECONSTRUCTION_METHODS
+
+    bcq = ("bcq-greedy", "bcq-refined", "bcq-alternating")
+    dyngroup = ("--algorithm", "--max-groups", "--lambda", "--raw-lambda", "--window", "--granularity",
+                "--dp-atom-size", "--refine-sweeps", "--merge-rule")
+    return {
+        "--symmetric": ("rtn", "gptq"), "--float-zero": ("rtn", "gptq"), "--clip-search": ("rtn",),
+        "--no-offset": bcq, "--iters": ("bcq-alternating", "gptq-bcq", "uniquanf"), "--init": ("bcq-alternating",),
+        **{flag: ("dyngroup",) for flag in dyngroup},
+        "--damp": ("gptq", "gptq-bcq"),
+        **{flag: tuple(sorted(CALIBRATED)) for flag in ("--calib", "--calib-samples", "--seq-len", "--preset",
+                                                         "--resume")},
+        **{flag: RECONSTRUCTION_METHODS for flag in ("--epochs", "--u-lr", "--batch-size", "--input-prob")},
+        **{flag: ("uniquanf",) for flag in ("--b-lr", "--remap-every", "--grid-points", "--mapping", "--shift")},
+    }
+
+
+def unread_flags(method: str, argv: Sequence[str]) -> list[str]:
+    """The flags given in `argv` that `method` never reads. They are reported, not refused:
+    scripts pass one flag set to every method they loop over."""
+    given = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
+    return [flag for flag, methods in flag_methods().items() if flag in given and method not in methods]
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     from unibcq.checkpoint import check_output_dir, save_checkpoint
     from unibcq.config import QuantConfig
     from unibcq.data import calibration_windows
-    from unibcq.methods import CALIBRATED, quantize_model
+    from unibcq.methods import CALIBRATED, METHODS, quantize_model
     from unibcq.models import load_model, load_tokenizer, resolve_model
 
     from unibcq.memory import MemoryCap, MemoryCapExceeded
@@ -281,6 +307,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from unibcq.methods.run_state import state_dir_for
     from unibcq.methods.streaming import parse_memory
 
+    unread = unread_flags(args.method, getattr(args, "argv", [])) if args.method in METHODS else []
+    if unread:
+        print(f"unibcq: note: {args.method} does not read {', '.join(unread)}; ignored", file=sys.stderr)
     binary = args.method == "dyngroup"
     preset = preset_values(args.preset, {
         "calib_samples": args.calib_samples, "seq_len": args.seq_len, "epochs": args.epochs, "u_lr": args.u_lr,

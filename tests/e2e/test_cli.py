@@ -365,6 +365,15 @@ def test_an_interrupted_calibrated_run_points_at_resume(capsys, tmp_path, tiny_m
     assert code == 130 and err.startswith("unibcq: interrupted") and ("--resume" in err) == hint
 
 
+def test_flags_the_method_does_not_read_are_reported(capsys, tmp_path, tiny_model_dir):
+    code, _, err = run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--no-offset", "--epochs", "3",
+                       "--symmetric", "--out", tmp_path / "q", "--no-progress")
+    assert code == 0 and "rtn does not read --no-offset, --epochs; ignored" in err
+    code, _, err = run(capsys, "quantize", tiny_model_dir, "--method", "bcq-greedy", "--out", tmp_path / "b",
+                       "--no-progress")
+    assert code == 0 and "does not read" not in err
+
+
 def test_corrupt_checkpoint_cli(capsys, tmp_path, tiny_model_dir):
     out = tmp_path / "q"
     assert run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--out", out, "--no-progress")[0] == 0
