@@ -15,8 +15,8 @@ its non-empty lines, stripped of line endings, joined by the dataset's separator
 lines joined by a blank line, which is not quite GPTQ's string: GPTQ joins the Hub rows
 with "\\n\\n", and those rows keep their newline and include the empty rows around
 headings, which the local file does not hold. On SmolLM2's tokenizer GPTQ's string is
-about 1% more tokens (estimated by putting blank rows back around the headings), so WikiText-2 perplexities here are close to, not digit for digit,
-the papers'. The evaluation stream is tokenised with the tokenizer's defaults (one BOS at
+about 1% more tokens (estimated by putting blank rows back around the headings), so
+WikiText-2 perplexities here are close to, not digit for digit, the papers'. The evaluation stream is tokenised with the tokenizer's defaults (one BOS at
 its start where the tokenizer adds one, as GPTQ does); calibration text without.
 """
 
@@ -44,6 +44,10 @@ class KnownDataset:
     hub: tuple[str, dict[str, tuple[str | None, str]], str]  # (path, (config, split) per role, text column)
     separator: str = "\n\n"
     strip_lines: bool = False  # PTB's lines carry a space on each side; WikiText's leading space is text
+
+    def joined(self, text: str) -> str:
+        """The dataset's text from its raw lines, the same for the local file and the Hub rows."""
+        return _join_lines(text, self.separator, self.strip_lines)
 
 
 KNOWN: dict[str, KnownDataset] = {
@@ -105,8 +109,7 @@ def _from_hub(name: str, role: str) -> str:
         rows = datasets.load_dataset(hub_path, hub_config, split=split)[column]
     except Exception as exc:  # the datasets library raises many kinds of network errors
         raise UnibcqError(f"could not fetch {name} from the Hugging Face Hub: {exc}") from exc
-    known = KNOWN[name]
-    return _join_lines("\n".join(rows), known.separator, known.strip_lines)
+    return KNOWN[name].joined("\n".join(rows))
 
 
 def load_text(source: str, role: str = EVAL, data_dir: str | os.PathLike | None = None) -> str:
@@ -120,8 +123,7 @@ def load_text(source: str, role: str = EVAL, data_dir: str | os.PathLike | None 
                     f"{source} {role} file {path} not found; point --data-dir / UNIBCQ_DATA_DIR at a "
                     f"folder containing {KNOWN[source].files[role]}"
                 )
-            known = KNOWN[source]
-            return _join_lines(path.read_text(encoding="utf-8"), known.separator, known.strip_lines)
+            return KNOWN[source].joined(path.read_text(encoding="utf-8"))
         return _from_hub(source, role)
     path = Path(source).expanduser()
     if path.suffix in (".txt", ".jsonl", ".raw", ".tokens") or path.exists():
