@@ -77,6 +77,18 @@ def test_save_load_bit_identical(tiny_model, method, ckpt_dir, logits_of, hidden
     assert qcfg["source_model"] == "tiny"
 
 
+def test_saving_twice_writes_identical_weight_files(tiny_llama, ckpt_dir):
+    """Users compare checkpoints by hash; safetensors orders a multi-key metadata at random."""
+    model = tiny_llama()
+    config = fast_config("rtn")
+    quantize(model, config)
+    dirs = [unibcq.save(model, ckpt_dir(f"c{i}"), config, source_model="tiny") for i in range(8)]
+    files = [(d / WEIGHTS_FILE).read_bytes() for d in dirs]
+    assert all(f == files[0] for f in files)
+    (dirs[0] / "config.json").unlink()
+    assert checkpoint_module.has_unibcq_weights(dirs[0])  # recognised by its packed tensors
+
+
 def test_qwen2_biases_and_tied_embeddings_survive(tiny_qwen2, ckpt_dir, logits_of):
     model = tiny_qwen2()
     assert model.config.tie_word_embeddings
@@ -262,6 +274,16 @@ def test_invalid_override_rejected(tiny_llama):
         quantize(model, fast_config("rtn", overrides={"*.mlp.*": {"bits": 9}}))
     with pytest.raises(UnibcqError):
         quantize(model, fast_config("rtn", overrides={"*.mlp.*": {"method": "bcq-greedy"}}))
+    assert not quantized_layers(model)
+
+
+def test_override_matching_no_layer_rejected(tiny_llama):
+    """A typo in a pattern would otherwise quantize every layer at the default bits silently."""
+    model = tiny_llama()
+    with pytest.raises(UnibcqError, match=r"\*\.mlp\.down_prj.*match no quantized layer"):
+        quantize(model, fast_config("rtn", overrides={"*.mlp.down_prj": {"bits": 4}}))
+    with pytest.raises(UnibcqError, match="--quantize-lm-head"):
+        quantize(model, fast_config("rtn", overrides={"lm_head": {"bits": 4}}))
     assert not quantized_layers(model)
 
 

@@ -70,6 +70,14 @@ def test_budget_too_small_fails_before_writing(tmp_path, tiny_llama):
     assert not (tmp_path / "out").exists()
 
 
+def test_streaming_refuses_an_override_matching_no_layer(tmp_path, tiny_llama):
+    source = saved_model(tiny_llama(), tmp_path / "src")
+    config = QuantConfig(method="rtn", overrides={"*.down_prj": {"bits": 4}})
+    with pytest.raises(UnibcqError, match="match no quantized layer"):
+        quantize_streaming(source, tmp_path / "out", config, "src", BUDGET, show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_streaming_refuses_calibrated_methods(tmp_path, tiny_llama):
     """They onload whole blocks instead (`methods.onload`), which needs calibration."""
     source = saved_model(tiny_llama(), tmp_path / "src")

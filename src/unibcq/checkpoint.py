@@ -38,6 +38,9 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 MANIFEST_FILE = "manifest.json"
 QUANT_KEY = "quantization_config"
 PACKED_SUFFIXES = ("bcq_planes", "bcq_alpha", "bcq_offset", "gb_signs", "gb_index", "gb_scales")
+# One key: safetensors writes metadata from a hash map, so two keys come out in a random order
+# and identical tensors would give files with different hashes.
+WEIGHTS_METADATA = {"format": "pt"}
 ACCOUNTING_KEYS = ("bits_per_weight_paper", "bits_per_weight_fixed", "bits_per_weight_entropy")
 # What a checkpoint may store its unquantized tensors (embeddings, norms, biases) in.
 DENSE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -113,7 +116,7 @@ def save_checkpoint(
     hf_config = model.config.to_dict() | {"dtype": dtype_name(dtype)}
     hf_config[QUANT_KEY] = quantization_entry(config, source_model, layout, extra)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "unibcq_format": "bcq"})
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata=WEIGHTS_METADATA)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -336,15 +339,17 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
 
 
 def has_unibcq_weights(path: str | os.PathLike) -> bool:
-    """Whether `path` holds a model.safetensors written by unibcq (its header metadata says so).
+    """Whether `path` holds a model.safetensors written by unibcq (it stores packed tensors).
 
     Lets callers recognise a checkpoint whose config.json is damaged, so the user gets the
-    checkpoint loader's precise error instead of a generic model-loading one.
+    checkpoint loader's precise error instead of a generic model-loading one. Checkpoints
+    written before 2026-11-27 also carry a `unibcq_format` metadata key.
     """
     try:
         weights = weight_files(path)[0]
         with safe_open(str(weights), "pt") as f:
-            return "unibcq_format" in (f.metadata() or {})
+            return ("unibcq_format" in (f.metadata() or {})
+                    or any(key.rsplit(".", 1)[-1] in PACKED_SUFFIXES for key in f.keys()))
     except Exception:  # any unreadable file is simply not recognisable
         return False
 

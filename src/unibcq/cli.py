@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (unties embeddings)")
     q.add_argument("--calib", default="wikitext2", help=f"calibration text source ({PRESET_HELP})")
     q.add_argument("--calib-samples", type=int, help="calibration windows (preset: fast 32, paper 128)")
-    q.add_argument("--seq-len", type=int, help="tokens per calibration window (preset: fast 256, paper 2048)")
+    q.add_argument("--seq-len", type=int, help="tokens per calibration window (preset: fast 256, paper 2048, capped at the model's "
+                        "context; a value given past the context is refused)")
     q.add_argument("--preset", default="fast", help="calibrated methods: fast (CPU, default) or paper")
     q.add_argument("--epochs", type=int, help="uniquanf/flexround: passes over the calibration set per block")
     q.add_argument("--u-lr", type=float, help="uniquanf/flexround: learning rate of the mapping parameters")
@@ -208,7 +209,7 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
     """The evaluation protocol's flags, identical for `eval` and `compare`."""
     parser.add_argument("--ppl", default="wikitext2",
                         help="comma-separated: wikitext2, ptb, or .txt/.jsonl files; 'none' skips perplexity")
-    parser.add_argument("--seq-len", type=int, default=2048, help="perplexity window length")
+    parser.add_argument("--seq-len", type=int, default=2048, help="perplexity window length, capped at the model's context")
     parser.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
     parser.add_argument("--data-dir", help="folder with the datasets (default: $UNIBCQ_DATA_DIR)")
     parser.add_argument("--tasks", help="comma-separated: piqa, arc_easy, arc_challenge, hellaswag, winogrande, "
@@ -303,8 +304,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from unibcq.models import load_model, load_tokenizer, resolve_model
 
     from unibcq.memory import MemoryCap, MemoryCapExceeded
-    from unibcq.methods.presets import apply_preset, preset_values
+    from unibcq.methods.presets import apply_preset, cap_calibration_length, preset_values
     from unibcq.methods.run_state import state_dir_for
+    from unibcq.models.architectures import context_window
     from unibcq.methods.streaming import parse_memory
 
     unread = unread_flags(args.method, getattr(args, "argv", [])) if args.method in METHODS else []
@@ -348,6 +350,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     spill = spill or args.spill_activations
     tokenizer = load_tokenizer(args.model)
     load_seconds = time.perf_counter() - start
+    replaced = (cap_calibration_length(config, context_window(getattr(model, "config", None)))
+                if args.seq_len is None else None)  # an explicit --seq-len past the context is refused instead
+    if replaced is not None:
+        print(f"unibcq: note: the preset's {replaced}-token calibration windows exceed the model's context; "
+              f"using {config.calib_seq_len}", file=sys.stderr)
     start = time.perf_counter()
     windows = (calibration_windows(tokenizer, args.calib, config.calib_samples, config.calib_seq_len, args.seed,
                                    args.data_dir) if calibrated else None)
@@ -526,8 +533,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     rows = [(name, report["windows"][name], report["tokens"][name], ppl,
              *(_or_dash(per_ref[key].get(name)) for key in ("ref_ppl", "kl", "top1")))
             for name, ppl in report["ppl"].items()]
+    if rows and report["seq_len"] < settings.seq_len:
+        print(f"unibcq: note: the model's context holds {report['seq_len']} positions; perplexity windows were "
+              f"capped there (--seq-len {settings.seq_len})", file=sys.stderr)
     if rows:
-        print_table(f"{args.model} (seq_len {args.seq_len}, {bits:.3f} bits/weight)",
+        print_table(f"{args.model} (seq_len {report['seq_len']}, {bits:.3f} bits/weight)",
                     ["dataset", "windows", "tokens", "ppl", "ref ppl", "KL vs ref", "top-1 agree"], rows)
     if tasks is not None:
         print_table(f"{args.model} tasks (limit {args.limit or 'none'}, {bits:.3f} bits/weight)",

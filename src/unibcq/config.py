@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Iterable
 from typing import Any
 
 from unibcq.errors import UnibcqError
@@ -141,6 +142,17 @@ class QuantConfig:
             if fnmatch.fnmatchcase(name, pattern):
                 return self.for_pattern(pattern)
         return self
+
+    def check_overrides(self, layer_names: Iterable[str]) -> None:
+        """Raise when an override pattern matches none of `layer_names`: almost always a typo,
+        which would otherwise quantize every layer at the default settings without a word."""
+        names = list(layer_names)
+        unmatched = [p for p in self.overrides if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if unmatched:
+            hint = "" if self.include_lm_head else "; lm_head needs --quantize-lm-head"
+            raise UnibcqError(f"override pattern(s) {unmatched} match no quantized layer (names look like "
+                              f"{names[0] if names else 'none'!r}; patterns are fnmatch on the full name, "
+                              f"e.g. '*.mlp.down_proj'{hint})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -253,6 +253,25 @@ def test_nan_weights_are_named_before_calibration(capsys, tmp_path, nan_model_di
     assert not out.exists() and not (tmp_path / "q.partial").exists()
 
 
+def test_windows_past_the_context_are_capped_or_refused(capsys, tmp_path, tiny_model_dir, corpus_file):
+    """The tiny model's context is 64 positions: past it nothing was trained."""
+    code, _, err = run(capsys, "eval", tiny_model_dir, "--ppl", corpus_file, "--max-windows", "1", "--no-progress",
+                       "--json", tmp_path / "e.json")
+    assert code == 0, err
+    assert "capped there (--seq-len 2048)" in err and json.loads((tmp_path / "e.json").read_text())["seq_len"] == 64
+
+    common = ["quantize", tiny_model_dir, "--method", "gptq", "--calib", corpus_file, "--calib-samples", "2",
+              "--group-size", "32", "--no-progress"]
+    code, _, err = run(capsys, *common, "--out", tmp_path / "explicit", "--seq-len", "65")
+    assert code == 2 and "--seq-len 65 exceeds the model's context window of 64" in err
+    assert not (tmp_path / "explicit").exists() and not (tmp_path / "explicit.partial").exists()
+    code, _, err = run(capsys, *common, "--out", tmp_path / "preset")  # fast preset: 256-token windows
+    assert code == 0, err
+    assert "preset's 256-token calibration windows exceed the model's context; using 64" in err
+    stored = json.loads((tmp_path / "preset" / "config.json").read_text())["quantization_config"]
+    assert stored["calib_seq_len"] == 64
+
+
 def test_nan_weights_fail_cleanly(capsys, tmp_path, nan_model_dir):
     out = tmp_path / "q"
     code, _, err = run(capsys, "quantize", nan_model_dir, "--method", "bcq-greedy", "--out", out, "--no-progress")

@@ -18,6 +18,7 @@ from torch import nn
 
 from unibcq.errors import UnibcqError
 from unibcq.eval.journal import EvalJournal
+from unibcq.models.architectures import context_window
 
 
 @dataclass
@@ -119,6 +120,9 @@ def evaluate_suite(model: nn.Module, tokenizer, settings: EvalSettings, ref_mode
     from unibcq.eval.perplexity import WindowStats, evaluate_windows
     from unibcq.eval.tasks import run_tasks
 
+    # Positions past the context were never trained: windows are capped there, as lm-eval caps
+    # its rolling windows; "seq_len" in the result is the length measured.
+    seq_len = min(settings.seq_len, context_window(getattr(model, "config", None)) or settings.seq_len)
     ref_model = ref_model if settings.datasets else None  # KL is measured on the perplexity windows only
     seconds = 0.0
     results = {}
@@ -128,7 +132,7 @@ def evaluate_suite(model: nn.Module, tokenizer, settings: EvalSettings, ref_mode
         if piece is None:
             start = time.perf_counter()
             ids = eval_token_ids(tokenizer, name, settings.data_dir)
-            stats = evaluate_windows(model, ids, settings.seq_len, settings.max_windows, ref_model,
+            stats = evaluate_windows(model, ids, seq_len, settings.max_windows, ref_model,
                                      description=name, show_progress=show_progress)
             piece = {"stats": asdict(stats), "seconds": time.perf_counter() - start}
             if journal:
@@ -151,7 +155,7 @@ def evaluate_suite(model: nn.Module, tokenizer, settings: EvalSettings, ref_mode
         "kl_dataset": settings.datasets[0] if measured else None,
         "kl": {k: v.kl for k, v in results.items()} if measured else None,
         "top1": {k: v.top1_agreement for k, v in results.items()} if measured else None,
-        "seq_len": settings.seq_len,
+        "seq_len": seq_len,
         "task_dtype": settings.task_dtype if settings.tasks is not None else None,
         "windows": {k: v.windows for k, v in results.items()},
         "tokens": {k: v.tokens for k, v in results.items()},

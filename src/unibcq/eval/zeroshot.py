@@ -59,6 +59,7 @@ from transformers import PreTrainedTokenizerBase
 
 from unibcq.data.sources import resolve_data_dir
 from unibcq.errors import UnibcqError
+from unibcq.models.architectures import context_window
 
 # Reports (done, total) in the caller's units; run_tasks turns it into a progress bar.
 ProgressFn = Callable[[int, int], None]
@@ -328,12 +329,7 @@ def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list
 
 def model_max_length(model: nn.Module) -> int:
     """The model's context window from its config, lm-eval's 2048 when it names none."""
-    config = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return DEFAULT_MAX_LENGTH
+    return context_window(getattr(model, "config", None)) or DEFAULT_MAX_LENGTH
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:

@@ -53,3 +53,15 @@ def apply_preset(config: QuantConfig, values: dict[str, Any], calib: str) -> Qua
     if config.method in CALIBRATED:
         config.calib, config.calib_samples, config.calib_seq_len = calib, values["calib_samples"], values["seq_len"]
     return config
+
+
+def cap_calibration_length(config: QuantConfig, context: int | None) -> int | None:
+    """Shorten a calibrated method's windows to the model's context, for a preset made for longer
+    ones (positions past the context were never trained, so calibrating there fits the quantizer
+    to activations the model never produces). Returns the length it replaced, None if none."""
+    from unibcq.methods.registry import CALIBRATED
+
+    if config.method in CALIBRATED and context is not None and config.calib_seq_len > context:
+        replaced, config.calib_seq_len = config.calib_seq_len, context
+        return replaced
+    return None

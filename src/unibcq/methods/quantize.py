@@ -17,7 +17,7 @@ from unibcq.methods.reconstruction import reconstruct_blocks
 from unibcq.methods.run_state import SPILL_PREFIX, RunState, run_fingerprint
 from unibcq.methods.registry import CALIBRATED, HESSIAN_METHODS
 from unibcq.methods.sequential import quantize_sequential
-from unibcq.models.architectures import quantizable_linears
+from unibcq.models.architectures import check_window_fits, quantizable_linears
 from unibcq.nn.qlinear import PackedLinear
 
 
@@ -50,7 +50,9 @@ def quantize_model(
     config.validate()
     if type(workers) is not int or workers < 1:
         raise UnibcqError(f"--workers must be an integer >= 1, got {workers!r}")
-    for name, layer in quantizable_linears(model, config.include_lm_head).items():
+    layers = quantizable_linears(model, config.include_lm_head)
+    config.check_overrides(layers)
+    for name, layer in layers.items():
         if isinstance(layer, PackedLinear):
             raise UnibcqError(f"{name} is already quantized; start from a full-precision model")
         # Calibrated methods would otherwise meet the NaN as a calibration overflow or a NaN loss,
@@ -68,6 +70,7 @@ def quantize_model(
             raise UnibcqError(f"{config.method} needs calibration data (token windows)")
         if config.include_lm_head:
             raise UnibcqError(f"{config.method} quantizes decoder blocks only; drop --quantize-lm-head")
+        check_window_fits(model, calibration.shape[-1], "calibration windows")
         state = (RunState.open(state_dir, run_fingerprint(model, config, calibration), resume)
                  if state_dir is not None else None)
         try:

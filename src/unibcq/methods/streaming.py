@@ -29,7 +29,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from unibcq.atomic import atomic_directory
 from unibcq.checkpoint import (
-    QUANT_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, cast_checked, dtype_name, quantization_entry, write_manifest,
+    QUANT_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, WEIGHTS_METADATA, cast_checked, dtype_name, quantization_entry,
+    write_manifest,
 )
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
@@ -130,7 +131,7 @@ class _ShardWriter:
         if not self.held:
             return
         file = f"part-{len(self.files) + 1:05d}.safetensors"
-        save_file(self.held, str(self.folder / file), metadata={"format": "pt", "unibcq_format": "bcq"})
+        save_file(self.held, str(self.folder / file), metadata=WEIGHTS_METADATA)
         self.files.append(file)
         self.weight_map.update({name: file for name in self.held})
         self.held, self.held_bytes = {}, 0
@@ -194,6 +195,7 @@ def quantize_streaming(
     hf_config = read_model_config(model_dir)
     skeleton = _skeleton(hf_config)
     linears = quantizable_linears(skeleton, config.include_lm_head)
+    config.check_overrides(linears)
     dtype = dtype or hf_config.dtype or torch.float32
     expected = dict(skeleton.state_dict())
     tied = getattr(hf_config, "tie_word_embeddings", False) and not config.include_lm_head

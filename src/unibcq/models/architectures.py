@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from unibcq.errors import UnsupportedModelError
+from unibcq.errors import UnibcqError, UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -83,3 +83,21 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def context_window(config: object) -> int | None:
+    """The positions a model was trained on, from its config; None when the config names none."""
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_window_fits(model: nn.Module, seq_len: int, purpose: str) -> None:
+    """Refuse windows longer than the model's context: positions past it were never trained, so a
+    perplexity or a calibration over them measures extrapolation, not the model."""
+    window = context_window(getattr(model, "config", None))
+    if window is not None and seq_len > window:
+        raise UnibcqError(f"--seq-len {seq_len} exceeds the model's context window of {window} positions "
+                          f"({purpose}); use --seq-len {window} or less")

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from unibcq.atomic import atomic_directory
 from unibcq.errors import UnibcqError
+from unibcq.models.architectures import context_window
 
 # alias -> (pip package holding the file, file name, how to install it)
 ALIASES: dict[str, tuple[str, str]] = {
@@ -174,6 +175,11 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel
     model = _from_pretrained(AutoModelForCausalLM, resolve_model(spec), dtype=dtype)
     model.eval()
     return model
+
+
+def context_window_of(spec: str) -> int | None:
+    """The model's context window from its config alone (no weights are read)."""
+    return context_window(_from_pretrained(AutoConfig, resolve_model(spec)))
 
 
 # safetensors' names of the floating dtypes a published model stores

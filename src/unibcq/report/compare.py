@@ -30,10 +30,10 @@ from unibcq.errors import UnibcqError
 from unibcq.eval.journal import EvalJournal
 from unibcq.eval.suite import EvalSettings, evaluate_suite, placed_on
 from unibcq.methods import CALIBRATED, quantize_model
-from unibcq.methods.presets import apply_preset, preset_values
+from unibcq.methods.presets import apply_preset, cap_calibration_length, preset_values
 from unibcq.methods.registry import check_method
 from unibcq.models.fingerprint import files_fingerprint
-from unibcq.models.loading import declared_dtype
+from unibcq.models.loading import context_window_of, declared_dtype
 from unibcq.progress import progress_bar
 from unibcq.report.render import write_report
 
@@ -88,9 +88,12 @@ def plan_cells(methods: Sequence[str], bits: Sequence[int], group_size: int) -> 
     return cells
 
 
-def cell_config(cell: Cell, settings: CompareSettings) -> QuantConfig:
+def cell_config(cell: Cell, settings: CompareSettings, context: int | None = None) -> QuantConfig:
+    """The cell's settings: the preset's, with calibration windows capped at the model's `context`."""
     config = QuantConfig(cell.method, bits=cell.bits, group_size=cell.group_size, seed=settings.seed)
-    return apply_preset(config, preset_values(settings.preset, {}), settings.calib).validate()
+    config = apply_preset(config, preset_values(settings.preset, {}), settings.calib)
+    cap_calibration_length(config, context)
+    return config.validate()
 
 
 def _protocol(settings: CompareSettings) -> dict[str, Any]:
@@ -135,7 +138,8 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
     from unibcq.models import load_model, load_tokenizer
 
     cells = plan_cells(settings.methods, settings.bits, settings.group_size)
-    configs = {cell: cell_config(cell, settings) for cell in cells}
+    context = context_window_of(settings.model) if any(c.method in CALIBRATED for c in cells) else None
+    configs = {cell: cell_config(cell, settings, context) for cell in cells}
     settings.evaluation.check()
     results_dir, ckpt_dir = settings.out / "results", settings.out / "checkpoints"
     protocol = _protocol(settings)

@@ -149,6 +149,7 @@ def write_report(settings: "CompareSettings", results: Sequence[dict[str, Any]])
         plots.append(ACCURACY_PLOT)
     date = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     windows = "all" if ev.max_windows is None else f"the first {ev.max_windows}"
+    seq_len = min((r.get("seq_len") or ev.seq_len for r in results), default=ev.seq_len)  # capped at the context
     lines = [
         f"# unibcq comparison: {settings.model}",
         "",
@@ -163,7 +164,7 @@ def write_report(settings: "CompareSettings", results: Sequence[dict[str, Any]])
         f"`{settings.preset}`, calibration `{settings.calib}` (calibrated methods only), seed {settings.seed}; "
         "embeddings and lm_head stay unquantized.",
         f"- **Perplexity:** {', '.join(ev.datasets) or 'none'}; {windows} non-overlapping windows of "
-        f"{ev.seq_len} tokens. KL(P_FP || P_quant) and top-1 agreement against the unquantized model on "
+        f"{seq_len} tokens. KL(P_FP || P_quant) and top-1 agreement against the unquantized model on "
         f"{first or '-'}.",
         f"- **Tasks:** {', '.join(ev.tasks) if ev.tasks else 'none'}"
         + (f" (first {ev.limit} items each)" if ev.tasks and ev.limit else "")
