@@ -118,6 +118,11 @@ def test_a_second_run_on_a_locked_state_fails_without_touching_it(tmp_path):
     with pytest.raises(unibcq.UnibcqError, match="another unibcq run"):
         RunState.open(tmp_path / "s", fingerprint, resume=False)
     assert spill.is_dir()  # the running run's spill folder survives
+    (tmp_path / "s" / run_state.STATE_FILE).write_text("{}")  # it has committed a block
+    for resume in (False, True):  # not "remove that directory", which would destroy the live run
+        with pytest.raises(unibcq.UnibcqError, match="another unibcq run"):
+            RunState.open(tmp_path / "s", fingerprint, resume=resume)
+    (tmp_path / "s" / run_state.STATE_FILE).unlink()
     first.close()
     second = RunState.open(tmp_path / "s", fingerprint, resume=False)
     assert not spill.exists()  # a killed run's scratch is cleared once the directory is ours

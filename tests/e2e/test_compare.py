@@ -129,6 +129,18 @@ def test_compare_bad_input(capsys, tmp_path, tiny_model_dir, extra, needle):
     assert code == 2 and needle in err and not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("own_file", ["report.md", "notes.txt"])
+def test_compare_keeps_out_of_a_folder_it_did_not_write(capsys, tmp_path, tiny_model_dir, own_file):
+    """Every run rewrites report.md there; a user's own report would be lost."""
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / own_file).write_text("my notes\n")
+    capsys.readouterr()
+    code = main(["compare", str(tiny_model_dir), "--methods", "rtn", "--out", str(out), "--no-progress"])
+    assert code == 2 and f"holds files compare did not write ({own_file})" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [own_file] and (out / own_file).read_text() == "my notes\n"
+
+
 def test_compare_cell_killed_mid_evaluation_keeps_its_finished_datasets(capsys, tmp_path, tiny_model_dir,
                                                                          corpus_file, monkeypatch):
     import unibcq.eval.perplexity as perplexity

@@ -84,6 +84,21 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is missing or corrupt ({exc}); remove {path.parent} to start over") from exc
 
 
+def _locked(lock: Path) -> bool:
+    """Whether a live run holds `lock`: checked before advice to remove its directory."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock this check took
+
+
 class RunState:
     """Committed progress of one run in a directory (see the module docstring)."""
 
@@ -112,6 +127,8 @@ class RunState:
             state.path.mkdir(parents=True, exist_ok=True)
             state._take()
             return state
+        if _locked(state.path / LOCK_FILE):
+            raise UnibcqError(f"another unibcq run is using {state.path}; wait for it to finish or stop it")
         if not resume:
             raise UnibcqError(f"{state.path} holds a half-finished run; pass --resume to continue it, "
                               f"or remove that directory to start over")

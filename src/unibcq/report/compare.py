@@ -35,7 +35,7 @@ from unibcq.methods.registry import check_method
 from unibcq.models.fingerprint import files_fingerprint
 from unibcq.models.loading import context_window_of, declared_dtype
 from unibcq.progress import progress_bar
-from unibcq.report.render import write_report
+from unibcq.report.render import ACCURACY_PLOT, PPL_PLOT, REPORT_FILE, REPORT_TITLE, write_report
 
 FP_NAME = "unquantized"
 
@@ -132,11 +132,27 @@ def _reusable_checkpoint(path: Path, config: QuantConfig, model: str) -> bool:
     return stored.get("source_model") == model and all(stored.get(k) == v for k, v in wanted.items())
 
 
+def check_compare_dir(out: Path) -> None:
+    """Refuse a folder holding files compare did not write: every run rewrites report.md and the
+    plots there, so a user's own report.md would be lost."""
+    if not out.is_dir():
+        return
+    ours = {"results", "checkpoints", REPORT_FILE, PPL_PLOT, ACCURACY_PLOT}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith("."))
+    report = out / REPORT_FILE
+    if report.is_file() and not report.read_text(errors="replace").startswith(REPORT_TITLE):
+        foreign.insert(0, REPORT_FILE)
+    if foreign:
+        raise UnibcqError(f"--out {out} holds files compare did not write ({', '.join(foreign[:3])}); give a new or "
+                          "empty folder, or one an earlier compare wrote")
+
+
 def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[dict[str, Any]]:
     """Quantize and evaluate every cell (skipping finished ones); returns all results, FP first."""
     from unibcq.data import calibration_windows
     from unibcq.models import load_model, load_tokenizer
 
+    check_compare_dir(settings.out)
     cells = plan_cells(settings.methods, settings.bits, settings.group_size)
     context = context_window_of(settings.model) if any(c.method in CALIBRATED for c in cells) else None
     configs = {cell: cell_config(cell, settings, context) for cell in cells}

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 PPL_PLOT = "ppl_vs_bits.png"
 ACCURACY_PLOT = "accuracy_vs_bits.png"
+REPORT_FILE = "report.md"
+REPORT_TITLE = "# unibcq comparison: "
 
 
 def cpu_model() -> str:
@@ -151,7 +153,7 @@ def write_report(settings: "CompareSettings", results: Sequence[dict[str, Any]])
     windows = "all" if ev.max_windows is None else f"the first {ev.max_windows}"
     seq_len = min((r.get("seq_len") or ev.seq_len for r in results), default=ev.seq_len)  # capped at the context
     lines = [
-        f"# unibcq comparison: {settings.model}",
+        f"{REPORT_TITLE}{settings.model}",
         "",
         f"Generated {date} by:",
         "",
@@ -179,7 +181,7 @@ def write_report(settings: "CompareSettings", results: Sequence[dict[str, Any]])
         *(f"![{p}]({p})" for p in plots),
         "",
     ]
-    path = out / "report.md"
+    path = out / REPORT_FILE
     tmp = path.with_name(".report.md.tmp")
     tmp.write_text("\n".join(lines))
     os.replace(tmp, path)
