@@ -89,6 +89,24 @@ def test_saving_twice_writes_identical_weight_files(tiny_llama, ckpt_dir):
     assert checkpoint_module.has_unibcq_weights(dirs[0])  # recognised by its packed tensors
 
 
+def test_checkpoints_and_json_get_the_modes_of_plain_files(tiny_llama, ckpt_dir, tmp_path):
+    """Temporary files are private (0600); a shared checkpoint must not stay so after the rename."""
+    from unibcq.atomic import write_json_atomic
+
+    model = tiny_llama()
+    config = fast_config("rtn")
+    quantize(model, config)
+    old = os.umask(0o022)
+    try:
+        out = unibcq.save(model, ckpt_dir(), config, source_model="tiny")
+        write_json_atomic(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: 0o644 for p in out.iterdir()}
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+
+
 def test_qwen2_biases_and_tied_embeddings_survive(tiny_qwen2, ckpt_dir, logits_of):
     model = tiny_qwen2()
     assert model.config.tie_word_embeddings

@@ -1,8 +1,9 @@
 """unibcq: binary-coding quantization of Hugging Face causal LMs.
 
 Python API (the CLI is a thin layer over it):
-    model = unibcq.load_model("smollm2-135m")
-    records = unibcq.quantize(model, unibcq.QuantConfig("bcq-alternating", bits=3, group_size=128))
+    model, tok = unibcq.load_model("smollm2-135m"), unibcq.load_tokenizer("smollm2-135m")
+    config = unibcq.QuantConfig("bcq-alternating", bits=3, group_size=128)
+    records = unibcq.quantize(model, config)
     unibcq.save(model, "out/w3", config, source_model="smollm2-135m", tokenizer=tok)
     qmodel = unibcq.load("out/w3")
     # or, after `import unibcq`: AutoModelForCausalLM.from_pretrained("out/w3")

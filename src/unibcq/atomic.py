@@ -17,6 +17,25 @@ from typing import Any, Iterator
 from unibcq.errors import UnibcqError
 
 
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def _publish_modes(path: Path) -> None:
+    """Give `path` (and all under it) the modes a plain mkdir/open would have: tempfile makes
+    them private (0700 / 0600), which would hide a shared checkpoint from other users."""
+    mask = _umask()
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            os.chmod(root, 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
 @contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that is renamed to `target` if the block succeeds.
@@ -31,6 +50,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        _publish_modes(tmp)
         if target.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, trash / "old")
@@ -69,6 +89,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=False)
             f.write("\n")
+        _publish_modes(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -767,10 +767,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
+    import huggingface_hub
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # Offline, a Hub id is retried with a warning a line; what failed is said once, in our error.
+    huggingface_hub.utils.logging.set_verbosity_error()
     try:
         if getattr(args, "json", None):
             check_writable(args.json, "--json")
