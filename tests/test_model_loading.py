@@ -32,3 +32,19 @@ def test_concurrent_first_loads_dequantize_a_gguf_once(tmp_path, monkeypatch):
         thread.join()
     assert len(builds) == 1
     assert len(found) == 4 and len(set(found)) == 1 and (found[0] / "config.json").is_file()
+
+
+def test_context_window_reads_the_config_and_stretching_rope():
+    from transformers import GPT2Config, LlamaConfig
+
+    from unibcq.models.architectures import context_window
+
+    assert context_window(LlamaConfig(max_position_embeddings=4096)) == 4096
+    assert context_window(GPT2Config(n_positions=1024)) == 1024
+    assert context_window(None) is None
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert context_window(LlamaConfig(max_position_embeddings=32768, rope_scaling=yarn)) == 131072
+    # max_position_embeddings already the stretched length (Phi-3's longrope): not stretched twice
+    longrope = {"rope_type": "longrope", "factor": 32.0, "original_max_position_embeddings": 4096,
+                "short_factor": [1.0] * 32, "long_factor": [1.0] * 32}
+    assert context_window(LlamaConfig(max_position_embeddings=131072, rope_scaling=longrope)) == 131072

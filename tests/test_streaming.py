@@ -70,6 +70,21 @@ def test_budget_too_small_fails_before_writing(tmp_path, tiny_llama):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_sharded_checkpoint_with_a_damaged_config_is_still_recognised(tmp_path, tiny_llama):
+    """Its first shard holds only the embedding; the packed tensors are in later ones."""
+    from safetensors import safe_open
+
+    from unibcq.checkpoint import has_unibcq_weights, weight_files
+
+    source = saved_model(tiny_llama(), tmp_path / "src")
+    quantize_streaming(source, tmp_path / "q", QuantConfig(method="rtn", group_size=32), "src", BUDGET,
+                       show_progress=False, shard_bytes=40_000)
+    with safe_open(str(weight_files(tmp_path / "q")[0]), "pt") as f:
+        assert list(f.keys()) == ["model.embed_tokens.weight"]
+    (tmp_path / "q" / "config.json").write_text("[1]")
+    assert has_unibcq_weights(tmp_path / "q")
+
+
 def test_streaming_refuses_an_override_matching_no_layer(tmp_path, tiny_llama):
     source = saved_model(tiny_llama(), tmp_path / "src")
     config = QuantConfig(method="rtn", overrides={"*.down_prj": {"bits": 4}})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,18 +19,27 @@ from unibcq.errors import UnibcqError
 
 
 def _umask() -> int:
+    """The process umask, read without setting it where Linux allows (setting it, even briefly,
+    would race with files other threads create)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     current = os.umask(0o022)
     os.umask(current)
     return current
 
 
 def _publish_modes(path: Path) -> None:
-    """Give `path` (and all under it) the modes a plain mkdir/open would have: tempfile makes
-    them private (0700 / 0600), which would hide a shared checkpoint from other users."""
+    """Give `path` (and all under it) the permission bits a plain mkdir/open would: tempfile
+    makes them private (0700 / 0600), which would hide a shared checkpoint from other users.
+    Folders keep the setgid bit they inherited from a shared parent."""
     mask = _umask()
     if path.is_dir():
-        for root, dirs, files in os.walk(path):
-            os.chmod(root, 0o777 & ~mask)
+        for root, _, files in os.walk(path):
+            os.chmod(root, (os.stat(root).st_mode & stat.S_ISGID) | (0o777 & ~mask))
             for name in files:
                 os.chmod(os.path.join(root, name), 0o666 & ~mask)
     else:

@@ -346,10 +346,12 @@ def has_unibcq_weights(path: str | os.PathLike) -> bool:
     written before 2026-11-27 also carry a `unibcq_format` metadata key.
     """
     try:
-        weights = weight_files(path)[0]
-        with safe_open(str(weights), "pt") as f:
-            return ("unibcq_format" in (f.metadata() or {})
-                    or any(key.rsplit(".", 1)[-1] in PACKED_SUFFIXES for key in f.keys()))
+        for weights in weight_files(path):  # a shard may hold only dense tensors (the embedding)
+            with safe_open(str(weights), "pt") as f:
+                if ("unibcq_format" in (f.metadata() or {})
+                        or any(key.rsplit(".", 1)[-1] in PACKED_SUFFIXES for key in f.keys())):
+                    return True
+        return False
     except Exception:  # any unreadable file is simply not recognisable
         return False
 

@@ -306,7 +306,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from unibcq.memory import MemoryCap, MemoryCapExceeded
     from unibcq.methods.presets import apply_preset, cap_calibration_length, preset_values
     from unibcq.methods.run_state import state_dir_for
-    from unibcq.models.architectures import context_window
+    from unibcq.models.loading import context_window_of
     from unibcq.methods.streaming import parse_memory
 
     unread = unread_flags(args.method, getattr(args, "argv", [])) if args.method in METHODS else []
@@ -344,17 +344,18 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     save_dtype = _save_dtype(args)
     if args.max_memory is not None and not calibrated:
         return _quantize_streaming(args, config, source, out, save_dtype)
+    # Before the memory estimate, which depends on it; an explicit --seq-len past the context is refused instead.
+    replaced = (cap_calibration_length(config, context_window_of(args.model))
+                if calibrated and args.seq_len is None else None)
+    if replaced is not None:
+        print(f"unibcq: note: the preset's {replaced}-token calibration windows exceed the model's context; "
+              f"using {config.calib_seq_len}", file=sys.stderr)
     start = time.perf_counter()
     model, onload, spill = _onload_within_budget(config, source, args.max_memory) if args.max_memory else (
         load_model(args.model), None, False)
     spill = spill or args.spill_activations
     tokenizer = load_tokenizer(args.model)
     load_seconds = time.perf_counter() - start
-    replaced = (cap_calibration_length(config, context_window(getattr(model, "config", None)))
-                if args.seq_len is None else None)  # an explicit --seq-len past the context is refused instead
-    if replaced is not None:
-        print(f"unibcq: note: the preset's {replaced}-token calibration windows exceed the model's context; "
-              f"using {config.calib_seq_len}", file=sys.stderr)
     start = time.perf_counter()
     windows = (calibration_windows(tokenizer, args.calib, config.calib_samples, config.calib_seq_len, args.seed,
                                    args.data_dir) if calibrated else None)
@@ -503,6 +504,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from unibcq.eval.suite import evaluate_suite
     from unibcq.eval.tasks import SUMMARY_COLUMNS, summary_rows
     from unibcq.models import load_model
+    from unibcq.models.architectures import context_window
     from unibcq.progress import print_table
 
     settings = _eval_settings(args)
@@ -522,6 +524,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if ours != theirs:
             raise UnibcqError(f"the KL reference {ref_spec} predicts {theirs} tokens and {args.model} {ours}: KL needs "
                               "the same vocabulary; pass the model it was quantized from, or --kl-ref none")
+    context = context_window(getattr(model, "config", None))
+    if settings.datasets and context is not None and settings.seq_len > context:
+        print(f"unibcq: note: the model's context holds {context} positions; perplexity windows are capped "
+              f"there (--seq-len {settings.seq_len})", file=sys.stderr)
+        settings.seq_len = context  # before the journal is keyed on it
     model.to(device)
     journal = _eval_journal(args, settings, ref_spec, ref_dtype)
     measured = evaluate_suite(model, tokenizer, settings, ref_model, show_progress=not args.no_progress,
@@ -533,9 +540,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     rows = [(name, report["windows"][name], report["tokens"][name], ppl,
              *(_or_dash(per_ref[key].get(name)) for key in ("ref_ppl", "kl", "top1")))
             for name, ppl in report["ppl"].items()]
-    if rows and report["seq_len"] < settings.seq_len:
-        print(f"unibcq: note: the model's context holds {report['seq_len']} positions; perplexity windows were "
-              f"capped there (--seq-len {settings.seq_len})", file=sys.stderr)
     if rows:
         print_table(f"{args.model} (seq_len {report['seq_len']}, {bits:.3f} bits/weight)",
                     ["dataset", "windows", "tokens", "ppl", "ref ppl", "KL vs ref", "top-1 agree"], rows)
@@ -767,13 +771,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
-    import huggingface_hub
     import transformers
+    from huggingface_hub.utils import logging as hub_logging
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     # Offline, a Hub id is retried with a warning a line; what failed is said once, in our error.
-    huggingface_hub.utils.logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
     try:
         if getattr(args, "json", None):
             check_writable(args.json, "--json")

@@ -263,7 +263,7 @@ def test_windows_past_the_context_are_capped_or_refused(capsys, tmp_path, tiny_m
     common = ["quantize", tiny_model_dir, "--method", "gptq", "--calib", corpus_file, "--calib-samples", "2",
               "--group-size", "32", "--no-progress"]
     code, _, err = run(capsys, *common, "--out", tmp_path / "explicit", "--seq-len", "65")
-    assert code == 2 and "--seq-len 65 exceeds the model's context window of 64" in err
+    assert code == 2 and "calibration windows of 65 tokens exceed the model's context window of 64" in err
     assert not (tmp_path / "explicit").exists() and not (tmp_path / "explicit.partial").exists()
     code, _, err = run(capsys, *common, "--out", tmp_path / "preset")  # fast preset: 256-token windows
     assert code == 0, err

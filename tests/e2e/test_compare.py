@@ -56,6 +56,7 @@ def test_compare_report_end_to_end_and_resume(capsys, tmp_path, tiny_model_dir, 
     assert results["dyngroup-w1-g-1"]["bits_per_weight_paper"] < results["dyngroup-w1-g-1"]["bits_per_weight"]
     report = (out / "report.md").read_text()
     assert "unibcq compare" in report and "Machine" in report
+    assert "(32 x 64 tokens)" in report  # the fast preset's 256-token windows, capped at the 64-position context
     assert all(f"| {n.split('-w')[0]} |" in report for n in names[1:])
     for plot in ("ppl_vs_bits.png", "accuracy_vs_bits.png"):
         assert (out / plot).read_bytes()[:8] == PNG_MAGIC and f"]({plot})" in report
@@ -127,6 +128,15 @@ def test_compare_bad_input(capsys, tmp_path, tiny_model_dir, extra, needle):
                  "--no-progress", *extra])
     err = capsys.readouterr().err
     assert code == 2 and needle in err and not (tmp_path / "r").exists()
+
+
+def test_compare_caps_perplexity_windows_at_the_context(capsys, tmp_path, tiny_model_dir, corpus_file):
+    out = tmp_path / "r"
+    capsys.readouterr()
+    assert main(["compare", str(tiny_model_dir), "--methods", "rtn", "--bits", "3", "--group-size", "32", "--out",
+                 str(out), "--ppl", str(corpus_file), "--seq-len", "128", "--max-windows", "1", "--no-progress"]) == 0
+    assert json.loads((out / "results" / "rtn-w3-g32.json").read_text())["seq_len"] == 64
+    assert "windows of 64 tokens" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("own_file", ["report.md", "notes.txt"])

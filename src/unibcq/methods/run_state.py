@@ -84,21 +84,6 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is missing or corrupt ({exc}); remove {path.parent} to start over") from exc
 
 
-def _locked(lock: Path) -> bool:
-    """Whether a live run holds `lock`: checked before advice to remove its directory."""
-    try:
-        fd = os.open(lock, os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # closing releases a lock this check took
-
-
 class RunState:
     """Committed progress of one run in a directory (see the module docstring)."""
 
@@ -120,17 +105,26 @@ class RunState:
         """
         state = cls(path, fingerprint)
         record = state.path / STATE_FILE
-        if not record.is_file():
-            own = [p for p in state.path.iterdir() if not _is_scratch(p)] if state.path.is_dir() else []
-            if own and resume:
+        if not record.is_file() and resume and state.path.is_dir():
+            if any(not _is_scratch(p) for p in state.path.iterdir()):
                 raise UnibcqError(f"{state.path} has no {STATE_FILE}; it is not a unibcq run state, remove it")
-            state.path.mkdir(parents=True, exist_ok=True)
-            state._take()
-            return state
-        if _locked(state.path / LOCK_FILE):
-            raise UnibcqError(f"another unibcq run is using {state.path}; wait for it to finish or stop it")
+        state.path.mkdir(parents=True, exist_ok=True)
+        # Locked before anything is read or advised: a live run's directory must not be called
+        # half-finished (and removed by the user on that advice).
+        state._lock()
+        try:
+            if record.is_file():
+                state._load_record(record, resume)
+            state._clear_scratch()
+        except BaseException:
+            state.close()
+            raise
+        return state
+
+    def _load_record(self, record: Path, resume: bool) -> None:
+        """Take over the committed progress of a killed run of the same command."""
         if not resume:
-            raise UnibcqError(f"{state.path} holds a half-finished run; pass --resume to continue it, "
+            raise UnibcqError(f"{self.path} holds a half-finished run; pass --resume to continue it, "
                               f"or remove that directory to start over")
         try:
             saved = json.loads(record.read_text())
@@ -139,22 +133,17 @@ class RunState:
             completed, records, layouts = int(saved["completed"]), saved["records"], saved["layouts"]
             streams = {str(k): int(v) for k, v in saved["streams"].items()}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{record} is corrupt ({exc}); remove {state.path} to start over") from exc
-        if saved.get("fingerprint") != state.fingerprint:
-            differs = sorted(key for key in set(saved.get("fingerprint", {})) | set(state.fingerprint)
-                             if saved.get("fingerprint", {}).get(key) != state.fingerprint.get(key))
-            raise UnibcqError(f"{state.path} was saved by a different run (differs in: {', '.join(differs)}); "
+            raise CheckpointError(f"{record} is corrupt ({exc}); remove {self.path} to start over") from exc
+        if saved.get("fingerprint") != self.fingerprint:
+            differs = sorted(key for key in set(saved.get("fingerprint", {})) | set(self.fingerprint)
+                             if saved.get("fingerprint", {}).get(key) != self.fingerprint.get(key))
+            raise UnibcqError(f"{self.path} was saved by a different run (differs in: {', '.join(differs)}); "
                               f"rerun the same command to resume, or remove that directory to start over")
-        state.completed, state.records, state.layouts, state.streams = completed, records, layouts, streams
-        state._take()
-        return state
+        self.completed, self.records, self.layouts, self.streams = completed, records, layouts, streams
 
-    def _take(self) -> None:
-        """Lock the directory for this run, then clear what a killed run left behind.
-
-        The lock makes a second run on the same output fail instead of deleting the first
-        one's files; it is released by `close` (or when the process ends).
-        """
+    def _lock(self) -> None:
+        """Lock the directory for this run, released by `close` (or when the process ends), so
+        a second run on the same output fails instead of deleting the first one's files."""
         self._lock_fd = os.open(self.path / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -162,6 +151,9 @@ class RunState:
             os.close(self._lock_fd)
             self._lock_fd = None
             raise UnibcqError(f"another unibcq run is using {self.path}; wait for it to finish or stop it") from None
+
+    def _clear_scratch(self) -> None:
+        """Remove what a killed run left behind that no later run needs."""
         keep = f"activations-{self.completed:04d}"
         for entry in self.path.iterdir():
             stale_stream = entry.name.startswith("activations-") and entry.name != keep

@@ -85,13 +85,29 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+# RoPE scalings that stretch a trained context at run time (Qwen2.5's YaRN recipe keeps
+# max_position_embeddings at the trained length and sets these instead).
+STRETCHING_ROPE = ("yarn", "dynamic", "longrope")
+
+
 def context_window(config: object) -> int | None:
-    """The positions a model was trained on, from its config; None when the config names none."""
+    """The positions a model is meant to run on, from its config; None when it names none.
+
+    With a stretching RoPE scaling whose original length is max_position_embeddings, that
+    length times the scaling factor.
+    """
     for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:
-            return value
-    return None
+            break
+    else:
+        return None
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if isinstance(rope, dict) and (rope.get("rope_type") or rope.get("type")) in STRETCHING_ROPE:
+        factor, original = rope.get("factor"), rope.get("original_max_position_embeddings", value)
+        if isinstance(factor, (int, float)) and factor > 1 and original == value:
+            return int(value * factor)
+    return value
 
 
 def check_window_fits(model: nn.Module, seq_len: int, purpose: str) -> None:
@@ -99,5 +115,5 @@ def check_window_fits(model: nn.Module, seq_len: int, purpose: str) -> None:
     perplexity or a calibration over them measures extrapolation, not the model."""
     window = context_window(getattr(model, "config", None))
     if window is not None and seq_len > window:
-        raise UnibcqError(f"--seq-len {seq_len} exceeds the model's context window of {window} positions "
-                          f"({purpose}); use --seq-len {window} or less")
+        raise UnibcqError(f"{purpose} of {seq_len} tokens exceed the model's context window of {window} positions; "
+                          f"use {window} or fewer (--seq-len)")

@@ -17,7 +17,7 @@ import copy
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -132,6 +132,14 @@ def _reusable_checkpoint(path: Path, config: QuantConfig, model: str) -> bool:
     return stored.get("source_model") == model and all(stored.get(k) == v for k, v in wanted.items())
 
 
+def _written_by_compare(report: Path) -> bool:
+    try:
+        with report.open(errors="replace") as f:
+            return f.read(len(REPORT_TITLE)) == REPORT_TITLE
+    except OSError:  # a folder, or unreadable: not ours
+        return False
+
+
 def check_compare_dir(out: Path) -> None:
     """Refuse a folder holding files compare did not write: every run rewrites report.md and the
     plots there, so a user's own report.md would be lost."""
@@ -140,7 +148,7 @@ def check_compare_dir(out: Path) -> None:
     ours = {"results", "checkpoints", REPORT_FILE, PPL_PLOT, ACCURACY_PLOT}
     foreign = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith("."))
     report = out / REPORT_FILE
-    if report.is_file() and not report.read_text(errors="replace").startswith(REPORT_TITLE):
+    if report.exists() and not _written_by_compare(report):
         foreign.insert(0, REPORT_FILE)
     if foreign:
         raise UnibcqError(f"--out {out} holds files compare did not write ({', '.join(foreign[:3])}); give a new or "
@@ -154,9 +162,15 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
 
     check_compare_dir(settings.out)
     cells = plan_cells(settings.methods, settings.bits, settings.group_size)
-    context = context_window_of(settings.model) if any(c.method in CALIBRATED for c in cells) else None
-    configs = {cell: cell_config(cell, settings, context) for cell in cells}
     settings.evaluation.check()
+    # Windows longer than the model's context are capped there (perplexity and calibration
+    # alike), before anything is keyed on their length.
+    ev = settings.evaluation
+    needs_context = bool(ev.datasets) or any(c.method in CALIBRATED for c in cells)
+    context = context_window_of(settings.model) if needs_context else None
+    if context is not None and ev.datasets and ev.seq_len > context:
+        settings = replace(settings, evaluation=replace(ev, seq_len=context))
+    configs = {cell: cell_config(cell, settings, context) for cell in cells}
     results_dir, ckpt_dir = settings.out / "results", settings.out / "checkpoints"
     protocol = _protocol(settings)
     pending = [c for c in cells

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from unibcq import __version__
+from unibcq.methods.registry import CALIBRATED
 
 if TYPE_CHECKING:
     from unibcq.report.compare import CompareSettings
@@ -136,6 +137,13 @@ def _plot(path: Path, results: Sequence[dict[str, Any]], metric, ylabel: str, ti
     return True
 
 
+def _calibration_size(results: Sequence[dict[str, Any]]) -> str:
+    """" (N x L tokens)" as the calibrated cells used it (L is capped at the model's context)."""
+    sizes = {(q["calib_samples"], q["calib_seq_len"]) for r in results
+             if (q := (r.get("protocol") or {}).get("quantization")) and q.get("method") in CALIBRATED}
+    return "".join(f" ({n} x {length} tokens)" for n, length in sorted(sizes))
+
+
 def write_report(settings: "CompareSettings", results: Sequence[dict[str, Any]]) -> Path:
     """Write OUT/report.md (and the plots next to it); returns the report's path."""
     out = settings.out
@@ -151,7 +159,6 @@ def write_report(settings: "CompareSettings", results: Sequence[dict[str, Any]])
         plots.append(ACCURACY_PLOT)
     date = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     windows = "all" if ev.max_windows is None else f"the first {ev.max_windows}"
-    seq_len = min((r.get("seq_len") or ev.seq_len for r in results), default=ev.seq_len)  # capped at the context
     lines = [
         f"{REPORT_TITLE}{settings.model}",
         "",
@@ -163,10 +170,11 @@ def write_report(settings: "CompareSettings", results: Sequence[dict[str, Any]])
         "",
         f"- **Machine:** {machine_line(settings.device)}.{_devices_note(results, settings.device)}",
         f"- **Quantization:** group size {settings.group_size} (-1 = per output channel), preset "
-        f"`{settings.preset}`, calibration `{settings.calib}` (calibrated methods only), seed {settings.seed}; "
+        f"`{settings.preset}`, calibration `{settings.calib}`{_calibration_size(results)} (calibrated methods "
+        f"only), seed {settings.seed}; "
         "embeddings and lm_head stay unquantized.",
         f"- **Perplexity:** {', '.join(ev.datasets) or 'none'}; {windows} non-overlapping windows of "
-        f"{seq_len} tokens. KL(P_FP || P_quant) and top-1 agreement against the unquantized model on "
+        f"{ev.seq_len} tokens. KL(P_FP || P_quant) and top-1 agreement against the unquantized model on "
         f"{first or '-'}.",
         f"- **Tasks:** {', '.join(ev.tasks) if ev.tasks else 'none'}"
         + (f" (first {ev.limit} items each)" if ev.tasks and ev.limit else "")
