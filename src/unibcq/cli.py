@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--iters", type=int, help="alternating BCQ rounds (bcq-alternating: 15; uniquanf init T: preset)")
     q.add_argument("--init", default="greedy+uniform", choices=["greedy", "greedy+uniform"], help="bcq-alternating start")
     q.add_argument("--override", action="append", default=[], metavar="PATTERN:bits=N[,group_size=G]",
-                   help="per-layer settings for layers whose name matches PATTERN (fnmatch); repeatable")
+                   help="per-layer settings for layers whose full name matches PATTERN (fnmatch, e.g. "
+                        "'*.mlp.down_proj'; the first match wins; a pattern matching no layer is an error); "
+                        "repeatable")
     q.add_argument("--algorithm", default="windowed", choices=["dp", "greedy", "windowed"], help="dyngroup solver")
     q.add_argument("--max-groups", type=int, default=32, help="dyngroup: groups per segment")
     q.add_argument("--lambda", dest="lam", type=float, default=0.75, help="dyngroup: penalty on small groups")
