@@ -98,7 +98,7 @@ def main() -> int:
 ```
 
 Machine: {cpu_model()}, 2 cores, no GPU, shared with other work while it ran (times are noisy).
-Protocol as in the table above (WikiText-2 test, first {args.max_windows} windows of {args.seq_len} tokens,
+Protocol as in the main SmolLM2 table below (WikiText-2 test, first {args.max_windows} windows of {args.seq_len} tokens,
 KL and top-1 against the unquantized model). dyngroup: windowed greedy merge, window 256,
 lambda 0.75 (normalised), one set of groups per matrix, as in the paper; `--refine-sweeps 20`
 is our boundary refinement. **bits paper** is the paper's count 1 + 16G/N, which leaves out the

@@ -386,9 +386,10 @@ def docs_section(args: argparse.Namespace, rows: Sequence[tuple[str, dict[str, A
     return section_head(START_MARKER, title) + f"""
 
 - **Machine:** {machines_note(rows)}
-- **Checkpoints:** each quantized on the machine that measured its row (`--device`), so the
-  rows are not the main table's checkpoints: the trained methods land elsewhere run to run,
-  and GPU arithmetic differs from the CPU's in the last bits. Rows accumulate over runs
+- **Checkpoints:** each quantized on the machine that measured its row (`--device`), not the
+  main table's: a CPU row of a deterministic method repeats the main table's figures, while
+  trained methods land elsewhere run to run and GPU arithmetic differs from the CPU's in the
+  last bits. Rows accumulate over runs
   (`--rows`, `--time-budget`) in `{args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}`;
   the command above measures whatever is still missing.
 - **Protocol:** WikiText-2 test perplexity on the main table's 40 x 512 windows and on the
