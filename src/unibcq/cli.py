@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (unties embeddings)")
     q.add_argument("--calib", default="wikitext2", help=f"calibration text source ({PRESET_HELP})")
     q.add_argument("--calib-samples", type=int, help="calibration windows (preset: fast 32, paper 128)")
-    q.add_argument("--seq-len", type=int, help="tokens per calibration window (preset: fast 256, paper 2048, capped at the model's "
-                        "context; a value given past the context is refused)")
+    q.add_argument("--seq-len", type=int, help="tokens per calibration window (preset: fast 256, paper 2048, "
+                        "capped at the model's context; a value given past the context is refused)")
     q.add_argument("--preset", default="fast", help="calibrated methods: fast (CPU, default) or paper")
     q.add_argument("--epochs", type=int, help="uniquanf/flexround: passes over the calibration set per block")
     q.add_argument("--u-lr", type=float, help="uniquanf/flexround: learning rate of the mapping parameters")
@@ -211,7 +211,8 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
     """The evaluation protocol's flags, identical for `eval` and `compare`."""
     parser.add_argument("--ppl", default="wikitext2",
                         help="comma-separated: wikitext2, ptb, or .txt/.jsonl files; 'none' skips perplexity")
-    parser.add_argument("--seq-len", type=int, default=2048, help="perplexity window length, capped at the model's context")
+    parser.add_argument("--seq-len", type=int, default=2048,
+                        help="perplexity window length, capped at the model's context")
     parser.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
     parser.add_argument("--data-dir", help="folder with the datasets (default: $UNIBCQ_DATA_DIR)")
     parser.add_argument("--tasks", help="comma-separated: piqa, arc_easy, arc_challenge, hellaswag, winogrande, "
@@ -308,8 +309,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from unibcq.memory import MemoryCap, MemoryCapExceeded
     from unibcq.methods.presets import apply_preset, cap_calibration_length, preset_values
     from unibcq.methods.run_state import state_dir_for
-    from unibcq.models.loading import context_window_of
     from unibcq.methods.streaming import parse_memory
+    from unibcq.models.loading import context_window_of
 
     unread = unread_flags(args.method, getattr(args, "argv", [])) if args.method in METHODS else []
     if unread:
@@ -526,11 +527,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if ours != theirs:
             raise UnibcqError(f"the KL reference {ref_spec} predicts {theirs} tokens and {args.model} {ours}: KL needs "
                               "the same vocabulary; pass the model it was quantized from, or --kl-ref none")
-    context = context_window(getattr(model, "config", None))
-    if settings.datasets and context is not None and settings.seq_len > context:
-        print(f"unibcq: note: the model's context holds {context} positions; perplexity windows are capped "
+    capped = settings.capped_to(context_window(getattr(model, "config", None)))  # before the journal is keyed
+    if capped is not settings:
+        print(f"unibcq: note: the model's context holds {capped.seq_len} positions; perplexity windows are capped "
               f"there (--seq-len {settings.seq_len})", file=sys.stderr)
-        settings.seq_len = context  # before the journal is keyed on it
+        settings = capped
     model.to(device)
     journal = _eval_journal(args, settings, ref_spec, ref_dtype)
     measured = evaluate_suite(model, tokenizer, settings, ref_model, show_progress=not args.no_progress,

@@ -7,8 +7,8 @@ The same object drives quantization and is recorded in the checkpoint's
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass, field, fields, replace
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from unibcq.errors import UnibcqError

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,13 @@ class EvalSettings:
             check_tasks(self.tasks, self.limit, self.data_dir, self.mmlu_shots, self.batch_size, self.chat_template)
         elif self.chat_template:
             raise UnibcqError("--chat-template applies to gsm8k; add --tasks gsm8k")
+
+    def capped_to(self, context: int | None) -> "EvalSettings":
+        """These settings with perplexity windows no longer than the model's `context`: positions
+        past it were never trained (lm-eval caps its rolling windows the same way)."""
+        if context is None or not self.datasets or self.seq_len <= context:
+            return self
+        return replace(self, seq_len=context)
 
     def journal_key(self) -> dict[str, Any]:
         """The settings every journal piece depends on (see `unibcq.eval.journal`).
@@ -120,9 +127,7 @@ def evaluate_suite(model: nn.Module, tokenizer, settings: EvalSettings, ref_mode
     from unibcq.eval.perplexity import WindowStats, evaluate_windows
     from unibcq.eval.tasks import run_tasks
 
-    # Positions past the context were never trained: windows are capped there, as lm-eval caps
-    # its rolling windows; "seq_len" in the result is the length measured.
-    seq_len = min(settings.seq_len, context_window(getattr(model, "config", None)) or settings.seq_len)
+    seq_len = settings.capped_to(context_window(getattr(model, "config", None))).seq_len  # the length measured
     ref_model = ref_model if settings.datasets else None  # KL is measured on the perplexity windows only
     seconds = 0.0
     results = {}

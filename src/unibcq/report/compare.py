@@ -117,9 +117,14 @@ def _journal(results_dir: Path, name: str, settings: CompareSettings, model: str
         "cell": name, "files": files_fingerprint(model), "reference": settings.model})
 
 
+def _as_stored(config: QuantConfig) -> dict[str, Any]:
+    """The config as JSON stores it (tuples become lists), to compare with what was written."""
+    return json.loads(json.dumps(config.to_dict()))
+
+
 def _cell_protocol(protocol: dict[str, Any], config: QuantConfig) -> dict[str, Any]:
     """A cell's result is reused only under the same evaluation and the same quantization."""
-    return protocol | {"quantization": json.loads(json.dumps(config.to_dict()))}
+    return protocol | {"quantization": _as_stored(config)}
 
 
 def _reusable_checkpoint(path: Path, config: QuantConfig, model: str) -> bool:
@@ -128,8 +133,7 @@ def _reusable_checkpoint(path: Path, config: QuantConfig, model: str) -> bool:
     if not is_checkpoint(path):
         return False
     stored = read_config(path)[QUANT_KEY]
-    wanted = json.loads(json.dumps(config.to_dict()))
-    return stored.get("source_model") == model and all(stored.get(k) == v for k, v in wanted.items())
+    return stored.get("source_model") == model and all(stored.get(k) == v for k, v in _as_stored(config).items())
 
 
 def _written_by_compare(report: Path) -> bool:
@@ -165,11 +169,9 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
     settings.evaluation.check()
     # Windows longer than the model's context are capped there (perplexity and calibration
     # alike), before anything is keyed on their length.
-    ev = settings.evaluation
-    needs_context = bool(ev.datasets) or any(c.method in CALIBRATED for c in cells)
+    needs_context = bool(settings.evaluation.datasets) or any(c.method in CALIBRATED for c in cells)
     context = context_window_of(settings.model) if needs_context else None
-    if context is not None and ev.datasets and ev.seq_len > context:
-        settings = replace(settings, evaluation=replace(ev, seq_len=context))
+    settings = replace(settings, evaluation=settings.evaluation.capped_to(context))
     configs = {cell: cell_config(cell, settings, context) for cell in cells}
     results_dir, ckpt_dir = settings.out / "results", settings.out / "checkpoints"
     protocol = _protocol(settings)
