@@ -74,3 +74,28 @@ def test_backend_choice_for_triton(monkeypatch):
     assert choose_backend(x.to(DEVICE), 128, 32, "triton") == "triton"
     with pytest.raises(ValueError, match="triton backend needs"):
         choose_backend(x.to(DEVICE).requires_grad_(), 128, 32, "triton")
+
+
+@pytest.mark.parametrize("batch", [1, 4, 20])
+@pytest.mark.parametrize("group_size", [64, 20, -1])
+def test_split_k_gives_the_same_result(batch, group_size):
+    # 320 inputs are 5 tiles of 64 (or 10 of 32): splits of 1, 2 and 3 tiles leave a short last
+    # split, and one tile per split is the most splits there can be.
+    weight = on_device(random_bcq(70, 320, 3, group_size, True, seed=7))
+    x = torch.randn(batch, 320, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    ref = bcq_linear_reference(x.cpu(), weight)
+    for per_split in (1, 2, 3, 10):
+        got = kernels.bcq_matmul_triton(x, weight.planes, weight.alpha, weight.offset, 320, group_size,
+                                        k_tiles_per_split=per_split).cpu()
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_split_k_fills_the_machine_without_empty_splits():
+    assert kernels._split_k(k_tiles=64, programs=64, wanted=528) == 8  # 4096 x 4096, batch 1: 8 splits of 8 tiles
+    assert kernels._split_k(k_tiles=9, programs=9, wanted=528) == 1  # 576 inputs: a split per tile
+    assert kernels._split_k(k_tiles=5, programs=2, wanted=4) == 3  # 2 splits wanted: 3 + 2 tiles
+    assert kernels._split_k(k_tiles=64, programs=2048, wanted=528) == 64  # prefill: enough tiles already
+    weight = on_device(random_bcq(8, 64, 2, 32, True, seed=8))
+    with pytest.raises(ValueError, match="k_tiles_per_split"):
+        kernels.bcq_matmul_triton(torch.randn(1, 64).to(DEVICE), weight.planes, weight.alpha, weight.offset, 64, 32,
+                                  k_tiles_per_split=0)

@@ -12,9 +12,10 @@ CPU bit-plane GEMV of `cpu_bitplane`, for few rows) and "triton" (`triton_bcq`: 
 for few rows and a dequantize-in-tile GEMM for more; CUDA tensors, or CPU tensors under
 TRITON_INTERPRET=1). "auto" takes the bit-plane GEMV on the CPU and the Triton GEMV on a GPU
 when the input has at most `CPU_GEMV_MAX_ROWS` / `triton_bcq.GEMV_MAX_ROWS` rows, and the
-reference path otherwise: large batches are compute-bound, where BLAS wins, and the Triton
-GEMM stays opt-in until it has been timed against cuBLAS on a GPU. The choice can be forced
-per process with the environment variable UNIBCQ_BACKEND.
+reference path otherwise: large batches are compute-bound, where BLAS wins. The Triton GEMM
+stays opt-in: on an H200 (2026-11-27, docs/BENCHMARKS.md) it ran 9x slower than cuBLAS at
+64 rows, and at prefill sizes it has not been timed. The choice can be forced per process
+with the environment variable UNIBCQ_BACKEND.
 """
 
 from __future__ import annotations

@@ -3,13 +3,20 @@
 Both read the stored layout directly (uint8 planes (bits, out, ceil(in / 8)), fp16 alpha
 (out, groups, bits), fp16 offset (out, groups)) and never write a dense weight to memory:
 
-- `gemv` (few input rows, decode): each program owns BLOCK_N output rows and one input row,
-  walks the input in BLOCK_K steps, decodes the signs of its weight tile from the planes
-  (bits / 8 bytes per weight), scales them by the group's alphas, and accumulates
-  sum(w * x) in float32. Batch-1 decode is bound by reading weights, so reading ~bits/8
-  bytes instead of 2 (fp16) is where the speed-up comes from.
+- `gemv` (few input rows, decode): each program owns BLOCK_N output rows, one input row and
+  one slice of the input (split-K), decodes the signs of its weight tiles from the planes
+  (bits / 8 bytes per weight), scales them by the group's alphas, and accumulates w * x in a
+  float32 tile that is reduced once at the end. Batch-1 decode is bound by reading weights,
+  so reading ~bits/8 bytes instead of 2 (fp16) is where a speed-up can come from.
 - `gemm` (larger batches): a classic tiled matmul whose B tile is decoded the same way in
-  registers, then fed to `tl.dot` in the input's dtype with float32 accumulation.
+  registers, then fed to `tl.dot` in the input's dtype with float32 accumulation, also split
+  along K.
+
+Split-K is there because a decode GEMV has few output tiles: a 4096-row layer in 64-row
+tiles is 64 programs, half an H100's SMs, each walking all of K. The first H200 timing
+(2026-11-27, docs/BENCHMARKS.md) measured that unsplit GEMV at 20x slower than cuBLAS fp32.
+Each split writes float32 partial sums to its own slice of a (splits, rows, out) buffer and
+the slices are added afterwards, so results do not depend on scheduling (no atomics).
 
 A K tile lies inside one quantization group when the group size is a multiple of BLOCK_K
 (or the row is one group); then a tile's scales are one load per output row. Other group
@@ -79,31 +86,37 @@ if AVAILABLE:
         return w
 
     @triton.jit
-    def _gemv_kernel(x_ptr, planes_ptr, alpha_ptr, offset_ptr, y_ptr, N, K, KB, G, gs, stride_x, stride_y,
+    def _gemv_kernel(x_ptr, planes_ptr, alpha_ptr, offset_ptr, part_ptr, rows, N, K, KB, G, gs, stride_x, k_split,
                      BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, TILE_GROUP: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        row = tl.program_id(0)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(1)
+        row = tl.program_id(2)
+        k_begin = split * k_split
+        k_end = tl.minimum(k_begin + k_split, K)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + row * stride_x + rk, mask=rk < K, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + row * stride_x + rk, mask=rk < k_end, other=0.0).to(tl.float32)
             w = _decode_tile(planes_ptr, alpha_ptr, offset_ptr, rn, rk, N, K, KB, G, gs, k0,
                              BITS, HAS_OFFSET, TILE_GROUP, BLOCK_N, BLOCK_K)
-            acc += tl.sum(w * x[None, :], axis=1)
-        tl.store(y_ptr + row * stride_y + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
+            acc += w * x[None, :]
+        tl.store(part_ptr + (split * rows + row) * N + rn, tl.sum(acc, axis=1), mask=rn < N)
 
     @triton.jit
-    def _gemm_kernel(x_ptr, planes_ptr, alpha_ptr, offset_ptr, y_ptr, M, N, K, KB, G, gs, stride_x, stride_y,
+    def _gemm_kernel(x_ptr, planes_ptr, alpha_ptr, offset_ptr, part_ptr, M, N, K, KB, G, gs, stride_x, k_split,
                      BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, TILE_GROUP: tl.constexpr, IEEE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(2)
+        k_begin = split * k_split
+        k_end = tl.minimum(k_begin + k_split, K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_begin, k_end, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rm[:, None] * stride_x + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
-                        other=0.0)
+            x = tl.load(x_ptr + rm[:, None] * stride_x + rk[None, :],
+                        mask=(rm < M)[:, None] & (rk < k_end)[None, :], other=0.0)
             w = _decode_tile(planes_ptr, alpha_ptr, offset_ptr, rn, rk, N, K, KB, G, gs, k0,
                              BITS, HAS_OFFSET, TILE_GROUP, BLOCK_N, BLOCK_K)
             if IEEE:
@@ -111,7 +124,7 @@ if AVAILABLE:
             else:
                 acc += tl.dot(x, tl.trans(w.to(x.dtype)))
         mask = (rm < M)[:, None] & (rn < N)[None, :]
-        tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(part_ptr + split * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
 
 
 def _tile_k(in_features: int, groups: int, group_size: int) -> tuple[int, bool]:
@@ -124,11 +137,31 @@ def _tile_k(in_features: int, groups: int, group_size: int) -> tuple[int, bool]:
     return 32, False
 
 
+def _programs_wanted(device: torch.device) -> int:
+    """Programs that keep every SM busy: four per SM on a GPU; a small number in the interpreter,
+    so that the tests' small layers still take the split-K path."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _split_k(k_tiles: int, programs: int, wanted: int) -> int:
+    """Tiles of K per split: enough splits to give `wanted` programs, never an empty split."""
+    splits = max(1, min(k_tiles, triton.cdiv(wanted, programs)))
+    return triton.cdiv(k_tiles, splits)
+
+
 def bcq_matmul_triton(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None,
-                      in_features: int, group_size: int) -> torch.Tensor:
-    """x (rows, in) @ W^T for packed W, by the GEMV kernel for few rows and the GEMM otherwise."""
+                      in_features: int, group_size: int, k_tiles_per_split: int | None = None) -> torch.Tensor:
+    """x (rows, in) @ W^T for packed W, by the GEMV kernel for few rows and the GEMM otherwise.
+
+    `k_tiles_per_split` fixes how many BLOCK_K tiles of the input one program sums (the
+    default fills the GPU, see `_split_k`); the result is the same up to float rounding.
+    """
     if not usable(x):
         raise ValueError("the triton backend needs triton and a CUDA input (or TRITON_INTERPRET=1 on CPU)")
+    if k_tiles_per_split is not None and k_tiles_per_split < 1:
+        raise ValueError(f"k_tiles_per_split must be at least 1, got {k_tiles_per_split}")
     x = x.contiguous()
     planes, alpha = planes.contiguous(), alpha.contiguous()
     has_offset = offset is not None
@@ -138,19 +171,26 @@ def bcq_matmul_triton(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor
     groups = alpha.shape[1]
     gs = in_features if groups == 1 else group_size
     block_k, tile_group = _tile_k(in_features, groups, gs)
-    y = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
-    common = dict(BITS=bits, HAS_OFFSET=has_offset, TILE_GROUP=tile_group, BLOCK_K=block_k)
+    k_tiles = triton.cdiv(in_features, block_k)
+    if rows <= GEMV_MAX_ROWS:
+        block_m, block_n = 1, 64
+    else:
+        block_m, block_n = (32, 64) if rows <= 64 else (64, 64)
+    tiles = triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n)
+    per_split = k_tiles_per_split or _split_k(k_tiles, tiles, _programs_wanted(x.device))
+    splits = triton.cdiv(k_tiles, per_split)
+    k_split = per_split * block_k
+    part = torch.empty(splits, rows, out_features, dtype=torch.float32, device=x.device)
+    common = dict(BITS=bits, HAS_OFFSET=has_offset, TILE_GROUP=tile_group, BLOCK_N=block_n, BLOCK_K=block_k)
     # Triton launches on the current CUDA device, not the tensors': make it theirs (cuda:1, ...).
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if rows <= GEMV_MAX_ROWS:
-            block_n = 64
-            grid = (rows, triton.cdiv(out_features, block_n))
-            _gemv_kernel[grid](x, planes, alpha, offset, y, out_features, in_features, row_bytes, groups, gs,
-                               x.stride(0), y.stride(0), BLOCK_N=block_n, **common)
+            grid = (triton.cdiv(out_features, block_n), splits, rows)
+            _gemv_kernel[grid](x, planes, alpha, offset, part, rows, out_features, in_features, row_bytes, groups, gs,
+                               x.stride(0), k_split, **common)
         else:
-            block_m, block_n = (32, 64) if rows <= 64 else (64, 64)
-            grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n))
-            _gemm_kernel[grid](x, planes, alpha, offset, y, rows, out_features, in_features, row_bytes, groups, gs,
-                               x.stride(0), y.stride(0), IEEE=x.dtype == torch.float32,
-                               BLOCK_M=block_m, BLOCK_N=block_n, **common)
-    return y
+            grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n), splits)
+            _gemm_kernel[grid](x, planes, alpha, offset, part, rows, out_features, in_features, row_bytes, groups, gs,
+                               x.stride(0), k_split, IEEE=x.dtype == torch.float32, BLOCK_M=block_m, **common)
+    summed = part[0] if splits == 1 else part.sum(dim=0)
+    return summed.to(x.dtype)
