@@ -5,6 +5,11 @@ On a machine with a GPU the same tests run the compiled kernels on CUDA tensors.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -99,3 +104,18 @@ def test_split_k_fills_the_machine_without_empty_splits():
     with pytest.raises(ValueError, match="k_tiles_per_split"):
         kernels.bcq_matmul_triton(torch.randn(1, 64).to(DEVICE), weight.planes, weight.alpha, weight.offset, 64, 32,
                                   k_tiles_per_split=0)
+
+
+def test_kernels_compile_for_a_hopper_gpu(tmp_path):
+    # Triton's own compiler and ptxas, in a process without the interpreter; a fresh cache, so
+    # the kernels are really compiled (see triton_compile_check.py).
+    if not (Path(kernels.triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").is_file():
+        pytest.skip("this triton has no bundled ptxas")
+    here = Path(__file__).parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join([str(here.parent / "src"), env.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, str(here / "triton_compile_check.py")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled 4 GEMV and 3 GEMM variants for sm_90" in done.stdout

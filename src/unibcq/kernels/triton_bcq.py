@@ -24,7 +24,9 @@ sizes (e.g. 20) take the per-element path (`TILE_GROUP=False`), which looks up e
 column's group. fp32 inputs use IEEE fp32 `tl.dot` (no TF32), matching the reference.
 
 Triton needs a GPU, except in its interpreter (`TRITON_INTERPRET=1`, set before this
-module is imported), which runs the same kernels on CPU tensors; CI tests them that way.
+module is imported), which runs the same kernels on CPU tensors; CI tests them that way, and also compiles them
+for a Hopper GPU with Triton's compiler and ptxas (tests/triton_compile_check.py), which
+the interpreter does not exercise.
 """
 
 from __future__ import annotations
