@@ -84,7 +84,8 @@ def test_backend_choice_for_triton(monkeypatch):
 @pytest.mark.parametrize("batch", [1, 4, 20])
 @pytest.mark.parametrize("group_size", [64, 20, -1])
 def test_split_k_gives_the_same_result(batch, group_size):
-    # 320 inputs are 5 tiles of 64 (or 10 of 32): splits of 1, 2 and 3 tiles leave a short last
+    # 320 inputs are 3 GEMV tiles of 128 (one group per row), 5 of 64 (group 64) or 10 of 32
+    # (group 20; GEMM tiles are at most 64 wide): splits of 2 and 3 tiles leave a short last
     # split, and one tile per split is the most splits there can be.
     weight = on_device(random_bcq(70, 320, 3, group_size, True, seed=7))
     x = torch.randn(batch, 320, generator=torch.Generator().manual_seed(2)).to(DEVICE)
@@ -96,8 +97,8 @@ def test_split_k_gives_the_same_result(batch, group_size):
 
 
 def test_split_k_fills_the_machine_without_empty_splits():
-    assert kernels._split_k(k_tiles=64, programs=64, wanted=528) == 8  # 4096 x 4096, batch 1: 8 splits of 8 tiles
-    assert kernels._split_k(k_tiles=9, programs=9, wanted=528) == 1  # 576 inputs: a split per tile
+    assert kernels._split_k(k_tiles=32, programs=256, wanted=528) == 11  # 4096 x 4096, batch 1: 3 splits
+    assert kernels._split_k(k_tiles=5, programs=36, wanted=528) == 1  # 576 x 576 in 16-row, 128-wide tiles
     assert kernels._split_k(k_tiles=5, programs=2, wanted=4) == 3  # 2 splits wanted: 3 + 2 tiles
     assert kernels._split_k(k_tiles=64, programs=2048, wanted=528) == 64  # prefill: enough tiles already
     weight = on_device(random_bcq(8, 64, 2, 32, True, seed=8))
@@ -107,15 +108,17 @@ def test_split_k_fills_the_machine_without_empty_splits():
 
 
 def test_kernels_compile_for_a_hopper_gpu(tmp_path):
-    # Triton's own compiler and ptxas, in a process without the interpreter; a fresh cache, so
-    # the kernels are really compiled (see triton_compile_check.py).
+    # Triton's own compiler and ptxas, in a process without the interpreter, with a fresh cache
+    # so the kernels are really compiled (see benchmarks/triton_sm90_compile.py).
     if not (Path(kernels.triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").is_file():
         pytest.skip("this triton has no bundled ptxas")
-    here = Path(__file__).parent
+    root = Path(__file__).parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=os.pathsep.join([str(here.parent / "src"), env.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, str(here / "triton_compile_check.py")], env=env, capture_output=True,
-                          text=True, timeout=600)
+    env.update(TRITON_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "triton_sm90_compile.py")], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "compiled 4 GEMV and 3 GEMM variants for sm_90" in done.stdout
+    table = [line for line in done.stdout.splitlines() if line.startswith("| gem")]
+    assert len(table) == 7

@@ -12,11 +12,14 @@ Both read the stored layout directly (uint8 planes (bits, out, ceil(in / 8)), fp
   registers, then fed to `tl.dot` in the input's dtype with float32 accumulation, also split
   along K.
 
-Split-K is there because a decode GEMV has few output tiles: a 4096-row layer in 64-row
-tiles is 64 programs, half an H100's SMs, each walking all of K. The first H200 timing
-(2026-11-27, docs/BENCHMARKS.md) measured that unsplit GEMV at 20x slower than cuBLAS fp32.
-Each split writes float32 partial sums to its own slice of a (splits, rows, out) buffer and
-the slices are added afterwards, so results do not depend on scheduling (no atomics).
+The first H200 timing (2026-11-27, docs/BENCHMARKS.md) measured the first version of the
+GEMV at 20x slower than cuBLAS fp32. Two causes, both fixed since (not yet timed): a
+4096-row layer in 64-row tiles was 64 programs, half an H100's SMs, each walking all of K;
+and loading planes through one pointer per weight took all 255 registers and spilled. Now
+the kernels split K (each split writes float32 partial sums to its own slice of a
+(splits, rows, out) buffer, added afterwards, so results do not depend on scheduling: no
+atomics), planes are loaded as bytes and spread into bits in registers, and tiles are
+sized so that ptxas reports no spills.
 
 A K tile lies inside one quantization group when the group size is a multiple of BLOCK_K
 (or the row is one group); then a tile's scales are one load per output row. Other group
@@ -25,8 +28,8 @@ column's group. fp32 inputs use IEEE fp32 `tl.dot` (no TF32), matching the refer
 
 Triton needs a GPU, except in its interpreter (`TRITON_INTERPRET=1`, set before this
 module is imported), which runs the same kernels on CPU tensors; CI tests them that way, and also compiles them
-for a Hopper GPU with Triton's compiler and ptxas (tests/triton_compile_check.py), which
-the interpreter does not exercise.
+for a Hopper GPU with Triton's compiler and ptxas (benchmarks/triton_sm90_compile.py, which
+also prints each variant's registers and spills), which the interpreter does not exercise.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ except ImportError:  # triton is optional: the `gpu` extra, or bundled with CUDA
 AVAILABLE = triton is not None
 INTERPRET = AVAILABLE and bool(knobs.runtime.interpret)
 GEMV_MAX_ROWS = 8
+# Tile shapes and warps. Chosen from ptxas's register report for sm_90 (no GPU timing yet):
+# 64 x 64 weight tiles with 4 warps needed all 255 registers and spilled; these do not.
+GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS = 16, 128, 8
+GEMM_BLOCK_N, GEMM_BLOCK_K, GEMM_WARPS, GEMM_STAGES = 64, 64, 8, 2
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -55,33 +62,40 @@ def usable(x: torch.Tensor) -> bool:
 if AVAILABLE:
 
     @triton.jit
-    def _decode_tile(planes_ptr, alpha_ptr, offset_ptr, rn, rk, N, K, KB, G, gs, k0,
+    def _decode_tile(planes_ptr, alpha_ptr, offset_ptr, rn, k0, N, K, KB, G, gs,
                      BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, TILE_GROUP: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The (BLOCK_N, BLOCK_K) float32 weight tile for output rows rn and input columns rk."""
+        """The (BLOCK_N, BLOCK_K) float32 weight tile for output rows rn and input columns k0 + 0..BLOCK_K-1.
+
+        Each plane is loaded as its (BLOCK_N, BLOCK_K / 8) bytes and spread into bits in
+        registers: a pointer per byte rather than per weight, which keeps the tile's
+        address arithmetic from taking most of the registers.
+        """
         n_mask = rn < N
-        mask = n_mask[:, None] & (rk < K)[None, :]
-        byte_ptr = planes_ptr + rn[:, None] * KB + (rk // 8)[None, :]
-        shift = (rk % 8)[None, :].to(tl.uint8)
+        kb = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        byte_ptr = planes_ptr + rn[:, None] * KB + kb[None, :]
+        byte_mask = n_mask[:, None] & (kb < KB)[None, :]
+        shifts = tl.arange(0, 8).to(tl.uint8)
+        w = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         if TILE_GROUP:
             group = k0 // gs
-            w = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             for i in tl.static_range(BITS):
-                packed = tl.load(byte_ptr + i * N * KB, mask=mask, other=0)
-                sign = ((packed >> shift) & 1).to(tl.float32) * 2.0 - 1.0
-                a = tl.load(alpha_ptr + rn * (G * BITS) + group * BITS + i, mask=n_mask, other=0.0)
-                w += a.to(tl.float32)[:, None] * sign
+                packed = tl.load(byte_ptr + i * N * KB, mask=byte_mask, other=0)
+                bit = tl.reshape((packed[:, :, None] >> shifts[None, None, :]) & 1, (BLOCK_N, BLOCK_K))
+                a = tl.load(alpha_ptr + rn * (G * BITS) + group * BITS + i, mask=n_mask, other=0.0).to(tl.float32)
+                w += tl.where(bit != 0, a[:, None], -a[:, None])
             if HAS_OFFSET:
                 o = tl.load(offset_ptr + rn * G + group, mask=n_mask, other=0.0)
                 w += o.to(tl.float32)[:, None]
         else:
+            rk = k0 + tl.arange(0, BLOCK_K)
             group = (rk // gs)[None, :]
-            w = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            mask = n_mask[:, None] & (rk < K)[None, :]
             for i in tl.static_range(BITS):
-                packed = tl.load(byte_ptr + i * N * KB, mask=mask, other=0)
-                sign = ((packed >> shift) & 1).to(tl.float32) * 2.0 - 1.0
+                packed = tl.load(byte_ptr + i * N * KB, mask=byte_mask, other=0)
+                bit = tl.reshape((packed[:, :, None] >> shifts[None, None, :]) & 1, (BLOCK_N, BLOCK_K))
                 a = tl.load(alpha_ptr + rn[:, None] * (G * BITS) + group * BITS + i, mask=mask, other=0.0)
-                w += a.to(tl.float32) * sign
+                w += tl.where(bit != 0, a.to(tl.float32), -a.to(tl.float32))
             if HAS_OFFSET:
                 o = tl.load(offset_ptr + rn[:, None] * G + group, mask=mask, other=0.0)
                 w += o.to(tl.float32)
@@ -100,7 +114,7 @@ if AVAILABLE:
         for k0 in range(k_begin, k_end, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + row * stride_x + rk, mask=rk < k_end, other=0.0).to(tl.float32)
-            w = _decode_tile(planes_ptr, alpha_ptr, offset_ptr, rn, rk, N, K, KB, G, gs, k0,
+            w = _decode_tile(planes_ptr, alpha_ptr, offset_ptr, rn, k0, N, K, KB, G, gs,
                              BITS, HAS_OFFSET, TILE_GROUP, BLOCK_N, BLOCK_K)
             acc += w * x[None, :]
         tl.store(part_ptr + (split * rows + row) * N + rn, tl.sum(acc, axis=1), mask=rn < N)
@@ -119,7 +133,7 @@ if AVAILABLE:
             rk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rm[:, None] * stride_x + rk[None, :],
                         mask=(rm < M)[:, None] & (rk < k_end)[None, :], other=0.0)
-            w = _decode_tile(planes_ptr, alpha_ptr, offset_ptr, rn, rk, N, K, KB, G, gs, k0,
+            w = _decode_tile(planes_ptr, alpha_ptr, offset_ptr, rn, k0, N, K, KB, G, gs,
                              BITS, HAS_OFFSET, TILE_GROUP, BLOCK_N, BLOCK_K)
             if IEEE:
                 acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
@@ -129,13 +143,15 @@ if AVAILABLE:
         tl.store(part_ptr + split * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
 
 
-def _tile_k(in_features: int, groups: int, group_size: int) -> tuple[int, bool]:
-    """BLOCK_K and whether every K tile lies inside one group (scales loaded once per tile)."""
+def _tile_k(groups: int, group_size: int, largest: int) -> tuple[int, bool]:
+    """BLOCK_K (at most `largest`) and whether every K tile lies inside one group (scales loaded once per tile)."""
     if groups == 1:
-        return 64, True
-    for block in (64, 32, 16):
+        return largest, True
+    block = largest
+    while block >= 16:
         if group_size % block == 0:
             return block, True
+        block //= 2
     return 32, False
 
 
@@ -172,12 +188,13 @@ def bcq_matmul_triton(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor
     bits, out_features, row_bytes = planes.shape
     groups = alpha.shape[1]
     gs = in_features if groups == 1 else group_size
-    block_k, tile_group = _tile_k(in_features, groups, gs)
+    gemv = rows <= GEMV_MAX_ROWS
+    block_k, tile_group = _tile_k(groups, gs, GEMV_BLOCK_K if gemv else GEMM_BLOCK_K)
     k_tiles = triton.cdiv(in_features, block_k)
-    if rows <= GEMV_MAX_ROWS:
-        block_m, block_n = 1, 64
+    if gemv:
+        block_m, block_n = 1, GEMV_BLOCK_N
     else:
-        block_m, block_n = (32, 64) if rows <= 64 else (64, 64)
+        block_m, block_n = (32 if rows <= 64 else 64), GEMM_BLOCK_N
     tiles = triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n)
     per_split = k_tiles_per_split or _split_k(k_tiles, tiles, _programs_wanted(x.device))
     splits = triton.cdiv(k_tiles, per_split)
@@ -186,13 +203,14 @@ def bcq_matmul_triton(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor
     common = dict(BITS=bits, HAS_OFFSET=has_offset, TILE_GROUP=tile_group, BLOCK_N=block_n, BLOCK_K=block_k)
     # Triton launches on the current CUDA device, not the tensors': make it theirs (cuda:1, ...).
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        if rows <= GEMV_MAX_ROWS:
+        if gemv:
             grid = (triton.cdiv(out_features, block_n), splits, rows)
             _gemv_kernel[grid](x, planes, alpha, offset, part, rows, out_features, in_features, row_bytes, groups, gs,
-                               x.stride(0), k_split, **common)
+                               x.stride(0), k_split, num_warps=GEMV_WARPS, **common)
         else:
             grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n), splits)
             _gemm_kernel[grid](x, planes, alpha, offset, part, rows, out_features, in_features, row_bytes, groups, gs,
-                               x.stride(0), k_split, IEEE=x.dtype == torch.float32, BLOCK_M=block_m, **common)
+                               x.stride(0), k_split, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
+                               num_warps=GEMM_WARPS, num_stages=GEMM_STAGES, **common)
     summed = part[0] if splits == 1 else part.sum(dim=0)
     return summed.to(x.dtype)
