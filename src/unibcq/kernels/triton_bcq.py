@@ -35,6 +35,7 @@ also prints each variant's registers and spills), which the interpreter does not
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -155,11 +156,17 @@ def _tile_k(groups: int, group_size: int, largest: int) -> tuple[int, bool]:
     return 32, False
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    """The GPU's SM count, asked once per device (each matmul call needs it)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _programs_wanted(device: torch.device) -> int:
     """Programs that keep every SM busy: four per SM on a GPU; a small number in the interpreter,
     so that the tests' small layers still take the split-K path."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 4
 
 
