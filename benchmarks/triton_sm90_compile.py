@@ -35,14 +35,15 @@ ARG_TYPES = {"planes_ptr": "*u8", "alpha_ptr": "*fp16", "offset_ptr": "*fp16", "
 PTXAS_DIR = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def compile_variant(kernel: triton.JITFunction, x_dtype: str, options: dict[str, int], **constexprs: object):
+def compile_variant(kernel: triton.JITFunction, x_dtype: str, options: dict[str, int], out_ptr: str = "fp32",
+                    **constexprs: object):
     """One specialisation compiled with the launch's options; integer arguments are i32 as at launch."""
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name == "x_ptr":
-            signature[name] = f"*{x_dtype}"
+        elif name in ("x_ptr", "out_ptr"):
+            signature[name] = f"*{x_dtype if name == 'x_ptr' else out_ptr}"
         else:
             signature[name] = ARG_TYPES.get(name, "i32")
     return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=HOPPER,
@@ -84,12 +85,19 @@ def main() -> None:
                                  BLOCK_K=block_k)
         rows.append(("gemm", bits, has_offset, tile_group, f"{block_m}x{triton_bcq.GEMM_BLOCK_N}x{block_k}", x_dtype,
                      *registers(kernel.asm["ptx"])))
+    dequantize = [(3, True, True, 64, "fp32"), (4, False, False, 32, "bf16")]
+    for bits, has_offset, tile_group, block_k, out_dtype in dequantize:
+        kernel = compile_variant(triton_bcq._dequantize_kernel, "fp32", {}, out_ptr=out_dtype, BITS=bits,
+                                 HAS_OFFSET=has_offset, TILE_GROUP=tile_group, BLOCK_N=triton_bcq.DEQUANT_BLOCK_N,
+                                 BLOCK_K=block_k)
+        rows.append(("dequantize", bits, has_offset, tile_group, f"{triton_bcq.DEQUANT_BLOCK_N}x{block_k}",
+                     f"-> {out_dtype}", *registers(kernel.asm["ptx"])))
     print(f"Triton {triton.__version__}, sm_90")
     print("| kernel | bits | offset | one group per tile | tile (MxNxK) | input | registers | spill bytes |")
     print("|---|---:|---|---|---|---|---:|---:|")
     for row in rows:
         print("| " + " | ".join(str(cell) for cell in row) + " |")
-    print(f"compiled {len(gemv)} GEMV and {len(gemm)} GEMM variants for sm_90")
+    print(f"compiled {len(gemv)} GEMV, {len(gemm)} GEMM and {len(dequantize)} dequantize variants for sm_90")
 
 
 if __name__ == "__main__":

@@ -119,6 +119,32 @@ def test_kernels_compile_for_a_hopper_gpu(tmp_path):
     done = subprocess.run([sys.executable, str(root / "benchmarks" / "triton_sm90_compile.py")], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "compiled 4 GEMV and 3 GEMM variants for sm_90" in done.stdout
-    table = [line for line in done.stdout.splitlines() if line.startswith("| gem")]
-    assert len(table) == 7
+    assert "compiled 4 GEMV, 3 GEMM and 2 dequantize variants for sm_90" in done.stdout
+    table = [line for line in done.stdout.splitlines() if line.startswith(("| gem", "| dequantize"))]
+    assert len(table) == 9
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4])
+@pytest.mark.parametrize("offset", [True, False])
+def test_dequantize_matches_the_format_exactly(bits, offset):
+    for index, (out_features, in_features, group_size) in enumerate(CASES):
+        weight = random_bcq(out_features, in_features, bits, group_size, offset, seed=index + 7 * bits)
+        expected = weight.dequantize()
+        on = on_device(weight)
+        got = kernels.dequantize_triton(on.planes, on.alpha, on.offset, in_features, group_size).cpu()
+        assert torch.equal(got, expected), (out_features, in_features, group_size)
+        half = kernels.dequantize_triton(on.planes, on.alpha, on.offset, in_features, group_size, torch.bfloat16)
+        assert half.dtype == torch.bfloat16
+        if DEVICE == "cuda":
+            assert torch.equal(half.cpu(), expected.to(torch.bfloat16))
+        else:  # the interpreter (numpy, no bf16) truncates where the GPU rounds to nearest: one ulp apart
+            torch.testing.assert_close(half.float(), expected, rtol=2**-7, atol=0)
+
+
+def test_empty_inputs_give_empty_outputs():
+    weight = on_device(random_bcq(20, 64, 2, 32, True, seed=9))
+    got = bcq_linear(torch.randn(0, 64).to(DEVICE), weight, backend="triton")
+    assert got.shape == (0, 20)
+    empty = on_device(random_bcq(0, 64, 2, 32, True, seed=9))
+    assert kernels.bcq_matmul_triton(torch.randn(3, 64).to(DEVICE), empty.planes, empty.alpha, empty.offset, 64,
+                                     32).shape == (3, 0)

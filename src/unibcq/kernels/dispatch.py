@@ -5,9 +5,9 @@ under torch.compile and every backend shares its signature:
 
     bcq_matmul(x, planes, alpha, offset, in_features, group_size, backend) -> x @ W^T
 
-Backends: "reference" (dequantize + dense matmul, any device and batch; on the CPU the
-dequantize is `cpu_bitplane`'s compiled one, value for value the same as the torch
-`kernels.reference` ground truth the tests compare every backend with), "bitplane" (the
+Backends: "reference" (dequantize + dense matmul, any device and batch; the dequantize is
+`cpu_bitplane`'s compiled one on the CPU and `triton_bcq`'s on a GPU, value for value the
+same as the torch `kernels.reference` ground truth the tests compare every backend with), "bitplane" (the
 CPU bit-plane GEMV of `cpu_bitplane`, for few rows) and "triton" (`triton_bcq`: a bit-plane GEMV
 for few rows and a dequantize-in-tile GEMM for more; CUDA tensors, or CPU tensors under
 TRITON_INTERPRET=1). "auto" takes the bit-plane GEMV on the CPU and the Triton GEMV on a GPU
@@ -92,18 +92,22 @@ def _workspace(shape: tuple[int, int]) -> torch.Tensor | None:
 
 
 def dequantize_weight(weight, dtype: torch.dtype = torch.float32, scratch: bool = False) -> torch.Tensor:
-    """The dense weight of any packed tensor; BCQ on the CPU through the compiled kernel.
+    """The dense weight of any packed tensor; BCQ through a compiled kernel on the CPU and on a GPU.
 
     Same values as `weight.dequantize(dtype)` (the tests check equality), several times
-    faster for BCQ layers with byte-aligned groups, which is what the reference backend
-    and dense evaluation spend their time on. With `scratch` the result may live in this
-    thread's workspace (see `_workspace`): valid only until the next scratch call.
+    faster for BCQ layers (on the CPU, those with byte-aligned groups), which is what the
+    reference backend and dense evaluation spend their time on. With `scratch` a CPU result
+    may live in this thread's workspace (see `_workspace`): valid only until the next
+    scratch call.
     """
-    if (isinstance(weight, BCQTensor) and weight.planes.device.type == "cpu"
-            and cpu_bitplane.supports(weight.shape[1], weight.group_size)):
-        dense = cpu_bitplane.dequantize(weight.planes, weight.alpha, weight.offset, weight.shape[1], weight.group_size,
-                                        out=_workspace(weight.shape) if scratch else None)
-        return dense.to(dtype)
+    if isinstance(weight, BCQTensor):
+        if weight.planes.device.type == "cpu" and cpu_bitplane.supports(weight.shape[1], weight.group_size):
+            dense = cpu_bitplane.dequantize(weight.planes, weight.alpha, weight.offset, weight.shape[1],
+                                            weight.group_size, out=_workspace(weight.shape) if scratch else None)
+            return dense.to(dtype)
+        if weight.planes.is_cuda and (kernels := _triton()) is not None:
+            return kernels.dequantize_triton(weight.planes, weight.alpha, weight.offset, weight.shape[1],
+                                             weight.group_size, dtype)
     return weight.dequantize(dtype)
 
 

@@ -50,9 +50,11 @@ AVAILABLE = triton is not None
 INTERPRET = AVAILABLE and bool(knobs.runtime.interpret)
 GEMV_MAX_ROWS = 8
 # Tile shapes and warps. Chosen from ptxas's register report for sm_90 (no GPU timing yet):
-# 64 x 64 weight tiles with 4 warps needed all 255 registers and spilled; these do not.
+# 64 x 64 weight tiles with 4 warps needed all 255 registers and spilled; the GEMV's and the
+# 16-bit GEMM's tiles here do not (benchmarks/triton_sm90_compile.py prints the report).
 GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS = 16, 128, 8
 GEMM_BLOCK_N, GEMM_BLOCK_K, GEMM_WARPS, GEMM_STAGES = 64, 64, 8, 2
+DEQUANT_BLOCK_N, DEQUANT_BLOCK_K = 32, 64
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -118,7 +120,8 @@ if AVAILABLE:
             w = _decode_tile(planes_ptr, alpha_ptr, offset_ptr, rn, k0, N, K, KB, G, gs,
                              BITS, HAS_OFFSET, TILE_GROUP, BLOCK_N, BLOCK_K)
             acc += w * x[None, :]
-        tl.store(part_ptr + (split * rows + row) * N + rn, tl.sum(acc, axis=1), mask=rn < N)
+        tl.store(part_ptr + (split * rows + row) * N + rn, tl.sum(acc, axis=1).to(part_ptr.dtype.element_ty),
+                 mask=rn < N)
 
     @triton.jit
     def _gemm_kernel(x_ptr, planes_ptr, alpha_ptr, offset_ptr, part_ptr, M, N, K, KB, G, gs, stride_x, k_split,
@@ -141,8 +144,22 @@ if AVAILABLE:
             else:
                 acc += tl.dot(x, tl.trans(w.to(x.dtype)))
         mask = (rm < M)[:, None] & (rn < N)[None, :]
-        tl.store(part_ptr + split * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
+        tl.store(part_ptr + split * M * N + rm[:, None] * N + rn[None, :], acc.to(part_ptr.dtype.element_ty),
+                 mask=mask)
 
+
+    @triton.jit
+    def _dequantize_kernel(planes_ptr, alpha_ptr, offset_ptr, out_ptr, N, K, KB, G, gs,
+                           BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, TILE_GROUP: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k0 = tl.program_id(1) * BLOCK_K
+        rk = k0 + tl.arange(0, BLOCK_K)
+        w = _decode_tile(planes_ptr, alpha_ptr, offset_ptr, rn, k0, N, K, KB, G, gs,
+                         BITS, HAS_OFFSET, TILE_GROUP, BLOCK_N, BLOCK_K)
+        mask = (rn < N)[:, None] & (rk < K)[None, :]
+        # int64 rows: an lm_head of 152k x 16k weights is past int32's range
+        tl.store(out_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 def _tile_k(groups: int, group_size: int, largest: int) -> tuple[int, bool]:
     """BLOCK_K (at most `largest`) and whether every K tile lies inside one group (scales loaded once per tile)."""
@@ -187,12 +204,14 @@ def bcq_matmul_triton(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor
         raise ValueError("the triton backend needs triton and a CUDA input (or TRITON_INTERPRET=1 on CPU)")
     if k_tiles_per_split is not None and k_tiles_per_split < 1:
         raise ValueError(f"k_tiles_per_split must be at least 1, got {k_tiles_per_split}")
+    rows = x.shape[0]
+    bits, out_features, row_bytes = planes.shape
+    if rows == 0 or out_features == 0 or in_features == 0:  # nothing to launch
+        return x.new_zeros(rows, out_features)
     x = x.contiguous()
     planes, alpha = planes.contiguous(), alpha.contiguous()
     has_offset = offset is not None
     offset = offset.contiguous() if has_offset else alpha  # any valid pointer; never read without HAS_OFFSET
-    rows = x.shape[0]
-    bits, out_features, row_bytes = planes.shape
     groups = alpha.shape[1]
     gs = in_features if groups == 1 else group_size
     gemv = rows <= GEMV_MAX_ROWS
@@ -206,7 +225,8 @@ def bcq_matmul_triton(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor
     per_split = k_tiles_per_split or _split_k(k_tiles, tiles, _programs_wanted(x.device))
     splits = triton.cdiv(k_tiles, per_split)
     k_split = per_split * block_k
-    part = torch.empty(splits, rows, out_features, dtype=torch.float32, device=x.device)
+    # One split writes the result itself; several write float32 partial sums, added afterwards.
+    part = torch.empty(splits, rows, out_features, dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
     common = dict(BITS=bits, HAS_OFFSET=has_offset, TILE_GROUP=tile_group, BLOCK_N=block_n, BLOCK_K=block_k)
     # Triton launches on the current CUDA device, not the tensors': make it theirs (cuda:1, ...).
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
@@ -221,3 +241,29 @@ def bcq_matmul_triton(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor
                                num_warps=GEMM_WARPS, num_stages=GEMM_STAGES, **common)
     summed = part[0] if splits == 1 else part.sum(dim=0)
     return summed.to(x.dtype)
+
+
+def dequantize_triton(planes: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None, in_features: int,
+                      group_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense (out, in) weight, decoded on the GPU in one pass.
+
+    The same float32 sums in the same order as `BCQTensor.dequantize` (the tests check
+    equality), which on a GPU runs a dozen full-size torch ops per plane. This is what the
+    reference backend and the dense caches of evaluation spend their time on there.
+    """
+    if not usable(planes):
+        raise ValueError("dequantize_triton needs triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    planes, alpha = planes.contiguous(), alpha.contiguous()
+    has_offset = offset is not None
+    offset = offset.contiguous() if has_offset else alpha  # any valid pointer; never read without HAS_OFFSET
+    bits, out_features, row_bytes = planes.shape
+    groups = alpha.shape[1]
+    gs = in_features if groups == 1 else group_size
+    block_k, tile_group = _tile_k(groups, gs, DEQUANT_BLOCK_K)
+    out = torch.empty(out_features, in_features, dtype=dtype, device=planes.device)
+    grid = (triton.cdiv(out_features, DEQUANT_BLOCK_N), triton.cdiv(in_features, block_k))
+    with torch.cuda.device(planes.device) if planes.is_cuda else contextlib.nullcontext():
+        _dequantize_kernel[grid](planes, alpha, offset, out, out_features, in_features, row_bytes, groups, gs,
+                                 BITS=bits, HAS_OFFSET=has_offset, TILE_GROUP=tile_group,
+                                 BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=block_k)
+    return out
