@@ -148,3 +148,32 @@ def test_empty_inputs_give_empty_outputs():
     empty = on_device(random_bcq(0, 64, 2, 32, True, seed=9))
     assert kernels.bcq_matmul_triton(torch.randn(3, 64).to(DEVICE), empty.planes, empty.alpha, empty.offset, 64,
                                      32).shape == (3, 0)
+
+
+def test_auto_falls_back_to_the_reference_once_triton_fails(monkeypatch):
+    # A Triton kernel that fails (a Triton or driver it was not built for) must not fail the
+    # model when `auto` chose it: one warning, then the reference path for good. Forced, it raises.
+    from unibcq.kernels import dispatch
+
+    monkeypatch.delenv("UNIBCQ_BACKEND", raising=False)
+    monkeypatch.setattr(dispatch, "_triton_failure", None)
+    monkeypatch.setattr(dispatch, "choose_backend", lambda *args: "triton")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX .version 9.4 does not support .target sm_200")
+
+    monkeypatch.setattr(kernels, "bcq_matmul_triton", broken)
+    weight = random_bcq(24, 64, 3, 32, True, seed=11)
+    x = torch.randn(2, 64)
+    with pytest.warns(RuntimeWarning, match="Triton kernel failed.*sm_200"):
+        got = dispatch.bcq_matmul(x, weight.planes, weight.alpha, weight.offset, 64, 32, "auto")
+    torch.testing.assert_close(got, bcq_linear_reference(x, weight))
+    assert dispatch._triton_failure.startswith("RuntimeError")
+    monkeypatch.undo()
+    monkeypatch.setattr(dispatch, "_triton_failure", "RuntimeError: earlier")
+    if DEVICE == "cuda":
+        assert choose_backend(x.cuda(), 64, 32) == "reference"
+    monkeypatch.setattr(dispatch, "choose_backend", lambda *args: "triton")
+    monkeypatch.setattr(kernels, "bcq_matmul_triton", broken)
+    with pytest.raises(RuntimeError, match="sm_200"):
+        dispatch.bcq_matmul(x, weight.planes, weight.alpha, weight.offset, 64, 32, "triton")

@@ -15,7 +15,9 @@ when the input has at most `CPU_GEMV_MAX_ROWS` / `triton_bcq.GEMV_MAX_ROWS` rows
 reference path otherwise: large batches are compute-bound, where BLAS wins. The Triton GEMM
 stays opt-in: on an H200 (2026-11-27, docs/BENCHMARKS.md) it ran 9x slower than cuBLAS at
 64 rows, and at prefill sizes it has not been timed. The choice can be forced per process
-with the environment variable UNIBCQ_BACKEND.
+with the environment variable UNIBCQ_BACKEND. Should a Triton kernel that `auto` chose fail
+(a Triton or driver it was not built for), one warning says so and the reference path, which
+computes the same values, takes over for the rest of the process; forced, the error stands.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import importlib
 import os
 import threading
+import warnings
 from types import ModuleType
 
 import torch
@@ -44,14 +47,36 @@ def _triton() -> ModuleType | None:
     return module if module.AVAILABLE else None
 
 
-def choose_backend(x: torch.Tensor, in_features: int, group_size: int, backend: str = "auto") -> str:
-    """Which backend runs a call with these inputs (see the module docstring)."""
+# The first error a Triton kernel raised when `auto` chose it (it is never chosen again in
+# this process); None while it has not failed.
+_triton_failure: str | None = None
+
+
+def _requested(backend: str) -> str:
+    """The backend asked for: the argument, or UNIBCQ_BACKEND where the argument is "auto"."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = os.environ.get("UNIBCQ_BACKEND", "auto")
         if backend not in BACKENDS:
             raise ValueError(f"UNIBCQ_BACKEND={backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def _give_up_on_triton(error: Exception) -> None:
+    """Stop `auto` choosing Triton after it failed (a Triton or driver this code was not
+    compiled against, say), saying so once: the reference path computes the same values."""
+    global _triton_failure
+    if _triton_failure is None:
+        _triton_failure = f"{type(error).__name__}: {error}"
+        warnings.warn(f"unibcq: the Triton kernel failed ({_triton_failure.splitlines()[0][:300]}); using the "
+                      "reference backend from now on. UNIBCQ_BACKEND=triton shows the whole error.", RuntimeWarning,
+                      stacklevel=3)
+
+
+def choose_backend(x: torch.Tensor, in_features: int, group_size: int, backend: str = "auto") -> str:
+    """Which backend runs a call with these inputs (see the module docstring)."""
+    backend = _requested(backend)
     rows = x.numel() // max(x.shape[-1], 1)
     if backend == "triton" or (backend == "auto" and x.is_cuda):
         kernels = _triton()
@@ -61,7 +86,7 @@ def choose_backend(x: torch.Tensor, in_features: int, group_size: int, backend: 
                              "(or TRITON_INTERPRET=1 for CPU)")
         if backend == "triton":
             return backend
-        return "triton" if triton_ok and rows <= kernels.GEMV_MAX_ROWS else "reference"
+        return "triton" if triton_ok and _triton_failure is None and rows <= kernels.GEMV_MAX_ROWS else "reference"
     gemv_ok = x.device.type == "cpu" and cpu_bitplane.supports(in_features, group_size) and not x.requires_grad
     if backend == "bitplane" and not gemv_ok:
         raise ValueError("the bitplane backend needs a CPU input without grad, numba, and byte-aligned groups")
@@ -105,9 +130,14 @@ def dequantize_weight(weight, dtype: torch.dtype = torch.float32, scratch: bool 
             dense = cpu_bitplane.dequantize(weight.planes, weight.alpha, weight.offset, weight.shape[1],
                                             weight.group_size, out=_workspace(weight.shape) if scratch else None)
             return dense.to(dtype)
-        if weight.planes.is_cuda and (kernels := _triton()) is not None:
-            return kernels.dequantize_triton(weight.planes, weight.alpha, weight.offset, weight.shape[1],
-                                             weight.group_size, dtype)
+        if weight.planes.is_cuda and _triton_failure is None and (kernels := _triton()) is not None:
+            try:
+                return kernels.dequantize_triton(weight.planes, weight.alpha, weight.offset, weight.shape[1],
+                                                 weight.group_size, dtype)
+            except Exception as error:  # noqa: BLE001 - any Triton failure; the torch path below is exact
+                if _requested("auto") == "triton":
+                    raise
+                _give_up_on_triton(error)
     return weight.dequantize(dtype)
 
 
@@ -117,13 +147,18 @@ def bcq_matmul(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, offse
     """x (..., in) @ W^T for the packed BCQ weight W; the result has x's dtype."""
     out_features = planes.shape[1]
     chosen = choose_backend(x, in_features, group_size, backend)
-    if chosen in ("bitplane", "triton"):
-        flat = x.reshape(-1, in_features)
-        if chosen == "bitplane":
-            y = cpu_bitplane.bitplane_linear(flat, planes, alpha, offset, in_features, group_size)
-        else:
-            y = _triton().bcq_matmul_triton(flat, planes, alpha, offset, in_features, group_size)
+    if chosen == "bitplane":
+        y = cpu_bitplane.bitplane_linear(x.reshape(-1, in_features), planes, alpha, offset, in_features, group_size)
         return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+    if chosen == "triton":
+        try:
+            y = _triton().bcq_matmul_triton(x.reshape(-1, in_features), planes, alpha, offset, in_features,
+                                            group_size)
+            return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+        except Exception as error:  # noqa: BLE001 - any Triton failure under `auto`; the reference is exact
+            if _requested(backend) == "triton":
+                raise
+            _give_up_on_triton(error)
     weight = BCQTensor(planes, alpha, offset, (out_features, in_features), group_size)
     return F.linear(x, dequantize_weight(weight, x.dtype, scratch=True))
 
