@@ -92,12 +92,23 @@ def main() -> None:
                                  BLOCK_K=block_k)
         rows.append(("dequantize", bits, has_offset, tile_group, f"{triton_bcq.DEQUANT_BLOCK_N}x{block_k}",
                      f"-> {out_dtype}", *registers(kernel.asm["ptx"])))
+    # Triton compiles integer arguments equal to 1 as constants (one output row, one group,
+    # in_features <= 8, ...), where methods of run-time integers such as `.to` do not exist.
+    ones = dict(N=1, K=1, KB=1, G=1, gs=1)
+    compile_variant(triton_bcq._gemv_kernel, "fp32", gemv_options, rows=1, stride_x=1, k_split=1, BITS=2,
+                    HAS_OFFSET=True, TILE_GROUP=True, BLOCK_N=triton_bcq.GEMV_BLOCK_N, BLOCK_K=16, **ones)
+    compile_variant(triton_bcq._gemm_kernel, "bf16", gemm_options, M=1, stride_x=1, k_split=1, BITS=2,
+                    HAS_OFFSET=True, TILE_GROUP=False, IEEE=False, BLOCK_M=32, BLOCK_N=triton_bcq.GEMM_BLOCK_N,
+                    BLOCK_K=16, **ones)
+    compile_variant(triton_bcq._dequantize_kernel, "fp32", {}, BITS=2, HAS_OFFSET=True, TILE_GROUP=True,
+                    BLOCK_N=triton_bcq.DEQUANT_BLOCK_N, BLOCK_K=16, **ones)
     print(f"Triton {triton.__version__}, sm_90")
     print("| kernel | bits | offset | one group per tile | tile (MxNxK) | input | registers | spill bytes |")
     print("|---|---:|---|---|---|---|---:|---:|")
     for row in rows:
         print("| " + " | ".join(str(cell) for cell in row) + " |")
-    print(f"compiled {len(gemv)} GEMV, {len(gemm)} GEMM and {len(dequantize)} dequantize variants for sm_90")
+    print(f"compiled {len(gemv)} GEMV, {len(gemm)} GEMM and {len(dequantize)} dequantize variants for sm_90, "
+          "and each kernel with its integer arguments 1")
 
 
 if __name__ == "__main__":

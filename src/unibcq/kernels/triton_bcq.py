@@ -76,14 +76,16 @@ if AVAILABLE:
         """
         n_mask = rn < N
         kb = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        byte_ptr = planes_ptr + rn[:, None] * KB + kb[None, :]
+        # int64 row offsets: planes of a 152k-row lm_head at 8 bits pass int32's range
+        byte_ptr = planes_ptr + rn.to(tl.int64)[:, None] * KB + kb[None, :]
+        plane_stride = tl.cast(N, tl.int64) * KB
         byte_mask = n_mask[:, None] & (kb < KB)[None, :]
         shifts = tl.arange(0, 8).to(tl.uint8)
         w = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         if TILE_GROUP:
             group = k0 // gs
             for i in tl.static_range(BITS):
-                packed = tl.load(byte_ptr + i * N * KB, mask=byte_mask, other=0)
+                packed = tl.load(byte_ptr + i * plane_stride, mask=byte_mask, other=0)
                 bit = tl.reshape((packed[:, :, None] >> shifts[None, None, :]) & 1, (BLOCK_N, BLOCK_K))
                 a = tl.load(alpha_ptr + rn * (G * BITS) + group * BITS + i, mask=n_mask, other=0.0).to(tl.float32)
                 w += tl.where(bit != 0, a[:, None], -a[:, None])
@@ -95,7 +97,7 @@ if AVAILABLE:
             group = (rk // gs)[None, :]
             mask = n_mask[:, None] & (rk < K)[None, :]
             for i in tl.static_range(BITS):
-                packed = tl.load(byte_ptr + i * N * KB, mask=byte_mask, other=0)
+                packed = tl.load(byte_ptr + i * plane_stride, mask=byte_mask, other=0)
                 bit = tl.reshape((packed[:, :, None] >> shifts[None, None, :]) & 1, (BLOCK_N, BLOCK_K))
                 a = tl.load(alpha_ptr + rn[:, None] * (G * BITS) + group * BITS + i, mask=mask, other=0.0)
                 w += tl.where(bit != 0, a.to(tl.float32), -a.to(tl.float32))
@@ -144,7 +146,8 @@ if AVAILABLE:
             else:
                 acc += tl.dot(x, tl.trans(w.to(x.dtype)))
         mask = (rm < M)[:, None] & (rn < N)[None, :]
-        tl.store(part_ptr + split * M * N + rm[:, None] * N + rn[None, :], acc.to(part_ptr.dtype.element_ty),
+        out_row = (split * M + rm).to(tl.int64)  # a 152k-wide output of 16k rows passes int32's range
+        tl.store(part_ptr + out_row[:, None] * N + rn[None, :], acc.to(part_ptr.dtype.element_ty),
                  mask=mask)
 
 
