@@ -129,3 +129,20 @@ def test_the_archive_is_refreshed_while_the_protocol_runs(tmp_path, monkeypatch)
         packer.join()
     with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
         assert tar.getnames() == ["machine.json"]
+
+
+def test_kernel_timing_is_never_fatal_and_lands_in_out(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_run(cmd, env, timeout, check):
+        calls.append((cmd, timeout))
+        raise remote.subprocess.TimeoutExpired(cmd, timeout)
+
+    monkeypatch.setattr(remote.subprocess, "run", fake_run)
+    remote.time_kernels({}, tmp_path / "out", 90)
+    (cmd, timeout), = calls
+    assert cmd[cmd.index("--json") + 1] == str(tmp_path / "out" / "kernels-gpu.json") and timeout == 90
+    assert "--device" in cmd and cmd[cmd.index("--device") + 1] == "cuda"
+    remote.time_kernels({}, tmp_path / "out", 10)  # too little budget left: not started
+    assert len(calls) == 1
+    assert "stopped after 90 s" in capsys.readouterr().out

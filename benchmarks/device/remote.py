@@ -1,7 +1,7 @@
 """The lent GPU machine's side of a full-protocol run (standard library only; run with its python3).
 
     python3 benchmarks/device/remote.py receive                    # call 1, carry .stage/a
-    python3 benchmarks/device/remote.py protocol --budget 540 [-- ARGS for smollm2_full_protocol.py]
+    python3 benchmarks/device/remote.py protocol --budget 540 [--kernels] [-- ARGS for smollm2_full_protocol.py]
                                                                     # call 2, carry .stage/b
 
 `receive` keeps part A of the model in the stage folder, which outlives the call while the
@@ -11,7 +11,9 @@ PYTHONPATH with this tree's src/), unpacks the datasets, then runs
 benchmarks/smollm2_full_protocol.py on the GPU with a time budget that leaves room to pack
 every JSON (and the logs) into $OUT/results.tar.gz, which is also refreshed every
 PACK_EVERY seconds meanwhile, so a call cut short still brings back what was finished. The
-rows finished in earlier sessions travel in benchmarks/results/ and are skipped.
+rows finished in earlier sessions travel in benchmarks/results/ and are skipped. With
+`--kernels` the packed matmul kernels are timed first (`unibcq bench kernels`, at most
+KERNELS_SECONDS, into $OUT/kernels-gpu.json), taken from the protocol's budget.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ STAGE = Path(os.environ.get("UNIBCQ_STAGE", "/root/unibcq-stage"))
 RESULTS = REPO / "benchmarks" / "results" / "smollm2-full-protocol"
 PACK_SECONDS = 20.0  # kept back from the budget for packing the results
 PACK_EVERY = 30.0  # seconds between the archives written while the protocol runs
+KERNELS_SECONDS = 120.0  # the most `--kernels` may take (55 s on an H200, 2026-11-27)
 
 
 def receive() -> None:
@@ -121,11 +124,31 @@ def pack_meanwhile(results: Path, out: Path, stop: threading.Event) -> None:
             print(f"remote.py: packing skipped a round ({exc})", flush=True)
 
 
-def protocol(budget: float, results: Path, extra: Sequence[str]) -> int:
+def time_kernels(env: dict[str, str], out: Path, limit: float) -> None:
+    """The default kernel grid timed on this GPU into out/kernels-gpu.json; a failure or a
+    timeout is printed, never fatal, so the protocol's rows still run."""
+    if limit < 30:
+        print(f"kernel timing skipped: {max(limit, 0):.0f} s of the budget for it", flush=True)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "unibcq", "bench", "kernels", "--device", "cuda", "--backends", "reference,triton",
+           "--json", str(out / "kernels-gpu.json")]
+    print(f"$ {' '.join(cmd)}", flush=True)
+    try:
+        code = subprocess.run(cmd, env=env, timeout=limit, check=False).returncode
+        print(f"kernel timing exit {code}", flush=True)
+    except subprocess.TimeoutExpired:
+        print(f"kernel timing stopped after {limit:.0f} s", flush=True)
+
+
+def protocol(budget: float, results: Path, extra: Sequence[str], kernels: bool = False) -> int:
     if "--out" in extra:
         raise SystemExit("remote.py: give the results folder as --results (it is what gets packed), not --out")
     start = time.monotonic()
     env = {**os.environ, **assemble()}
+    out = Path(os.environ.get("OUT", STAGE / "out"))
+    if kernels:
+        time_kernels(env, out, min(KERNELS_SECONDS, budget - (time.monotonic() - start) - PACK_SECONDS - 120))
     left = budget - (time.monotonic() - start) - PACK_SECONDS
     if left <= 60:
         raise SystemExit(f"remote.py: only {left:.0f} s of the budget left after staging")
@@ -133,7 +156,6 @@ def protocol(budget: float, results: Path, extra: Sequence[str]) -> int:
            "--threads", "2", "--time-budget", f"{left:.0f}", "--unibcq", str(STAGE / "unibcq"), "--out", str(results),
            *extra]
     print(f"$ {' '.join(cmd)}", flush=True)
-    out = Path(os.environ.get("OUT", STAGE / "out"))
     stop = threading.Event()
     packer = threading.Thread(target=pack_meanwhile, args=(results, out, stop), daemon=True)
     packer.start()
@@ -155,12 +177,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = sub.add_parser("protocol", help="call 2: assemble, run the protocol, pack the results into $OUT")
     run.add_argument("--budget", type=float, default=540.0, help="seconds this call may take in all")
     run.add_argument("--results", type=Path, default=RESULTS, help="the protocol's --out (default: %(default)s)")
+    run.add_argument("--kernels", action="store_true", help="time the packed matmul kernels first, into "
+                     "$OUT/kernels-gpu.json (at most KERNELS_SECONDS of the budget)")
     run.add_argument("extra", nargs="*", help="arguments for smollm2_full_protocol.py (after --)")
     args = p.parse_args(argv)
     if args.command == "receive":
         receive()
         return 0
-    return protocol(args.budget, args.results, args.extra)
+    return protocol(args.budget, args.results, args.extra, args.kernels)
 
 
 if __name__ == "__main__":
