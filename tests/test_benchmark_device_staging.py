@@ -139,10 +139,12 @@ def test_kernel_timing_is_never_fatal_and_lands_in_out(tmp_path, monkeypatch, ca
         raise remote.subprocess.TimeoutExpired(cmd, timeout)
 
     monkeypatch.setattr(remote.subprocess, "run", fake_run)
-    remote.time_kernels({}, tmp_path / "out", 90)
-    (cmd, timeout), = calls
-    assert cmd[cmd.index("--json") + 1] == str(tmp_path / "out" / "kernels-gpu.json") and timeout == 90
-    assert "--device" in cmd and cmd[cmd.index("--device") + 1] == "cuda"
-    remote.time_kernels({}, tmp_path / "out", 10)  # too little budget left: not started
-    assert len(calls) == 1
-    assert "stopped after 90 s" in capsys.readouterr().out
+    remote.time_kernels({}, tmp_path / "out", 120)
+    assert [cmd[cmd.index("--input-dtype") + 1] for cmd, _ in calls] == ["float32", "bfloat16"]
+    for cmd, timeout in calls:
+        dtype = cmd[cmd.index("--input-dtype") + 1]
+        assert cmd[cmd.index("--json") + 1] == str(tmp_path / "out" / f"kernels-gpu-{dtype}.json")
+        assert cmd[cmd.index("--device") + 1] == "cuda" and timeout == 60
+    remote.time_kernels({}, tmp_path / "out", 30)  # too little budget left: not started
+    assert len(calls) == 2
+    assert "stopped after 60 s" in capsys.readouterr().out

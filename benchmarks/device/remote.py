@@ -12,8 +12,9 @@ benchmarks/smollm2_full_protocol.py on the GPU with a time budget that leaves ro
 every JSON (and the logs) into $OUT/results.tar.gz, which is also refreshed every
 PACK_EVERY seconds meanwhile, so a call cut short still brings back what was finished. The
 rows finished in earlier sessions travel in benchmarks/results/ and are skipped. With
-`--kernels` the packed matmul kernels are timed first (`unibcq bench kernels`, at most
-KERNELS_SECONDS, into $OUT/kernels-gpu.json), taken from the protocol's budget.
+`--kernels` the packed matmul kernels are timed first (`unibcq bench kernels` with float32
+and bfloat16 inputs, at most KERNELS_SECONDS, into $OUT/kernels-gpu-DTYPE.json), taken from
+the protocol's budget.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ STAGE = Path(os.environ.get("UNIBCQ_STAGE", "/root/unibcq-stage"))
 RESULTS = REPO / "benchmarks" / "results" / "smollm2-full-protocol"
 PACK_SECONDS = 20.0  # kept back from the budget for packing the results
 PACK_EVERY = 30.0  # seconds between the archives written while the protocol runs
-KERNELS_SECONDS = 120.0  # the most `--kernels` may take (55 s on an H200, 2026-11-27)
+KERNELS_SECONDS = 180.0  # the most `--kernels` may take (55 s per input dtype on an H200, 2026-11-27)
+KERNEL_INPUT_DTYPES = ("float32", "bfloat16")
 
 
 def receive() -> None:
@@ -125,20 +127,23 @@ def pack_meanwhile(results: Path, out: Path, stop: threading.Event) -> None:
 
 
 def time_kernels(env: dict[str, str], out: Path, limit: float) -> None:
-    """The default kernel grid timed on this GPU into out/kernels-gpu.json; a failure or a
-    timeout is printed, never fatal, so the protocol's rows still run."""
-    if limit < 30:
+    """The default kernel grid timed on this GPU with float32 and with bfloat16 inputs (what a
+    GPU model runs in), into out/kernels-gpu-DTYPE.json; a failure or a timeout is printed,
+    never fatal, so the protocol's rows still run."""
+    if limit < 60:
         print(f"kernel timing skipped: {max(limit, 0):.0f} s of the budget for it", flush=True)
         return
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "unibcq", "bench", "kernels", "--device", "cuda", "--backends", "reference,triton",
-           "--json", str(out / "kernels-gpu.json")]
-    print(f"$ {' '.join(cmd)}", flush=True)
-    try:
-        code = subprocess.run(cmd, env=env, timeout=limit, check=False).returncode
-        print(f"kernel timing exit {code}", flush=True)
-    except subprocess.TimeoutExpired:
-        print(f"kernel timing stopped after {limit:.0f} s", flush=True)
+    for dtype in KERNEL_INPUT_DTYPES:
+        cmd = [sys.executable, "-m", "unibcq", "bench", "kernels", "--device", "cuda", "--backends",
+               "reference,triton", "--input-dtype", dtype, "--json", str(out / f"kernels-gpu-{dtype}.json")]
+        print(f"$ {' '.join(cmd)}", flush=True)
+        each = limit / len(KERNEL_INPUT_DTYPES)
+        try:
+            code = subprocess.run(cmd, env=env, timeout=each, check=False).returncode
+            print(f"kernel timing exit {code}", flush=True)
+        except subprocess.TimeoutExpired:
+            print(f"kernel timing stopped after {each:.0f} s", flush=True)
 
 
 def protocol(budget: float, results: Path, extra: Sequence[str], kernels: bool = False) -> int:
@@ -178,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--budget", type=float, default=540.0, help="seconds this call may take in all")
     run.add_argument("--results", type=Path, default=RESULTS, help="the protocol's --out (default: %(default)s)")
     run.add_argument("--kernels", action="store_true", help="time the packed matmul kernels first, into "
-                     "$OUT/kernels-gpu.json (at most KERNELS_SECONDS of the budget)")
+                     "$OUT/kernels-gpu-DTYPE.json (at most KERNELS_SECONDS of the budget)")
     run.add_argument("extra", nargs="*", help="arguments for smollm2_full_protocol.py (after --)")
     args = p.parse_args(argv)
     if args.command == "receive":

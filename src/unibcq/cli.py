@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(--shape 4096x11008 11008x4096) are left out because reference and bitplane take seconds per "
                     "call there at large batches. --json writes a list with one self-contained entry per "
                     "measurement (keys backend, shape, bits, group_size, batch, seconds, speedup_vs_fp32, gbps, "
-                    "weight_bytes, bandwidth_gbps, threads, device, gpu, note). --device cuda times the same "
+                    "weight_bytes, bandwidth_gbps, threads, device, gpu, input_dtype, note). --device cuda times the same "
                     "grid on a GPU (the triton backend's home), each timed loop closed by a synchronisation; "
                     "small calls there are launch-bound, as an eager decode step is.")
     bk.add_argument("--shape", nargs="+", metavar="OUTxIN", help="weight shapes (default: see above)")
@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "on this machine is listed once as skipped)")
     bk.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement; the median is reported")
     bk.add_argument("--device", default="cpu", help="where the weights live and the calls run: cpu, cuda or cuda:N")
+    bk.add_argument("--input-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the packed backends' input dtype (dense rows are timed in fp32 and bf16 either way)")
     bk.add_argument("--json")
     bk.add_argument("--no-progress", action="store_true")
     return parser
@@ -728,14 +730,15 @@ def _bench_kernels(args: argparse.Namespace) -> None:
     device = _check_device(args.device)
     entries = kernels.benchmark_kernels(shapes, args.bits or kernels.DEFAULT_BITS,
                                         args.batch or kernels.DEFAULT_BATCHES, args.group_size, backends,
-                                        args.repeats, show_progress=not args.no_progress, device=device)
+                                        args.repeats, show_progress=not args.no_progress, device=device,
+                                        input_dtype=getattr(torch, args.input_dtype))
     order = {shape: i for i, shape in enumerate(dict.fromkeys(tuple(e["shape"]) for e in entries))}
     timed = sorted((e for e in entries if e["seconds"] is not None),
                    key=lambda e: (order[tuple(e["shape"])], e["batch"], e["bits"] or 0))
     bandwidth = entries[0]["bandwidth_gbps"]
     print_table(
         f"bcq_matmul backends vs dense ({device.type}, threads {entries[0]['threads']}, group {args.group_size}, "
-        f"copy bandwidth {bandwidth:.1f} GB/s)",
+        f"{args.input_dtype} inputs, copy bandwidth {bandwidth:.1f} GB/s)",
         ["shape", "batch", "bits", "backend", "ms", "vs fp32", "GB/s", "% of copy"],
         [("x".join(map(str, e["shape"])), e["batch"], e["bits"] or "-", e["backend"], e["seconds"] * 1e3,
           _or_dash(e["speedup_vs_fp32"]), e["gbps"], 100 * e["gbps"] / bandwidth) for e in timed])

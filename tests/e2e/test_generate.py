@@ -17,7 +17,7 @@ SUMMARY_KEYS = ("text", "token_ids", "new_tokens", "prompt_tokens", "chat", "sec
                 "prefill_seconds", "decode_seconds", "decode_tokens_per_second", "rss_bytes", "model_bytes",
                 "bits_per_weight", "model", "prompt", "max_new_tokens", "temperature", "seed")
 KERNEL_KEYS = ("backend", "shape", "bits", "group_size", "batch", "seconds", "speedup_vs_fp32", "gbps",
-               "weight_bytes", "bandwidth_gbps", "threads", "device", "gpu", "note")
+               "weight_bytes", "bandwidth_gbps", "threads", "device", "gpu", "input_dtype", "note")
 PROMPT = "w3 w10 w17 w24"
 
 
@@ -158,6 +158,25 @@ def test_bench_kernels_cli(capsys, tmp_path):
     fp32 = next(e for e in entries if e["backend"] == "dense-fp32")
     assert fp32["speedup_vs_fp32"] == 1.0 and fp32["weight_bytes"] == 64 * 128 * 4
     assert "dense-fp32" in stdout and "GB/s" in stdout
+    assert {e["input_dtype"] for e in entries} == {"float32"}
+
+
+def test_bench_kernels_times_the_packed_backends_on_the_input_dtype_asked_for(monkeypatch):
+    from unibcq.bench import kernels
+
+    seen = []
+    real = kernels.bcq_matmul
+
+    def spy(x, *args):
+        seen.append(x.dtype)
+        return real(x, *args)
+
+    monkeypatch.setattr(kernels, "bcq_matmul", spy)
+    entries = kernels.benchmark_kernels([(32, 64)], [2], [1], 32, ["reference"], repeats=1, show_progress=False,
+                                        input_dtype=torch.bfloat16)
+    packed = [e for e in entries if e["backend"] == "reference"]
+    assert packed and all(e["input_dtype"] == "bfloat16" and e["seconds"] for e in packed)
+    assert seen and set(seen) == {torch.bfloat16}
 
 
 @pytest.mark.parametrize("extra,needle", [

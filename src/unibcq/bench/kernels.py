@@ -150,6 +150,7 @@ def benchmark_kernels(
     show_progress: bool = True,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    input_dtype: torch.dtype = torch.float32,
 ) -> list[dict[str, Any]]:
     """One self-contained entry per measurement (see the module docstring).
 
@@ -157,8 +158,9 @@ def benchmark_kernels(
     (None when the backend raised; `note` says why), speedup_vs_fp32 (dense fp32 seconds of
     the same shape and batch / seconds), gbps (weight bytes / seconds / 1e9), weight_bytes,
     bandwidth_gbps (the copy bandwidth of `device`, the same in every entry), threads, device
-    and gpu (its name, None on a CPU). Weights and inputs are drawn on the CPU, so a seed
-    gives the same grid anywhere.
+    and gpu (its name, None on a CPU), input_dtype (the packed backends' input dtype; a GPU
+    model runs in bfloat16). Weights and inputs are drawn on the CPU, so a seed gives the
+    same grid anywhere.
     """
     device = torch.device(device)
     sync = device_sync(device)
@@ -191,7 +193,8 @@ def benchmark_kernels(
                     "group_size": None if nbits is None else group_size, "batch": batch, "seconds": seconds,
                     "speedup_vs_fp32": None, "gbps": weight_bytes / seconds / 1e9 if seconds else None,
                     "weight_bytes": weight_bytes, "bandwidth_gbps": bandwidth, "threads": threads,
-                    "device": str(device), "gpu": gpu, "note": note}
+                    "device": str(device), "gpu": gpu, "input_dtype": str(input_dtype).removeprefix("torch."),
+                    "note": note}
 
         for shape in shapes:
             weight = torch.randn(shape, generator=gen)
@@ -213,6 +216,7 @@ def benchmark_kernels(
                               packed.shape, group_size)
                     for _ in range(num_copies(packed.nbytes))]
                 for batch, x in inputs.items():
+                    x = x.to(input_dtype)
                     for backend in backends:
                         rows.append(measure(backend, shape, nbits, batch, packed.nbytes, [
                             lambda x=x, p=p, backend=backend: bcq_matmul(
