@@ -69,6 +69,7 @@ def test_compare_report_end_to_end_and_resume(capsys, tmp_path, tiny_model_dir, 
 
     monkeypatch.setattr(compare, "quantize_model", forbidden)
     monkeypatch.setattr(compare, "evaluate_suite", forbidden)
+    monkeypatch.setattr(compare, "context_window_of", forbidden)  # kept from the first run: no model needed
     assert main(argv) == 0, capsys.readouterr().err
     assert json.loads((out / "results" / "gptq-w3-g32.json").read_text()) == results["gptq-w3-g32"]
 

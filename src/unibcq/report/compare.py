@@ -38,6 +38,7 @@ from unibcq.progress import progress_bar
 from unibcq.report.render import ACCURACY_PLOT, PPL_PLOT, REPORT_FILE, REPORT_TITLE, write_report
 
 FP_NAME = "unquantized"
+CONTEXT_FILE = "model-context.json"  # in results/
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,24 @@ def check_compare_dir(out: Path) -> None:
                           "empty folder, or one an earlier compare wrote")
 
 
+def _model_context(model: str | Path, results_dir: Path) -> tuple[int | None, bool]:
+    """The model's context window, and whether the results folder already keeps it. It is read
+    from the model's config the first time and then kept there (`_keep_context`), so a rerun
+    whose cells are all finished re-renders the report without the model (offline with an
+    uncached Hub id, or a GGUF whose dequantized cache was cleared)."""
+    try:
+        stored = json.loads((results_dir / CONTEXT_FILE).read_text())
+        if stored["model"] == str(model):
+            return stored["context"], True
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return context_window_of(model), False
+
+
+def _keep_context(model: str | Path, context: int | None, results_dir: Path) -> None:
+    write_json_atomic(results_dir / CONTEXT_FILE, {"model": str(model), "context": context})
+
+
 def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[dict[str, Any]]:
     """Quantize and evaluate every cell (skipping finished ones); returns all results, FP first."""
     from unibcq.data import calibration_windows
@@ -169,11 +188,13 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
     settings.evaluation.check()
     # Windows longer than the model's context are capped there (perplexity and calibration
     # alike), before anything is keyed on their length.
+    results_dir, ckpt_dir = settings.out / "results", settings.out / "checkpoints"
     needs_context = bool(settings.evaluation.datasets) or any(c.method in CALIBRATED for c in cells)
-    context = context_window_of(settings.model) if needs_context else None
+    context, kept = _model_context(settings.model, results_dir) if needs_context else (None, True)
     settings = replace(settings, evaluation=settings.evaluation.capped_to(context))
     configs = {cell: cell_config(cell, settings, context) for cell in cells}
-    results_dir, ckpt_dir = settings.out / "results", settings.out / "checkpoints"
+    if not kept:  # only once the settings are known to be valid: bad input writes nothing
+        _keep_context(settings.model, context, results_dir)
     protocol = _protocol(settings)
     pending = [c for c in cells
                if _read_result(results_dir / f"{c.name}.json", _cell_protocol(protocol, configs[c])) is None]
