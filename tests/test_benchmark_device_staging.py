@@ -148,3 +148,24 @@ def test_kernel_timing_is_never_fatal_and_lands_in_out(tmp_path, monkeypatch, ca
     remote.time_kernels({}, tmp_path / "out", 30)  # too little budget left: not started
     assert len(calls) == 2
     assert "stopped after 60 s" in capsys.readouterr().out
+
+
+def test_checks_run_the_gpu_tests_then_time_the_kernels(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_run(cmd, env, timeout, check, **kwargs):
+        calls.append(cmd)
+        if "pytest" in cmd:
+            assert kwargs["cwd"] == remote.REPO and "src" in env["PYTHONPATH"]
+            kwargs["stdout"].write("58 passed, 1 skipped in 40.0s\n")
+        return remote.subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(remote.subprocess, "run", fake_run)
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    assert remote.checks(200) == 0
+    assert calls[0][-len(remote.GPU_TESTS):] == list(remote.GPU_TESTS)
+    assert [c[c.index("--input-dtype") + 1] for c in calls[1:]] == ["float32", "bfloat16"]
+    assert "58 passed" in (tmp_path / "out" / "tests-gpu.log").read_text()
+    assert "GPU tests: exit 0; 58 passed" in capsys.readouterr().out
+    for test_file in remote.GPU_TESTS:
+        assert (remote.REPO / test_file).is_file()

@@ -1,8 +1,9 @@
 """The lent GPU machine's side of a full-protocol run (standard library only; run with its python3).
 
     python3 benchmarks/device/remote.py receive                    # call 1, carry .stage/a
-    python3 benchmarks/device/remote.py protocol --budget 540 [--kernels] [-- ARGS for smollm2_full_protocol.py]
+    python3 benchmarks/device/remote.py protocol --budget 540 [-- ARGS for smollm2_full_protocol.py]
                                                                     # call 2, carry .stage/b
+    python3 benchmarks/device/remote.py checks --budget 200       # call 3, carry nothing
 
 `receive` keeps part A of the model in the stage folder, which outlives the call while the
 machine stays warm. `protocol` adds part B, reassembles the GGUF and checks its SHA-256,
@@ -11,10 +12,12 @@ PYTHONPATH with this tree's src/), unpacks the datasets, then runs
 benchmarks/smollm2_full_protocol.py on the GPU with a time budget that leaves room to pack
 every JSON (and the logs) into $OUT/results.tar.gz, which is also refreshed every
 PACK_EVERY seconds meanwhile, so a call cut short still brings back what was finished. The
-rows finished in earlier sessions travel in benchmarks/results/ and are skipped. With
-`--kernels` the packed matmul kernels are timed first (`unibcq bench kernels` with float32
-and bfloat16 inputs, at most KERNELS_SECONDS, into $OUT/kernels-gpu-DTYPE.json), taken from
-the protocol's budget.
+rows finished in earlier sessions travel in benchmarks/results/ and are skipped.
+
+`checks` uses the device time a session has left after the protocol: the test files that
+run the compiled GPU code (GPU_TESTS; without a GPU they run in Triton's interpreter or are
+skipped) and then `unibcq bench kernels` with float32 and bfloat16 inputs, into
+$OUT/tests-gpu.log and $OUT/kernels-gpu-DTYPE.json. It needs nothing staged.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ STAGE = Path(os.environ.get("UNIBCQ_STAGE", "/root/unibcq-stage"))
 RESULTS = REPO / "benchmarks" / "results" / "smollm2-full-protocol"
 PACK_SECONDS = 20.0  # kept back from the budget for packing the results
 PACK_EVERY = 30.0  # seconds between the archives written while the protocol runs
-KERNELS_SECONDS = 180.0  # the most `--kernels` may take (55 s per input dtype on an H200, 2026-11-27)
-KERNEL_INPUT_DTYPES = ("float32", "bfloat16")
+KERNEL_INPUT_DTYPES = ("float32", "bfloat16")  # 55 s for float32 on an H200, 2026-11-27
+GPU_TESTS = ("tests/test_kernels_triton.py", "tests/e2e/test_cuda.py")
 
 
 def receive() -> None:
@@ -146,14 +149,40 @@ def time_kernels(env: dict[str, str], out: Path, limit: float) -> None:
             print(f"kernel timing stopped after {each:.0f} s", flush=True)
 
 
-def protocol(budget: float, results: Path, extra: Sequence[str], kernels: bool = False) -> int:
+def run_gpu_tests(env: dict[str, str], out: Path, limit: float) -> int | None:
+    """GPU_TESTS under pytest, the whole log in out/tests-gpu.log; their exit code, None when stopped."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS]
+    print(f"$ {' '.join(cmd)}", flush=True)
+    with (out / "tests-gpu.log").open("w") as log:
+        try:
+            code = subprocess.run(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=limit,
+                                  check=False).returncode
+        except subprocess.TimeoutExpired:
+            code = None
+    lines = (out / "tests-gpu.log").read_text().strip().splitlines()
+    print(f"GPU tests: {'stopped after %.0f s' % limit if code is None else f'exit {code}'}; "
+          f"{lines[-1] if lines else 'no output'}", flush=True)
+    return code
+
+
+def checks(budget: float) -> int:
+    """Call 3: the GPU tests, then the kernel timing with what is left."""
+    start = time.monotonic()
+    path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    out = Path(os.environ.get("OUT", STAGE / "out"))
+    code = run_gpu_tests(env, out, budget * 0.5)
+    time_kernels(env, out, budget - (time.monotonic() - start) - 5)
+    return 0 if code == 0 else 1
+
+
+def protocol(budget: float, results: Path, extra: Sequence[str]) -> int:
     if "--out" in extra:
         raise SystemExit("remote.py: give the results folder as --results (it is what gets packed), not --out")
     start = time.monotonic()
     env = {**os.environ, **assemble()}
     out = Path(os.environ.get("OUT", STAGE / "out"))
-    if kernels:
-        time_kernels(env, out, min(KERNELS_SECONDS, budget - (time.monotonic() - start) - PACK_SECONDS - 120))
     left = budget - (time.monotonic() - start) - PACK_SECONDS
     if left <= 60:
         raise SystemExit(f"remote.py: only {left:.0f} s of the budget left after staging")
@@ -182,14 +211,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = sub.add_parser("protocol", help="call 2: assemble, run the protocol, pack the results into $OUT")
     run.add_argument("--budget", type=float, default=540.0, help="seconds this call may take in all")
     run.add_argument("--results", type=Path, default=RESULTS, help="the protocol's --out (default: %(default)s)")
-    run.add_argument("--kernels", action="store_true", help="time the packed matmul kernels first, into "
-                     "$OUT/kernels-gpu-DTYPE.json (at most KERNELS_SECONDS of the budget)")
     run.add_argument("extra", nargs="*", help="arguments for smollm2_full_protocol.py (after --)")
+    check = sub.add_parser("checks", help="call 3: the GPU tests and the kernel timing, into $OUT")
+    check.add_argument("--budget", type=float, default=200.0, help="seconds this call may take in all")
     args = p.parse_args(argv)
     if args.command == "receive":
         receive()
         return 0
-    return protocol(args.budget, args.results, args.extra, args.kernels)
+    if args.command == "checks":
+        return checks(args.budget)
+    return protocol(args.budget, args.results, args.extra)
 
 
 if __name__ == "__main__":
