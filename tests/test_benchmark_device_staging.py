@@ -9,6 +9,7 @@ import tarfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -132,22 +133,30 @@ def test_the_archive_is_refreshed_while_the_protocol_runs(tmp_path, monkeypatch)
 
 
 def test_kernel_timing_is_never_fatal_and_lands_in_out(tmp_path, monkeypatch, capsys):
-    calls = []
+    calls, clock = [], [0.0]
 
     def fake_run(cmd, env, timeout, check):
         calls.append((cmd, timeout))
+        clock[0] += timeout  # killed at its limit
         raise remote.subprocess.TimeoutExpired(cmd, timeout)
 
+    monkeypatch.setattr(remote, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     monkeypatch.setattr(remote.subprocess, "run", fake_run)
     remote.time_kernels({}, tmp_path / "out", 120)
-    assert [cmd[cmd.index("--input-dtype") + 1] for cmd, _ in calls] == ["float32", "bfloat16"]
-    for cmd, timeout in calls:
-        dtype = cmd[cmd.index("--input-dtype") + 1]
-        assert cmd[cmd.index("--json") + 1] == str(tmp_path / "out" / f"kernels-gpu-{dtype}.json")
-        assert cmd[cmd.index("--device") + 1] == "cuda" and timeout == 60
-    remote.time_kernels({}, tmp_path / "out", 30)  # too little budget left: not started
-    assert len(calls) == 2
-    assert "stopped after 60 s" in capsys.readouterr().out
+    (cmd, timeout), = calls  # float32 took all the time: bfloat16 is not started on what is left
+    assert cmd[cmd.index("--input-dtype") + 1] == "float32" and timeout == 120
+    assert cmd[cmd.index("--json") + 1] == str(tmp_path / "out" / "kernels-gpu-float32.json")
+    assert cmd[cmd.index("--device") + 1] == "cuda"
+    out = capsys.readouterr().out
+    assert "stopped after" in out and "kernel timing (bfloat16) skipped" in out
+    calls.clear()
+    monkeypatch.setattr(remote.subprocess, "run", lambda cmd, env, timeout, check: (
+        calls.append((cmd, timeout)), remote.subprocess.CompletedProcess(cmd, 0))[1])
+    remote.time_kernels({}, tmp_path / "out", 120)
+    assert [c[c.index("--input-dtype") + 1] for c, _ in calls] == ["float32", "bfloat16"]
+    calls.clear()
+    remote.time_kernels({}, tmp_path / "out", 20)  # too little budget left: nothing started
+    assert not calls
 
 
 def test_checks_run_the_gpu_tests_then_time_the_kernels(tmp_path, monkeypatch, capsys):

@@ -40,7 +40,8 @@ STAGE = Path(os.environ.get("UNIBCQ_STAGE", "/root/unibcq-stage"))
 RESULTS = REPO / "benchmarks" / "results" / "smollm2-full-protocol"
 PACK_SECONDS = 20.0  # kept back from the budget for packing the results
 PACK_EVERY = 30.0  # seconds between the archives written while the protocol runs
-KERNEL_INPUT_DTYPES = ("float32", "bfloat16")  # 55 s for float32 on an H200, 2026-11-27
+KERNEL_INPUT_DTYPES = ("float32", "bfloat16")
+KERNEL_MIN_SECONDS = 30.0  # a kernel timing is not started on less (float32 took 55 s on an H200, 2026-11-27)
 GPU_TESTS = ("tests/test_kernels_triton.py", "tests/e2e/test_cuda.py")
 
 
@@ -130,23 +131,25 @@ def pack_meanwhile(results: Path, out: Path, stop: threading.Event) -> None:
 
 
 def time_kernels(env: dict[str, str], out: Path, limit: float) -> None:
-    """The default kernel grid timed on this GPU with float32 and with bfloat16 inputs (what a
-    GPU model runs in), into out/kernels-gpu-DTYPE.json; a failure or a timeout is printed,
-    never fatal, so the protocol's rows still run."""
-    if limit < 60:
-        print(f"kernel timing skipped: {max(limit, 0):.0f} s of the budget for it", flush=True)
-        return
+    """The default kernel grid timed on this GPU with float32, then bfloat16 inputs (what a GPU
+    model runs in), into out/kernels-gpu-DTYPE.json, each run given the time still left (the
+    JSON is written at the end, so a run cut short brings nothing back); a failure or a
+    timeout is printed, never fatal."""
+    start = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     for dtype in KERNEL_INPUT_DTYPES:
+        left = limit - (time.monotonic() - start)
+        if left < KERNEL_MIN_SECONDS:
+            print(f"kernel timing ({dtype}) skipped: {max(left, 0):.0f} s left for it", flush=True)
+            continue
         cmd = [sys.executable, "-m", "unibcq", "bench", "kernels", "--device", "cuda", "--backends",
                "reference,triton", "--input-dtype", dtype, "--json", str(out / f"kernels-gpu-{dtype}.json")]
         print(f"$ {' '.join(cmd)}", flush=True)
-        each = limit / len(KERNEL_INPUT_DTYPES)
         try:
-            code = subprocess.run(cmd, env=env, timeout=each, check=False).returncode
+            code = subprocess.run(cmd, env=env, timeout=left, check=False).returncode
             print(f"kernel timing exit {code}", flush=True)
         except subprocess.TimeoutExpired:
-            print(f"kernel timing stopped after {each:.0f} s", flush=True)
+            print(f"kernel timing stopped after {left:.0f} s", flush=True)
 
 
 def run_gpu_tests(env: dict[str, str], out: Path, limit: float) -> int | None:
@@ -182,7 +185,6 @@ def protocol(budget: float, results: Path, extra: Sequence[str]) -> int:
         raise SystemExit("remote.py: give the results folder as --results (it is what gets packed), not --out")
     start = time.monotonic()
     env = {**os.environ, **assemble()}
-    out = Path(os.environ.get("OUT", STAGE / "out"))
     left = budget - (time.monotonic() - start) - PACK_SECONDS
     if left <= 60:
         raise SystemExit(f"remote.py: only {left:.0f} s of the budget left after staging")
@@ -190,6 +192,7 @@ def protocol(budget: float, results: Path, extra: Sequence[str]) -> int:
            "--threads", "2", "--time-budget", f"{left:.0f}", "--unibcq", str(STAGE / "unibcq"), "--out", str(results),
            *extra]
     print(f"$ {' '.join(cmd)}", flush=True)
+    out = Path(os.environ.get("OUT", STAGE / "out"))
     stop = threading.Event()
     packer = threading.Thread(target=pack_meanwhile, args=(results, out, stop), daemon=True)
     packer.start()

@@ -158,9 +158,9 @@ def benchmark_kernels(
     (None when the backend raised; `note` says why), speedup_vs_fp32 (dense fp32 seconds of
     the same shape and batch / seconds), gbps (weight bytes / seconds / 1e9), weight_bytes,
     bandwidth_gbps (the copy bandwidth of `device`, the same in every entry), threads, device
-    and gpu (its name, None on a CPU), input_dtype (the packed backends' input dtype; a GPU
-    model runs in bfloat16). Weights and inputs are drawn on the CPU, so a seed gives the
-    same grid anywhere.
+    and gpu (its name, None on a CPU), input_dtype (the packed backends' input dtype, None
+    for the dense rows, whose backend names theirs; a GPU model runs in bfloat16). Weights
+    and inputs are drawn on the CPU, so a seed gives the same grid anywhere.
     """
     device = torch.device(device)
     sync = device_sync(device)
@@ -193,8 +193,8 @@ def benchmark_kernels(
                     "group_size": None if nbits is None else group_size, "batch": batch, "seconds": seconds,
                     "speedup_vs_fp32": None, "gbps": weight_bytes / seconds / 1e9 if seconds else None,
                     "weight_bytes": weight_bytes, "bandwidth_gbps": bandwidth, "threads": threads,
-                    "device": str(device), "gpu": gpu, "input_dtype": str(input_dtype).removeprefix("torch."),
-                    "note": note}
+                    "device": str(device), "gpu": gpu,
+                    "input_dtype": None if nbits is None else str(input_dtype).removeprefix("torch."), "note": note}
 
         for shape in shapes:
             weight = torch.randn(shape, generator=gen)

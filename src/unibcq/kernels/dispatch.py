@@ -134,6 +134,8 @@ def dequantize_weight(weight, dtype: torch.dtype = torch.float32, scratch: bool 
             try:
                 return kernels.dequantize_triton(weight.planes, weight.alpha, weight.offset, weight.shape[1],
                                                  weight.group_size, dtype)
+            except torch.OutOfMemoryError:  # the memory, not Triton: the torch path would need more
+                raise
             except Exception as error:  # noqa: BLE001 - any Triton failure; the torch path below is exact
                 if _requested("auto") == "triton":
                     raise
@@ -154,7 +156,9 @@ def bcq_matmul(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, offse
         try:
             y = _triton().bcq_matmul_triton(x.reshape(-1, in_features), planes, alpha, offset, in_features,
                                             group_size)
-            return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+            return y.reshape(*x.shape[:-1], out_features)  # already in x's dtype
+        except torch.OutOfMemoryError:  # the memory, not Triton: the reference path would need more
+            raise
         except Exception as error:  # noqa: BLE001 - any Triton failure under `auto`; the reference is exact
             if _requested(backend) == "triton":
                 raise

@@ -19,7 +19,8 @@ and loading planes through one pointer per weight took all 255 registers and spi
 the kernels split K (each split writes float32 partial sums to its own slice of a
 (splits, rows, out) buffer, added afterwards, so results do not depend on scheduling: no
 atomics), planes are loaded as bytes and spread into bits in registers, and tiles are
-sized so that ptxas reports no spills.
+sized so that ptxas reports no spills for the GEMV (the fp32 GEMM still spills; see
+benchmarks/triton_sm90_compile.py).
 
 A K tile lies inside one quantization group when the group size is a multiple of BLOCK_K
 (or the row is one group); then a tile's scales are one load per output row. Other group
@@ -196,6 +197,17 @@ def _split_k(k_tiles: int, programs: int, wanted: int) -> int:
     return triton.cdiv(k_tiles, splits)
 
 
+def _packed_arguments(planes: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None, in_features: int,
+                      group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, int]:
+    """The kernels' view of a packed weight: contiguous planes and alpha, an offset pointer
+    (alpha's where there is none: never read without HAS_OFFSET), whether there is an offset,
+    and the group's width in columns (the whole row for one group)."""
+    planes, alpha = planes.contiguous(), alpha.contiguous()
+    has_offset = offset is not None
+    offset = offset.contiguous() if has_offset else alpha
+    return planes, alpha, offset, has_offset, in_features if alpha.shape[1] == 1 else group_size
+
+
 def bcq_matmul_triton(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None,
                       in_features: int, group_size: int, k_tiles_per_split: int | None = None) -> torch.Tensor:
     """x (rows, in) @ W^T for packed W, by the GEMV kernel for few rows and the GEMM otherwise.
@@ -212,11 +224,8 @@ def bcq_matmul_triton(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor
     if rows == 0 or out_features == 0 or in_features == 0:  # nothing to launch
         return x.new_zeros(rows, out_features)
     x = x.contiguous()
-    planes, alpha = planes.contiguous(), alpha.contiguous()
-    has_offset = offset is not None
-    offset = offset.contiguous() if has_offset else alpha  # any valid pointer; never read without HAS_OFFSET
+    planes, alpha, offset, has_offset, gs = _packed_arguments(planes, alpha, offset, in_features, group_size)
     groups = alpha.shape[1]
-    gs = in_features if groups == 1 else group_size
     gemv = rows <= GEMV_MAX_ROWS
     block_k, tile_group = _tile_k(groups, gs, GEMV_BLOCK_K if gemv else GEMM_BLOCK_K)
     k_tiles = triton.cdiv(in_features, block_k)
@@ -256,12 +265,9 @@ def dequantize_triton(planes: torch.Tensor, alpha: torch.Tensor, offset: torch.T
     """
     if not usable(planes):
         raise ValueError("dequantize_triton needs triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
-    planes, alpha = planes.contiguous(), alpha.contiguous()
-    has_offset = offset is not None
-    offset = offset.contiguous() if has_offset else alpha  # any valid pointer; never read without HAS_OFFSET
+    planes, alpha, offset, has_offset, gs = _packed_arguments(planes, alpha, offset, in_features, group_size)
     bits, out_features, row_bytes = planes.shape
     groups = alpha.shape[1]
-    gs = in_features if groups == 1 else group_size
     block_k, tile_group = _tile_k(groups, gs, DEQUANT_BLOCK_K)
     out = torch.empty(out_features, in_features, dtype=dtype, device=planes.device)
     grid = (triton.cdiv(out_features, DEQUANT_BLOCK_N), triton.cdiv(in_features, block_k))
