@@ -191,3 +191,16 @@ def test_the_report_names_cells_reused_from_a_run_on_another_device():
     results = [{"name": "fp", "device": "cuda"}, {"name": "rtn-w3-g32", "device": "cpu"}, {"name": "gptq-w3-g32"}]
     assert _devices_note(results, "cuda") == " Reused from a run on cpu: rtn-w3-g32, gptq-w3-g32."
     assert _devices_note(results[1:], "cpu") == ""
+
+
+def test_the_kept_context_window_belongs_to_its_model(tmp_path, monkeypatch):
+    import unibcq.report.compare as compare
+
+    looked_up = []
+    monkeypatch.setattr(compare, "context_window_of", lambda model: looked_up.append(model) or 2048)
+    assert compare._model_context("org/a", tmp_path) == (2048, False)
+    compare._keep_context("org/a", 2048, tmp_path)
+    assert compare._model_context("org/a", tmp_path) == (2048, True) and looked_up == ["org/a"]
+    assert compare._model_context("org/b", tmp_path) == (2048, False) and looked_up == ["org/a", "org/b"]
+    (tmp_path / compare.CONTEXT_FILE).write_text("{not json")
+    assert compare._model_context("org/a", tmp_path) == (2048, False)
