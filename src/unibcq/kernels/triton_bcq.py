@@ -1,7 +1,10 @@
-"""Triton kernels for packed BCQ weights: a bit-plane GEMV and a dequantize-in-tile GEMM.
+"""Triton kernels for packed BCQ weights: a bit-plane GEMV, a dequantize-in-tile GEMM and a
+one-pass dequantize.
 
-Both read the stored layout directly (uint8 planes (bits, out, ceil(in / 8)), fp16 alpha
-(out, groups, bits), fp16 offset (out, groups)) and never write a dense weight to memory:
+All read the stored layout directly (uint8 planes (bits, out, ceil(in / 8)), fp16 alpha
+(out, groups, bits), fp16 offset (out, groups)). The two matmuls never write a dense
+weight to memory; `dequantize_triton` writes one, for the reference backend and the dense
+caches of evaluation:
 
 - `gemv` (few input rows, decode): each program owns BLOCK_N output rows, one input row and
   one slice of the input (split-K), decodes the signs of its weight tiles from the planes
@@ -28,9 +31,10 @@ sizes (e.g. 20) take the per-element path (`TILE_GROUP=False`), which looks up e
 column's group. fp32 inputs use IEEE fp32 `tl.dot` (no TF32), matching the reference.
 
 Triton needs a GPU, except in its interpreter (`TRITON_INTERPRET=1`, set before this
-module is imported), which runs the same kernels on CPU tensors; CI tests them that way, and also compiles them
-for a Hopper GPU with Triton's compiler and ptxas (benchmarks/triton_sm90_compile.py, which
-also prints each variant's registers and spills), which the interpreter does not exercise.
+module is imported), which runs the same kernels on CPU tensors; CI tests them that way,
+and also compiles them for a Hopper GPU with Triton's compiler and ptxas
+(benchmarks/triton_sm90_compile.py, which also prints each variant's registers and spills),
+which the interpreter does not exercise.
 """
 
 from __future__ import annotations
