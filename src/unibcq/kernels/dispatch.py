@@ -27,6 +27,7 @@ import os
 import threading
 import warnings
 from types import ModuleType
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,21 @@ def _give_up_on_triton(error: Exception) -> None:
         warnings.warn(f"unibcq: the Triton kernel failed ({_triton_failure.splitlines()[0][:300]}); using the "
                       "reference backend from now on. UNIBCQ_BACKEND=triton shows the whole error.", RuntimeWarning,
                       stacklevel=3)
+
+
+def _unless_triton_fails(call: Callable[[], torch.Tensor], forced: bool) -> torch.Tensor | None:
+    """call()'s result, or None once a Triton kernel failed under `auto` (see `_give_up_on_triton`;
+    the caller then takes the torch path, which computes the same values). Out of memory is
+    the memory, not Triton, and a forced backend keeps its error: both raise."""
+    try:
+        return call()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any Triton failure: a Triton or driver it was not built for
+        if forced:
+            raise
+        _give_up_on_triton(error)
+        return None
 
 
 def choose_backend(x: torch.Tensor, in_features: int, group_size: int, backend: str = "auto") -> str:
@@ -131,15 +147,11 @@ def dequantize_weight(weight, dtype: torch.dtype = torch.float32, scratch: bool 
                                             weight.group_size, out=_workspace(weight.shape) if scratch else None)
             return dense.to(dtype)
         if weight.planes.is_cuda and _triton_failure is None and (kernels := _triton()) is not None:
-            try:
-                return kernels.dequantize_triton(weight.planes, weight.alpha, weight.offset, weight.shape[1],
-                                                 weight.group_size, dtype)
-            except torch.OutOfMemoryError:  # the memory, not Triton: the torch path would need more
-                raise
-            except Exception as error:  # noqa: BLE001 - any Triton failure; the torch path below is exact
-                if _requested("auto") == "triton":
-                    raise
-                _give_up_on_triton(error)
+            dense = _unless_triton_fails(lambda: kernels.dequantize_triton(
+                weight.planes, weight.alpha, weight.offset, weight.shape[1], weight.group_size, dtype),
+                forced=_requested("auto") == "triton")
+            if dense is not None:
+                return dense
     return weight.dequantize(dtype)
 
 
@@ -153,16 +165,11 @@ def bcq_matmul(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, offse
         y = cpu_bitplane.bitplane_linear(x.reshape(-1, in_features), planes, alpha, offset, in_features, group_size)
         return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
     if chosen == "triton":
-        try:
-            y = _triton().bcq_matmul_triton(x.reshape(-1, in_features), planes, alpha, offset, in_features,
-                                            group_size)
+        y = _unless_triton_fails(lambda: _triton().bcq_matmul_triton(
+            x.reshape(-1, in_features), planes, alpha, offset, in_features, group_size),
+            forced=_requested(backend) == "triton")
+        if y is not None:
             return y.reshape(*x.shape[:-1], out_features)  # already in x's dtype
-        except torch.OutOfMemoryError:  # the memory, not Triton: the reference path would need more
-            raise
-        except Exception as error:  # noqa: BLE001 - any Triton failure under `auto`; the reference is exact
-            if _requested(backend) == "triton":
-                raise
-            _give_up_on_triton(error)
     weight = BCQTensor(planes, alpha, offset, (out_features, in_features), group_size)
     return F.linear(x, dequantize_weight(weight, x.dtype, scratch=True))
 
