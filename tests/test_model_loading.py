@@ -6,7 +6,10 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from unibcq.atomic import atomic_directory
+from unibcq.errors import UnibcqError
 from unibcq.models import loading
 
 
@@ -48,3 +51,55 @@ def test_context_window_reads_the_config_and_stretching_rope():
     longrope = {"rope_type": "longrope", "factor": 32.0, "original_max_position_embeddings": 4096,
                 "short_factor": [1.0] * 32, "long_factor": [1.0] * 32}
     assert context_window(LlamaConfig(max_position_embeddings=131072, rope_scaling=longrope)) == 131072
+
+
+@pytest.fixture
+def offline_machine(monkeypatch, tmp_path):
+    """No proxy, no HF_HUB_OFFLINE, an empty Hub cache and a host name that does not resolve;
+    any call that reaches transformers fails the test."""
+    import socket
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(loading.urllib.request, "getproxies", dict)
+    lookups: list[str] = []
+
+    def no_dns(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(loading.socket, "getaddrinfo", no_dns)
+    loading._unresolvable_hub_host.cache_clear()
+    yield lookups
+    loading._unresolvable_hub_host.cache_clear()
+
+
+def test_an_uncached_hub_model_fails_at_once_when_offline(offline_machine, monkeypatch):
+    from transformers import AutoConfig
+
+    def must_not_be_called(*args, **kwargs):
+        raise AssertionError("reached the Hub (and its ~23 s of retries)")
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", must_not_be_called)
+    for attempt in (lambda: loading.context_window_of("org/uncached-model"),
+                    lambda: loading.snapshot_dir(loading.resolve_model("org/uncached-model"))):
+        with pytest.raises(UnibcqError, match="not in the local Hugging Face cache and huggingface.co cannot be"):
+            attempt()
+    assert offline_machine == ["huggingface.co"]  # asked once per process
+
+
+def test_a_cached_hub_model_or_a_proxy_still_reaches_transformers(offline_machine, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    commit = "0" * 40
+    snapshot = Path(constants.HF_HUB_CACHE) / "models--org--cached-model" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text(commit)
+    loading._fail_fast_when_offline(loading.resolve_model("org/cached-model"))
+    monkeypatch.setattr(loading.urllib.request, "getproxies", lambda: {"https": "http://proxy:3128"})
+    loading._fail_fast_when_offline(loading.resolve_model("org/uncached-model"))
+    assert offline_machine == []

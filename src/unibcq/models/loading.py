@@ -12,8 +12,12 @@ import importlib.util
 import json
 import math
 import os
+import socket
+import urllib.request
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from filelock import FileLock
@@ -126,6 +130,48 @@ def _first_line(exc: BaseException) -> str:
     return lines[0][:300] if lines else type(exc).__name__
 
 
+@cache
+def _unresolvable_hub_host() -> str | None:
+    """The Hub's host name when this machine cannot resolve it, else None (asked once per process)."""
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, 443)
+    except socket.gaierror:
+        return host
+    return None
+
+
+def _fail_fast_when_offline(source: ModelSource) -> None:
+    """Raise at once for a Hub model that is not cached when the Hub's host does not resolve.
+
+    huggingface_hub retries a failed connection five times with backoff (~23 s) even when the
+    host name does not resolve, which is what an offline machine sees. Cached models load
+    without that wait, so they pass; so does everything behind a proxy (which resolves names
+    itself) and HF_HUB_OFFLINE=1 (where the Hub fails fast on its own).
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if source.kind != "hub" or constants.HF_HUB_OFFLINE:
+        return
+    proxies = urllib.request.getproxies()
+    if "https" in proxies or "all" in proxies:
+        return
+    try:
+        cached = isinstance(try_to_load_from_cache(source.spec, "config.json"), str)
+    except ValueError:  # not a valid repo id; let from_pretrained word the error
+        return
+    host = None if cached else _unresolvable_hub_host()
+    if host is not None:
+        raise UnibcqError(
+            f"{source.spec!r} is not in the local Hugging Face cache and {host} cannot be resolved "
+            "(offline?); give a local model directory or .gguf file, or connect and retry"
+        )
+
+
 def snapshot_dir(source: ModelSource) -> Path:
     """A local directory with the model's safetensors files, for streaming them one by one.
 
@@ -139,6 +185,7 @@ def snapshot_dir(source: ModelSource) -> Path:
             f"{source.spec} is a GGUF file, which cannot be streamed; quantize it without --max-memory "
             "(small models) or give a safetensors model directory"
         )
+    _fail_fast_when_offline(source)
     try:
         from huggingface_hub import snapshot_download
 
@@ -148,6 +195,7 @@ def snapshot_dir(source: ModelSource) -> Path:
 
 
 def _from_pretrained(loader, source: ModelSource, **kwargs):
+    _fail_fast_when_offline(source)
     try:
         return loader.from_pretrained(local_path(source), **kwargs)
     except UnibcqError:
