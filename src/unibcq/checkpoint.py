@@ -65,8 +65,11 @@ def is_packed_key(key: str, layers: dict[str, Any]) -> bool:
 
 
 def cast_checked(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`tensor` in `dtype`, or an error naming it when finite values overflow there (float16
-    ends at 65504), rather than a checkpoint that loading would call corrupt."""
+    """`tensor` in `dtype`, or an error naming it when it holds NaN/inf or its finite values
+    overflow there (float16 ends at 65504), rather than a checkpoint that loading would call corrupt."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise UnibcqError(f"tensor {key} holds {int((~torch.isfinite(tensor)).sum())} NaN/inf values; fix or "
+                          "re-export the model before quantizing")
     cast = tensor.to(dtype)
     if cast.dtype != tensor.dtype and not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(tensor).all()):
         raise UnibcqError(f"tensor {key} holds values beyond {dtype_name(dtype)}'s range (largest magnitude "

@@ -769,6 +769,22 @@ def _bench_dyngroup(args: argparse.Namespace) -> None:
         write_json_atomic(args.json, entries)
 
 
+def _refuse_json_over_inputs(args: argparse.Namespace) -> None:
+    """--json must not land on a file the command reads, nor inside a model, checkpoint or --out
+    folder: the report would silently replace its weights, config or manifest."""
+    read = [getattr(args, name, None) for name in ("model", "path", "kl_ref", "calib")]
+    read += (getattr(args, "ppl", None) or "").split(",")
+    paths = [Path(name).expanduser().resolve() for name in read if name and name != "none"]
+    folders = [path for path in paths if path.is_dir()]
+    if getattr(args, "out", None):
+        folders.append(Path(args.out).expanduser().resolve())
+    target = Path(args.json).expanduser().resolve()
+    for path in [path for path in paths if path.is_file()] + folders:
+        if target == path or path in target.parents:
+            raise UnibcqError(f"--json {args.json} would overwrite or land inside {path}, which this command "
+                              "reads or writes; choose a path outside it")
+
+
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "info": cmd_info,
             "generate": cmd_generate, "bench": cmd_bench}
 
@@ -787,6 +803,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if getattr(args, "json", None):
             check_writable(args.json, "--json")
+            _refuse_json_over_inputs(args)
         if args.command in ("quantize", "compare"):
             check_writable(args.out, "--out", directory=True)
         COMMANDS[args.command](args)

@@ -272,6 +272,26 @@ def test_windows_past_the_context_are_capped_or_refused(capsys, tmp_path, tiny_m
     assert stored["calib_seq_len"] == 64
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "max-memory"])
+@pytest.mark.parametrize("tensor", ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"])
+def test_nan_outside_the_linear_layers_is_refused(capsys, tmp_path, nan_model_dir, tensor, streaming):
+    """A NaN embedding or norm is not quantized, but a checkpoint holding it would be called corrupt
+    on load: refuse it at quantize time, naming the tensor."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(nan_model_dir)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.nan_to_num_(0.0)
+        model.get_parameter(tensor)[1] = float("nan")
+    source = nan_model_dir
+    model.save_pretrained(source)
+    out = tmp_path / "q"
+    extra = ["--max-memory", "2GiB"] if streaming else []
+    code, _, err = run(capsys, "quantize", source, "--method", "rtn", "--out", out, "--no-progress", *extra)
+    assert code == 2 and tensor in err and "NaN/inf" in err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
 def test_nan_weights_fail_cleanly(capsys, tmp_path, nan_model_dir):
     out = tmp_path / "q"
     code, _, err = run(capsys, "quantize", nan_model_dir, "--method", "bcq-greedy", "--out", out, "--no-progress")
@@ -601,3 +621,19 @@ def test_a_per_matrix_method_on_a_gpu_says_it_runs_on_the_cpu(capsys, tmp_path, 
                        "--device", "cuda", "--out", tmp_path / "rtn", "--no-progress", *extra)
     assert code == 0, err
     assert "rtn quantizes each matrix on the CPU" in err and ("--workers" in err) == hint
+
+
+@pytest.mark.parametrize("command,inside", [("quantize", "model"), ("quantize", "out"), ("eval", "data"),
+                                            ("eval", "model")])
+def test_json_never_lands_on_what_the_command_reads(capsys, tmp_path, tiny_model_dir, corpus_file, command, inside):
+    """--json pointed at an input (the model's weights, the text being scored) or into --out would
+    replace it with the report; it is refused before any work, and every file is left as it was."""
+    out = tmp_path / "q"
+    target = {"model": Path(tiny_model_dir) / "model.safetensors", "out": out / "config.json",
+              "data": Path(corpus_file)}[inside]
+    before = {path: path.read_bytes() for path in (target, Path(corpus_file)) if path.exists()}
+    args = (["quantize", tiny_model_dir, "--method", "rtn", "--out", out] if command == "quantize"
+            else ["eval", tiny_model_dir, "--ppl", corpus_file, "--kl-ref", "none", "--max-windows", "1"])
+    code, _, err = run(capsys, *args, "--json", target, "--no-progress")
+    assert code == 2 and "--json" in err and "which this command reads or writes" in err
+    assert {path: path.read_bytes() for path in before} == before and not out.exists()

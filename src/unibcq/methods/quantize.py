@@ -55,12 +55,13 @@ def quantize_model(
     for name, layer in layers.items():
         if isinstance(layer, PackedLinear):
             raise UnibcqError(f"{name} is already quantized; start from a full-precision model")
-        # Calibrated methods would otherwise meet the NaN as a calibration overflow or a NaN loss,
-        # far from its cause. Weights not loaded yet (meta, read block by block) are not seen here.
-        weight = layer.weight
-        if config.method in CALIBRATED and weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
-            bad = int((~torch.isfinite(weight)).sum())
-            raise UnibcqError(f"{name}.weight has {bad} NaN/inf values; fix or re-export the model before quantizing")
+    # Checked before any work: calibrated methods would otherwise meet a NaN as a calibration overflow
+    # or a NaN loss far from its cause, and a NaN embedding or norm would be saved into a checkpoint that
+    # loading calls corrupt. Weights not loaded yet (meta, read block by block) are checked when saved.
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UnibcqError(f"{name} has {bad} NaN/inf values; fix or re-export the model before quantizing")
     torch.manual_seed(config.seed)
     if config.method in CALIBRATED and backend != "local":
         raise UnibcqError(f"{config.method} runs block by block on one machine; --backend {backend} is for "

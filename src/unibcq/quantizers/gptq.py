@@ -79,7 +79,8 @@ def accumulate_hessian(
         )
     rows = x.detach().reshape(-1, in_features).to(device=h.device, dtype=h.dtype)
     if not torch.isfinite(rows).all():
-        raise UnibcqError("layer inputs contain NaN/inf; the calibration forward pass overflowed")
+        raise UnibcqError("layer inputs contain NaN/inf: a weight before this layer holds NaN/inf, or the calibration "
+                          "forward pass overflowed")
     m = rows.shape[0]
     if m == 0:
         return h, count
