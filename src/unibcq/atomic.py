@@ -1,14 +1,19 @@
 """Atomic writes: a directory or file appears complete or not at all.
 
 Everything is written into a hidden temporary sibling and renamed into place at the end,
-so a run killed half-way leaves no partial output under the final name.
+so a run killed half-way leaves no partial output under the final name. The sibling's name
+carries the host and process id, so the next write to the same target removes what a run
+killed outright (SIGKILL, out of memory) left behind, and only when that process is gone.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
+import socket
 import stat
 import tempfile
 from contextlib import contextmanager
@@ -46,6 +51,45 @@ def _publish_modes(path: Path) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
+def _temp_prefix(target: Path, kind: str) -> str:
+    """`.NAME.KIND-HOST-PID-`: whose temporary this is, for `_remove_orphans`."""
+    return f".{target.name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_orphans(target: Path) -> None:
+    """Clear the temporaries of `target` whose writer, a process on this host, no longer runs.
+
+    A writer killed between moving the old `target` aside and moving the new one in leaves
+    `target` missing and the old one in its `.old-` folder: that one is put back, never deleted.
+    A process on another host (a shared filesystem) is never judged dead from here.
+    """
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-{re.escape(socket.gethostname())}-(\d+)-[^-]+$")
+    try:
+        siblings = sorted(target.parent.iterdir(), key=lambda path: ".old-" not in path.name)
+    except OSError:
+        return
+    for path in siblings:
+        found = pattern.match(path.name)
+        if not found or _process_alive(int(found.group(2))):
+            continue
+        if found.group(1) == "old" and (path / "old").exists() and not target.exists():
+            os.replace(path / "old", target)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that is renamed to `target` if the block succeeds.
@@ -57,12 +101,13 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     if target.exists() and not overwrite:
         raise UnibcqError(f"output {target} already exists; remove it or pass --overwrite")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _remove_orphans(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target, "tmp"), dir=target.parent))
     try:
         yield tmp
         _publish_modes(tmp)
         if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            trash = Path(tempfile.mkdtemp(prefix=_temp_prefix(target, "old"), dir=target.parent))
             os.replace(target, trash / "old")
             os.replace(tmp, target)
             shutil.rmtree(trash, ignore_errors=True)
@@ -90,14 +135,31 @@ def check_writable(path: str | os.PathLike, flag: str, directory: bool = False) 
         raise UnibcqError(f"{flag} {path}: no permission to write in {parent}")
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to `path` through a temporary file and an atomic rename."""
+def _strict_json(data: Any) -> Any:
+    """`data` with NaN and infinities as null: JSON has no such numbers, and `json` would write
+    bare `NaN` that other parsers (jq, JavaScript, serde) refuse."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _strict_json(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_strict_json(value) for value in data]
+    return data
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, portable: bool = False) -> None:
+    """Write JSON to `path` through a temporary file and an atomic rename.
+
+    `portable` (reports for users) writes NaN and inf as null; without it they round-trip as
+    Python's `json` writes them, which unibcq's own state files (eval journals, resumable
+    runs) need: a -inf log-likelihood must read back as -inf."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    _remove_orphans(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path, "tmp"), dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
+            json.dump(_strict_json(data) if portable else data, f, indent=2, sort_keys=False, allow_nan=not portable)
             f.write("\n")
         _publish_modes(Path(tmp))
         os.replace(tmp, path)

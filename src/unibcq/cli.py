@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
+from safetensors import SafetensorError
 
 from unibcq.atomic import check_writable, write_json_atomic
 from unibcq.errors import UnibcqError
@@ -424,7 +425,7 @@ def _report_quantize(args: argparse.Namespace, config, records, out: Path, timin
             "out": str(out), "config": config.to_dict(), "seconds": seconds,
             "bits_per_weight": info.bits_per_weight, "file_bytes": info.file_bytes, "peak_rss_mib": peak_mib,
             **extra, "layers": [vars(r) for r in records],
-        })
+        }, portable=True)
 
 
 def _onload_within_budget(config, source, max_memory: str):
@@ -552,7 +553,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print_table(f"{args.model} tasks (limit {args.limit or 'none'}, {bits:.3f} bits/weight)",
                     SUMMARY_COLUMNS, summary_rows(tasks))
     if args.json:
-        write_json_atomic(args.json, report)
+        write_json_atomic(args.json, report, portable=True)
     if journal is not None:
         journal.remove()
 
@@ -684,7 +685,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         ("file MiB", info.file_bytes / 2**20), ("source_model", report["source_model"]),
     ])
     if args.json:
-        write_json_atomic(args.json, report)
+        write_json_atomic(args.json, report, portable=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -698,7 +699,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.json:
         write_json_atomic(args.json, {"model": args.model, "prompt": args.prompt, "bits_per_weight": bits,
                                       "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                                      "seed": args.seed, **result.to_dict()})
+                                      "seed": args.seed, **result.to_dict()}, portable=True)
 
 
 def _write_stdout(text: str) -> None:
@@ -750,7 +751,7 @@ def _bench_kernels(args: argparse.Namespace) -> None:
     for (backend, note), count in skipped.items():
         print(f"{backend}: {note} ({count} of the measurements)")
     if args.json:
-        write_json_atomic(args.json, entries)
+        write_json_atomic(args.json, entries, portable=True)
 
 
 def _bench_dyngroup(args: argparse.Namespace) -> None:
@@ -766,7 +767,7 @@ def _bench_dyngroup(args: argparse.Namespace) -> None:
                 [(e["matrix"], e["algorithm"], e["dp_atom_size"] or "-", e["seconds"], e["objective"], e["groups"],
                   e["ratio_to_dp"]) for e in entries])
     if args.json:
-        write_json_atomic(args.json, entries)
+        write_json_atomic(args.json, entries, portable=True)
 
 
 def _refuse_json_over_inputs(args: argparse.Namespace) -> None:
@@ -789,7 +790,26 @@ COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, 
             "generate": cmd_generate, "bench": cmd_bench}
 
 
+def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
+    """`kill` and `timeout` send SIGTERM, which would end the process without unwinding: temporary
+    folders would stay behind. Raised as an interrupt, it runs every cleanup that Ctrl-C runs."""
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
@@ -810,13 +830,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UnibcqError as exc:
         print(f"unibcq: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (OSError, SafetensorError) as exc:
+        # The machine refused a read or write (disk full, no permission, a file vanished): one line,
+        # not a traceback. Atomic writes have removed their temporaries by now.
+        print(f"unibcq: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
         from unibcq.methods import CALIBRATED
 
+        terminated = exc.args == ("SIGTERM",)
         resumable = args.command == "quantize" and args.method in CALIBRATED
-        print("unibcq: interrupted" + ("; the same command with --resume continues from the last finished block"
-                                       if resumable else ""), file=sys.stderr)
-        return 130
+        print(f"unibcq: {'terminated' if terminated else 'interrupted'}"
+              + ("; the same command with --resume continues from the last finished block" if resumable else ""),
+              file=sys.stderr)
+        return 143 if terminated else 130
     return 0
 
 

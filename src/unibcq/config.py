@@ -97,8 +97,12 @@ class QuantConfig:
     def _validate_dyngroup(self) -> None:
         from unibcq.formats.grouped_binary import parse_granularity
 
-        if self.bits != 1 or any("bits" in o and o["bits"] != 1 for o in self.overrides.values()):
+        if self.bits != 1:
             raise UnibcqError(f"dyngroup stores 1-bit signs; bits must be 1, got {self.bits}")
+        for pattern, override in self.overrides.items():
+            if override.get("bits", 1) != 1:
+                raise UnibcqError(f"dyngroup stores 1-bit signs; bits must be 1, got {override['bits']} "
+                                  f"(--override {pattern})")
         if self.algorithm not in ("dp", "greedy", "windowed"):
             raise UnibcqError(f"unknown dyngroup algorithm {self.algorithm!r}; use dp, greedy or windowed")
         for name in ("max_groups", "window", "dp_atom_size"):

@@ -230,6 +230,7 @@ BAD_QUANTIZE = [
     (["--method", "awq"], "unknown method"),
     (["--override", "nocolon"], "override"),
     (["--override", "*:bits=x"], "integer"),
+    (["--method", "dyngroup", "--override", "*.down_proj:bits=2"], "got 2 (--override *.down_proj)"),
 ]
 
 
@@ -637,3 +638,46 @@ def test_json_never_lands_on_what_the_command_reads(capsys, tmp_path, tiny_model
     code, _, err = run(capsys, *args, "--json", target, "--no-progress")
     assert code == 2 and "--json" in err and "which this command reads or writes" in err
     assert {path: path.read_bytes() for path in before} == before and not out.exists()
+
+
+def test_sigterm_unwinds_like_ctrl_c(tmp_path):
+    """`kill` and `timeout` send SIGTERM: the write in progress is removed, not left as a hidden
+    full-size folder, and the exit says what happened (143, as a shell reports SIGTERM)."""
+    script = f"""
+import os, signal, sys, time
+from unibcq import cli
+from unibcq.atomic import atomic_directory
+
+def writing_when_killed(args):
+    with atomic_directory(args.out) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"x" * 4096)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+
+cli.COMMANDS["quantize"] = writing_when_killed
+sys.exit(cli.main(["quantize", "any-model", "--method", "rtn", "--out", {str(tmp_path / "q")!r}]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143 and proc.stderr.strip() == "unibcq: terminated", proc.stderr
+    assert not (tmp_path / "q").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("failure", ["disk full", "safetensors I/O"])
+def test_a_write_the_machine_refuses_is_one_line_and_leaves_nothing(capsys, tmp_path, tiny_model_dir, monkeypatch,
+                                                                   failure):
+    from safetensors import SafetensorError
+
+    from unibcq import checkpoint
+
+    def refuse(*args, **kwargs):
+        if failure == "disk full":
+            raise OSError(28, "No space left on device", str(args[1]))
+        raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+
+    monkeypatch.setattr(checkpoint, "save_file", refuse)
+    out = tmp_path / "q"
+    code, _, err = run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--out", out, "--no-progress")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("unibcq: error:"), err
+    assert ("No space left" if failure == "disk full" else "File too large") in lines[0]
+    assert not out.exists() and leftovers(tmp_path) == []
