@@ -38,6 +38,8 @@ def _parse_override(text: str) -> tuple[str, dict[str, int]]:
         key, eq, value = item.partition("=")
         if not eq or key.strip() not in ("bits", "group_size"):
             raise UnibcqError(f"--override {text!r}: settings are bits=N and group_size=G")
+        if key.strip() in values:
+            raise UnibcqError(f"--override {text!r}: {key.strip()} is given twice")
         try:
             values[key.strip()] = int(value)
         except ValueError as exc:
@@ -696,6 +698,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     result = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, chat=args.chat,
                            temperature=args.temperature, seed=args.seed, on_text=_write_stdout)
     print(result.summary())
+    if result.max_new_tokens < args.max_new_tokens:
+        print(f"unibcq: note: the model's context window ends {result.max_new_tokens} tokens after the prompt; "
+              f"--max-new-tokens {args.max_new_tokens} was capped there", file=sys.stderr)
     if args.json:
         write_json_atomic(args.json, {"model": args.model, "prompt": args.prompt, "bits_per_weight": bits,
                                       "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,

@@ -10,6 +10,7 @@ which are served by different kernels and must be reported apart.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -18,6 +19,7 @@ import torch
 from transformers import TextStreamer
 
 from unibcq.errors import UnibcqError
+from unibcq.models.architectures import context_window
 from unibcq.memory import model_memory_bytes, resident_memory_bytes
 
 
@@ -28,12 +30,14 @@ class GenerationResult:
     `prefill_seconds` runs from the call to the first new token; `decode_seconds` from the
     first to the last new token, i.e. `new_tokens - 1` decode steps. Memory is measured
     right after generating: `model_bytes` is the model's parameters and buffers as stored,
-    `rss_bytes` the whole process (None off Linux).
+    `rss_bytes` the whole process (None off Linux). `max_new_tokens` is the limit that applied:
+    the one asked for, or less where the model's context window ends first.
     """
 
     text: str
     token_ids: list[int]
     prompt_tokens: int
+    max_new_tokens: int
     chat: bool
     seconds: float
     prefill_seconds: float
@@ -104,8 +108,8 @@ def check_generation_options(max_new_tokens: int, temperature: float) -> None:
     """Reject settings generate() cannot honour (called by the CLI before the model loads)."""
     if max_new_tokens < 1:
         raise UnibcqError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if not temperature >= 0:
-        raise UnibcqError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:
+        raise UnibcqError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool | None = None) -> tuple[torch.Tensor, bool]:
@@ -147,6 +151,14 @@ def generate_text(
     check_generation_options(max_new_tokens, temperature)
     input_ids, used_chat = encode_prompt(tokenizer, prompt, chat)
     input_ids = input_ids.to(model.device)
+    context = context_window(getattr(model, "config", None))
+    if context is not None:
+        # Past its context a model was never trained (and RoPE tables or masks may run out):
+        # the prompt must fit, and the new tokens stop at the context's end.
+        if input_ids.shape[1] >= context:
+            raise UnibcqError(f"the prompt is {input_ids.shape[1]} tokens and the model's context window "
+                              f"{context}; shorten it so new tokens fit")
+        max_new_tokens = min(max_new_tokens, context - input_ids.shape[1])
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
     if temperature > 0:
         options["temperature"] = temperature
@@ -167,6 +179,7 @@ def generate_text(
         text=tokenizer.decode(new_ids, skip_special_tokens=True),
         token_ids=new_ids,
         prompt_tokens=int(input_ids.shape[1]),
+        max_new_tokens=max_new_tokens,
         chat=used_chat,
         seconds=seconds,
         prefill_seconds=times[0] - start if times else seconds,

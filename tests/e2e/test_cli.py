@@ -230,6 +230,7 @@ BAD_QUANTIZE = [
     (["--method", "awq"], "unknown method"),
     (["--override", "nocolon"], "override"),
     (["--override", "*:bits=x"], "integer"),
+    (["--override", "*:bits=2,bits=4"], "bits is given twice"),
     (["--method", "dyngroup", "--override", "*.down_proj:bits=2"], "got 2 (--override *.down_proj)"),
 ]
 

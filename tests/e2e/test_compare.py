@@ -204,3 +204,14 @@ def test_the_kept_context_window_belongs_to_its_model(tmp_path, monkeypatch):
     assert compare._model_context("org/b", tmp_path) == (2048, False) and looked_up == ["org/a", "org/b"]
     (tmp_path / compare.CONTEXT_FILE).write_text("{not json")
     assert compare._model_context("org/a", tmp_path) == (2048, False)
+
+
+def test_compare_refuses_a_quantized_checkpoint_before_any_work(capsys, tmp_path, tiny_model_dir, corpus_file):
+    checkpoint = tmp_path / "q"
+    assert main(["quantize", str(tiny_model_dir), "--method", "rtn", "--group-size", "32", "--out", str(checkpoint),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    code = main(["compare", str(checkpoint), "--methods", "rtn", "--bits", "2", "--ppl", str(corpus_file),
+                 "--out", str(tmp_path / "r"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "already a unibcq checkpoint" in err and not (tmp_path / "r").exists()

@@ -123,6 +123,7 @@ def test_generate_cli_full_precision_model(capsys, tmp_path, tiny_model_dir):
     ([], "missing-dir"),
     (["--max-new-tokens", "0"], "max-new-tokens"),
     (["--temperature", "-1"], "temperature"),
+    (["--temperature", "inf"], "finite"),
 ])
 def test_generate_cli_bad_input(capsys, tmp_path, extra, needle):
     code, stdout, err = run(capsys, "generate", tmp_path / "missing-dir", "--prompt", "hi", *extra)
@@ -216,3 +217,17 @@ def test_every_measurement_and_the_bandwidth_go_through_the_device_sync(monkeypa
     assert len(timed) == 3  # dense fp32, dense bf16, reference
     # one opening sync, at least two warm-up calls and one repeat each: bandwidth plus every measurement
     assert len(syncs) >= 4 * (1 + len(timed))
+
+
+def test_generation_stops_at_the_context_window(capsys, tmp_path, w3_dir):
+    """The tiny model's context is 64 positions: new tokens stop there (with a note), and a prompt
+    that fills it is refused rather than run past what the model was trained on."""
+    code, _, err = run(capsys, "generate", w3_dir, "--prompt", PROMPT, "--no-chat", "--max-new-tokens", "500",
+                       "--json", tmp_path / "g.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "g.json").read_text())
+    room = 64 - report["prompt_tokens"]
+    assert report["max_new_tokens"] == room and report["new_tokens"] <= room
+    assert "--max-new-tokens 500 was capped there" in err
+    code, _, err = run(capsys, "generate", w3_dir, "--prompt", " ".join([PROMPT] * 20), "--no-chat")
+    assert code == 2 and "context window 64" in err

@@ -184,6 +184,9 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
     from unibcq.models import load_model, load_tokenizer
 
     check_compare_dir(settings.out)
+    if is_checkpoint(settings.model):
+        raise UnibcqError(f"{settings.model} is already a unibcq checkpoint; compare quantizes a full-precision "
+                          "model (this checkpoint's source_model, per `unibcq info`)")
     cells = plan_cells(settings.methods, settings.bits, settings.group_size)
     settings.evaluation.check()
     # Windows longer than the model's context are capped there (perplexity and calibration
