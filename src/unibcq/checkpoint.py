@@ -29,6 +29,7 @@ from unibcq.atomic import atomic_directory
 from unibcq.config import FORMAT_VERSION, QuantConfig
 from unibcq.errors import CheckpointError, UnibcqError
 from unibcq.models.architectures import ARCHITECTURES, set_module
+from unibcq.models.fingerprint import files_fingerprint
 from unibcq.formats.bcq import num_groups
 from unibcq.formats.grouped_binary import parse_granularity
 from unibcq.nn.qlinear import PACKED_MODULES, PackedLinear
@@ -138,6 +139,9 @@ def quantization_entry(config: QuantConfig, source_model: str, layout: dict[str,
         "format_version": FORMAT_VERSION,
         "unibcq_version": __version__,
         "source_model": source_model,
+        # (name, size, mtime) of a local source's files: eval tells when the default KL reference
+        # is no longer the model this checkpoint was quantized from.
+        "source_files": files_fingerprint(source_model),
         "manifest": MANIFEST_FILE,
         **config.to_dict(),
         **(extra or {}),
@@ -220,6 +224,8 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's config.json with a validated quantization_config."""
     path = Path(path)
     cfg_file = path / "config.json"
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file; a checkpoint is the directory `unibcq quantize --out` wrote")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} not found")
     if not cfg_file.is_file():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import sys
@@ -304,6 +305,14 @@ def unread_flags(method: str, argv: Sequence[str]) -> list[str]:
     return [flag for flag, methods in flag_methods().items() if flag in given and method not in methods]
 
 
+def _note_more_workers_than_cpus(workers: int, backend: str = "local") -> None:
+    """Local worker processes beyond the CPUs only take turns (and each holds its own copies)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if backend == "local" and isinstance(workers, int) and workers > cpus:
+        print(f"unibcq: note: --workers {workers} exceeds the {cpus} CPUs this process may use; the extra "
+              "workers only take turns and slow the run", file=sys.stderr)
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     from unibcq.checkpoint import check_output_dir, save_checkpoint
     from unibcq.config import QuantConfig
@@ -317,6 +326,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from unibcq.methods.streaming import parse_memory
     from unibcq.models.loading import context_window_of
 
+    _note_more_workers_than_cpus(args.workers, args.backend)
     unread = unread_flags(args.method, getattr(args, "argv", [])) if args.method in METHODS else []
     if unread:
         print(f"unibcq: note: {args.method} does not read {', '.join(unread)}; ignored", file=sys.stderr)
@@ -508,6 +518,20 @@ def _load_for_eval(spec: str):
     return model, load_tokenizer(spec), bits, None
 
 
+def _note_a_changed_source(checkpoint: str, source: str) -> None:
+    """KL against the checkpoint's source model only means something if those are still the
+    weights it was quantized from; a path holds no identity, so its files' record is compared."""
+    from unibcq.checkpoint import QUANT_KEY, read_config
+    from unibcq.models.fingerprint import files_fingerprint
+
+    stored = read_config(checkpoint)[QUANT_KEY].get("source_files")
+    now = files_fingerprint(source)
+    if stored is not None and now is not None and json.loads(json.dumps(now)) != stored:
+        print(f"unibcq: note: the files of {source}, the default KL reference, changed (size or modification "
+              "time) since this checkpoint was quantized from them; KL compares against what is there now",
+              file=sys.stderr)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from unibcq.eval.suite import evaluate_suite
     from unibcq.eval.tasks import SUMMARY_COLUMNS, summary_rows
@@ -524,6 +548,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if ref_spec and args.kl_ref is None and Path(ref_spec).is_absolute() and not Path(ref_spec).exists():
         raise UnibcqError(f"the checkpoint's source model {ref_spec}, the default KL reference, is gone; pass "
                           "--kl-ref MODEL (where it is now) or --kl-ref none")
+    if ref_spec and ref_spec == default_ref:
+        _note_a_changed_source(args.model, ref_spec)
     ref_dtype = (_reference_dtype(ref_spec, device, _journal_reference_dtype(args, settings, ref_spec))
                  if ref_spec else None)
     ref_model = load_model(ref_spec, ref_dtype).to(device) if ref_spec else None
@@ -646,6 +672,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from unibcq.report import CompareSettings, run_compare
     from unibcq.report.render import dataset_label, task_names, zero_shot_mean
 
+    _note_more_workers_than_cpus(args.workers)
     settings = CompareSettings(
         model=args.model, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
         bits=_int_list(args.bits, "--bits"), group_size=args.group_size, out=Path(args.out),

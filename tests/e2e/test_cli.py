@@ -682,3 +682,50 @@ def test_a_write_the_machine_refuses_is_one_line_and_leaves_nothing(capsys, tmp_
     assert code == 1 and len(lines) == 1 and lines[0].startswith("unibcq: error:"), err
     assert ("No space left" if failure == "disk full" else "File too large") in lines[0]
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_misaimed_paths_are_named_for_what_they_are(capsys, tmp_path, tiny_model_dir):
+    a_file, a_folder = tmp_path / "notes.txt", tmp_path / "texts"
+    a_file.write_text("hello")
+    a_folder.mkdir()
+    code, _, err = run(capsys, "info", a_file)
+    assert code == 2 and "is a file; a checkpoint is the directory" in err
+    code, _, err = run(capsys, "eval", tiny_model_dir, "--ppl", a_folder, "--kl-ref", "none", "--no-progress")
+    assert code == 2 and "is a directory; give a text file" in err
+
+
+@pytest.mark.parametrize("extra", [[], ["--max-memory", "2GiB"]], ids=["in-memory", "max-memory"])
+def test_a_model_without_decoder_layers_is_refused_for_what_it_is(capsys, tmp_path, tiny_llama, tiny_model_dir,
+                                                                   extra):
+    empty = tmp_path / "no-layers"
+    tiny_llama(seed=0, num_hidden_layers=0).save_pretrained(empty)
+    for tokenizer_file in Path(tiny_model_dir).glob("tokenizer*"):
+        shutil.copy(tokenizer_file, empty)
+    code, _, err = run(capsys, "quantize", empty, "--method", "rtn", "--out", tmp_path / "q", "--no-progress",
+                       *extra)
+    assert code == 2 and "no decoder linear layers to quantize" in err and not (tmp_path / "q").exists()
+
+
+def test_more_workers_than_cpus_get_a_note(capsys, monkeypatch):
+    from unibcq import cli
+
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    cli._note_more_workers_than_cpus(2)
+    assert capsys.readouterr().err == ""
+    cli._note_more_workers_than_cpus(3)
+    assert "--workers 3 exceeds the 2 CPUs" in capsys.readouterr().err
+    cli._note_more_workers_than_cpus(64, backend="ray")
+    assert capsys.readouterr().err == ""
+
+
+def test_eval_notes_when_the_source_model_changed_since_quantizing(capsys, tmp_path, tiny_model_dir, corpus_file):
+    out = tmp_path / "q"
+    assert run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--group-size", "32", "--out", out,
+               "--no-progress")[0] == 0
+    eval_args = ["eval", out, "--ppl", corpus_file, "--max-windows", "1", "--no-progress"]
+    code, _, err = run(capsys, *eval_args)
+    assert code == 0 and "changed" not in err
+    config = Path(tiny_model_dir) / "config.json"
+    config.write_text(config.read_text() + "\n")
+    code, _, err = run(capsys, *eval_args)
+    assert code == 0 and "the default KL reference, changed" in err

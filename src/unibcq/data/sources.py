@@ -77,6 +77,8 @@ def _join_lines(text: str, separator: str = "\n\n", strip: bool = False) -> str:
 
 
 def _read_local_file(path: Path) -> str:
+    if path.is_dir():
+        raise UnibcqError(f"{path} is a directory; give a text file, or a known dataset with --data-dir")
     if not path.is_file():
         raise UnibcqError(f"data file {path} not found")
     if path.suffix == ".jsonl":
@@ -128,7 +130,7 @@ def load_text(source: str, role: str = EVAL, data_dir: str | os.PathLike | None 
     path = Path(source).expanduser()
     if path.suffix in (".txt", ".jsonl", ".raw", ".tokens") or path.exists():
         return _read_local_file(path)
-    raise UnibcqError(f"unknown data source {source!r}; use {', '.join(KNOWN)} or a .txt/.jsonl file")
+    raise UnibcqError(f"unknown data source {source!r}; use {', '.join(KNOWN)} or a text file (.jsonl: one JSON row with a 'text' field per line)")
 
 
 def _tokenize(tokenizer, text: str, special_tokens: bool = False) -> torch.Tensor:

@@ -160,7 +160,7 @@ def evaluate_suite(model: nn.Module, tokenizer, settings: EvalSettings, ref_mode
         "kl_dataset": settings.datasets[0] if measured else None,
         "kl": {k: v.kl for k, v in results.items()} if measured else None,
         "top1": {k: v.top1_agreement for k, v in results.items()} if measured else None,
-        "seq_len": seq_len,
+        "seq_len": seq_len if settings.datasets else None,  # no perplexity, no window length
         "task_dtype": settings.task_dtype if settings.tasks is not None else None,
         "windows": {k: v.windows for k, v in results.items()},
         "tokens": {k: v.tokens for k, v in results.items()},

@@ -51,6 +51,8 @@ def quantize_model(
     if type(workers) is not int or workers < 1:
         raise UnibcqError(f"--workers must be an integer >= 1, got {workers!r}")
     layers = quantizable_linears(model, config.include_lm_head)
+    if not layers:
+        raise UnibcqError("the model has no decoder linear layers to quantize (does its config have 0 layers?)")
     config.check_overrides(layers)
     for name, layer in layers.items():
         if isinstance(layer, PackedLinear):

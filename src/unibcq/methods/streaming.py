@@ -195,6 +195,8 @@ def quantize_streaming(
     hf_config = read_model_config(model_dir)
     skeleton = _skeleton(hf_config)
     linears = quantizable_linears(skeleton, config.include_lm_head)
+    if not linears:
+        raise UnibcqError("the model has no decoder linear layers to quantize (does its config have 0 layers?)")
     config.check_overrides(linears)
     dtype = dtype or hf_config.dtype or torch.float32
     expected = dict(skeleton.state_dict())
