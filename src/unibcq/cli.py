@@ -802,20 +802,41 @@ def _bench_dyngroup(args: argparse.Namespace) -> None:
         write_json_atomic(args.json, entries, portable=True)
 
 
+def _model_files(folder: Path) -> set[str]:
+    """The names in a model or checkpoint folder that loading reads: its manifest's list where it
+    has one, else weights, configs and tokenizer files (reports kept beside them are not)."""
+    from unibcq.checkpoint import MANIFEST_FILE
+    from unibcq.models.fingerprint import MODEL_FILE_NAMES, MODEL_FILE_SUFFIXES
+
+    names = {MANIFEST_FILE, "generation_config.json", "special_tokens_map.json", "added_tokens.json",
+             "vocab.json", "merges.txt", "chat_template.jinja", "model.safetensors.index.json"}
+    try:
+        names |= set(json.loads((folder / MANIFEST_FILE).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for path in folder.iterdir():
+        if path.suffix in MODEL_FILE_SUFFIXES or path.name in MODEL_FILE_NAMES or path.name.startswith("tokenizer"):
+            names.add(path.name)
+    return names
+
+
 def _refuse_json_over_inputs(args: argparse.Namespace) -> None:
-    """--json must not land on a file the command reads, nor inside a model, checkpoint or --out
-    folder: the report would silently replace its weights, config or manifest."""
+    """--json must not replace a file the command reads (a data file, a model's weights, config or
+    manifest), nor land inside the --out folder being written, whose files it would clobber."""
     read = [getattr(args, name, None) for name in ("model", "path", "kl_ref", "calib")]
     read += (getattr(args, "ppl", None) or "").split(",")
     paths = [Path(name).expanduser().resolve() for name in read if name and name != "none"]
-    folders = [path for path in paths if path.is_dir()]
-    if getattr(args, "out", None):
-        folders.append(Path(args.out).expanduser().resolve())
     target = Path(args.json).expanduser().resolve()
-    for path in [path for path in paths if path.is_file()] + folders:
-        if target == path or path in target.parents:
-            raise UnibcqError(f"--json {args.json} would overwrite or land inside {path}, which this command "
-                              "reads or writes; choose a path outside it")
+    out = Path(args.out).expanduser().resolve() if getattr(args, "out", None) else None
+    clash = next((path for path in paths if path == target), None)
+    if clash is None and out is not None and (out == target or out in target.parents):
+        clash = out
+    folder = target.parent
+    if clash is None and folder in paths and folder.is_dir() and target.name in _model_files(folder):
+        clash = target
+    if clash is not None:
+        raise UnibcqError(f"--json {args.json} would overwrite {clash}, which this command reads or writes; "
+                          "choose another path")
 
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "info": cmd_info,
