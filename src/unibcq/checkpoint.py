@@ -310,6 +310,22 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, source: str | None
     if any(out.iterdir()) and not is_checkpoint(out):
         raise UnibcqError(f"output {out} is not a unibcq checkpoint; --overwrite replaces only an earlier "
                           "checkpoint, so move its files away or choose another --out")
+    added = _files_added_to(out)
+    if added:
+        shown = ", ".join(added[:3]) + (f" and {len(added) - 3} more" if len(added) > 3 else "")
+        raise UnibcqError(f"output {out} also holds files the checkpoint did not write ({shown}); --overwrite "
+                          "would delete them, so move them away first")
+
+
+def _files_added_to(checkpoint: Path) -> list[str]:
+    """Files in a checkpoint folder that its manifest does not list (a user's notes or eval
+    reports); none for a checkpoint without a readable manifest, which cannot tell."""
+    try:
+        listed = set(json.loads((checkpoint / MANIFEST_FILE).read_text())["files"]) | {MANIFEST_FILE}
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*")
+                  if p.is_file() and str(p.relative_to(checkpoint)) not in listed)
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:

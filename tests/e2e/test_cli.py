@@ -343,6 +343,11 @@ def test_overwrite_replaces_only_an_earlier_checkpoint(capsys, tmp_path, tiny_mo
     earlier = tmp_path / "earlier"
     assert run(capsys, *quantize, earlier)[0] == 0
     assert run(capsys, *quantize, earlier)[0] == 0  # an earlier checkpoint is what --overwrite is for
+    (earlier / "eval_results").mkdir()
+    (earlier / "eval_results" / "wikitext2.json").write_text("{}")  # a user's report kept inside it
+    code, _, err = run(capsys, *quantize, earlier)
+    assert code == 2 and "files the checkpoint did not write (eval_results/wikitext2.json)" in err
+    assert (earlier / "eval_results" / "wikitext2.json").read_text() == "{}"
 
 
 def test_a_truncated_source_model_is_a_clear_error(capsys, tmp_path, tiny_model_dir, corpus_file):
