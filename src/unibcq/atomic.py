@@ -1,21 +1,22 @@
 """Atomic writes: a directory or file appears complete or not at all.
 
 Everything is written into a hidden temporary sibling and renamed into place at the end,
-so a run killed half-way leaves no partial output under the final name. The sibling's name
-carries the host and process id, so the next write to the same target removes what a run
-killed outright (SIGKILL, out of memory) left behind, and only when that process is gone.
+so a run killed half-way leaves no partial output under the final name. The writer holds a
+lock on its temporary, so the next write to the same target removes what a run killed
+outright (SIGKILL, out of memory) left behind, and never what a live writer is filling.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import re
 import shutil
-import socket
 import stat
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -51,43 +52,55 @@ def _publish_modes(path: Path) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
-def _temp_prefix(target: Path, kind: str) -> str:
-    """`.NAME.KIND-HOST-PID-`: whose temporary this is, for `_remove_orphans`."""
-    return f".{target.name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+# A temporary younger than this is never judged orphaned: its writer creates it a moment
+# before it can lock it.
+ORPHAN_MIN_AGE_SECONDS = 60.0
 
 
-def _process_alive(pid: int) -> bool:
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (a file or a folder) while the block runs. The kernel
+    drops it when the process ends, however it ends, which is how `_remove_orphans` tells a
+    live writer's temporary from a dead one's (in another container too)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _remove_orphans(target: Path) -> None:
-    """Clear the temporaries of `target` whose writer, a process on this host, no longer runs.
+    """Clear the temporaries of `target` that no live writer holds (best effort).
 
     A writer killed between moving the old `target` aside and moving the new one in leaves
     `target` missing and the old one in its `.old-` folder: that one is put back, never deleted.
-    A process on another host (a shared filesystem) is never judged dead from here.
     """
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-{re.escape(socket.gethostname())}-(\d+)-[^-]+$")
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-[a-z0-9_]+$")
     try:
         siblings = sorted(target.parent.iterdir(), key=lambda path: ".old-" not in path.name)
     except OSError:
         return
     for path in siblings:
         found = pattern.match(path.name)
-        if not found or _process_alive(int(found.group(2))):
+        try:
+            if not found or time.time() - path.lstat().st_mtime < ORPHAN_MIN_AGE_SECONDS:
+                continue
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
             continue
-        if found.group(1) == "old" and (path / "old").exists() and not target.exists():
-            os.replace(path / "old", target)
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if found.group(1) == "old" and (path / "old").exists() and not target.exists():
+                os.replace(path / "old", target)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError:  # held by a live writer, or not ours to remove
+            pass
+        finally:
+            os.close(fd)
 
 
 @contextmanager
@@ -98,21 +111,27 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     With `overwrite`, an existing `target` is replaced only after the new one is complete.
     """
     target = Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(target)  # first: it may put an earlier `target` back
     if target.exists() and not overwrite:
         raise UnibcqError(f"output {target} already exists; remove it or pass --overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_orphans(target)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target, "tmp"), dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        yield tmp
-        _publish_modes(tmp)
-        if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=_temp_prefix(target, "old"), dir=target.parent))
-            os.replace(target, trash / "old")
-            os.replace(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        with _locked(tmp):
+            yield tmp
+            _publish_modes(tmp)
+            if target.exists():
+                trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                with _locked(trash):
+                    os.replace(target, trash / "old")
+                    try:
+                        os.replace(tmp, target)
+                    except BaseException:
+                        os.replace(trash / "old", target)
+                        raise
+                    shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -156,9 +175,10 @@ def write_json_atomic(path: str | os.PathLike, data: Any, portable: bool = False
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path, "tmp"), dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until the rename: see `_remove_orphans`
+        with os.fdopen(os.dup(fd), "w") as f:
             json.dump(_strict_json(data) if portable else data, f, indent=2, sort_keys=False, allow_nan=not portable)
             f.write("\n")
         _publish_modes(Path(tmp))
@@ -166,3 +186,5 @@ def write_json_atomic(path: str | os.PathLike, data: Any, portable: bool = False
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)

@@ -65,12 +65,28 @@ def is_packed_key(key: str, layers: dict[str, Any]) -> bool:
     return suffix in PACKED_SUFFIXES and layer in layers
 
 
+def nonfinite_count(tensor: torch.Tensor) -> int:
+    """NaN/inf entries of a floating tensor (0 for any other, and for meta tensors). A sum comes
+    first, which any NaN or inf poisons, so a finite tensor costs one reduction and no mask."""
+    if not tensor.is_floating_point() or tensor.device.type == "meta":
+        return 0
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
+        return 0
+    return int((~torch.isfinite(tensor)).sum())
+
+
+def refuse_nonfinite(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or an error naming it when it holds NaN/inf: saved, it would be a checkpoint that
+    loading calls corrupt; quantized, NaNs surface far from their cause."""
+    bad = nonfinite_count(tensor)
+    if bad:
+        raise UnibcqError(f"{key} has {bad} NaN/inf values; fix or re-export the model before quantizing")
+    return tensor
+
+
 def cast_checked(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`tensor` in `dtype`, or an error naming it when it holds NaN/inf or its finite values
-    overflow there (float16 ends at 65504), rather than a checkpoint that loading would call corrupt."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise UnibcqError(f"tensor {key} holds {int((~torch.isfinite(tensor)).sum())} NaN/inf values; fix or "
-                          "re-export the model before quantizing")
+    """`tensor` in `dtype`, or an error naming it when finite values overflow there (float16
+    ends at 65504), rather than a checkpoint that loading would call corrupt."""
     cast = tensor.to(dtype)
     if cast.dtype != tensor.dtype and not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(tensor).all()):
         raise UnibcqError(f"tensor {key} holds values beyond {dtype_name(dtype)}'s range (largest magnitude "
@@ -114,6 +130,9 @@ def save_checkpoint(
         # Tied weights are one tensor; safetensors stores each storage once.
         state.pop("lm_head.weight", None)
     state = {k: v.detach().contiguous() for k, v in state.items()}
+    for key, tensor in state.items():
+        if not is_packed_key(key, layout):
+            refuse_nonfinite(key, tensor)
     # The config records what the tensors hold: `model.to(...)` does not update config.dtype.
     dtype = dtype or model.get_input_embeddings().weight.dtype
     state = cast_dense(state, layout, dtype)

@@ -48,6 +48,18 @@ def _parse_override(text: str) -> tuple[str, dict[str, int]]:
     return pattern, values
 
 
+def _parse_overrides(texts: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Every --override; one pattern given twice is refused rather than the later one winning."""
+    overrides: dict[str, dict[str, int]] = {}
+    for text in texts:
+        pattern, values = _parse_override(text)
+        if pattern in overrides:
+            raise UnibcqError(f"--override {pattern!r} is given twice; put its settings in one flag, "
+                              "e.g. PATTERN:bits=4,group_size=64")
+        overrides[pattern] = values
+    return overrides
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unibcq", description="Binary-coding quantization of causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -342,7 +354,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         symmetric=args.symmetric, clip_search=args.clip_search, integer_zero=args.integer_zero, offset=args.offset,
         iters=args.iters if args.iters is not None else 15,
         init=args.init, include_lm_head=args.quantize_lm_head,
-        overrides=dict(_parse_override(o) for o in args.override), seed=args.seed,
+        overrides=_parse_overrides(args.override), seed=args.seed,
         algorithm=args.algorithm, max_groups=args.max_groups, lam=args.lam, window=args.window,
         granularity=args.granularity, normalize_lambda=not args.raw_lambda, dp_atom_size=args.dp_atom_size,
         refine_sweeps=args.refine_sweeps, merge_rule=args.merge_rule, damp=args.damp, act_order=args.act_order,
@@ -823,8 +835,15 @@ def _model_files(folder: Path) -> set[str]:
 def _refuse_json_over_inputs(args: argparse.Namespace) -> None:
     """--json must not replace a file the command reads (a data file, a model's weights, config or
     manifest), nor land inside the --out folder being written, whose files it would clobber."""
+    from unibcq.checkpoint import QUANT_KEY, is_checkpoint, read_config
+
     read = [getattr(args, name, None) for name in ("model", "path", "kl_ref", "calib")]
     read += (getattr(args, "ppl", None) or "").split(",")
+    for checkpoint in [name for name in read[:2] if name and is_checkpoint(name)]:
+        try:  # the default KL reference, and the tokenizer source of a checkpoint without one
+            read.append(read_config(checkpoint)[QUANT_KEY].get("source_model"))
+        except UnibcqError:
+            pass
     paths = [Path(name).expanduser().resolve() for name in read if name and name != "none"]
     target = Path(args.json).expanduser().resolve()
     out = Path(args.out).expanduser().resolve() if getattr(args, "out", None) else None
@@ -859,7 +878,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:  # None: a handler installed outside Python, which cannot be restored
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv: Sequence[str] | None) -> int:

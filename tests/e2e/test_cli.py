@@ -231,6 +231,7 @@ BAD_QUANTIZE = [
     (["--override", "nocolon"], "override"),
     (["--override", "*:bits=x"], "integer"),
     (["--override", "*:bits=2,bits=4"], "bits is given twice"),
+    (["--override", "*.down_proj:bits=4", "--override", "*.down_proj:group_size=64"], "'*.down_proj' is given twice"),
     (["--method", "dyngroup", "--override", "*.down_proj:bits=2"], "got 2 (--override *.down_proj)"),
 ]
 
@@ -644,6 +645,22 @@ def test_json_never_lands_on_what_the_command_reads(capsys, tmp_path, tiny_model
     code, _, err = run(capsys, *args, "--json", target, "--no-progress")
     assert code == 2 and "--json" in err and "which this command reads or writes" in err
     assert {path: path.read_bytes() for path in before} == before and not out.exists()
+
+
+def test_json_never_lands_on_a_checkpoints_source_model(capsys, tmp_path, tiny_model_dir, corpus_file):
+    """A checkpoint's source model is read too (the default KL reference); a report beside the
+    checkpoint, or beside the source model under a new name, stays allowed."""
+    out = tmp_path / "q"
+    assert run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--group-size", "32", "--out", out,
+               "--no-progress")[0] == 0
+    config = Path(tiny_model_dir) / "config.json"
+    before = config.read_bytes()
+    eval_args = ["eval", out, "--ppl", corpus_file, "--max-windows", "1", "--no-progress", "--json"]
+    code, _, err = run(capsys, *eval_args, config)
+    assert code == 2 and "which this command reads or writes" in err and config.read_bytes() == before
+    for allowed in (out / "eval.json", Path(tiny_model_dir) / "eval-of-q.json"):
+        code, _, err = run(capsys, *eval_args, allowed)
+        assert code == 0 and allowed.is_file(), err
 
 
 def test_sigterm_unwinds_like_ctrl_c(tmp_path):

@@ -135,8 +135,15 @@ def quantize_per_matrix(
 def _process_results(layers: dict[str, nn.Module], config: QuantConfig, workers: int) -> Iterator[tuple[str, Any]]:
     """Quantize every layer in spawned local worker processes (one torch thread each)."""
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
-        def submit(name: str) -> Future:
-            return pool.submit(quantize_matrix, name, layers[name].weight.detach().clone(), config.for_layer(name))
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
 
+    def submit(name: str) -> Future:
+        return pool.submit(quantize_matrix, name, layers[name].weight.detach().clone(), config.for_layer(name))
+
+    try:
         yield from _bounded(list(layers), submit, Future.result, 2 * workers)
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM) or failed: drop the queued matrices instead of finishing them.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from unibcq.checkpoint import refuse_nonfinite
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
 from unibcq.memory import MemoryCap
@@ -60,10 +61,8 @@ def quantize_model(
     # Checked before any work: calibrated methods would otherwise meet a NaN as a calibration overflow
     # or a NaN loss far from its cause, and a NaN embedding or norm would be saved into a checkpoint that
     # loading calls corrupt. Weights not loaded yet (meta, read block by block) are checked when saved.
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise UnibcqError(f"{name} has {bad} NaN/inf values; fix or re-export the model before quantizing")
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        refuse_nonfinite(name, tensor.detach())
     torch.manual_seed(config.seed)
     if config.method in CALIBRATED and backend != "local":
         raise UnibcqError(f"{config.method} runs block by block on one machine; --backend {backend} is for "

@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from unibcq.atomic import atomic_directory
 from unibcq.checkpoint import (
     QUANT_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, WEIGHTS_METADATA, cast_checked, dtype_name, quantization_entry,
-    write_manifest,
+    refuse_nonfinite, write_manifest,
 )
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
@@ -101,6 +101,11 @@ def read_tensor(file: Path, name: str) -> torch.Tensor:
     """One tensor, copied out of its shard; the mapping is closed before returning."""
     with _open(file) as f:
         return f.get_tensor(name)
+
+
+def _read_finite(files: dict[str, Path], key: str) -> torch.Tensor:
+    """An unquantized tensor, refused if it holds NaN/inf (the checkpoint would not load)."""
+    return refuse_nonfinite(key, read_tensor(files[key], key))
 
 
 def fp32_nbytes(file: Path, name: str) -> int:
@@ -232,7 +237,7 @@ def quantize_streaming(
                     layer_cfg = config.for_layer(layer)
                     packed, error, seconds = quantize_matrix(layer, read_tensor(files[key], key), layer_cfg)
                     bias_key = f"{layer}.bias"
-                    bias = (cast_checked(bias_key, read_tensor(files[bias_key], bias_key), dtype)
+                    bias = (cast_checked(bias_key, _read_finite(files, bias_key), dtype)
                             if bias_key in expected else None)
                     module = packed_module(packed, bias)
                     layout[layer] = module.layout()
@@ -243,7 +248,7 @@ def quantize_streaming(
                                                packed.numel, packed.bits_per_weight, error, seconds, accounting))
                     del packed, module
                 else:
-                    writer.add(key, cast_checked(key, read_tensor(files[key], key), dtype))
+                    writer.add(key, cast_checked(key, _read_finite(files, key), dtype))
                 bar.update(task, advance=1, description=f"{config.method} {layer}")
         writer.finish()
         hf_dict = hf_config.to_dict() | {"dtype": dtype_name(dtype)}

@@ -15,7 +15,6 @@ import os
 import socket
 import urllib.request
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -130,9 +129,9 @@ def _first_line(exc: BaseException) -> str:
     return lines[0][:300] if lines else type(exc).__name__
 
 
-@cache
 def _unresolvable_hub_host() -> str | None:
-    """The Hub's host name when this machine cannot resolve it, else None (asked once per process)."""
+    """The Hub's host name when this machine cannot resolve it now, else None (asked each time:
+    a network that comes back must be used without a restart)."""
     from huggingface_hub import constants
 
     host = urlparse(constants.ENDPOINT).hostname
