@@ -336,12 +336,20 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, source: str | None
                           "would delete them, so move them away first")
 
 
+def listed_files(folder: str | os.PathLike) -> set[str] | None:
+    """The files a checkpoint wrote, by its manifest (the manifest included); None where the
+    folder has no readable manifest."""
+    try:
+        return set(json.loads((Path(folder) / MANIFEST_FILE).read_text())["files"]) | {MANIFEST_FILE}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _files_added_to(checkpoint: Path) -> list[str]:
     """Files in a checkpoint folder that its manifest does not list (a user's notes or eval
     reports); none for a checkpoint without a readable manifest, which cannot tell."""
-    try:
-        listed = set(json.loads((checkpoint / MANIFEST_FILE).read_text())["files"]) | {MANIFEST_FILE}
-    except (OSError, ValueError, KeyError, TypeError):
+    listed = listed_files(checkpoint)
+    if listed is None:
         return []
     return sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*")
                   if p.is_file() and str(p.relative_to(checkpoint)) not in listed)

@@ -817,15 +817,12 @@ def _bench_dyngroup(args: argparse.Namespace) -> None:
 def _model_files(folder: Path) -> set[str]:
     """The names in a model or checkpoint folder that loading reads: its manifest's list where it
     has one, else weights, configs and tokenizer files (reports kept beside them are not)."""
-    from unibcq.checkpoint import MANIFEST_FILE
+    from unibcq.checkpoint import MANIFEST_FILE, listed_files
     from unibcq.models.fingerprint import MODEL_FILE_NAMES, MODEL_FILE_SUFFIXES
 
     names = {MANIFEST_FILE, "generation_config.json", "special_tokens_map.json", "added_tokens.json",
              "vocab.json", "merges.txt", "chat_template.jinja", "model.safetensors.index.json"}
-    try:
-        names |= set(json.loads((folder / MANIFEST_FILE).read_text())["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    names |= listed_files(folder) or set()
     for path in folder.iterdir():
         if path.suffix in MODEL_FILE_SUFFIXES or path.name in MODEL_FILE_NAMES or path.name.startswith("tokenizer"):
             names.add(path.name)

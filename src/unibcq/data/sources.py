@@ -130,7 +130,8 @@ def load_text(source: str, role: str = EVAL, data_dir: str | os.PathLike | None 
     path = Path(source).expanduser()
     if path.suffix in (".txt", ".jsonl", ".raw", ".tokens") or path.exists():
         return _read_local_file(path)
-    raise UnibcqError(f"unknown data source {source!r}; use {', '.join(KNOWN)} or a text file (.jsonl: one JSON row with a 'text' field per line)")
+    raise UnibcqError(f"unknown data source {source!r}; use {', '.join(KNOWN)} or a text file "
+                      "(.jsonl: one JSON row with a 'text' field per line)")
 
 
 def _tokenize(tokenizer, text: str, special_tokens: bool = False) -> torch.Tensor:
