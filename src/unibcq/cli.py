@@ -25,6 +25,7 @@ from unibcq.errors import UnibcqError
 if TYPE_CHECKING:
     from unibcq.eval.journal import EvalJournal
     from unibcq.eval.suite import EvalSettings
+    from unibcq.report import CompareSettings
 
 PRESET_HELP = "calibration-free methods ignore the calibration options"
 
@@ -694,6 +695,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     _check_device(args.device)
     resolve_model(args.model)
     results = run_compare(settings, show_progress=not args.no_progress)
+    _note_unreported_checkpoints(settings)
     first = settings.evaluation.datasets[0] if settings.evaluation.datasets else None
     tasks = task_names(results)
     print_table(f"{args.model}: methods compared (report: {settings.out / 'report.md'})",
@@ -703,6 +705,19 @@ def cmd_compare(args: argparse.Namespace) -> None:
                   _or_dash(zero_shot_mean(r)),
                   *([_or_dash(((r.get("tasks") or {}).get("mmlu") or {}).get("acc"))] if "mmlu" in tasks else []))
                  for r in results])
+
+
+def _note_unreported_checkpoints(settings: CompareSettings) -> None:
+    """A reused --out folder can hold checkpoints this report does not include; say which, and
+    whose, since they take disk space and `compare` never deletes a user's checkpoints."""
+    from unibcq.report.compare import plan_cells, unreported_checkpoints
+
+    cells = plan_cells(settings.methods, settings.bits, settings.group_size)
+    left = unreported_checkpoints(settings.out, cells)
+    if left:
+        names = ", ".join(name if source == settings.model else f"{name} (of {source})" for name, source in left)
+        print(f"unibcq: note: {settings.out / 'checkpoints'} also holds checkpoints this report leaves out: {names}; "
+              "delete them if they are not needed", file=sys.stderr)
 
 
 def cmd_info(args: argparse.Namespace) -> None:

@@ -113,6 +113,14 @@ def test_a_reused_folder_never_passes_off_another_runs_checkpoints(capsys, tmp_p
     assert quantized == ["rtn", "gptq"]
     stored = json.loads((out / "checkpoints" / "rtn-w3-g32" / "config.json").read_text())
     assert stored["quantization_config"]["source_model"] == str(other_model)
+    assert "leaves out" not in capsys.readouterr().err
+
+    argv[1] = str(tiny_model_dir)
+    argv[argv.index("--methods") + 1] = "rtn"
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"leaves out: gptq-w3-g32 (of {other_model})" in err  # left for the user, and whose it is
+    assert (out / "checkpoints" / "gptq-w3-g32").is_dir()
 
 
 @pytest.mark.parametrize("extra,needle", [

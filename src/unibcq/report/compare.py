@@ -160,6 +160,21 @@ def check_compare_dir(out: Path) -> None:
                           "empty folder, or one an earlier compare wrote")
 
 
+def unreported_checkpoints(out: Path, cells: Sequence[Cell]) -> list[tuple[str, str | None]]:
+    """Checkpoints under OUT/checkpoints/ that this report leaves out: cells another run asked for,
+    or cells of another model when the folder is reused for a new one (the requested cells are
+    quantized anew, the rest stay). Returned as (name, its source model) so compare can say so:
+    they are the user's to keep or delete, never silently removed."""
+    ckpt_dir, requested = out / "checkpoints", {c.name for c in cells}
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for path in sorted(ckpt_dir.iterdir()):
+        if path.name not in requested and is_checkpoint(path):
+            found.append((path.name, read_config(path)[QUANT_KEY].get("source_model")))
+    return found
+
+
 def _model_context(model: str | Path, results_dir: Path) -> tuple[int | None, bool]:
     """The model's context window, and whether the results folder already keeps it. It is read
     from the model's config the first time and then kept there (`_keep_context`), so a rerun
