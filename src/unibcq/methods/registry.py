@@ -38,8 +38,9 @@ def _gptq(inner: str) -> Callable[[torch.Tensor, torch.Tensor, "QuantConfig"], B
     def quantize(w: torch.Tensor, hessian: torch.Tensor, c: "QuantConfig") -> BCQTensor:
         from unibcq.quantizers.gptq import gptq_quantize
 
+        uniform = inner == "uniform"  # the grid flags describe a uniform grid; BCQ levels ignore them
         return gptq_quantize(w, hessian, c.bits, c.group_size, damp=c.damp, act_order=c.act_order,
-                             symmetric=c.symmetric, integer_zero=c.integer_zero and inner == "uniform",
+                             symmetric=c.symmetric and uniform, integer_zero=c.integer_zero and uniform,
                              inner=inner, bcq_iters=c.iters)
     return quantize
 

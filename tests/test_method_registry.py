@@ -1,0 +1,52 @@
+"""The CLI tells users that a flag their method does not read is ignored (`unread_flags`); these
+tests hold every matrix-level method to that: such a setting neither fails nor changes the result."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from unibcq.cli import flag_methods
+from unibcq.config import QuantConfig
+from unibcq.methods.registry import HESSIAN_METHODS, PER_MATRIX_METHODS
+
+# flag -> (QuantConfig field, a value other than the default)
+FLAG_FIELDS = {
+    "--symmetric": ("symmetric", True), "--float-zero": ("integer_zero", False), "--clip-search": ("clip_search", True),
+    "--no-offset": ("offset", False), "--iters": ("iters", 3), "--init": ("init", "greedy"),
+    "--algorithm": ("algorithm", "greedy"), "--max-groups": ("max_groups", 4), "--lambda": ("lam", 0.1),
+    "--raw-lambda": ("normalize_lambda", False), "--window": ("window", 8), "--granularity": ("granularity", "row"),
+    "--dp-atom-size": ("dp_atom_size", 2), "--refine-sweeps": ("refine_sweeps", 1),
+    "--merge-rule": ("merge_rule", "paper"), "--damp": ("damp", 0.1),
+}
+METHODS = [*PER_MATRIX_METHODS, *HESSIAN_METHODS]
+
+
+def _quantize(method: str, config: QuantConfig, weight: torch.Tensor, hessian: torch.Tensor) -> dict:
+    if method in HESSIAN_METHODS:
+        packed = HESSIAN_METHODS[method](weight, hessian, config)
+    else:
+        packed = PER_MATRIX_METHODS[method](weight, config)
+    return packed.tensors()
+
+
+def test_every_flag_in_the_table_is_known_here():
+    assert set(FLAG_FIELDS) <= set(flag_methods())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_flag_the_method_does_not_read_changes_nothing(method):
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 64, generator=gen)
+    x = torch.randn(256, 64, generator=gen)
+    hessian = x.T @ x / len(x)
+    base = QuantConfig(method, bits=1 if method == "dyngroup" else 2, group_size=-1 if method == "dyngroup" else 32)
+    expected = _quantize(method, base.validate(), weight, hessian)
+    readers = flag_methods()
+    unread = [flag for flag in FLAG_FIELDS if method not in readers[flag]]
+    assert unread
+    for flag in unread:
+        name, value = FLAG_FIELDS[flag]
+        got = _quantize(method, replace(base, **{name: value}).validate(), weight, hessian)
+        assert got.keys() == expected.keys(), flag
+        assert all(torch.equal(got[k], expected[k]) for k in got), f"{method} changed with {flag}"
