@@ -80,3 +80,11 @@ def test_the_evaluation_stream_starts_with_bos_and_calibration_windows_do_not(da
     (data_dir / "ptb" / "ptb.valid.txt").write_text(PTB_FILE * 4)
     windows = calibration_windows(_BosTokenizer(), "ptb", n_samples=8, seq_len=4, data_dir=data_dir)
     assert windows.shape == (8, 4) and (windows != 1).all()
+
+
+@pytest.mark.parametrize("name", ["calib.txt", "calib.jsonl"])
+def test_a_file_that_is_not_utf8_is_named_in_one_error(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(UnibcqError, match=f"{name} is not UTF-8 text"):
+        load_text(str(path))

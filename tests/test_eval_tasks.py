@@ -947,3 +947,13 @@ def test_slot_normalizers_are_chunked_without_changing_a_number():
     normalizers, argmax = zeroshot._normalizers_and_argmax(logits)
     assert torch.equal(normalizers, torch.logsumexp(logits.float(), dim=-1))
     assert torch.equal(argmax, logits.float().argmax(-1))
+
+
+def test_task_files_that_are_not_utf8_are_named_in_one_error(tmp_path):
+    csv_file, jsonl = tmp_path / "x_test.csv", tmp_path / "valid.jsonl"
+    csv_file.write_bytes("Caf\xe9?,a,b,c,d,A\n".encode("latin-1"))
+    jsonl.write_bytes('{"goal": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(UnibcqError, match="x_test.csv is not UTF-8 text"):
+        mmlu.read_questions(csv_file)
+    with pytest.raises(UnibcqError, match="valid.jsonl is not UTF-8 text"):
+        list(zeroshot.read_jsonl(jsonl))

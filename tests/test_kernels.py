@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from unibcq.errors import UnibcqError
 from unibcq.formats.bcq import STORAGE_DTYPE, BCQTensor, num_groups
 from unibcq.kernels import bcq_linear, bcq_linear_reference, bcq_matmul, choose_backend
 from unibcq.kernels import cpu_bitplane
@@ -61,9 +62,9 @@ def test_backend_choice(monkeypatch):
     assert choose_backend(x1.requires_grad_(), 128, 32) == "reference"
     monkeypatch.setenv("UNIBCQ_BACKEND", "reference")
     assert choose_backend(torch.randn(1, 128), 128, 32) == "reference"
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(UnibcqError, match="unknown backend"):
         choose_backend(x64, 128, 32, "fastest")
-    with pytest.raises(ValueError, match="byte-aligned"):
+    with pytest.raises(UnibcqError, match="byte-aligned"):
         choose_backend(torch.randn(1, 120), 120, 20, "bitplane")
 
 

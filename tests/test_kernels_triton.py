@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from test_kernels import random_bcq
+from unibcq.errors import UnibcqError
 from unibcq.formats.bcq import BCQTensor
 from unibcq.kernels import bcq_linear, bcq_linear_reference, choose_backend
 from unibcq.kernels.dispatch import _triton
@@ -77,7 +78,7 @@ def test_backend_choice_for_triton(monkeypatch):
         assert choose_backend(x.cuda(), 128, 32) == "triton"
         assert choose_backend(torch.randn(64, 128, device="cuda"), 128, 32) == "reference"
     assert choose_backend(x.to(DEVICE), 128, 32, "triton") == "triton"
-    with pytest.raises(ValueError, match="triton backend needs"):
+    with pytest.raises(UnibcqError, match="triton backend needs"):
         choose_backend(x.to(DEVICE).requires_grad_(), 128, 32, "triton")
 
 

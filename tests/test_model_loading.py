@@ -106,3 +106,11 @@ def test_a_cached_hub_model_or_a_proxy_still_reaches_transformers(offline_machin
     monkeypatch.setattr(loading.urllib.request, "getproxies", lambda: {"https": "http://proxy:3128"})
     loading._fail_fast_when_offline(loading.resolve_model("org/uncached-model"))
     assert offline_machine == []
+
+
+def test_a_malformed_gguf_has_no_size_and_fails_on_load_in_one_error(tmp_path):
+    junk = tmp_path / "broken.gguf"
+    junk.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    assert loading.float32_bytes(str(junk)) is None  # the KL reference sizing leaves it to loading
+    with pytest.raises(UnibcqError, match="broken.gguf"):
+        loading.load_model(str(junk))

@@ -169,3 +169,18 @@ def test_cli_calibrated_max_memory_too_small(tmp_path, tiny_llama, capsys):
     code = main(["quantize", str(source), "--method", "gptq", "--max-memory", "100MiB", "--out", str(tmp_path / "o")])
     assert code == 2 and "too small" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_max_memory_refuses_a_config_transformers_cannot_build_in_one_line(tmp_path, tiny_llama, capsys, method):
+    from unibcq.cli import main
+
+    source = saved_model(tiny_llama(), tmp_path / "src")
+    config = json.loads((source / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "bogus", "rope_theta": 10000.0}  # loads, but cannot build
+    (source / "config.json").write_text(json.dumps(config))
+    code = main(["quantize", str(source), "--method", method, "--max-memory", "4GiB", "--out", str(tmp_path / "o"),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{source} is not a causal LM transformers can build" in err, err
+    assert not (tmp_path / "o").exists()

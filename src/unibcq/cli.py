@@ -318,10 +318,14 @@ def unread_flags(method: str, argv: Sequence[str]) -> list[str]:
     return [flag for flag, methods in flag_methods().items() if flag in given and method not in methods]
 
 
-def _note_more_workers_than_cpus(workers: int, backend: str = "local") -> None:
-    """Local worker processes beyond the CPUs only take turns (and each holds its own copies)."""
+def _check_workers(workers: int, backend: str = "local") -> None:
+    """Refuse a worker count below 1 before any work (compare would otherwise find out only at its
+    first quantized cell, after evaluating the unquantized model); note one above the CPUs, whose
+    local processes only take turns (and each holds its own copies)."""
+    if workers < 1:
+        raise UnibcqError(f"--workers must be an integer >= 1, got {workers}")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if backend == "local" and isinstance(workers, int) and workers > cpus:
+    if backend == "local" and workers > cpus:
         print(f"unibcq: note: --workers {workers} exceeds the {cpus} CPUs this process may use; the extra "
               "workers only take turns and slow the run", file=sys.stderr)
 
@@ -339,7 +343,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from unibcq.methods.streaming import parse_memory
     from unibcq.models.loading import context_window_of
 
-    _note_more_workers_than_cpus(args.workers, args.backend)
+    _check_workers(args.workers, args.backend)
     unread = unread_flags(args.method, getattr(args, "argv", [])) if args.method in METHODS else []
     if unread:
         print(f"unibcq: note: {args.method} does not read {', '.join(unread)}; ignored", file=sys.stderr)
@@ -685,7 +689,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from unibcq.report import CompareSettings, run_compare
     from unibcq.report.render import dataset_label, task_names, zero_shot_mean
 
-    _note_more_workers_than_cpus(args.workers)
+    _check_workers(args.workers)
     settings = CompareSettings(
         model=args.model, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
         bits=_int_list(args.bits, "--bits"), group_size=args.group_size, out=Path(args.out),

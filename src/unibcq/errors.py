@@ -10,6 +10,12 @@ class UnibcqError(Exception):
     """A user-facing problem: the message names what is wrong and how to fix it."""
 
 
+def not_utf8(path: object, exc: UnicodeDecodeError) -> UnibcqError:
+    """The one message for a text file (data, task, MMLU csv) that is not UTF-8, say a Latin-1
+    export: without it the decode error surfaces as a traceback naming no file."""
+    return UnibcqError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to UTF-8")
+
+
 class CheckpointError(UnibcqError):
     """A quantized checkpoint is missing, truncated or inconsistent with its config."""
 

@@ -732,11 +732,11 @@ def test_more_workers_than_cpus_get_a_note(capsys, monkeypatch):
     from unibcq import cli
 
     monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    cli._note_more_workers_than_cpus(2)
+    cli._check_workers(2)
     assert capsys.readouterr().err == ""
-    cli._note_more_workers_than_cpus(3)
+    cli._check_workers(3)
     assert "--workers 3 exceeds the 2 CPUs" in capsys.readouterr().err
-    cli._note_more_workers_than_cpus(64, backend="ray")
+    cli._check_workers(64, backend="ray")
     assert capsys.readouterr().err == ""
 
 

@@ -130,6 +130,7 @@ def test_a_reused_folder_never_passes_off_another_runs_checkpoints(capsys, tmp_p
     (["--methods", "rtn", "--tasks", "nope"], "nope"),
     (["--methods", "rtn", "--group-size", "0"], "group"),
     (["--methods", "rtn", "--device", "cuda:9"], "--device cuda:9"),
+    (["--methods", "rtn,gptq", "--workers", "0"], "--workers must be"),
 ])
 def test_compare_bad_input(capsys, tmp_path, tiny_model_dir, extra, needle):
     capsys.readouterr()

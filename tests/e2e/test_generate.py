@@ -231,3 +231,9 @@ def test_generation_stops_at_the_context_window(capsys, tmp_path, w3_dir):
     assert "--max-new-tokens 500 was capped there" in err
     code, _, err = run(capsys, "generate", w3_dir, "--prompt", " ".join([PROMPT] * 20), "--no-chat")
     assert code == 2 and "context window 64" in err
+
+
+def test_a_mistyped_kernel_backend_is_one_error_line(capsys, monkeypatch, w3_dir):
+    monkeypatch.setenv("UNIBCQ_BACKEND", "fastest")
+    code, _, err = run(capsys, "generate", w3_dir, "--prompt", PROMPT, "--max-new-tokens", "2")
+    assert code == 2 and "UNIBCQ_BACKEND='fastest'" in err and "Traceback" not in err, err

@@ -184,7 +184,7 @@ def benchmark_kernels(
                                          f"{'' if nbits is None else f'w{nbits} '}batch {batch} {backend}")
             try:
                 seconds, note = time_calls(calls, repeats, threads, sync), None
-            except (ValueError, RuntimeError, NotImplementedError) as exc:
+            except (UnibcqError, ValueError, RuntimeError, NotImplementedError) as exc:
                 if "CUDA error" in str(exc):  # sticky: every later call on this device would fail too
                     raise
                 seconds, note = None, f"skipped: {str(exc).splitlines()[0]}"

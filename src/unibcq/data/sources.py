@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from unibcq.errors import UnibcqError
+from unibcq.errors import UnibcqError, not_utf8
 
 EVAL = "eval"
 CALIB = "calib"
@@ -83,7 +83,7 @@ def _read_local_file(path: Path) -> str:
         raise UnibcqError(f"data file {path} not found")
     if path.suffix == ".jsonl":
         rows = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(_read_utf8(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -94,7 +94,14 @@ def _read_local_file(path: Path) -> str:
                 raise UnibcqError(f"{path}:{lineno} needs a string field 'text'")
             rows.append(row["text"])
         return "\n\n".join(rows)
-    return path.read_text(encoding="utf-8")
+    return _read_utf8(path)
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc) from exc
 
 
 def _from_hub(name: str, role: str) -> str:
@@ -125,7 +132,7 @@ def load_text(source: str, role: str = EVAL, data_dir: str | os.PathLike | None 
                     f"{source} {role} file {path} not found; point --data-dir / UNIBCQ_DATA_DIR at a "
                     f"folder containing {KNOWN[source].files[role]}"
                 )
-            return KNOWN[source].joined(path.read_text(encoding="utf-8"))
+            return KNOWN[source].joined(_read_utf8(path))
         return _from_hub(source, role)
     path = Path(source).expanduser()
     if path.suffix in (".txt", ".jsonl", ".raw", ".tokens") or path.exists():

@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from torch import nn
 
-from unibcq.errors import UnibcqError
+from unibcq.errors import UnibcqError, not_utf8
 from unibcq.eval.zeroshot import (
     ProgressFn, argmax_first, data_file, encode, encode_pairs, loglikelihoods, no_progress,
     stderr_of_mean,
@@ -76,12 +76,15 @@ def read_questions(path: Path, limit: int | None = None) -> list[Question]:
     """The first `limit` rows of an MMLU csv (no header: question, A, B, C, D, answer)."""
     questions = []
     with path.open(encoding="utf-8", newline="") as handle:
-        for lineno, row in enumerate(csv.reader(handle), 1):
-            if limit is not None and len(questions) >= limit:
-                break
-            if len(row) != 6 or row[5].strip() not in LETTERS:
-                raise UnibcqError(f"{path} row {lineno}: expected question,A,B,C,D,answer with answer in A-D")
-            questions.append(Question(row[0], (row[1], row[2], row[3], row[4]), row[5].strip()))
+        try:
+            for lineno, row in enumerate(csv.reader(handle), 1):
+                if limit is not None and len(questions) >= limit:
+                    break
+                if len(row) != 6 or row[5].strip() not in LETTERS:
+                    raise UnibcqError(f"{path} row {lineno}: expected question,A,B,C,D,answer with answer in A-D")
+                questions.append(Question(row[0], (row[1], row[2], row[3], row[4]), row[5].strip()))
+        except UnicodeDecodeError as exc:
+            raise not_utf8(path, exc) from exc
     return questions
 
 

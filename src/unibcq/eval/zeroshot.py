@@ -58,7 +58,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from unibcq.data.sources import resolve_data_dir
-from unibcq.errors import UnibcqError
+from unibcq.errors import UnibcqError, not_utf8
 from unibcq.models.architectures import context_window
 
 # Reports (done, total) in the caller's units; run_tasks turns it into a progress bar.
@@ -130,14 +130,17 @@ def data_file(root: Path, relative: str) -> Path:
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-empty line, lazily, so --limit reads little."""
     with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UnibcqError(f"{path}:{lineno} is not valid JSON: {exc}") from exc
-            yield lineno, row
+        try:
+            for lineno, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UnibcqError(f"{path}:{lineno} is not valid JSON: {exc}") from exc
+                yield lineno, row
+        except UnicodeDecodeError as exc:
+            raise not_utf8(path, exc) from exc
 
 
 def parse_rows(path: Path, rows: Iterator[tuple[int, Any]], build: Callable[[Any], Any], limit: int | None) -> list:
@@ -173,7 +176,10 @@ class MultipleChoiceDoc:
 def _piqa(root: Path, limit: int | None) -> list[MultipleChoiceDoc]:
     path = data_file(root, "zeroshot/piqa/valid.jsonl")
     labels_path = data_file(root, "zeroshot/piqa/valid-labels.lst")
-    labels = labels_path.read_text(encoding="utf-8").split()
+    try:
+        labels = labels_path.read_text(encoding="utf-8").split()
+    except UnicodeDecodeError as exc:
+        raise not_utf8(labels_path, exc) from exc
     rows = list(read_jsonl(path))
     if len(labels) != len(rows):
         raise UnibcqError(f"{labels_path} has {len(labels)} labels for {len(rows)} questions in {path}")

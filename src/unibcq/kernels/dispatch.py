@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from unibcq.errors import UnibcqError
 from unibcq.formats.bcq import BCQTensor
 from unibcq.kernels import cpu_bitplane
 
@@ -56,11 +57,11 @@ _triton_failure: str | None = None
 def _requested(backend: str) -> str:
     """The backend asked for: the argument, or UNIBCQ_BACKEND where the argument is "auto"."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise UnibcqError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = os.environ.get("UNIBCQ_BACKEND", "auto")
         if backend not in BACKENDS:
-            raise ValueError(f"UNIBCQ_BACKEND={backend!r}; choose one of {', '.join(BACKENDS)}")
+            raise UnibcqError(f"UNIBCQ_BACKEND={backend!r}; choose one of {', '.join(BACKENDS)}")
     return backend
 
 
@@ -98,14 +99,14 @@ def choose_backend(x: torch.Tensor, in_features: int, group_size: int, backend: 
         kernels = _triton()
         triton_ok = kernels is not None and kernels.usable(x) and not x.requires_grad
         if backend == "triton" and not triton_ok:
-            raise ValueError("the triton backend needs triton, an input without grad, and a CUDA input "
+            raise UnibcqError("the triton backend needs triton, an input without grad, and a CUDA input "
                              "(or TRITON_INTERPRET=1 for CPU)")
         if backend == "triton":
             return backend
         return "triton" if triton_ok and _triton_failure is None and rows <= kernels.GEMV_MAX_ROWS else "reference"
     gemv_ok = x.device.type == "cpu" and cpu_bitplane.supports(in_features, group_size) and not x.requires_grad
     if backend == "bitplane" and not gemv_ok:
-        raise ValueError("the bitplane backend needs a CPU input without grad, numba, and byte-aligned groups")
+        raise UnibcqError("the bitplane backend needs a CPU input without grad, numba, and byte-aligned groups")
     if backend == "auto":
         return "bitplane" if gemv_ok and rows <= CPU_GEMV_MAX_ROWS else "reference"
     return backend

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from unibcq.errors import UnibcqError
 from unibcq.methods.registry import HESSIAN_METHODS
-from unibcq.methods.streaming import read_model_config, read_tensor, source_weight_map
+from unibcq.methods.streaming import meta_skeleton, read_model_config, read_tensor, source_weight_map
 from unibcq.models.architectures import architecture_of, decoder_blocks
 
 
@@ -105,8 +105,7 @@ def onload_model(model_dir: str | os.PathLike) -> tuple[PreTrainedModel, BlockOn
     model_dir = Path(model_dir)
     hf_config = read_model_config(model_dir)
     files = source_weight_map(model_dir)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    model = meta_skeleton(model_dir, hf_config, torch.float32)
     blocks = architecture_of(model).blocks
     block_modules = {id(b) for b in decoder_blocks(model)}
     for name, child in list(model.named_modules()):

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from unibcq.atomic import atomic_directory
 from unibcq.checkpoint import (
@@ -71,7 +71,7 @@ def source_weight_map(model_dir: Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:  # ValueError: bad JSON or not UTF-8
             raise UnibcqError(f"{index} is not a valid safetensors index ({exc})") from exc
         if not isinstance(weight_map, dict):
             raise UnibcqError(f"{index}: weight_map must be an object")
@@ -165,10 +165,15 @@ def read_model_config(model_dir: Path) -> PretrainedConfig:
         raise UnibcqError(f"could not read the model config in {model_dir}: {str(exc).splitlines()[0]}") from exc
 
 
-def _skeleton(hf_config: PretrainedConfig) -> torch.nn.Module:
-    """The model on the meta device: names and shapes, no memory."""
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config)
+def meta_skeleton(model_dir: Path, hf_config: PretrainedConfig, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """The model on the meta device: names and shapes, no memory. A config transformers cannot
+    build as a causal LM (an encoder, say) is refused here, before any weight is read."""
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(hf_config, **({} if dtype is None else {"dtype": dtype}))
+    except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/TypeError/validation errors here
+        raise UnibcqError(f"{model_dir} is not a causal LM transformers can build: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
 
 
 def quantize_streaming(
@@ -198,7 +203,7 @@ def quantize_streaming(
         )
     model_dir = Path(model_dir)
     hf_config = read_model_config(model_dir)
-    skeleton = _skeleton(hf_config)
+    skeleton = meta_skeleton(model_dir, hf_config)
     linears = quantizable_linears(skeleton, config.include_lm_head)
     if not linears:
         raise UnibcqError("the model has no decoder linear layers to quantize (does its config have 0 layers?)")

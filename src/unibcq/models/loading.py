@@ -300,9 +300,12 @@ def float32_bytes(spec: str) -> int | None:
     .bin weights, a quantized checkpoint)."""
     source = resolve_model(spec)
     if source.kind == "gguf":
-        from gguf import GGUFReader
+        try:
+            from gguf import GGUFReader
 
-        return 4 * sum(math.prod(int(d) for d in tensor.shape) for tensor in GGUFReader(source.path).tensors)
+            return 4 * sum(math.prod(int(d) for d in tensor.shape) for tensor in GGUFReader(source.path).tensors)
+        except Exception:  # noqa: BLE001 - a malformed GGUF fails in many ways; loading it then says how, once
+            return None
     stored = _stored_tensors(source)
     return None if stored is None else 4 * sum(math.prod(shape) for shape, _ in stored)
 

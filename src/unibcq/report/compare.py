@@ -108,7 +108,7 @@ def _read_result(path: Path, protocol: dict[str, Any]) -> dict[str, Any] | None:
         result = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return result if result.get("protocol") == protocol else None
+    return result if isinstance(result, dict) and result.get("protocol") == protocol else None
 
 
 def _journal(results_dir: Path, name: str, settings: CompareSettings, model: str | Path) -> EvalJournal:
