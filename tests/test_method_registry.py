@@ -50,3 +50,17 @@ def test_a_flag_the_method_does_not_read_changes_nothing(method):
         got = _quantize(method, replace(base, **{name: value}).validate(), weight, hessian)
         assert got.keys() == expected.keys(), flag
         assert all(torch.equal(got[k], expected[k]) for k in got), f"{method} changed with {flag}"
+
+
+def test_from_preset_gives_the_preset_and_lets_fields_override():
+    from unibcq.methods.presets import PRESETS
+
+    paper = QuantConfig.from_preset("uniquanf", "paper", bits=2)
+    stored = {"seq_len": "calib_seq_len"}
+    assert all(getattr(paper, stored.get(k, k)) == v for k, v in PRESETS["paper"].items())
+    assert paper.bits == 2 and paper.calib == "wikitext2"
+    fast = QuantConfig.from_preset("flexround", epochs=1, calib_seq_len=64)
+    assert (fast.epochs, fast.calib_seq_len, fast.calib_samples) == (1, 64, PRESETS["fast"]["calib_samples"])
+    alternating = QuantConfig.from_preset("bcq-alternating", "paper")  # calibration-free: its own T, no calibration
+    assert (alternating.iters, alternating.calib) == (15, None)
+

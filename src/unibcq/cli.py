@@ -434,13 +434,13 @@ def _report_quantize(args: argparse.Namespace, config, records, out: Path, timin
             f"dyngroup {config.algorithm} G<={config.max_groups} lambda {config.lam} ({config.granularity})",
             ["layer", "groups", "bits paper", "bits fixed", "bits entropy", "bits stored", "rel. error", "seconds"],
             [(r.name, layer_groups(r), r.accounting["bits_per_weight_paper"], r.accounting["bits_per_weight_fixed"],
-              r.accounting["bits_per_weight_entropy"], r.bits_per_weight, r.rel_error, r.seconds) for r in records],
+              r.accounting["bits_per_weight_entropy"], r.bits_per_weight, r.rel_error, _or_dash(r.seconds)) for r in records],
         )
     else:
         print_table(
             f"{config.method} w{config.bits} g{config.group_size}",
             ["layer", "bits", "group", "bits/weight", "rel. error", "seconds"],
-            [(r.name, r.bits, r.group_size, r.bits_per_weight, r.rel_error, r.seconds) for r in records],
+            [(r.name, r.bits, r.group_size, r.bits_per_weight, r.rel_error, _or_dash(r.seconds)) for r in records],
         )
     mean_err = sum(r.rel_error * r.numel for r in records) / sum(r.numel for r in records)
     budget = f" of a {extra['max_memory_mib']:.0f} MiB budget" if "max_memory_mib" in extra else ""
@@ -479,8 +479,8 @@ def _onload_within_budget(config, source, max_memory: str):
             f"training state and the packed output need about {spilled / 2**30:.2f} GiB even with the "
             "calibration activations on disk; raise it or use fewer --calib-samples / a shorter --seq-len"
         )
-    print(f"calibration activations go to disk ({(needed - spilled) / 2**30:.2f} GiB less in memory) to stay within "
-          f"--max-memory {budget / 2**30:.2f} GiB")
+    print(f"unibcq: note: calibration activations go to disk ({(needed - spilled) / 2**30:.2f} GiB less in memory) "
+          f"to stay within --max-memory {budget / 2**30:.2f} GiB", file=sys.stderr)
     return model, onload, True
 
 
@@ -632,8 +632,8 @@ def _reference_dtype(ref_spec: str, device: torch.device, earlier: torch.dtype |
         return torch.float32
     gib = f"{needed / 2**30:.1f} GiB in float32 and {available / 2**30:.1f} GiB is available"
     if halved:
-        print(f"unibcq: the KL reference {ref_spec} needs {gib}; it runs in "
-              f"{str(published).removeprefix('torch.')}, as published")
+        print(f"unibcq: note: the KL reference {ref_spec} needs {gib}; it runs in "
+              f"{str(published).removeprefix('torch.')}, as published", file=sys.stderr)
         return published
     raise UnibcqError(f"the KL reference {ref_spec} needs {gib}; pass --kl-ref none to measure perplexity "
                       "alone, or a reference model that fits")

@@ -24,6 +24,10 @@ class QuantConfig:
 
     overrides: fnmatch pattern on the layer's full name -> {"bits": n, "group_size": g};
     the first matching pattern wins (e.g. {"*.mlp.down_proj": {"bits": 4}}).
+
+    Calibrated methods' training and calibration fields default to values that are neither
+    preset (2 epochs on 128 x 2048-token windows, say); build them with `from_preset` for
+    the settings the CLI uses, the authors' (`paper`) or the CPU-sized `fast`.
     """
 
     method: str
@@ -64,6 +68,15 @@ class QuantConfig:
     overrides: dict[str, dict[str, int]] = field(default_factory=dict)
     seed: int = 0
     version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_preset(cls, method: str, preset: str = "fast", calib: str = "wikitext2", **fields: Any) -> QuantConfig:
+        """`method`'s config with `preset`'s calibration and training settings, as `unibcq quantize
+        --preset` builds it; `fields` (bits, group_size, epochs, calib_seq_len, ...) override any of them."""
+        from unibcq.methods.presets import apply_preset, preset_values
+
+        given = {"seq_len" if k == "calib_seq_len" else k: v for k, v in fields.items()}
+        return apply_preset(cls(method, **fields), preset_values(preset, given), calib).validate()
 
     def validate(self) -> "QuantConfig":
         from unibcq.methods.registry import check_method

@@ -126,10 +126,10 @@ def test_kl_reference_too_big_for_float32_runs_as_published_or_is_refused(capsys
     reports = {}
     for name, available in (("roomy", 100 * needed), ("half", needed)):
         monkeypatch.setattr(unibcq.memory, "available_memory_bytes", lambda device, a=available: a)
-        code, stdout, err = run(capsys, *evaluate, "--json", tmp_path / f"{name}.json")
+        code, _, err = run(capsys, *evaluate, "--json", tmp_path / f"{name}.json")
         assert code == 0, err
         reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
-    assert "runs in bfloat16, as published" in stdout
+    assert "unibcq: note: the KL reference" in err and "runs in bfloat16, as published" in err
     assert (reports["roomy"]["ref_dtype"], reports["half"]["ref_dtype"]) == ("float32", "bfloat16")
     assert reports["half"]["kl_vs_ref"] == pytest.approx(reports["roomy"]["kl_vs_ref"], rel=0.2, abs=1e-3)
     monkeypatch.setattr(unibcq.memory, "available_memory_bytes", lambda device: needed // 4)
@@ -478,10 +478,13 @@ def test_calibrated_methods(capsys, tmp_path, tiny_model_dir, corpus_file, metho
     out = tmp_path / "q"
     code, stdout, err = run(capsys, "quantize", tiny_model_dir, "--method", method, "--bits", "3",
                             "--group-size", "32", "--calib", corpus_file, "--calib-samples", "4", "--seq-len", "16",
-                            "--out", out, "--no-progress", *extra)
+                            "--out", out, "--no-progress", "--json", tmp_path / "q.json", *extra)
     assert code == 0, err
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["method"] == method and qcfg["calib"] == str(corpus_file)
+    layers = json.loads((tmp_path / "q.json").read_text())["layers"]
+    # a layer trained jointly with its block has no time of its own (the block table gives it)
+    assert all((r["seconds"] is None) == (method in ("uniquanf", "flexround")) for r in layers)
     assert qcfg["calib_samples"] == 4 and qcfg["calib_seq_len"] == 16
     code, _, err = run(capsys, "eval", out, "--ppl", corpus_file, "--seq-len", "32", "--max-windows", "2",
                        "--no-progress")
@@ -550,10 +553,10 @@ def test_max_memory_spills_activations_when_only_they_do_not_fit(capsys, tmp_pat
     budget = memory_estimate(model, "gptq", 4, 16, 3, spill=True)  # below the in-memory estimate
     code, _, err = run(capsys, "quantize", tiny_model_dir, *common, "--out", tmp_path / "in-memory")
     assert code == 0, err
-    code, stdout, err = run(capsys, "quantize", tiny_model_dir, *common, "--max-memory", str(budget),
-                            "--out", tmp_path / "spilled")
+    code, _, err = run(capsys, "quantize", tiny_model_dir, *common, "--max-memory", str(budget),
+                       "--out", tmp_path / "spilled")
     assert code == 0, err
-    assert "go to disk" in stdout
+    assert "unibcq: note: calibration activations go to disk" in err
     code, _, err = run(capsys, "quantize", tiny_model_dir, *common, "--max-memory", str(budget - 1),
                        "--out", tmp_path / "refused")
     assert code == 2 and "even with the calibration activations on disk" in err
@@ -751,3 +754,16 @@ def test_eval_notes_when_the_source_model_changed_since_quantizing(capsys, tmp_p
     config.write_text(config.read_text() + "\n")
     code, _, err = run(capsys, *eval_args)
     assert code == 0 and "the default KL reference, changed" in err
+
+
+def test_from_preset_builds_what_the_cli_builds(tmp_path, tiny_model_dir, corpus_file, capsys):
+    from unibcq.config import QuantConfig
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_model_dir), "--method", "gptq", "--bits", "2", "--group-size", "32",
+                 "--calib", str(corpus_file), "--calib-samples", "4", "--seq-len", "16", "--out", str(out),
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    stored = json.loads((out / "config.json").read_text())["quantization_config"]
+    built = QuantConfig.from_preset("gptq", calib=str(corpus_file), bits=2, group_size=32, calib_samples=4,
+                                    calib_seq_len=16)
+    assert {k: stored[k] for k in built.to_dict()} == json.loads(json.dumps(built.to_dict()))

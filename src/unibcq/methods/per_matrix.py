@@ -38,7 +38,7 @@ class LayerRecord:
     numel: int
     bits_per_weight: float
     rel_error: float
-    seconds: float
+    seconds: float | None  # None: trained jointly with its block, whose time the block table gives
     accounting: dict[str, float] | None = None
 
 

@@ -187,7 +187,7 @@ def reconstruct_blocks(
                 set_module(model, name, packed_module(packed, fake.bias).to(device))
                 layer_records.append(LayerRecord(name, config.method, config.for_layer(name).bits,
                                                  config.for_layer(name).group_size, packed.numel,
-                                                 packed.bits_per_weight, error, 0.0))
+                                                 packed.bits_per_weight, error, None))
             del fakes
             final = block_loss(block, q_in, targets, kwargs, device)
             fp_in = targets

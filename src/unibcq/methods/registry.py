@@ -1,4 +1,7 @@
-"""Method name -> per-matrix quantizer. A new method is one entry here."""
+"""Method name -> the function that quantizes one matrix: per-matrix methods from the weight alone,
+GPTQ's from the weight and its input Hessian; reconstruction methods train whole blocks
+(`methods.reconstruction`). A new method is an entry here, plus the flags it reads in
+`cli.flag_methods` and its settings' checks in `QuantConfig.validate`."""
 
 from __future__ import annotations
 

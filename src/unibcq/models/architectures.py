@@ -2,9 +2,9 @@
 
 An architecture is a few lines of data: the attribute path of the block list and the
 block's linear layers in execution order, the order in which they are quantized and reported.
-GPTQ does not depend on it: every layer's Hessian comes from one pass over the block before
-any of its layers is quantized (the reference implementation's default, not AutoGPTQ's
-`true_sequential`).
+GPTQ's default does not depend on that order: every layer's Hessian comes from one pass over
+the block before any of its layers is quantized (the reference implementation's default);
+`--true-sequential` groups the layers by their shared input instead (`methods.sequential`).
 """
 
 from __future__ import annotations

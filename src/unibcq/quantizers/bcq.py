@@ -125,11 +125,10 @@ def reconstruct(b: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | Non
 
 
 def canonical(b: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None) -> GroupCodes:
-    """Make every alpha non-negative (flip its plane) and return stored-format codes.
-
-    alpha and offset are rounded to fp16 (as stored) and the codes re-chosen as the nearest
-    levels of the rounded scales, so the stored model is the best one for its stored scales.
-    """
+    """Make every alpha non-negative (flip its plane) and return stored-format codes, with
+    alpha and offset rounded to fp16 as stored. The codes are kept: `finalize` re-picks them
+    for the rounded scales where a method calls for it (alternating BCQ; greedy and refined
+    greedy keep theirs by definition)."""
     flip = alpha < 0
     b = torch.where(flip[:, None, :], -b, b)
     alpha = alpha.abs().to(STORAGE_DTYPE).float()

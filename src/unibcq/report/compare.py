@@ -17,7 +17,7 @@ import copy
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -70,7 +70,6 @@ class CompareSettings:
     workers: int = 1
     device: str = "cpu"
     command: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def plan_cells(methods: Sequence[str], bits: Sequence[int], group_size: int) -> list[Cell]:
