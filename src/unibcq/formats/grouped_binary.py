@@ -140,7 +140,9 @@ class GroupedBinaryTensor(StoredSize):
         """Bits per weight three ways: the paper's (no index), fixed-length and entropy index.
 
         Group counts and sizes are read from the stored index, so empty padding groups
-        (scale slots a segment does not use) are not counted as groups.
+        (scale slots a segment does not use) are not counted as groups. "Fixed" gives each
+        segment an index of its own width, ceil(log2 G_s); the file stores one width for all
+        segments (the widest's), which only `bits_per_weight`, from the stored bytes, counts.
         """
         segment = segment_of(self.granularity, self.shape, self.signs.device)
         width = self.scales.shape[1]
