@@ -114,3 +114,25 @@ def test_a_malformed_gguf_has_no_size_and_fails_on_load_in_one_error(tmp_path):
     assert loading.float32_bytes(str(junk)) is None  # the KL reference sizing leaves it to loading
     with pytest.raises(UnibcqError, match="broken.gguf"):
         loading.load_model(str(junk))
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"[]", "has no weight_map"),
+    (b'{"weight_map": {}}', "has no weight_map"),
+    (b'{"weight_map": {"w": "../outside.safetensors"}}', "not a shard file name"),
+    (b'{"weight_map": {"w": 3}}', "not a shard file name"),
+    (b'{"weight_map": {"w": "x.bin"}}', "not a shard file name"),
+    (b"\xff\xfe{", "not a valid safetensors index"),
+])
+def test_one_reader_refuses_every_malformed_shard_index(tmp_path, content, needle):
+    from unibcq.errors import CheckpointError
+    from unibcq.methods.streaming import source_weight_map
+    from unibcq.models.shards import WEIGHTS_INDEX, read_weight_map
+
+    index = tmp_path / WEIGHTS_INDEX
+    index.write_bytes(content)
+    with pytest.raises(UnibcqError, match=needle):
+        source_weight_map(tmp_path)  # a source model streamed block by block
+    with pytest.raises(CheckpointError, match=needle):
+        read_weight_map(index, CheckpointError)  # what a checkpoint's loader raises
+    assert loading._weight_files(tmp_path) == []  # sizing a model falls back to the files present

@@ -30,12 +30,12 @@ from unibcq.config import FORMAT_VERSION, QuantConfig
 from unibcq.errors import CheckpointError, UnibcqError
 from unibcq.models.architectures import ARCHITECTURES, set_module
 from unibcq.models.fingerprint import files_fingerprint
-from unibcq.formats.bcq import num_groups
-from unibcq.formats.grouped_binary import parse_granularity
+from unibcq.models.shards import WEIGHTS_INDEX, read_weight_map
+from unibcq.formats.bcq import MAX_BITS, MIN_BITS, num_groups
+from unibcq.formats.grouped_binary import MAX_GROUPS, parse_granularity
 from unibcq.nn.qlinear import PACKED_MODULES, PackedLinear
 
 WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
 MANIFEST_FILE = "manifest.json"
 QUANT_KEY = "quantization_config"
 PACKED_SUFFIXES = ("bcq_planes", "bcq_alpha", "bcq_offset", "gb_signs", "gb_index", "gb_scales")
@@ -296,12 +296,12 @@ def _check_layer_spec(where: str, name: str, spec: Any) -> None:
         if type(value) not in (int, float) or not 0 <= value <= 2**16:  # also rejects NaN
             raise CheckpointError(f"{where}: layer {name} has invalid {key} {_short(value)}")
     if fmt == "bcq":
-        if not 1 <= spec["bits"] <= 8:
+        if not MIN_BITS <= spec["bits"] <= MAX_BITS:
             raise CheckpointError(f"{where}: layer {name} has out-of-range bits {_short(spec['bits'])}")
         if spec["group_size"] == 0 or spec["group_size"] < -1:
             raise CheckpointError(f"{where}: layer {name} has invalid group_size {_short(spec['group_size'])}")
     else:
-        if not 1 <= spec["max_groups"] <= 256:
+        if not 1 <= spec["max_groups"] <= MAX_GROUPS:
             raise CheckpointError(f"{where}: layer {name} has out-of-range max_groups {_short(spec['max_groups'])}")
         try:
             parse_granularity(spec.get("granularity"))
@@ -373,15 +373,7 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     index = path / WEIGHTS_INDEX
     if index.is_file():
-        data = _read_json(index)
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index} has no weight_map; the checkpoint is corrupt")
-        names = sorted({f for f in weight_map.values()})
-        for name in names:
-            if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
-                raise CheckpointError(f"{index} lists {_short(name)}, not a shard file name; the checkpoint is corrupt")
-        files = [path / name for name in names]
+        files = [path / name for name in sorted(set(read_weight_map(index, CheckpointError).values()))]
     else:
         files = [path / WEIGHTS_FILE]
     for file in files:

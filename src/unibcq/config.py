@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from unibcq.errors import UnibcqError
-from unibcq.formats.bcq import validate_group_size
+from unibcq.formats.bcq import MAX_BITS, MIN_BITS, validate_group_size
+from unibcq.formats.grouped_binary import MAX_GROUPS
 
 FORMAT_VERSION = 1
-MIN_BITS, MAX_BITS = 1, 8
 
 
 @dataclass
@@ -126,8 +126,8 @@ class QuantConfig:
             raise UnibcqError(f"refine_sweeps must be an integer >= 0, got {self.refine_sweeps!r}")
         if self.merge_rule not in ("objective", "paper"):
             raise UnibcqError(f"unknown dyngroup merge rule {self.merge_rule!r}; use objective or paper")
-        if self.max_groups > 256:
-            raise UnibcqError(f"max_groups must be <= 256 (8-bit group index), got {self.max_groups}")
+        if self.max_groups > MAX_GROUPS:
+            raise UnibcqError(f"max_groups must be <= {MAX_GROUPS} (8-bit group index), got {self.max_groups}")
         if not isinstance(self.lam, (int, float)) or not self.lam >= 0 or self.lam == float("inf"):
             raise UnibcqError(f"lambda must be a finite number >= 0, got {self.lam!r}")
         parse_granularity(self.granularity)

@@ -27,7 +27,7 @@ import torch
 from unibcq.errors import UnibcqError
 
 STORAGE_DTYPE = torch.float16
-MAX_BITS = 8
+MIN_BITS, MAX_BITS = 1, 8  # bit-planes a BCQ tensor holds; every bit-width check reads these
 
 
 def validate_group_size(group_size: int) -> None:
@@ -114,8 +114,8 @@ class BCQTensor(StoredSize):
         out_features, in_features = self.shape
         bits = self.bits
         groups = num_groups(in_features, self.group_size)
-        if not 1 <= bits <= MAX_BITS:
-            raise UnibcqError(f"BCQ tensors hold 1..{MAX_BITS} bit-planes, got {bits}")
+        if not MIN_BITS <= bits <= MAX_BITS:
+            raise UnibcqError(f"BCQ tensors hold {MIN_BITS}..{MAX_BITS} bit-planes, got {bits}")
         expected = {
             "planes": (self.planes, (bits, out_features, -(-in_features // 8)), torch.uint8),
             "alpha": (self.alpha, (out_features, groups, bits), STORAGE_DTYPE),

@@ -25,6 +25,8 @@ import torch
 from unibcq.errors import UnibcqError
 from unibcq.formats.bcq import STORAGE_DTYPE, StoredSize, pack_signs, unpack_signs
 
+MAX_GROUPS = 256  # groups per segment an 8-bit group index addresses
+
 
 def parse_granularity(granularity: str) -> str | tuple[str, int]:
     """'matrix' | 'row' | 'block:N' -> the quantizer's form ('block', N)."""

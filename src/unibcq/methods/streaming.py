@@ -37,6 +37,7 @@ from unibcq.errors import UnibcqError
 from unibcq.methods.per_matrix import LayerRecord, quantize_matrix
 from unibcq.methods.registry import PER_MATRIX_METHODS
 from unibcq.models.architectures import quantizable_linears
+from unibcq.models.shards import read_weight_map
 from unibcq.nn.qlinear import packed_module
 from unibcq.progress import progress_bar
 
@@ -69,13 +70,7 @@ def source_weight_map(model_dir: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it, for a single-file or sharded model."""
     index = model_dir / WEIGHTS_INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:  # ValueError: bad JSON or not UTF-8
-            raise UnibcqError(f"{index} is not a valid safetensors index ({exc})") from exc
-        if not isinstance(weight_map, dict):
-            raise UnibcqError(f"{index}: weight_map must be an object")
-        files = {name: model_dir / str(file) for name, file in weight_map.items()}
+        files = {name: model_dir / file for name, file in read_weight_map(index).items()}
     elif (model_dir / WEIGHTS_FILE).is_file():
         with _open(model_dir / WEIGHTS_FILE) as f:
             files = {name: model_dir / WEIGHTS_FILE for name in f.keys()}

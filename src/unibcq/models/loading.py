@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from unibcq.atomic import atomic_directory
 from unibcq.errors import UnibcqError
 from unibcq.models.architectures import context_window
+from unibcq.models.shards import WEIGHTS_INDEX, read_weight_map
 
 # alias -> (pip package holding the file, file name inside it)
 ALIASES: dict[str, tuple[str, str]] = {
@@ -236,11 +237,11 @@ _FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloa
 def _weight_files(folder: Path) -> list[Path]:
     """The safetensors files a model folder loads from: those its index names when it has one
     (a folder can also hold, say, a consolidated copy of the same weights), else all of them."""
-    index = folder / "model.safetensors.index.json"
+    index = folder / WEIGHTS_INDEX
     if index.is_file():
         try:
-            return sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return sorted({folder / name for name in read_weight_map(index).values()})
+        except (OSError, UnibcqError):  # sized from the files present; loading will name what is wrong
             pass
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"]

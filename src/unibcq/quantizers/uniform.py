@@ -16,14 +16,14 @@ from __future__ import annotations
 import torch
 
 from unibcq.errors import UnibcqError
-from unibcq.formats.bcq import STORAGE_DTYPE, BCQTensor
+from unibcq.formats.bcq import MAX_BITS, MIN_BITS, STORAGE_DTYPE, BCQTensor
 from unibcq.quantizers.grouping import GroupCodes, quantize_by_groups
 
 # Smallest fp16 normal: scales below it would lose precision once stored.
 MIN_SCALE = 2.0**-14
 
 
-def check_bits(bits: int, low: int = 1, high: int = 8) -> None:
+def check_bits(bits: int, low: int = MIN_BITS, high: int = MAX_BITS) -> None:
     """Reject bit widths a quantizer does not support."""
     if not isinstance(bits, int) or isinstance(bits, bool) or not low <= bits <= high:
         raise UnibcqError(f"bits must be an integer in {low}..{high}, got {bits!r}")
