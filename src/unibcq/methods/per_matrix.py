@@ -41,6 +41,22 @@ class LayerRecord:
     seconds: float | None  # None: trained jointly with its block, whose time the block table gives
     accounting: dict[str, float] | None = None
 
+    @classmethod
+    def of(cls, name: str, config: QuantConfig, packed: PackedTensor, rel_error: float,
+           seconds: float | None) -> LayerRecord:
+        """The row of layer `name`, packed under `config` (its per-layer bits and group size);
+        formats with index costs (grouped binary) add their bits-per-weight accounting."""
+        layer_cfg = config.for_layer(name)
+        accounting = packed.accounting() if hasattr(packed, "accounting") else None
+        return cls(name, config.method, layer_cfg.bits, layer_cfg.group_size, packed.numel, packed.bits_per_weight,
+                   rel_error, seconds, accounting)
+
+
+def relative_error(packed: PackedTensor, weight: torch.Tensor) -> float:
+    """||dequantize(packed) - W||_F / ||W||_F, the error every summary table reports."""
+    weight = weight.detach().float()
+    return float((packed.dequantize().to(weight.device) - weight).norm() / weight.norm().clamp(min=1e-30))
+
 
 def quantize_matrix(name: str, weight: torch.Tensor, config: QuantConfig) -> tuple[PackedTensor, float, float]:
     """(packed weight, relative Frobenius error, seconds) for one layer."""
@@ -49,10 +65,7 @@ def quantize_matrix(name: str, weight: torch.Tensor, config: QuantConfig) -> tup
         packed = METHODS[config.method](weight, config)
     except UnibcqError as exc:
         raise UnibcqError(f"{name}: {exc}") from exc
-    seconds = time.perf_counter() - start
-    weight = weight.float()
-    error = (packed.dequantize() - weight).norm() / weight.norm().clamp(min=1e-30)
-    return packed, float(error), seconds
+    return packed, relative_error(packed, weight), time.perf_counter() - start
 
 
 def _worker_init() -> None:
@@ -109,13 +122,9 @@ def quantize_per_matrix(
 
     def install(name: str, result: tuple[PackedTensor, float, float]) -> None:
         packed, error, seconds = result
-        layer, layer_cfg = layers[name], config.for_layer(name)
-        bias = layer.bias.detach() if layer.bias is not None else None
-        module = packed_module(packed, bias)
-        set_module(model, name, module)
-        accounting = packed.accounting() if hasattr(packed, "accounting") else None
-        records.append(LayerRecord(name, config.method, layer_cfg.bits, layer_cfg.group_size, packed.numel,
-                                   packed.bits_per_weight, error, seconds, accounting))
+        layer = layers[name]
+        set_module(model, name, packed_module(packed, layer.bias.detach() if layer.bias is not None else None))
+        records.append(LayerRecord.of(name, config, packed, error, seconds))
 
     with progress_bar(show_progress) as bar:
         task = bar.add_task(f"{config.method} w{config.bits}", total=len(layers))

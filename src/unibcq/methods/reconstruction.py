@@ -30,7 +30,7 @@ from torch import nn
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
 from unibcq.memory import MemoryCap
-from unibcq.methods.per_matrix import LayerRecord
+from unibcq.methods.per_matrix import LayerRecord, relative_error
 from unibcq.methods.run_state import RunState
 from unibcq.methods.sequential import BlockInputs, _to, capture_block_inputs, run_block
 from unibcq.models.architectures import block_linears, decoder_blocks, set_module
@@ -182,12 +182,9 @@ def reconstruct_blocks(
             bar.update(task, visible=False)
             for name, fake in fakes.items():
                 packed = fake.export()
-                weight = layers[name].weight.detach().float().to(device)
-                error = float((packed.dequantize() - weight).norm() / weight.norm().clamp(min=1e-30))
+                error = relative_error(packed, layers[name].weight.to(device))
                 set_module(model, name, packed_module(packed, fake.bias).to(device))
-                layer_records.append(LayerRecord(name, config.method, config.for_layer(name).bits,
-                                                 config.for_layer(name).group_size, packed.numel,
-                                                 packed.bits_per_weight, error, None))
+                layer_records.append(LayerRecord.of(name, config, packed, error, None))
             del fakes
             final = block_loss(block, q_in, targets, kwargs, device)
             fp_in = targets

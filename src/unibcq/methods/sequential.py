@@ -27,7 +27,7 @@ from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
 from unibcq.memory import MemoryCap
 from unibcq.methods.activations import ActivationStore
-from unibcq.methods.per_matrix import LayerRecord
+from unibcq.methods.per_matrix import LayerRecord, relative_error
 from unibcq.methods.run_state import RunState
 from unibcq.models.architectures import block_linears, decoder_blocks, set_module
 from unibcq.nn.qlinear import PackedTensor, packed_module
@@ -234,8 +234,6 @@ def _quantize_layer(model: nn.Module, name: str, layer: nn.Module, hessian: torc
     except UnibcqError as exc:
         raise UnibcqError(f"{name}: {exc}") from exc
     seconds = time.perf_counter() - start
-    error = float((packed.dequantize().to(weight.device) - weight).norm() / weight.norm().clamp(min=1e-30))
     bias = layer.bias.detach() if layer.bias is not None else None
     set_module(model, name, packed_module(packed, bias).to(device))
-    return LayerRecord(name, config.method, layer_cfg.bits, layer_cfg.group_size, packed.numel,
-                       packed.bits_per_weight, error, seconds)
+    return LayerRecord.of(name, config, packed, relative_error(packed, weight), seconds)

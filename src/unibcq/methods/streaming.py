@@ -243,9 +243,7 @@ def quantize_streaming(
                     layout[layer] = module.layout()
                     for name, tensor in module.state_dict().items():
                         writer.add(f"{layer}.{name}", tensor)
-                    accounting = packed.accounting() if hasattr(packed, "accounting") else None
-                    records.append(LayerRecord(layer, config.method, layer_cfg.bits, layer_cfg.group_size,
-                                               packed.numel, packed.bits_per_weight, error, seconds, accounting))
+                    records.append(LayerRecord.of(layer, config, packed, error, seconds))
                     del packed, module
                 else:
                     writer.add(key, cast_checked(key, _read_finite(files, key), dtype))
