@@ -141,10 +141,7 @@ def reconstruct_blocks(
     block_records: list[BlockRecord] = []
     first = 0
     if state is not None and state.completed:
-        for index in range(state.completed if onload is not None else 0):
-            onload(index)
-        state.restore_blocks(model)
-        streams = state.activations(spill_dir)
+        streams = state.resume(model, onload, spill_dir)
         q_in, fp_in = streams["quantized"], streams["full_precision"]
         layer_records = [LayerRecord(**r) for r in state.records.get("layers", [])]
         block_records = [BlockRecord(**r) for r in state.records.get("blocks", [])]

@@ -24,7 +24,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -165,6 +165,16 @@ class RunState:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    def resume(self, model: nn.Module, onload: Callable[[int], None] | None,
+               spill_dir: str | os.PathLike | None = None) -> dict[str, ActivationStore]:
+        """Continue a run: put every committed block's packed layers back into `model` (blocks
+        that stay on disk until their turn, `onload`, are read first, since a restored block
+        keeps its norms and other dense parts) and return the streams entering the next block."""
+        for index in range(self.completed if onload is not None else 0):
+            onload(index)
+        self.restore_blocks(model)
+        return self.activations(spill_dir)
 
     def restore_blocks(self, model: nn.Module) -> None:
         """Put the packed layers of every committed block back into `model`."""

@@ -192,10 +192,7 @@ def quantize_sequential(
     inputs = capture_block_inputs(model, windows, spill_dir)
     first = 0
     if state is not None and state.completed:
-        for index in range(state.completed if onload is not None else 0):
-            onload(index)
-        state.restore_blocks(model)
-        inputs = BlockInputs(state.activations(spill_dir)["quantized"], inputs.kwargs)
+        inputs = BlockInputs(state.resume(model, onload, spill_dir)["quantized"], inputs.kwargs)
         records = [LayerRecord(**r) for r in state.records.get("layers", [])]
         first = state.completed
     with progress_bar(show_progress) as bar:
