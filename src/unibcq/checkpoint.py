@@ -27,7 +27,7 @@ from transformers.initialization import no_init_weights
 from unibcq import __version__
 from unibcq.atomic import atomic_directory
 from unibcq.config import FORMAT_VERSION, QuantConfig
-from unibcq.errors import CheckpointError, UnibcqError
+from unibcq.errors import CheckpointError, UnibcqError, one_line
 from unibcq.models.architectures import ARCHITECTURES, set_module
 from unibcq.models.fingerprint import files_fingerprint
 from unibcq.models.shards import WEIGHTS_INDEX, read_weight_map
@@ -233,8 +233,7 @@ def _read_json(file: Path) -> Any:
             )
         return json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit, nesting
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{file} is not valid JSON ({reason[:200]}); the checkpoint is corrupt") from exc
+        raise CheckpointError(f"{file} is not valid JSON ({one_line(exc, 200)}); the checkpoint is corrupt") from exc
     except OSError as exc:
         raise CheckpointError(f"{file} cannot be read ({exc.strerror or exc})") from exc
 
@@ -421,12 +420,6 @@ def read_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str
     return header
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception's message as one line of at most `limit` characters."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for weights in weight_files(path):
@@ -484,7 +477,7 @@ def _model_config(path: Path, data: dict[str, Any], header: dict[str, TensorSpec
     except CheckpointError:
         raise
     except Exception as exc:  # transformers raises ValueError/TypeError/validation errors here
-        raise CheckpointError(f"{cfg_file} does not describe a model transformers can build: {_one_line(exc)}") from exc
+        raise CheckpointError(f"{cfg_file} does not describe a model transformers can build: {one_line(exc)}") from exc
     # Building the module tree costs Python time per layer even on the meta device; every
     # decoder layer stores at least one tensor, so the header bounds the honest count.
     layers = getattr(hf_config, "num_hidden_layers", None)
@@ -532,7 +525,7 @@ def _build_model(path: Path, hf_config: PretrainedConfig, layers: dict[str, Any]
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     except Exception as exc:  # transformers raises ValueError/TypeError/validation errors here
         raise CheckpointError(
-            f"{path / 'config.json'} does not describe a model transformers can build: {_one_line(exc)}"
+            f"{path / 'config.json'} does not describe a model transformers can build: {one_line(exc)}"
         ) from exc
     install_packed_layers(model, layers, dtype)
     return model
@@ -687,7 +680,7 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     dense_params = dense_bytes = 0
     for key, (shape, dtype) in header.items():
         numel = math.prod(shape)
-        nbytes = numel * _dtype_size(dtype)
+        nbytes = numel * _SAFETENSORS_DTYPES[dtype].itemsize  # every dtype known: _verified_layout checked them
         if is_packed_key(key, qcfg["layers"]):
             layers.setdefault(key.rpartition(".")[0], {"bytes": 0})["bytes"] += nbytes
         else:
@@ -708,12 +701,3 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         dense_dtype=dtype_name(hf_config.dtype or torch.float32),
         file_bytes=sum(f.stat().st_size for f in weight_files(path)), layers=layers,
     )
-
-
-_DTYPE_SIZES = {"U8": 1, "I8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4, "I32": 4, "F64": 8, "I64": 8}
-
-
-def _dtype_size(name: str) -> int:
-    if name not in _DTYPE_SIZES:
-        raise CheckpointError(f"unexpected tensor dtype {name} in checkpoint")
-    return _DTYPE_SIZES[name]

@@ -10,6 +10,13 @@ class UnibcqError(Exception):
     """A user-facing problem: the message names what is wrong and how to fix it."""
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line of at most `limit` characters, for quoting a
+    library's error (which may span lines or carry a whole file) inside ours."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def not_utf8(path: object, exc: UnicodeDecodeError) -> UnibcqError:
     """The one message for a text file (data, task, MMLU csv) that is not UTF-8, say a Latin-1
     export: without it the decode error surfaces as a traceback naming no file."""

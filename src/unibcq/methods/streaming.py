@@ -33,7 +33,7 @@ from unibcq.checkpoint import (
     refuse_nonfinite, write_manifest,
 )
 from unibcq.config import QuantConfig
-from unibcq.errors import UnibcqError
+from unibcq.errors import UnibcqError, one_line
 from unibcq.methods.per_matrix import LayerRecord, quantize_matrix
 from unibcq.methods.registry import PER_MATRIX_METHODS
 from unibcq.models.architectures import quantizable_linears
@@ -157,7 +157,7 @@ def read_model_config(model_dir: Path) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
-        raise UnibcqError(f"could not read the model config in {model_dir}: {str(exc).splitlines()[0]}") from exc
+        raise UnibcqError(f"could not read the model config in {model_dir}: {one_line(exc)}") from exc
 
 
 def meta_skeleton(model_dir: Path, hf_config: PretrainedConfig, dtype: torch.dtype | None = None) -> PreTrainedModel:
@@ -167,8 +167,7 @@ def meta_skeleton(model_dir: Path, hf_config: PretrainedConfig, dtype: torch.dty
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(hf_config, **({} if dtype is None else {"dtype": dtype}))
     except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/TypeError/validation errors here
-        raise UnibcqError(f"{model_dir} is not a causal LM transformers can build: "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
+        raise UnibcqError(f"{model_dir} is not a causal LM transformers can build: {one_line(exc)}") from exc
 
 
 def quantize_streaming(

@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from unibcq.atomic import atomic_directory
-from unibcq.errors import UnibcqError
+from unibcq.errors import UnibcqError, one_line
 from unibcq.models.architectures import context_window
 from unibcq.models.shards import WEIGHTS_INDEX, read_weight_map
 
@@ -125,11 +125,6 @@ def local_path(source: ModelSource) -> str:
     return str(_cache_gguf(source)) if source.kind == "gguf" else source.path
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:300] if lines else type(exc).__name__
-
-
 def _unresolvable_hub_host() -> str | None:
     """The Hub's host name when this machine cannot resolve it now, else None (asked each time:
     a network that comes back must be used without a restart)."""
@@ -191,7 +186,7 @@ def snapshot_dir(source: ModelSource) -> Path:
 
         return Path(snapshot_download(source.spec, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
     except Exception as exc:  # offline, unknown id, gated repo: huggingface_hub raises many types
-        raise UnibcqError(f"could not download {source.spec!r} from the Hugging Face Hub: {_first_line(exc)}") from exc
+        raise UnibcqError(f"could not download {source.spec!r} from the Hugging Face Hub: {one_line(exc)}") from exc
 
 
 def _from_pretrained(loader, source: ModelSource, **kwargs):
@@ -204,9 +199,9 @@ def _from_pretrained(loader, source: ModelSource, **kwargs):
         if source.kind == "hub":
             raise UnibcqError(
                 f"could not load {source.spec!r} from the Hugging Face Hub (offline or unknown id?): "
-                f"{_first_line(exc)}"
+                f"{one_line(exc)}"
             ) from exc
-        raise UnibcqError(f"could not load model from {source.path}: {_first_line(exc)}") from exc
+        raise UnibcqError(f"could not load model from {source.path}: {one_line(exc)}") from exc
     except Exception as exc:
         # Malformed config / tokenizer files: transformers and tokenizers raise JSON errors,
         # ValueError, TypeError, KeyError, AttributeError or a bare Exception for them.
@@ -214,7 +209,7 @@ def _from_pretrained(loader, source: ModelSource, **kwargs):
             raise
         raise UnibcqError(
             f"could not load model from {source.path}: a model or tokenizer file is malformed "
-            f"({type(exc).__name__}: {_first_line(exc)})"
+            f"({type(exc).__name__}: {one_line(exc)})"
         ) from exc
 
 

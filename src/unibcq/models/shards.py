@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from unibcq.errors import UnibcqError
+from unibcq.errors import UnibcqError, one_line
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 
@@ -22,8 +22,7 @@ def read_weight_map(index: Path, error: type[UnibcqError] = UnibcqError) -> dict
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as exc:  # bad JSON, not UTF-8, absurd nesting
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise error(f"{index} is not a valid safetensors index ({reason[:200]})") from exc
+        raise error(f"{index} is not a valid safetensors index ({one_line(exc, 200)})") from exc
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise error(f"{index} has no weight_map naming the shard of each tensor")

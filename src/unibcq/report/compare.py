@@ -31,6 +31,7 @@ from unibcq.eval.journal import EvalJournal
 from unibcq.eval.suite import EvalSettings, evaluate_suite, placed_on
 from unibcq.methods import CALIBRATED, quantize_model
 from unibcq.methods.presets import apply_preset, cap_calibration_length, preset_values
+from unibcq.methods.run_state import state_dir_for
 from unibcq.methods.registry import check_method
 from unibcq.models.fingerprint import files_fingerprint
 from unibcq.models.loading import context_window_of, declared_dtype
@@ -248,11 +249,11 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
                     start = time.perf_counter()
                     quantize_model(quantized, config, windows if config.method in CALIBRATED else None,
                                    show_progress=show_progress, workers=settings.workers, device=settings.device,
-                                   state_dir=ckpt_dir / f"{cell.name}.partial", resume=True)
+                                   state_dir=state_dir_for(path), resume=True)
                     seconds = time.perf_counter() - start
                     save_checkpoint(quantized, path, config, settings.model, tokenizer, overwrite=is_checkpoint(path),
                                     extra={"quantize_seconds": round(seconds, 3)}, dtype=declared_dtype(settings.model))
-                    shutil.rmtree(ckpt_dir / f"{cell.name}.partial", ignore_errors=True)
+                    shutil.rmtree(state_dir_for(path), ignore_errors=True)
                 info = checkpoint_info(path)
                 journal = _journal(results_dir, cell.name, settings, path)
                 reference = model if settings.evaluation.datasets else None  # KL needs it on the device too
