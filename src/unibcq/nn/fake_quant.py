@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unibcq.formats.bcq import BCQTensor, effective_group_size
+from unibcq.formats.bcq import BCQTensor
 from unibcq.quantizers.bcq import sign_patterns
-from unibcq.quantizers.grouping import check_stored, from_padded_groups, to_padded_groups
+from unibcq.quantizers.grouping import check_stored, from_padded_groups, group_parts, to_padded_groups
 from unibcq.quantizers.uniform import search_clipping, uniform_to_bcq
 from unibcq.quantizers.uniquanf import clipping_grid, global_remap, local_remap, unified_init
 
@@ -26,15 +26,9 @@ def _per_group_init(weight: torch.Tensor, group_size: int, fn) -> list[torch.Ten
     """Run a per-group init `fn(x (R, g)) -> tensors with leading dim R` on the full groups and
     on the shorter tail group separately (so padding never biases a fit), returning tensors
     of shape (out, G, ...)."""
-    out_features, in_features = weight.shape
-    gs = effective_group_size(in_features, group_size)
-    full = in_features // gs
-    parts = []
-    if full:
-        parts.append((weight[:, : full * gs].reshape(out_features * full, gs), full))
-    if in_features - full * gs:
-        parts.append((weight[:, full * gs :].contiguous(), 1))
-    results = [[t.reshape(out_features, groups, *t.shape[1:]) for t in fn(x)] for x, groups in parts]
+    out_features = weight.shape[0]
+    results = [[t.reshape(out_features, groups, *t.shape[1:]) for t in fn(x)]
+               for x, groups, _ in group_parts(weight, group_size)]
     return [torch.cat(ts, dim=1) for ts in zip(*results)]
 
 

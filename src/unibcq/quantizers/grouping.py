@@ -69,18 +69,26 @@ def check_stored(packed: BCQTensor, weight: torch.Tensor, name: str = "weight") 
     return packed
 
 
-def quantize_by_groups(weight: torch.Tensor, group_size: int, quantizer: GroupQuantizer) -> BCQTensor:
-    """Apply `quantizer` to every group of `weight` and pack the result."""
-    weight = check_weight(weight)
+def group_parts(weight: torch.Tensor, group_size: int) -> list[tuple[torch.Tensor, int, int]]:
+    """`weight` (out, in) as group rows: the full groups as one (out x groups, size) matrix and
+    a shorter tail group, when the size does not divide the row, as another (out, tail), each
+    with its groups per row and width. Fitting the tail on its own keeps padding out of every fit."""
     out_features, in_features = weight.shape
     gs = effective_group_size(in_features, group_size)
     full = in_features // gs
     parts: list[tuple[torch.Tensor, int, int]] = []
     if full:
         parts.append((weight[:, : full * gs].reshape(out_features * full, gs), full, gs))
-    tail = in_features - full * gs
-    if tail:
-        parts.append((weight[:, full * gs :], 1, tail))
+    if in_features - full * gs:
+        parts.append((weight[:, full * gs :].contiguous(), 1, in_features - full * gs))
+    return parts
+
+
+def quantize_by_groups(weight: torch.Tensor, group_size: int, quantizer: GroupQuantizer) -> BCQTensor:
+    """Apply `quantizer` to every group of `weight` and pack the result."""
+    weight = check_weight(weight)
+    out_features = weight.shape[0]
+    parts = group_parts(weight, group_size)
     signs, alphas, offsets = [], [], []
     for x, groups, width in parts:
         codes = quantizer(x.contiguous())
