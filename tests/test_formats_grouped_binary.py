@@ -9,7 +9,9 @@ import torch
 import unibcq
 from unibcq.errors import UnibcqError
 from unibcq.formats.grouped_binary import GroupedBinaryTensor, index_bits_for, parse_granularity, segment_of
-from unibcq.quantizers.dyngroup import bits_per_weight, dyngroup_quantize
+from unibcq.quantizers.dyngroup import dyngroup_quantize
+
+from dyngroup_reference import bits_per_weight
 
 
 def _random_parts(rows: int, cols: int, groups: int, granularity: str, seed: int = 0):

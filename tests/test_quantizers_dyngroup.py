@@ -12,7 +12,6 @@ import torch
 from unibcq.errors import UnibcqError
 from unibcq.quantizers.dyngroup import (
     PrefixSums,
-    bits_per_weight,
     dyngroup_quantize,
     normalized_lambda,
     run_cost,
@@ -21,6 +20,8 @@ from unibcq.quantizers.dyngroup import (
     segment_windowed,
     segmentation_objective,
 )
+
+from dyngroup_reference import bits_per_weight
 
 ALGORITHMS = ("windowed", "greedy", "dp")
 GRANULARITIES = ("matrix", "row", ("block", 3))
