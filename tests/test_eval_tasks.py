@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from unibcq.cli import main
+from unibcq.data.sources import read_jsonl
 from unibcq.errors import UnibcqError
 from unibcq.eval import gsm8k, mmlu, zeroshot
 from unibcq.eval import tasks as tasks_module
@@ -956,4 +957,4 @@ def test_task_files_that_are_not_utf8_are_named_in_one_error(tmp_path):
     with pytest.raises(UnibcqError, match="x_test.csv is not UTF-8 text"):
         mmlu.read_questions(csv_file)
     with pytest.raises(UnibcqError, match="valid.jsonl is not UTF-8 text"):
-        list(zeroshot.read_jsonl(jsonl))
+        list(read_jsonl(jsonl))

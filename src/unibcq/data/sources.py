@@ -26,6 +26,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
@@ -83,18 +84,28 @@ def _read_local_file(path: Path) -> str:
         raise UnibcqError(f"data file {path} not found")
     if path.suffix == ".jsonl":
         rows = []
-        for lineno, line in enumerate(_read_utf8(path).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UnibcqError(f"{path}:{lineno} is not valid JSON: {exc}") from exc
+        for lineno, row in read_jsonl(path):
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise UnibcqError(f"{path}:{lineno} needs a string field 'text'")
             rows.append(row["text"])
         return "\n\n".join(rows)
     return _read_utf8(path)
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, object) for every non-empty line, lazily, so --limit reads little."""
+    with path.open(encoding="utf-8") as handle:
+        try:
+            for lineno, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UnibcqError(f"{path}:{lineno} is not valid JSON: {exc}") from exc
+                yield lineno, row
+        except UnicodeDecodeError as exc:
+            raise not_utf8(path, exc) from exc
 
 
 def _read_utf8(path: Path) -> str:

@@ -38,9 +38,10 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from unibcq.data.sources import read_jsonl
 from unibcq.errors import UnibcqError
 from unibcq.eval.zeroshot import (
-    ProgressFn, data_file, encode, model_max_length, no_progress, parse_rows, read_jsonl, stderr_of_mean,
+    ProgressFn, data_file, encode, model_max_length, no_progress, parse_rows, stderr_of_mean,
 )
 
 GSM8K_FILE = "zeroshot/gsm8k/test.jsonl"

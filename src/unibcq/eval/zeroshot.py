@@ -44,7 +44,6 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
-import json
 import math
 import re
 import time
@@ -57,7 +56,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from unibcq.data.sources import resolve_data_dir
+from unibcq.data.sources import read_jsonl, resolve_data_dir
 from unibcq.errors import UnibcqError, not_utf8
 from unibcq.models.architectures import context_window
 
@@ -125,22 +124,6 @@ def data_file(root: Path, relative: str) -> Path:
     if not path.is_file():
         raise UnibcqError(f"{path} not found; point --data-dir / UNIBCQ_DATA_DIR at a folder containing {relative}")
     return path
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-empty line, lazily, so --limit reads little."""
-    with path.open(encoding="utf-8") as handle:
-        try:
-            for lineno, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UnibcqError(f"{path}:{lineno} is not valid JSON: {exc}") from exc
-                yield lineno, row
-        except UnicodeDecodeError as exc:
-            raise not_utf8(path, exc) from exc
 
 
 def parse_rows(path: Path, rows: Iterator[tuple[int, Any]], build: Callable[[Any], Any], limit: int | None) -> list:
