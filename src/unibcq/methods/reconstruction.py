@@ -127,6 +127,9 @@ def reconstruct_blocks(
     touched (see `unibcq.methods.onload`), for models whose blocks are read from disk. With
     `spill_dir` the three activation streams live in files there instead of memory.
     `memory_cap` is checked after every training step and every finished block.
+    `show_progress` shows the training bars and then each block's loss before and after
+    training (the table a user watches to see reconstruction work; the returned BlockRecords
+    hold the same figures for the API).
     """
     device = torch.device(device)
     blocks = decoder_blocks(model)

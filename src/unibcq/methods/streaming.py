@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,9 +253,8 @@ def quantize_streaming(
         hf_dict[QUANT_KEY] = quantization_entry(config, source_model, layout, {
             "quantize_seconds": round(time.perf_counter() - start, 3), "max_memory": max_memory})
         (tmp / "config.json").write_text(json.dumps(hf_dict, indent=2) + "\n")
-        for extra in ("generation_config.json",):
-            if (model_dir / extra).is_file():
-                (tmp / extra).write_bytes((model_dir / extra).read_bytes())
+        if (model_dir / "generation_config.json").is_file():
+            shutil.copyfile(model_dir / "generation_config.json", tmp / "generation_config.json")
         try:
             AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
         except (OSError, ValueError):
