@@ -434,7 +434,8 @@ def _report_quantize(args: argparse.Namespace, config, records, out: Path, timin
             f"dyngroup {config.algorithm} G<={config.max_groups} lambda {config.lam} ({config.granularity})",
             ["layer", "groups", "bits paper", "bits fixed", "bits entropy", "bits stored", "rel. error", "seconds"],
             [(r.name, layer_groups(r), r.accounting["bits_per_weight_paper"], r.accounting["bits_per_weight_fixed"],
-              r.accounting["bits_per_weight_entropy"], r.bits_per_weight, r.rel_error, _or_dash(r.seconds)) for r in records],
+              r.accounting["bits_per_weight_entropy"], r.bits_per_weight, r.rel_error, _or_dash(r.seconds))
+             for r in records],
         )
     else:
         print_table(

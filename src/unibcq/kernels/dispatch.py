@@ -100,7 +100,7 @@ def choose_backend(x: torch.Tensor, in_features: int, group_size: int, backend: 
         triton_ok = kernels is not None and kernels.usable(x) and not x.requires_grad
         if backend == "triton" and not triton_ok:
             raise UnibcqError("the triton backend needs triton, an input without grad, and a CUDA input "
-                             "(or TRITON_INTERPRET=1 for CPU)")
+                              "(or TRITON_INTERPRET=1 for CPU)")
         if backend == "triton":
             return backend
         return "triton" if triton_ok and _triton_failure is None and rows <= kernels.GEMV_MAX_ROWS else "reference"
