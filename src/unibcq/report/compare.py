@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -193,6 +193,24 @@ def _keep_context(model: str | Path, context: int | None, results_dir: Path) -> 
     write_json_atomic(results_dir / CONTEXT_FILE, {"model": str(model), "context": context})
 
 
+def _quantized_cell(path: Path, config: QuantConfig, settings: CompareSettings, model: torch.nn.Module, tokenizer,
+                    windows: Callable[[QuantConfig], torch.Tensor], show_progress: bool) -> torch.nn.Module:
+    """The cell's model: its checkpoint at `path` when one made from this model with this config
+    is there, else `model` quantized now (resuming a run killed mid-way) and saved to `path`."""
+    if _reusable_checkpoint(path, config, settings.model):
+        return load_checkpoint(path, dtype=torch.float32)  # computed like the reference
+    quantized = copy.deepcopy(model)
+    start = time.perf_counter()
+    quantize_model(quantized, config, windows(config) if config.method in CALIBRATED else None,
+                   show_progress=show_progress, workers=settings.workers, device=settings.device,
+                   state_dir=state_dir_for(path), resume=True)
+    seconds = time.perf_counter() - start
+    save_checkpoint(quantized, path, config, settings.model, tokenizer, overwrite=is_checkpoint(path),
+                    extra={"quantize_seconds": round(seconds, 3)}, dtype=declared_dtype(settings.model))
+    shutil.rmtree(state_dir_for(path), ignore_errors=True)
+    return quantized
+
+
 def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[dict[str, Any]]:
     """Quantize and evaluate every cell (skipping finished ones); returns all results, FP first."""
     from unibcq.data import calibration_windows
@@ -221,7 +239,16 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
     if pending or not fp_done:
         model = load_model(settings.model)
         tokenizer = load_tokenizer(settings.model)
-        windows = None
+        calibration: list[torch.Tensor] = []
+
+        def windows(config: QuantConfig) -> torch.Tensor:
+            """The calibration windows, drawn once for every calibrated cell (one preset for all)."""
+            if not calibration:
+                calibration.append(calibration_windows(tokenizer, settings.calib, config.calib_samples,
+                                                       config.calib_seq_len, settings.seed,
+                                                       settings.evaluation.data_dir))
+            return calibration[0]
+
         with progress_bar(show_progress) as bar:
             overall = bar.add_task("compare", total=len(pending) + (not fp_done))
             if not fp_done:
@@ -239,21 +266,7 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
             for cell in pending:
                 bar.update(overall, description=f"compare: {cell.name}")
                 config, path = configs[cell], ckpt_dir / cell.name
-                if _reusable_checkpoint(path, config, settings.model):
-                    quantized = load_checkpoint(path, dtype=torch.float32)  # computed like the reference
-                else:
-                    if config.method in CALIBRATED and windows is None:
-                        windows = calibration_windows(tokenizer, settings.calib, config.calib_samples,
-                                                      config.calib_seq_len, settings.seed, settings.evaluation.data_dir)
-                    quantized = copy.deepcopy(model)
-                    start = time.perf_counter()
-                    quantize_model(quantized, config, windows if config.method in CALIBRATED else None,
-                                   show_progress=show_progress, workers=settings.workers, device=settings.device,
-                                   state_dir=state_dir_for(path), resume=True)
-                    seconds = time.perf_counter() - start
-                    save_checkpoint(quantized, path, config, settings.model, tokenizer, overwrite=is_checkpoint(path),
-                                    extra={"quantize_seconds": round(seconds, 3)}, dtype=declared_dtype(settings.model))
-                    shutil.rmtree(state_dir_for(path), ignore_errors=True)
+                quantized = _quantized_cell(path, config, settings, model, tokenizer, windows, show_progress)
                 info = checkpoint_info(path)
                 journal = _journal(results_dir, cell.name, settings, path)
                 reference = model if settings.evaluation.datasets else None  # KL needs it on the device too
