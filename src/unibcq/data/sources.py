@@ -89,7 +89,7 @@ def _read_local_file(path: Path) -> str:
                 raise UnibcqError(f"{path}:{lineno} needs a string field 'text'")
             rows.append(row["text"])
         return "\n\n".join(rows)
-    return _read_utf8(path)
+    return read_utf8(path)
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
@@ -108,7 +108,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             raise not_utf8(path, exc) from exc
 
 
-def _read_utf8(path: Path) -> str:
+def read_utf8(path: Path) -> str:
+    """A text file's contents, or one error naming it when it is not UTF-8."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -143,7 +144,7 @@ def load_text(source: str, role: str = EVAL, data_dir: str | os.PathLike | None 
                     f"{source} {role} file {path} not found; point --data-dir / UNIBCQ_DATA_DIR at a "
                     f"folder containing {KNOWN[source].files[role]}"
                 )
-            return KNOWN[source].joined(_read_utf8(path))
+            return KNOWN[source].joined(read_utf8(path))
         return _from_hub(source, role)
     path = Path(source).expanduser()
     if path.suffix in (".txt", ".jsonl", ".raw", ".tokens") or path.exists():

@@ -56,8 +56,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from unibcq.data.sources import read_jsonl, resolve_data_dir
-from unibcq.errors import UnibcqError, not_utf8
+from unibcq.data.sources import read_jsonl, read_utf8, resolve_data_dir
+from unibcq.errors import UnibcqError
 from unibcq.models.architectures import context_window
 
 # Reports (done, total) in the caller's units; run_tasks turns it into a progress bar.
@@ -159,10 +159,7 @@ class MultipleChoiceDoc:
 def _piqa(root: Path, limit: int | None) -> list[MultipleChoiceDoc]:
     path = data_file(root, "zeroshot/piqa/valid.jsonl")
     labels_path = data_file(root, "zeroshot/piqa/valid-labels.lst")
-    try:
-        labels = labels_path.read_text(encoding="utf-8").split()
-    except UnicodeDecodeError as exc:
-        raise not_utf8(labels_path, exc) from exc
+    labels = read_utf8(labels_path).split()
     rows = list(read_jsonl(path))
     if len(labels) != len(rows):
         raise UnibcqError(f"{labels_path} has {len(labels)} labels for {len(rows)} questions in {path}")
