@@ -19,8 +19,12 @@ others go on. Resumable: finished checkpoints and JSONs are reused, and a killed
 from its journal. --time-budget stops the run in time on a lent machine: a row that starts
 afresh starts only if the budget has its expected duration left (`expected_seconds`), no
 step starts after the budget and a running one is killed at it. A row left unfinished keeps
-its figures; the next run continues it on the same machine if its checkpoint is still
-there, and otherwise quantizes it anew and measures all of it again.
+its figures; the next run on the same kind of machine (same CPU or GPU model, core count,
+torch and transformers) continues it. Its checkpoint need not be there: ROW.checkpoint.json
+records the identity (sha256) of the checkpoint the figures were measured on, and a row
+quantized again keeps them only if the new checkpoint is bit for bit the same (deterministic
+methods on the same machine, e.g. RTN or BCQ on one CPU thread); otherwise every figure is
+measured again.
 
 Rows accumulate across machines and sessions: OUT/machine.json fixes the protocol (model,
 task dtype, set limits) for the folder, and OUT/ROW.machine.json records where each row ran.
@@ -40,10 +44,13 @@ and data and runs this):
 On a 2-core CPU a row takes five to six hours on one thread (the full test set with KL about
 58 min, the zero-shot sets and MMLU about 2 h each), so it spans sessions: give each run a --time-budget
 and the rows to work on, e.g. `--rows rtn-w3-g128,bcq-alternating-w3-g128 --jobs 2 --threads 1
---time-budget 9000`. The checkpoints and the evals' journals (ROW.*.json.partial) stay in the
-folder (git ignores them), so the next run of the same rows on the same machine continues
-where the budget stopped it, losing at most the zero-shot part or MMLU subject in progress;
-rows this machine began go before new ones, so --rows may name the next rows too.
+--time-budget 9000`. The evals' journals (ROW.*.json.partial) stay in the folder, and git keeps
+them with the JSONs (a journal is tied to its checkpoint's identity), so the next run of the
+same rows on the same kind of machine, even from a fresh clone, continues where the budget
+stopped it, losing at most the zero-shot part or MMLU subject in progress; rows this machine
+began go before new ones, so --rows may name the next rows too. Keep transformers at the
+version the rows record (e.g. `pip install transformers==5.24.0` for the CPU rows), or they
+start over.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ from smollm2_tasks import FP_ROW, UNQUANTIZED_BITS, ZERO_SHOT, add_run_options, 
 from smollm2_tasks import markdown_table as task_table
 
 from unibcq.atomic import write_json_atomic
+from unibcq.models.fingerprint import files_fingerprint
 from unibcq.report.render import cpu_model
 
 START_MARKER = "<!-- smollm2-full-protocol:start -->"
@@ -150,13 +158,34 @@ def result_paths(args: argparse.Namespace, row: str) -> dict[str, Path]:
     }
 
 
+def checkpoint_record(args: argparse.Namespace, row: str) -> Path:
+    """OUT/ROW.checkpoint.json: the identity of the checkpoint the row's figures were measured on."""
+    return args.out / f"{row}.checkpoint.json"
+
+
+def recorded_identity(args: argparse.Namespace, row: str) -> Any:
+    """The identity in ROW.checkpoint.json (see `files_fingerprint`), or None when not recorded."""
+    path = checkpoint_record(args, row)
+    return read_json(path).get("files") if path.is_file() else None
+
+
+def record_identity(args: argparse.Namespace, row: str) -> None:
+    """Note which checkpoint the row's figures come from, so that a later session, whose clone
+    lacks the (git-ignored) checkpoint, can quantize it again and keep the figures if it is the same."""
+    identity = files_fingerprint(args.out / row)
+    if identity is not None:
+        write_json_atomic(checkpoint_record(args, row), {"files": identity})
+
+
 def row_plan(args: argparse.Namespace, exe: str, row: str,
              machine: dict[str, Any]) -> tuple[bool, list[tuple[str, list[str]]]]:
     """(whether the row starts over, (step name, command) for each step still to do, in order).
 
     No steps for a row with every figure (its checkpoint may be gone); every step, after
     discarding the row's figures, for a row quantized anew, one that another machine began
-    and one with no record of its machine.
+    and one with no record of its machine. A row this machine began whose checkpoint is gone
+    but recorded (ROW.checkpoint.json) does not start over: it is quantized again, and
+    `process_row` keeps its figures only if the new checkpoint is the same.
     """
     paths = result_paths(args, row)
     info_path = args.out / f"{row}.info.json"
@@ -168,6 +197,7 @@ def row_plan(args: argparse.Namespace, exe: str, row: str,
     device = ["--device", args.device]
     source = args.model if row == FP_ROW else str(args.out / row)
     steps: list[tuple[str, list[str]]] = []
+    fresh = began_elsewhere
     if row != FP_ROW:
         method, _, rest = row.partition("-w")
         bits, _, group = rest.partition("-g")
@@ -177,6 +207,7 @@ def row_plan(args: argparse.Namespace, exe: str, row: str,
                                        group, "--out", str(checkpoint), "--json",
                                        str(args.out / f"{row}.quantize.json"), "--no-progress", "--overwrite",
                                        *device, *data]))
+            fresh = fresh or recorded_identity(args, row) is None
         steps.append(("info", [exe, "info", str(checkpoint), "--json", str(info_path)]))
     kl = ["--kl-ref", "none"] if row == FP_ROW else []
     tasks = ["--ppl", "none", "--task-dtype", args.task_dtype, "--batch-size", str(batch_size(args))]
@@ -187,12 +218,28 @@ def row_plan(args: argparse.Namespace, exe: str, row: str,
         "mmlu": [*tasks, "--tasks", "mmlu", "--mmlu-shots", str(MMLU_SHOTS),
                  *(["--limit", str(args.mmlu_limit)] if args.mmlu_limit else [])],
     }
-    fresh = began_elsewhere or (bool(steps) and steps[0][0] == "quantize")
     for key, path in paths.items():
         if fresh or not path.is_file():
             steps.append((key, [exe, "eval", source, *evals[key], *device, *data, "--no-progress",
                                 "--json", str(path)]))
     return fresh, steps
+
+
+def discard_figures(args: argparse.Namespace, row: str) -> None:
+    """Remove every measurement of a row's checkpoint (figures, journals of unfinished evaluations,
+    sizes, its identity), so none of them is reported for (or resumed on) another checkpoint."""
+    for path in result_paths(args, row).values():
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".partial").unlink(missing_ok=True)
+    for name in (f"{row}.info.json", f"{row}.checkpoint.json"):
+        (args.out / name).unlink(missing_ok=True)
+
+
+def machine_changes(recorded: dict[str, Any] | None, here: dict[str, Any]) -> str:
+    """What differs between the machine a row began on and this one, e.g. 'transformers 5.24.0 -> 5.25.0'."""
+    if recorded is None:
+        return ""
+    return ", ".join(f"{k} {recorded.get(k)} -> {here[k]}" for k in ROW_MACHINE_KEYS if recorded.get(k) != here[k])
 
 
 @dataclass(frozen=True)
@@ -222,18 +269,28 @@ def process_row(args: argparse.Namespace, exe: str, row: str, machine: dict[str,
     (or machine) is ever reported for another; with a `deadline` (time.monotonic()) it
     starts only if its expected duration is left, so figures are not thrown away for a row
     that cannot finish. No step starts after `deadline`, and one still running then is killed.
+    A row quantized again keeps its figures only if the checkpoint is the one they were
+    measured on (its identity in ROW.checkpoint.json, which every quantization records).
     """
     fresh, steps = row_plan(args, exe, row, machine)
+    unrecorded = row != FP_ROW and is_complete_checkpoint(args.out / row) and recorded_identity(args, row) is None
+    if not fresh and unrecorded:
+        record_identity(args, row)  # a row begun before checkpoints were recorded
     left = None if deadline is None else deadline - time.monotonic()
     if steps and left is not None and (left <= 0 or (fresh and left < expected_seconds(row))):
         return Unfinished(row, f"not started (time budget: {max(left, 0):.0f} s left, a fresh row expects "
                                f"{expected_seconds(row)} s)" if fresh else "not started (time budget)", False)
     if fresh:
-        for path in [*result_paths(args, row).values(), args.out / f"{row}.info.json",
-                     args.out / f"{row}.quantize.json"]:
-            path.unlink(missing_ok=True)
+        changes = machine_changes(row_machine(args, row), machine)
+        if changes and any(p.is_file() for p in result_paths(args, row).values()):
+            print(f"smollm2_full_protocol: note: {row} began on another machine ({changes}); its figures are "
+                  "dropped and it starts over", flush=True)
+        discard_figures(args, row)
+        (args.out / f"{row}.quantize.json").unlink(missing_ok=True)
         write_json_atomic(args.out / f"{row}.machine.json", machine)
-    for step, cmd in steps:
+    pending = list(steps)
+    while pending:
+        step, cmd = pending.pop(0)
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             return Unfinished(row, f"not finished (time budget; {step} and later steps not started)", False)
@@ -243,6 +300,14 @@ def process_row(args: argparse.Namespace, exe: str, row: str, machine: dict[str,
             return Unfinished(row, f"not finished (time budget; {step} stopped)", False)
         except (SystemExit, OSError) as failure:
             return Unfinished(row, str(failure), True)
+        if step != "quantize":
+            continue
+        if not fresh and identity_json(files_fingerprint(args.out / row)) != recorded_identity(args, row):
+            print(f"smollm2_full_protocol: note: {row} quantized again differs from the checkpoint its "
+                  "figures were measured on; they are dropped and measured anew", flush=True)
+            discard_figures(args, row)
+            pending = row_plan(args, exe, row, machine)[1]
+        record_identity(args, row)
     return None
 
 
@@ -267,6 +332,11 @@ def row_machine(args: argparse.Namespace, row: str) -> dict[str, Any] | None:
     """Where a row ran (OUT/ROW.machine.json), or None for a row never started."""
     path = args.out / f"{row}.machine.json"
     return read_json(path) if path.is_file() else None
+
+
+def identity_json(identity: Any) -> Any:
+    """An identity as ROW.checkpoint.json reads back (tuples become lists), for comparison."""
+    return json.loads(json.dumps(identity))
 
 
 def same_machine(recorded: dict[str, Any], here: dict[str, Any]) -> bool:

@@ -4,6 +4,7 @@ machine, is reported for another, and stops in time on a lent machine."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,66 @@ def _fake_cli(tmp_path: Path, seconds: float) -> str:
     exe.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls.txt"}\nsleep {seconds}\n')
     exe.chmod(0o755)
     return str(exe)
+
+
+def _quantizing_cli(tmp_path: Path, weights: bytes) -> str:
+    """A stand-in for the unibcq CLI whose `quantize` writes a checkpoint holding `weights`, with a
+    manifest and the run's duration in its config as the real one; every command notes its arguments."""
+    exe = tmp_path / "fake-quantizing-unibcq"
+    exe.write_text(f"""#!{sys.executable}
+import hashlib, json, sys, time
+from pathlib import Path
+args = sys.argv[1:]
+with open({str(tmp_path / "calls.txt")!r}, "a") as calls:
+    calls.write(" ".join(args) + "\\n")
+if args[0] == "quantize":
+    out = Path(args[args.index("--out") + 1])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.safetensors").write_bytes({weights!r})
+    (out / "config.json").write_text(json.dumps({{"quantization_config": {{"quantize_seconds": time.time()}}}}))
+    files = {{name: {{"bytes": (out / name).stat().st_size,
+                     "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest()}}
+             for name in ("model.safetensors", "config.json")}}
+    (out / "manifest.json").write_text(json.dumps({{"files": files}}))
+""")
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def _commands(tmp_path: Path) -> list[str]:
+    calls = tmp_path / "calls.txt"
+    commands = [line.split()[0] for line in calls.read_text().splitlines()]
+    calls.unlink()
+    return commands
+
+
+def test_a_row_quantized_again_keeps_its_figures_only_for_the_same_checkpoint(tmp_path, capsys):
+    """A fresh clone has the row's JSONs and journals but not its checkpoint."""
+    args, row = _args(tmp_path), "rtn-w3-g128"
+    assert protocol.process_row(args, _quantizing_cli(tmp_path, b"weights"), row, HERE) is None
+    assert _commands(tmp_path) == ["quantize", "info", "eval", "eval", "eval", "eval"]
+    paths = protocol.result_paths(args, row)
+    journal = paths["tasks"].with_name(paths["tasks"].name + ".partial")
+    for path in (paths["short"], paths["full"], journal, tmp_path / f"{row}.info.json"):
+        _touch(path)  # what the evaluations would have written
+    shutil.rmtree(tmp_path / row)
+    fresh, steps = protocol.row_plan(args, "unibcq", row, HERE)
+    assert not fresh and [s for s, _ in steps] == ["quantize", "info", "tasks", "mmlu"]
+    assert protocol.process_row(args, _quantizing_cli(tmp_path, b"weights"), row, HERE) is None
+    assert _commands(tmp_path) == ["quantize", "info", "eval", "eval"]
+    assert paths["short"].is_file() and paths["full"].is_file() and journal.is_file()  # the same checkpoint
+
+    shutil.rmtree(tmp_path / row)
+    assert protocol.process_row(args, _quantizing_cli(tmp_path, b"other weights"), row, HERE) is None
+    assert _commands(tmp_path) == ["quantize", "info", "eval", "eval", "eval", "eval"]
+    assert not paths["short"].exists() and not journal.exists()  # another checkpoint: measured anew
+    assert "differs from the checkpoint" in capsys.readouterr().out
+    recorded = protocol.recorded_identity(args, row)
+    assert recorded == protocol.identity_json(protocol.files_fingerprint(tmp_path / row))
+
+    protocol.checkpoint_record(args, row).unlink()  # a row begun before checkpoints were recorded
+    reason = protocol.process_row(args, _quantizing_cli(tmp_path, b"x"), row, HERE, deadline=time.monotonic())
+    assert str(reason) == f"{row}: not started (time budget)" and protocol.recorded_identity(args, row) == recorded
 
 
 def test_rows_run_only_what_is_missing_and_a_new_checkpoint_redoes_every_figure(tmp_path):
@@ -95,7 +156,7 @@ def test_the_time_budget_stops_a_running_step_and_starts_no_other(tmp_path, monk
     assert not (tmp_path / "logs" / "fp.full.log").exists()
 
 
-def test_a_fresh_row_starts_only_with_its_expected_time_left(tmp_path):
+def test_a_fresh_row_starts_only_with_its_expected_time_left(tmp_path, capsys):
     args = _args(tmp_path)
     _touch(tmp_path / "rtn-w3-g128.machine.json", ELSEWHERE)
     _touch(protocol.result_paths(args, "rtn-w3-g128")["short"])
@@ -109,6 +170,8 @@ def test_a_fresh_row_starts_only_with_its_expected_time_left(tmp_path):
     assert protocol.process_row(args, _fake_cli(tmp_path, 0), "rtn-w3-g128", HERE,
                                 deadline=time.monotonic() + expected + 5) is None
     assert not protocol.result_paths(args, "rtn-w3-g128")["short"].is_file()  # started over: the fake wrote none
+    assert "rtn-w3-g128 began on another machine (gpu NVIDIA H100 80GB HBM3 -> None, cpu_count 16 -> 2, " \
+           "device cuda -> cpu)" in capsys.readouterr().out
 
 
 def test_rows_this_machine_began_go_first_and_other_machines_rows_last(tmp_path):

@@ -89,6 +89,30 @@ def test_saving_twice_writes_identical_weight_files(tiny_llama, ckpt_dir):
     assert checkpoint_module.has_unibcq_weights(dirs[0])  # recognised by its packed tensors
 
 
+def test_a_checkpoint_is_known_by_its_content_not_its_files_times(tiny_llama, ckpt_dir, tmp_path):
+    """Saved progress (eval journals) follows a checkpoint quantized again, bit for bit the same,
+    on a fresh clone; the run's own entries (source times, duration) do not count, weights do."""
+    from unibcq.models.fingerprint import files_fingerprint
+
+    model = tiny_llama()
+    config = fast_config("rtn")
+    quantize(model, config)
+    source = tmp_path / "source.gguf"
+    source.write_bytes(b"source weights")
+    first = unibcq.save(model, ckpt_dir("a"), config, source_model=str(source), extra={"quantize_seconds": 1.0})
+    identity = files_fingerprint(first)
+    assert identity is not None and all(len(entry[2]) == 64 for entry in identity)  # sha256, not mtimes
+    os.utime(source, ns=(1, 1))
+    again = unibcq.save(model, ckpt_dir("b"), config, source_model=str(source), extra={"quantize_seconds": 2.0})
+    assert files_fingerprint(again) == identity
+    with torch.no_grad():
+        next(iter(quantized_layers(model).values())).bcq_alpha.mul_(1.5)
+    changed = unibcq.save(model, ckpt_dir("c"), config, source_model=str(source), extra={"quantize_seconds": 1.0})
+    assert files_fingerprint(changed) != identity
+    (again / "manifest.json").unlink()  # no manifest: known by its files' times again
+    assert files_fingerprint(again)[0][2] == (again / "config.json").stat().st_mtime_ns
+
+
 def test_checkpoints_and_json_get_the_modes_of_plain_files(tiny_llama, ckpt_dir, tmp_path):
     """Temporary files are private (0600); a shared checkpoint must not stay so after the rename."""
     from unibcq.atomic import write_json_atomic

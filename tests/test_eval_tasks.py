@@ -921,7 +921,7 @@ def test_a_journal_that_cannot_be_written_only_costs_the_resume(tmp_path, capsys
     assert err.count("will not be resumable") == 1 and journal.get("task", "boolq") == {"acc": 0.6}
 
 
-def test_a_checkpoint_written_anew_under_the_same_path_changes_the_fingerprint(tmp_path):
+def test_a_model_folder_written_anew_under_the_same_path_changes_the_fingerprint(tmp_path):
     from unibcq.models.fingerprint import files_fingerprint
 
     (tmp_path / "model.safetensors").write_bytes(b"old weights")

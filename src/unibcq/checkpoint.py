@@ -29,15 +29,13 @@ from unibcq.atomic import atomic_directory
 from unibcq.config import FORMAT_VERSION, QuantConfig
 from unibcq.errors import CheckpointError, UnibcqError, one_line
 from unibcq.models.architectures import ARCHITECTURES, set_module
-from unibcq.models.fingerprint import files_fingerprint
+from unibcq.models.fingerprint import MANIFEST_FILE, QUANT_KEY, files_fingerprint
 from unibcq.models.shards import WEIGHTS_INDEX, read_weight_map
 from unibcq.formats.bcq import MAX_BITS, MIN_BITS, num_groups
 from unibcq.formats.grouped_binary import MAX_GROUPS, parse_granularity
 from unibcq.nn.qlinear import PACKED_MODULES, PackedLinear
 
 WEIGHTS_FILE = "model.safetensors"
-MANIFEST_FILE = "manifest.json"
-QUANT_KEY = "quantization_config"
 PACKED_SUFFIXES = ("bcq_planes", "bcq_alpha", "bcq_offset", "gb_signs", "gb_index", "gb_scales")
 # One key: safetensors writes metadata from a hash map, so two keys come out in a random order
 # and identical tensors would give files with different hashes.
