@@ -109,6 +109,36 @@ def _train_block(block: nn.Module, fakes: dict[str, nn.Module], q_in: Sequence[t
     return total
 
 
+def _install_fake_quants(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig,
+                         device: torch.device) -> dict[str, nn.Module]:
+    """Replace a block's linear layers by trainable fake-quantized ones, returned by name.
+
+    In eval mode: the block's loss before training must not remap or advance the remap period.
+    """
+    fakes = {}
+    for name, layer in layers.items():
+        try:
+            fakes[name] = make_fake_quant(layer, config.for_layer(name)).to(device).eval()
+        except UnibcqError as exc:
+            raise UnibcqError(f"{name}: {exc}") from exc
+        set_module(model, name, fakes[name])
+    return fakes
+
+
+def _install_exports(model: nn.Module, fakes: dict[str, nn.Module], layers: dict[str, nn.Linear],
+                     config: QuantConfig, device: torch.device) -> list[LayerRecord]:
+    """Replace each trained fake-quantized layer by its exported packed layer (the unification
+    step), and record its error against the original weight. No per-layer time: the layers
+    were trained jointly with their block."""
+    records = []
+    for name, fake in fakes.items():
+        packed = fake.export()
+        error = relative_error(packed, layers[name].weight.to(device))
+        set_module(model, name, packed_module(packed, fake.bias).to(device))
+        records.append(LayerRecord.of(name, config, packed, error, None))
+    return records
+
+
 def reconstruct_blocks(
     model: nn.Module,
     config: QuantConfig,
@@ -161,14 +191,7 @@ def reconstruct_blocks(
             block.to(device)
             targets = run_block(block, BlockInputs(fp_in, block_kwargs), device, spill_dir)
             layers = block_linears(model, index)
-            fakes = {}
-            for name, layer in layers.items():
-                try:
-                    # eval(): the loss before training must not remap or advance the remap period.
-                    fakes[name] = make_fake_quant(layer, config.for_layer(name)).to(device).eval()
-                except UnibcqError as exc:
-                    raise UnibcqError(f"{name}: {exc}") from exc
-                set_module(model, name, fakes[name])
+            fakes = _install_fake_quants(model, layers, config, device)
             initial = block_loss(block, q_in, targets, kwargs, device)
             task = bar.add_task(f"block {index}", total=steps)
             generator = torch.Generator().manual_seed(config.seed * 100_003 + index)
@@ -180,11 +203,7 @@ def reconstruct_blocks(
 
             iterations = _train_block(block, fakes, q_in, fp_in, targets, kwargs, config, device, generator, on_step)
             bar.update(task, visible=False)
-            for name, fake in fakes.items():
-                packed = fake.export()
-                error = relative_error(packed, layers[name].weight.to(device))
-                set_module(model, name, packed_module(packed, fake.bias).to(device))
-                layer_records.append(LayerRecord.of(name, config, packed, error, None))
+            layer_records += _install_exports(model, fakes, layers, config, device)
             del fakes
             final = block_loss(block, q_in, targets, kwargs, device)
             fp_in = targets

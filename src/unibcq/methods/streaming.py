@@ -21,6 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -213,13 +214,7 @@ def quantize_streaming(
     if missing:
         raise UnibcqError(f"{model_dir} lacks tensors the config implies, e.g. {missing[:3]}")
 
-    largest = max(fp32_nbytes(files[f"{name}.weight"], f"{name}.weight") for name in linears)
-    working = BASELINE_BYTES + QUANTIZER_COPIES * largest
-    if max_memory < working + largest:
-        raise UnibcqError(
-            f"--max-memory {max_memory / 2**30:.2f} GiB is too small: quantizing the largest weight "
-            f"({largest / 2**20:.0f} MiB in fp32) needs about {(working + largest) / 2**30:.2f} GiB"
-        )
+    working = _working_bytes(files, linears, max_memory)
     if config.include_lm_head:
         hf_config.tie_word_embeddings = False
     records: list[LayerRecord] = []
@@ -234,17 +229,9 @@ def quantize_streaming(
                 if layer in linears and key.endswith(".bias"):
                     continue  # written with its layer's packed weight
                 if layer in linears:
-                    layer_cfg = config.for_layer(layer)
-                    packed, error, seconds = quantize_matrix(layer, read_tensor(files[key], key), layer_cfg)
-                    bias_key = f"{layer}.bias"
-                    bias = (cast_checked(bias_key, _read_finite(files, bias_key), dtype)
-                            if bias_key in expected else None)
-                    module = packed_module(packed, bias)
-                    layout[layer] = module.layout()
-                    for name, tensor in module.state_dict().items():
-                        writer.add(f"{layer}.{name}", tensor)
-                    records.append(LayerRecord.of(layer, config, packed, error, seconds))
-                    del packed, module
+                    layout[layer], record = _write_quantized(writer, layer, files, f"{layer}.bias" in expected,
+                                                             config, dtype)
+                    records.append(record)
                 else:
                     writer.add(key, cast_checked(key, _read_finite(files, key), dtype))
                 bar.update(task, advance=1, description=f"{config.method} {layer}")
@@ -253,11 +240,42 @@ def quantize_streaming(
         hf_dict[QUANT_KEY] = quantization_entry(config, source_model, layout, {
             "quantize_seconds": round(time.perf_counter() - start, 3), "max_memory": max_memory})
         (tmp / "config.json").write_text(json.dumps(hf_dict, indent=2) + "\n")
-        if (model_dir / "generation_config.json").is_file():
-            shutil.copyfile(model_dir / "generation_config.json", tmp / "generation_config.json")
-        try:
-            AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
-        except (OSError, ValueError):
-            pass  # a weights-only model directory: the checkpoint works without a tokenizer
+        _copy_generation_files(model_dir, tmp)
         write_manifest(tmp)
     return records
+
+
+def _working_bytes(files: dict[str, Path], linears: Collection[str], max_memory: int) -> int:
+    """Memory the quantization of the largest weight needs besides the output shard being filled;
+    refuse, before any weight is read, a budget that cannot also hold that weight's read."""
+    largest = max(fp32_nbytes(files[f"{name}.weight"], f"{name}.weight") for name in linears)
+    working = BASELINE_BYTES + QUANTIZER_COPIES * largest
+    if max_memory < working + largest:
+        raise UnibcqError(
+            f"--max-memory {max_memory / 2**30:.2f} GiB is too small: quantizing the largest weight "
+            f"({largest / 2**20:.0f} MiB in fp32) needs about {(working + largest) / 2**30:.2f} GiB"
+        )
+    return working
+
+
+def _write_quantized(writer: _ShardWriter, layer: str, files: dict[str, Path], has_bias: bool,
+                     config: QuantConfig, dtype: torch.dtype) -> tuple[dict[str, Any], LayerRecord]:
+    """Quantize one linear layer read from the source, add its packed tensors (and bias) to the
+    output shards, and return its layout and record; nothing of it stays in memory."""
+    key = f"{layer}.weight"
+    packed, error, seconds = quantize_matrix(layer, read_tensor(files[key], key), config.for_layer(layer))
+    bias = cast_checked(f"{layer}.bias", _read_finite(files, f"{layer}.bias"), dtype) if has_bias else None
+    module = packed_module(packed, bias)
+    for name, tensor in module.state_dict().items():
+        writer.add(f"{layer}.{name}", tensor)
+    return module.layout(), LayerRecord.of(layer, config, packed, error, seconds)
+
+
+def _copy_generation_files(model_dir: Path, out: Path) -> None:
+    """The source's generation config and tokenizer, which the checkpoint needs to generate."""
+    if (model_dir / "generation_config.json").is_file():
+        shutil.copyfile(model_dir / "generation_config.json", out / "generation_config.json")
+    try:
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    except (OSError, ValueError):
+        pass  # a weights-only model directory: the checkpoint works without a tokenizer

@@ -699,17 +699,7 @@ def dyngroup_quantize(
     if not isinstance(algorithm, str) or algorithm not in _ALGORITHMS:
         raise UnibcqError(f"algorithm must be one of {_ALGORITHMS}, got {algorithm!r}")
     granularity = _parse_granularity(granularity)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise UnibcqError(f"weight must be a 2-D torch tensor, got {shape}")
-    if not weight.is_floating_point():
-        raise UnibcqError(f"weight must be floating point, got {weight.dtype}")
-    w = weight.detach().cpu()
-    if w.dtype != torch.float64:
-        w = w.to(torch.float32)
-    if not bool(torch.isfinite(w).all()):
-        raise UnibcqError("weight contains NaN or inf values")
-
+    w = _checked_weight(weight)
     w_np = w.numpy()
     mags = np.abs(w_np)
     rows, cols = w_np.shape
@@ -725,15 +715,7 @@ def dyngroup_quantize(
         raw_lam = lam
         if normalize_lambda and x.size:
             raw_lam = normalized_lambda(lam, x.size, float(x.var(dtype=np.float64)), max_groups)
-        if algorithm == "windowed":
-            bounds = _windowed_np(x, max_groups, raw_lam, window, merge_rule)
-        elif algorithm == "greedy":
-            bounds = _greedy_np(x, max_groups, raw_lam, merge_rule)
-        else:
-            cuts = np.unique(np.append(np.arange(0, x.size, dp_atom_size), x.size))
-            bounds = _dp_np(PrefixSums._of_array(x), cuts, max_groups, raw_lam)
-        if algorithm != "dp":
-            bounds = _refine_np(x, bounds, raw_lam, refine_sweeps)
+        bounds = _segment_bounds(x, algorithm, max_groups, raw_lam, window, dp_atom_size, refine_sweeps, merge_rule)
         sizes, means, sse = _run_stats(x, bounds)
         group_index[rs, cs] = _assign_groups(flat, x, bounds).reshape(block.shape)
         seg_sizes.append(sizes)
@@ -742,20 +724,51 @@ def dyngroup_quantize(
         objective += float(sse.sum() + raw_lam * (1.0 / sizes).sum())
 
     num_groups = np.array([s.size for s in seg_sizes], dtype=np.int64)
-    width = int(num_groups.max()) if num_groups.size else 0
-    scales = np.zeros((len(seg_sizes), width), dtype=np.float32)
-    group_sizes = np.zeros((len(seg_sizes), width), dtype=np.int64)
-    for s, (sizes, means) in enumerate(zip(seg_sizes, seg_means)):
-        scales[s, : sizes.size] = means
-        group_sizes[s, : sizes.size] = sizes
     return DynGroupResult(
         signs=w >= 0,
         group_index=torch.from_numpy(group_index),
-        scales=torch.from_numpy(scales),
-        group_sizes=torch.from_numpy(group_sizes),
+        scales=torch.from_numpy(_padded(seg_means, np.float32)),
+        group_sizes=torch.from_numpy(_padded(seg_sizes, np.int64)),
         num_groups=torch.from_numpy(num_groups),
         objective=objective,
         lam_effective=torch.tensor(lam_eff, dtype=torch.float64),
         granularity=granularity,
     )
+
+
+def _checked_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as a finite float32 (float64 stays float64) CPU tensor, or a clear error."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise UnibcqError(f"weight must be a 2-D torch tensor, got {shape}")
+    if not weight.is_floating_point():
+        raise UnibcqError(f"weight must be floating point, got {weight.dtype}")
+    w = weight.detach().cpu()
+    if w.dtype != torch.float64:
+        w = w.to(torch.float32)
+    if not bool(torch.isfinite(w).all()):
+        raise UnibcqError("weight contains NaN or inf values")
+    return w
+
+
+def _segment_bounds(x: np.ndarray, algorithm: Algorithm, max_groups: int, raw_lam: float, window: int,
+                    dp_atom_size: int, refine_sweeps: int, merge_rule: MergeRule) -> np.ndarray:
+    """Run boundaries of one segment's sorted magnitudes `x` by the chosen algorithm (see
+    `dyngroup_quantize`); the merges are then refined, the exact DP needs no refinement."""
+    if algorithm == "dp":
+        cuts = np.unique(np.append(np.arange(0, x.size, dp_atom_size), x.size))
+        return _dp_np(PrefixSums._of_array(x), cuts, max_groups, raw_lam)
+    if algorithm == "windowed":
+        bounds = _windowed_np(x, max_groups, raw_lam, window, merge_rule)
+    else:
+        bounds = _greedy_np(x, max_groups, raw_lam, merge_rule)
+    return _refine_np(x, bounds, raw_lam, refine_sweeps)
+
+
+def _padded(per_segment: list[np.ndarray], dtype: type) -> np.ndarray:
+    """Per-segment vectors of different lengths as one zero-padded (segments, longest) array."""
+    out = np.zeros((len(per_segment), max((v.size for v in per_segment), default=0)), dtype=dtype)
+    for s, values in enumerate(per_segment):
+        out[s, : values.size] = values
+    return out
 
