@@ -23,6 +23,7 @@ from unibcq.atomic import check_writable, write_json_atomic
 from unibcq.errors import UnibcqError
 
 if TYPE_CHECKING:
+    from unibcq.config import QuantConfig
     from unibcq.eval.journal import EvalJournal
     from unibcq.eval.suite import EvalSettings
     from unibcq.report import CompareSettings
@@ -330,20 +331,13 @@ def _check_workers(workers: int, backend: str = "local") -> None:
               "workers only take turns and slow the run", file=sys.stderr)
 
 
-def cmd_quantize(args: argparse.Namespace) -> None:
-    from unibcq.checkpoint import check_output_dir, save_checkpoint
+def _quant_config(args: argparse.Namespace) -> QuantConfig:
+    """The validated config that quantize's flags and --preset describe; flags the method does
+    not read are named in a note, since a user who passed them expected an effect."""
     from unibcq.config import QuantConfig
-    from unibcq.data import calibration_windows
-    from unibcq.methods import CALIBRATED, METHODS, quantize_model
-    from unibcq.models import load_model, load_tokenizer, resolve_model
+    from unibcq.methods import METHODS
+    from unibcq.methods.presets import apply_preset, preset_values
 
-    from unibcq.memory import MemoryCap, MemoryCapExceeded
-    from unibcq.methods.presets import apply_preset, cap_calibration_length, preset_values
-    from unibcq.methods.run_state import state_dir_for
-    from unibcq.methods.streaming import parse_memory
-    from unibcq.models.loading import context_window_of
-
-    _check_workers(args.workers, args.backend)
     unread = unread_flags(args.method, getattr(args, "argv", [])) if args.method in METHODS else []
     if unread:
         print(f"unibcq: note: {args.method} does not read {', '.join(unread)}; ignored", file=sys.stderr)
@@ -353,7 +347,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         "b_lr": args.b_lr, "remap_every": args.remap_every, "grid_points": args.grid_points,
         "batch_size": args.batch_size, "input_prob": args.input_prob, "iters": args.iters,
     })
-    config = apply_preset(QuantConfig(
+    return apply_preset(QuantConfig(
         method=args.method, bits=args.bits if args.bits is not None else (1 if binary else 3),
         group_size=args.group_size if args.group_size is not None else (-1 if binary else 128),
         symmetric=args.symmetric, clip_search=args.clip_search, integer_zero=args.integer_zero, offset=args.offset,
@@ -366,6 +360,22 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         true_sequential=args.true_sequential,
         mapping=args.mapping, shift=args.shift,
     ), preset, args.calib).validate()
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from unibcq.checkpoint import check_output_dir, save_checkpoint
+    from unibcq.data import calibration_windows
+    from unibcq.methods import CALIBRATED, quantize_model
+    from unibcq.models import load_model, load_tokenizer, resolve_model
+
+    from unibcq.memory import MemoryCap, MemoryCapExceeded
+    from unibcq.methods.presets import cap_calibration_length
+    from unibcq.methods.run_state import state_dir_for
+    from unibcq.methods.streaming import parse_memory
+    from unibcq.models.loading import context_window_of
+
+    _check_workers(args.workers, args.backend)
+    config = _quant_config(args)
     calibrated = config.method in CALIBRATED
     if args.spill_activations and not calibrated:
         raise UnibcqError(f"--spill-activations is for calibrated methods; {config.method} keeps no activations")
