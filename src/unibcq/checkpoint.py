@@ -28,6 +28,7 @@ from unibcq import __version__
 from unibcq.atomic import atomic_directory
 from unibcq.config import FORMAT_VERSION, QuantConfig
 from unibcq.errors import CheckpointError, UnibcqError, one_line
+from unibcq.finite import refuse_nonfinite
 from unibcq.models.architectures import ARCHITECTURES, set_module
 from unibcq.models.fingerprint import MANIFEST_FILE, QUANT_KEY, files_fingerprint
 from unibcq.models.shards import WEIGHTS_INDEX, read_weight_map
@@ -61,25 +62,6 @@ def is_packed_key(key: str, layers: dict[str, Any]) -> bool:
     """Whether state-dict `key` is a packed tensor (codes, scales, offsets) of a quantized layer."""
     layer, _, suffix = key.rpartition(".")
     return suffix in PACKED_SUFFIXES and layer in layers
-
-
-def nonfinite_count(tensor: torch.Tensor) -> int:
-    """NaN/inf entries of a floating tensor (0 for any other, and for meta tensors). A sum comes
-    first, which any NaN or inf poisons, so a finite tensor costs one reduction and no mask."""
-    if not tensor.is_floating_point() or tensor.device.type == "meta":
-        return 0
-    if bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
-        return 0
-    return int((~torch.isfinite(tensor)).sum())
-
-
-def refuse_nonfinite(key: str, tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor`, or an error naming it when it holds NaN/inf: saved, it would be a checkpoint that
-    loading calls corrupt; quantized, NaNs surface far from their cause."""
-    bad = nonfinite_count(tensor)
-    if bad:
-        raise UnibcqError(f"{key} has {bad} NaN/inf values; fix or re-export the model before quantizing")
-    return tensor
 
 
 def cast_checked(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

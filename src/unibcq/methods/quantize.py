@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from unibcq.checkpoint import refuse_nonfinite
+from unibcq.finite import refuse_nonfinite
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError
 from unibcq.memory import MemoryCap

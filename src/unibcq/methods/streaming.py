@@ -32,10 +32,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from unibcq.atomic import atomic_directory
 from unibcq.checkpoint import (
     QUANT_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, WEIGHTS_METADATA, cast_checked, dtype_name, quantization_entry,
-    refuse_nonfinite, write_manifest,
+    write_manifest,
 )
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError, one_line
+from unibcq.finite import refuse_nonfinite
 from unibcq.methods.per_matrix import LayerRecord, quantize_matrix
 from unibcq.methods.registry import PER_MATRIX_METHODS
 from unibcq.models.architectures import quantizable_linears

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from unibcq.errors import UnibcqError
+from unibcq.finite import refuse_nonfinite
 
 Algorithm = Literal["windowed", "greedy", "dp"]
 MergeRule = Literal["paper", "objective"]
@@ -744,11 +745,7 @@ def _checked_weight(weight: torch.Tensor) -> torch.Tensor:
     if not weight.is_floating_point():
         raise UnibcqError(f"weight must be floating point, got {weight.dtype}")
     w = weight.detach().cpu()
-    if w.dtype != torch.float64:
-        w = w.to(torch.float32)
-    if not bool(torch.isfinite(w).all()):
-        raise UnibcqError("weight contains NaN or inf values")
-    return w
+    return refuse_nonfinite("weight", w if w.dtype == torch.float64 else w.to(torch.float32))
 
 
 def _segment_bounds(x: np.ndarray, algorithm: Algorithm, max_groups: int, raw_lam: float, window: int,

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from unibcq.errors import UnibcqError
+from unibcq.finite import refuse_nonfinite
 from unibcq.formats.bcq import STORAGE_DTYPE, BCQTensor, effective_group_size
 
 # Largest magnitude the packed format's fp16 scales and offsets can hold.
@@ -41,12 +42,7 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
         raise UnibcqError(f"{name} must be a 2-D matrix, got shape {tuple(weight.shape)}")
     if weight.numel() == 0:
         raise UnibcqError(f"{name} is empty (shape {tuple(weight.shape)}); nothing to quantize")
-    weight = weight.detach().float()
-    if not torch.isfinite(weight).all():
-        bad = int((~torch.isfinite(weight)).sum())
-        raise UnibcqError(
-            f"{name} has {bad} NaN/inf values; fix or re-export the model before quantizing"
-        )
+    weight = refuse_nonfinite(name, weight.detach().float())
     peak = float(weight.abs().max())
     if peak > STORAGE_MAX:
         raise UnibcqError(

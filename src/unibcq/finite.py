@@ -1,0 +1,30 @@
+"""Refusing tensors that hold NaN or inf, with a message that names them.
+
+Saved, such a tensor makes a checkpoint that loading calls corrupt; quantized, its NaNs
+surface far from their cause. Quantizers and checkpoint writers share this one check.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unibcq.errors import UnibcqError
+
+
+def nonfinite_count(tensor: torch.Tensor) -> int:
+    """NaN/inf entries of a floating tensor (0 for any other, and for meta tensors). A sum comes
+    first, which any NaN or inf poisons, so a finite tensor costs one reduction and no mask."""
+    if not tensor.is_floating_point() or tensor.device.type == "meta":
+        return 0
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
+        return 0
+    return int((~torch.isfinite(tensor)).sum())
+
+
+def refuse_nonfinite(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or an error naming it when it holds NaN/inf: saved, it would be a checkpoint that
+    loading calls corrupt; quantized, NaNs surface far from their cause."""
+    bad = nonfinite_count(tensor)
+    if bad:
+        raise UnibcqError(f"{key} has {bad} NaN/inf values; fix or re-export the model before quantizing")
+    return tensor
