@@ -65,7 +65,14 @@ def _parse_overrides(texts: Sequence[str]) -> dict[str, dict[str, int]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unibcq", description="Binary-coding quantization of causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_quantize_parser, _add_eval_parser, _add_compare_parser, _add_info_parser, _add_generate_parser,
+                _add_bench_parser):
+        add(sub)
+    return parser
 
+
+def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
+    """`unibcq quantize`: every method's settings (each flag's help names the methods that read it)."""
     q = sub.add_parser("quantize", help="quantize a model's decoder linear layers and save a checkpoint")
     q.add_argument("model", help="Hugging Face id, local model dir, .gguf file, or alias (smollm2-135m)")
     q.add_argument("--method", required=True,
@@ -148,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", help="also write the per-layer summary as JSON here")
     q.add_argument("--no-progress", action="store_true")
 
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    """`unibcq eval`: perplexity, KL and tasks of a checkpoint or model."""
     e = sub.add_parser("eval", help="perplexity, KL divergence, top-1 agreement and benchmark tasks")
     e.add_argument("model", help="quantized checkpoint dir, or any MODEL accepted by quantize")
     e.add_argument("--kl-ref", help="reference model for KL (default: a checkpoint's source model; 'none' skips)")
@@ -156,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "of tasks are kept in JSON.partial meanwhile, so a killed eval rerun resumes there")
     e.add_argument("--no-progress", action="store_true")
 
+
+def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    """`unibcq compare`: methods x bit widths on one protocol, into a report."""
     c = sub.add_parser("compare", help="quantize with several methods and bit widths, evaluate all, write a report")
     c.add_argument("model", help="any MODEL accepted by quantize; also the KL reference")
     c.add_argument("--methods", required=True, help="comma-separated methods, e.g. rtn,gptq,bcq-alternating,uniquanf")
@@ -169,10 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_flags(c)
     c.add_argument("--no-progress", action="store_true")
 
+
+def _add_info_parser(sub: argparse._SubParsersAction) -> None:
+    """`unibcq info`: a checkpoint's method, bits and honest bits per weight."""
     i = sub.add_parser("info", help="method, bits and honest bits per weight of a checkpoint")
     i.add_argument("path")
     i.add_argument("--json")
     i.add_argument("--layers", action="store_true", help="print the per-layer table")
+
+
+def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    """`unibcq generate`: streamed generation with speed and memory."""
     g = sub.add_parser("generate", help="generate text from a checkpoint or model, streamed, with speed and memory")
     g.add_argument("model", help="quantized checkpoint dir, or any MODEL accepted by quantize")
     g.add_argument("--prompt", required=True, help="text to continue (the user message when --chat)")
@@ -186,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="seed for sampling (--temperature > 0)")
     g.add_argument("--json", help="write the text and every printed figure to this JSON file")
 
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """`unibcq bench`: the dynamic-grouping and kernel benchmarks."""
     b = sub.add_parser("bench", help="benchmarks that print tables")
     bench = b.add_subparsers(dest="bench", required=True)
     bd = bench.add_parser("dyngroup", help="dynamic-grouping solvers: seconds and objective on one core")
@@ -224,7 +247,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the packed backends' input dtype (dense rows are timed in fp32 and bf16 either way)")
     bk.add_argument("--json")
     bk.add_argument("--no-progress", action="store_true")
-    return parser
 
 
 def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
