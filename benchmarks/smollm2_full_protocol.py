@@ -45,9 +45,9 @@ On a 2-core CPU a row takes five to six hours on one thread (the full test set w
 58 min, the zero-shot sets and MMLU about 2 h each), so it spans sessions: give each run a --time-budget
 and the rows to work on, e.g. `--rows rtn-w3-g128,bcq-alternating-w3-g128 --jobs 2 --threads 1
 --time-budget 9000`. The evals' journals (ROW.*.json.partial) stay in the folder, and git keeps
-them with the JSONs (a journal is tied to its checkpoint's identity), so the next run of the
-same rows on the same kind of machine, even from a fresh clone, continues where the budget
-stopped it, losing at most the zero-shot part or MMLU subject in progress; rows this machine
+them with the JSONs (a journal is tied to its checkpoint's identity and to the paths of the
+folder and the data), so the next run of the same rows on the same kind of machine, even from
+a fresh clone at the same path, continues where the budget stopped it, losing at most the zero-shot part or MMLU subject in progress; rows this machine
 began go before new ones, so --rows may name the next rows too. Keep transformers at the
 version the rows record (e.g. `pip install transformers==5.24.0` for the CPU rows), or they
 start over.
@@ -235,6 +235,23 @@ def discard_figures(args: argparse.Namespace, row: str) -> None:
         (args.out / name).unlink(missing_ok=True)
 
 
+def checkpoint_matches(args: argparse.Namespace, row: str) -> bool:
+    """Whether the row's checkpoint is the one its figures were measured on (or none is recorded)."""
+    recorded = recorded_identity(args, row)
+    return recorded is None or identity_json(files_fingerprint(args.out / row)) == recorded
+
+
+def figures_dropped(args: argparse.Namespace, exe: str, row: str, machine: dict[str, Any],
+                    why: str) -> list[tuple[str, list[str]]]:
+    """Discard the figures of another checkpoint than the row's present one, say so, record the
+    present one as the row's, and return the steps that measure it anew."""
+    print(f"smollm2_full_protocol: note: {row}'s checkpoint {why} its figures were measured on; they are "
+          "dropped and measured anew", flush=True)
+    discard_figures(args, row)
+    record_identity(args, row)
+    return row_plan(args, exe, row, machine)[1]
+
+
 def machine_changes(recorded: dict[str, Any] | None, here: dict[str, Any]) -> str:
     """What differs between the machine a row began on and this one, e.g. 'transformers 5.24.0 -> 5.25.0'."""
     if recorded is None:
@@ -273,9 +290,11 @@ def process_row(args: argparse.Namespace, exe: str, row: str, machine: dict[str,
     measured on (its identity in ROW.checkpoint.json, which every quantization records).
     """
     fresh, steps = row_plan(args, exe, row, machine)
-    unrecorded = row != FP_ROW and is_complete_checkpoint(args.out / row) and recorded_identity(args, row) is None
-    if not fresh and unrecorded:
-        record_identity(args, row)  # a row begun before checkpoints were recorded
+    if not fresh and row != FP_ROW and is_complete_checkpoint(args.out / row):
+        if recorded_identity(args, row) is None:
+            record_identity(args, row)  # a row begun before checkpoints were recorded
+        elif not checkpoint_matches(args, row):  # e.g. quantized anew by hand, or figures pulled from elsewhere
+            steps = figures_dropped(args, exe, row, machine, "is not the checkpoint")
     left = None if deadline is None else deadline - time.monotonic()
     if steps and left is not None and (left <= 0 or (fresh and left < expected_seconds(row))):
         return Unfinished(row, f"not started (time budget: {max(left, 0):.0f} s left, a fresh row expects "
@@ -302,11 +321,8 @@ def process_row(args: argparse.Namespace, exe: str, row: str, machine: dict[str,
             return Unfinished(row, str(failure), True)
         if step != "quantize":
             continue
-        if not fresh and identity_json(files_fingerprint(args.out / row)) != recorded_identity(args, row):
-            print(f"smollm2_full_protocol: note: {row} quantized again differs from the checkpoint its "
-                  "figures were measured on; they are dropped and measured anew", flush=True)
-            discard_figures(args, row)
-            pending = row_plan(args, exe, row, machine)[1]
+        if not fresh and not checkpoint_matches(args, row):
+            pending = figures_dropped(args, exe, row, machine, "quantized again differs from the checkpoint")
         record_identity(args, row)
     return None
 

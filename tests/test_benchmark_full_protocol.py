@@ -54,7 +54,8 @@ if args[0] == "quantize":
     out = Path(args[args.index("--out") + 1])
     out.mkdir(parents=True, exist_ok=True)
     (out / "model.safetensors").write_bytes({weights!r})
-    (out / "config.json").write_text(json.dumps({{"quantization_config": {{"quantize_seconds": time.time()}}}}))
+    quantization = {{"quant_method": "unibcq", "manifest": "manifest.json", "quantize_seconds": time.time()}}
+    (out / "config.json").write_text(json.dumps({{"quantization_config": quantization}}))
     files = {{name: {{"bytes": (out / name).stat().st_size,
                      "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest()}}
              for name in ("model.safetensors", "config.json")}}
@@ -94,6 +95,17 @@ def test_a_row_quantized_again_keeps_its_figures_only_for_the_same_checkpoint(tm
     assert "differs from the checkpoint" in capsys.readouterr().out
     recorded = protocol.recorded_identity(args, row)
     assert recorded == protocol.identity_json(protocol.files_fingerprint(tmp_path / row))
+
+    for path in (paths["short"], journal):
+        _touch(path)
+    (tmp_path / row / "model.safetensors").write_bytes(b"weights made by hand")  # the manifest follows
+    entries = json.loads((tmp_path / row / "manifest.json").read_text())
+    entries["files"]["model.safetensors"]["sha256"] = "0" * 64
+    (tmp_path / row / "manifest.json").write_text(json.dumps(entries))
+    assert protocol.process_row(args, _quantizing_cli(tmp_path, b"unused"), row, HERE) is None
+    assert _commands(tmp_path) == ["info", "eval", "eval", "eval", "eval"]  # present, but not the figures' checkpoint
+    assert not paths["short"].exists() and not journal.exists() and "is not the checkpoint" in capsys.readouterr().out
+    recorded = protocol.recorded_identity(args, row)
 
     protocol.checkpoint_record(args, row).unlink()  # a row begun before checkpoints were recorded
     reason = protocol.process_row(args, _quantizing_cli(tmp_path, b"x"), row, HERE, deadline=time.monotonic())

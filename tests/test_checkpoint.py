@@ -103,12 +103,16 @@ def test_a_checkpoint_is_known_by_its_content_not_its_files_times(tiny_llama, ck
     identity = files_fingerprint(first)
     assert identity is not None and all(len(entry[2]) == 64 for entry in identity)  # sha256, not mtimes
     os.utime(source, ns=(1, 1))
+    model.config._name_or_path = "/another/cache/folder"  # where the source was loaded from on another machine
     again = unibcq.save(model, ckpt_dir("b"), config, source_model=str(source), extra={"quantize_seconds": 2.0})
     assert files_fingerprint(again) == identity
     with torch.no_grad():
         next(iter(quantized_layers(model).values())).bcq_alpha.mul_(1.5)
     changed = unibcq.save(model, ckpt_dir("c"), config, source_model=str(source), extra={"quantize_seconds": 1.0})
     assert files_fingerprint(changed) != identity
+    model.generation_config.max_new_tokens = 7  # every file the manifest lists counts, not only the weights
+    other_generation = unibcq.save(model, ckpt_dir("d"), config, source_model=str(source))
+    assert files_fingerprint(other_generation) not in (identity, files_fingerprint(changed))
     (again / "manifest.json").unlink()  # no manifest: known by its files' times again
     assert files_fingerprint(again)[0][2] == (again / "config.json").stat().st_mtime_ns
 

@@ -30,7 +30,7 @@ from unibcq.config import FORMAT_VERSION, QuantConfig
 from unibcq.errors import CheckpointError, UnibcqError, one_line
 from unibcq.finite import refuse_nonfinite
 from unibcq.models.architectures import ARCHITECTURES, set_module
-from unibcq.models.fingerprint import MANIFEST_FILE, QUANT_KEY, files_fingerprint
+from unibcq.models.fingerprint import MANIFEST_FILE, MAX_CONFIG_BYTES, QUANT_KEY, files_fingerprint
 from unibcq.models.shards import WEIGHTS_INDEX, read_weight_map
 from unibcq.formats.bcq import MAX_BITS, MIN_BITS, num_groups
 from unibcq.formats.grouped_binary import MAX_GROUPS, parse_granularity
@@ -44,9 +44,6 @@ WEIGHTS_METADATA = {"format": "pt"}
 ACCOUNTING_KEYS = ("bits_per_weight_paper", "bits_per_weight_fixed", "bits_per_weight_entropy")
 # What a checkpoint may store its unquantized tensors (embeddings, norms, biases) in.
 DENSE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# A real config.json is a few kB (a few hundred kB with the layer layout of a large model);
-# anything far bigger is not a checkpoint config and is not read into memory.
-MAX_CONFIG_BYTES = 16 * 2**20
 
 
 def quantized_layers(model: torch.nn.Module) -> dict[str, PackedLinear]:
@@ -138,7 +135,7 @@ def quantization_entry(config: QuantConfig, source_model: str, layout: dict[str,
         "format_version": FORMAT_VERSION,
         "unibcq_version": __version__,
         "source_model": source_model,
-        # (name, size, mtime) of a local source's files: eval tells when the default KL reference
+        # The identity of a local source's files (`files_fingerprint`): eval tells when the default KL reference
         # is no longer the model this checkpoint was quantized from.
         "source_files": files_fingerprint(source_model),
         "manifest": MANIFEST_FILE,

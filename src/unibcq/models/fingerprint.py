@@ -13,21 +13,27 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 MODEL_FILE_NAMES = ("config.json",)
 MANIFEST_FILE = "manifest.json"  # a checkpoint's file list with sizes and sha256 (unibcq.checkpoint)
 QUANT_KEY = "quantization_config"  # where a checkpoint's config.json describes its quantization
-# Entries of a checkpoint's config that describe the run rather than the model: the source files'
-# modification times (they differ wherever the source is installed) and how long quantizing took.
-RUN_ENTRIES = ("source_files", "quantize_seconds")
+# A real config.json is a few kB (a few hundred kB with the layer layout of a large model);
+# anything far bigger is not a checkpoint config and is not read into memory.
+MAX_CONFIG_BYTES = 16 * 2**20
+# Entries of a checkpoint's config that describe the machine or the run rather than the model:
+# where the source was loaded from (a cache folder named after the source file's modification
+# time), the source files' modification times, and how long quantizing took.
+RUN_ENTRIES = ("_name_or_path",)
+QUANT_RUN_ENTRIES = ("source_files", "quantize_seconds")
 
 
 def files_fingerprint(spec: str | Path) -> list[tuple[str, int, int | str]] | None:
     """The identity of a local model file or folder; None for a hub id.
 
-    A unibcq checkpoint: (name, size, sha256) of its weight files from its manifest, and of its
-    config without the entries that describe the run. Anything else: (name, size, mtime_ns) of the
+    A unibcq checkpoint: (name, size, sha256) of every file its manifest lists, its config
+    without the entries that describe the run. Anything else: (name, size, mtime_ns) of the
     file, or of a folder's weight and config files (not the eval outputs a user keeps beside
     them), so a model rewritten under the same path no longer matches its old pieces.
     """
@@ -46,18 +52,29 @@ def files_fingerprint(spec: str | Path) -> list[tuple[str, int, int | str]] | No
 
 
 def checkpoint_identity(folder: Path) -> list[tuple[str, int, str]] | None:
-    """(name, size, sha256) of a checkpoint's weight files and machine-independent config, or
-    None for a folder without a readable unibcq manifest (fall back to modification times)."""
+    """(name, size, sha256) of a checkpoint's files (weights, tokenizer, generation config) and of
+    its config without the run's entries; None for a folder that is not a unibcq checkpoint whose
+    config names its manifest (the ones `load` verifies), so its files' times identify it."""
     try:
-        entries = json.loads((folder / MANIFEST_FILE).read_text())["files"]
-        config = json.loads((folder / "config.json").read_text())
-        weights = sorted((name, int(entry["bytes"]), str(entry["sha256"])) for name, entry in entries.items()
-                         if Path(name).suffix in MODEL_FILE_SUFFIXES)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        config = _small_json(folder / "config.json")
+        qcfg = config[QUANT_KEY]
+        if qcfg.get("quant_method") != "unibcq" or qcfg.get("manifest") != MANIFEST_FILE:
+            return None
+        entries = _small_json(folder / MANIFEST_FILE)["files"]
+        files = sorted((str(name), int(entry["bytes"]), str(entry["sha256"]))
+                       for name, entry in entries.items() if name != "config.json")
+        stable = {k: v for k, v in config.items() if k not in RUN_ENTRIES}
+        stable[QUANT_KEY] = {k: v for k, v in qcfg.items() if k not in QUANT_RUN_ENTRIES}
+        text = json.dumps(stable, sort_keys=True).encode()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
-    if not isinstance(config, dict) or not isinstance(config.get(QUANT_KEY), dict) or not weights:
+    if not any(Path(name).suffix in MODEL_FILE_SUFFIXES for name, _, _ in files):
         return None
-    config[QUANT_KEY] = {k: v for k, v in config[QUANT_KEY].items() if k not in RUN_ENTRIES}
-    text = json.dumps(config, sort_keys=True).encode()
-    return [*weights, ("config.json", len(text), hashlib.sha256(text).hexdigest())]
+    return [*files, ("config.json", len(text), hashlib.sha256(text).hexdigest())]
 
+
+def _small_json(path: Path) -> Any:
+    """A JSON file of at most MAX_CONFIG_BYTES (ValueError past it: not read into memory)."""
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path} is too large")
+    return json.loads(path.read_text())

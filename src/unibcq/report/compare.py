@@ -113,7 +113,7 @@ def _read_result(path: Path, protocol: dict[str, Any]) -> dict[str, Any] | None:
 
 def _journal(results_dir: Path, name: str, settings: CompareSettings, model: str | Path) -> EvalJournal:
     """A cell's finished datasets and tasks, so a compare killed mid-evaluation resumes there
-    (and only against the same `model` files: a checkpoint quantized anew starts over)."""
+    (and only against the same `model`: a checkpoint quantized anew into other weights starts over)."""
     return EvalJournal(results_dir / f"{name}.partial", settings.evaluation.journal_key() | {
         "cell": name, "files": files_fingerprint(model), "reference": settings.model})
 
