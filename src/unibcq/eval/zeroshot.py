@@ -544,6 +544,54 @@ def _normalizers_and_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return torch.cat(normalizers), torch.cat(argmax)
 
 
+def _stem_pass(model: nn.Module, stems: list[Sequence[int]], cache: Any, past_mask: torch.Tensor,
+               keep_arg: bool, cache_arg: str) -> tuple[Any, torch.Tensor]:
+    """Run a batch's stems (right-padded) after the prefix cache, one row per stem; return the
+    grown cache and the attention mask over prefix + stems (padding hidden) that the tails extend."""
+    device = next(model.parameters()).device
+    if cache is not None:
+        cache.batch_repeat_interleave(len(stems))
+    ids, mask = _right_padded(stems)
+    past_mask = torch.cat([past_mask.expand(len(stems), -1), mask], dim=1)
+    kwargs = {"logits_to_keep": 1} if keep_arg else {}
+    if cache is not None:
+        kwargs[cache_arg] = cache
+    out = model(input_ids=ids.to(device), attention_mask=past_mask.to(device), use_cache=True, **kwargs)
+    return getattr(out, cache_arg), past_mask
+
+
+def _read_plan(tails: Sequence[Sequence[int]], reads: Sequence[Sequence[tuple[int, Sequence[int]]]],
+               dropped: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[int], list[int]]:
+    """Which logits a tail pass reads: (slots as (row, kept position), (request, target length) in
+    read order, the slot of each target token, each target token's id).
+
+    Only the positions some target is read from are normalised, each once: rows are
+    right-padded, so the kept span (the last `width - dropped` positions) also covers padding
+    and other rows' context tokens, and MMLU's four letters read one position of one row.
+    Only per-token figures leave the device: a GPU would otherwise copy the whole vocabulary
+    row of every slot back to the host.
+    """
+    slots: dict[tuple[int, int], int] = {}
+    requests_read, read_slots, read_ids = [], [], []
+    for row, (tail, row_reads) in enumerate(zip(tails, reads)):
+        end = len(tail) - dropped  # one past the tail's last position, in kept coordinates
+        for request, target_ids in row_reads:
+            requests_read.append((request, len(target_ids)))
+            read_slots += [slots.setdefault((row, pos), len(slots)) for pos in range(end - len(target_ids), end)]
+            read_ids += target_ids
+    return list(slots), requests_read, read_slots, read_ids
+
+
+def _token_scores(slot_logits: torch.Tensor, read_slots: list[int],
+                  read_ids: list[int]) -> tuple[list[float], list[bool]]:
+    """Each target token's log-probability and whether it is the greedy choice at its slot."""
+    read_slots_t = torch.tensor(read_slots, device=slot_logits.device)
+    read_ids_t = torch.tensor(read_ids, device=slot_logits.device)
+    normalizers, argmax = _normalizers_and_argmax(slot_logits)
+    token_logprobs = (slot_logits[read_slots_t, read_ids_t].float() - normalizers[read_slots_t]).tolist()
+    return token_logprobs, (argmax[read_slots_t] == read_ids_t).tolist()
+
+
 def _score(
     model: nn.Module,
     requests: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -582,15 +630,7 @@ def _score(
         past_mask = torch.ones(1, len(prefix), dtype=torch.long)
         index = torch.zeros(len(rows), dtype=torch.long)
         if batch[0][0]:
-            if cache is not None:
-                cache.batch_repeat_interleave(len(batch))
-            ids, mask = _right_padded([stem for stem, _ in batch])
-            past_mask = torch.cat([past_mask.expand(len(batch), -1), mask], dim=1)
-            kwargs = {"logits_to_keep": 1} if keep_arg else {}
-            if cache is not None:
-                kwargs[cache_arg] = cache
-            out = model(input_ids=ids.to(device), attention_mask=past_mask.to(device), use_cache=True, **kwargs)
-            cache = getattr(out, cache_arg)
+            cache, past_mask = _stem_pass(model, [stem for stem, _ in batch], cache, past_mask, keep_arg, cache_arg)
             index = torch.tensor([s for s, _ in rows])
         ids, mask = _right_padded([tail for _, tail in rows])
         width = ids.shape[1]
@@ -604,20 +644,8 @@ def _score(
                            "position_ids": (start[:, None] + torch.arange(width)).to(device)})
         else:
             kwargs["use_cache"] = False
-        # Normalise only the positions some target is read from, each once: rows are
-        # right-padded, so the kept span also covers padding and other rows' context tokens,
-        # and MMLU's four letters read one position of one row.
-        # Only per-token figures leave the device: a GPU would otherwise copy the whole
-        # vocabulary row of every slot back to the host.
-        slots: dict[tuple[int, int], int] = {}
-        requests_read, read_slots, read_ids = [], [], []
-        for row, ((_, tail), row_reads) in enumerate(zip(rows, reads)):
-            end = len(tail) - (width - keep)  # one past the tail's last position, in kept coordinates
-            for request, target_ids in row_reads:
-                requests_read.append((request, len(target_ids)))
-                read_slots += [slots.setdefault((row, pos), len(slots)) for pos in range(end - len(target_ids), end)]
-                read_ids += target_ids
-        where = torch.tensor(list(slots), device=device)
+        slots, requests_read, read_slots, read_ids = _read_plan([tail for _, tail in rows], reads, width - keep)
+        where = torch.tensor(slots, device=device)
         inputs = {"input_ids": ids.to(device), "attention_mask": torch.cat([past_mask[index], mask], 1).to(device)}
         if selection is not None:
             # The projection sees the kept span, or every position when the model keeps all.
@@ -633,11 +661,7 @@ def _score(
             slot_logits = logits[0]
         else:  # every kept position was projected: read the slots from them
             slot_logits = logits[:, -keep:][where[:, 0], where[:, 1]]
-        read_slots_t = torch.tensor(read_slots, device=slot_logits.device)
-        read_ids_t = torch.tensor(read_ids, device=slot_logits.device)
-        normalizers, argmax = _normalizers_and_argmax(slot_logits)
-        token_logprobs = (slot_logits[read_slots_t, read_ids_t].float() - normalizers[read_slots_t]).tolist()
-        token_greedy = (argmax[read_slots_t] == read_ids_t).tolist()
+        token_logprobs, token_greedy = _token_scores(slot_logits, read_slots, read_ids)
         first = 0
         for request, length in requests_read:
             results[request] = (sum(token_logprobs[first: first + length]), all(token_greedy[first: first + length]))
