@@ -19,8 +19,8 @@ others go on. Resumable: finished checkpoints and JSONs are reused, and a killed
 from its journal. --time-budget stops the run in time on a lent machine: a row that starts
 afresh starts only if the budget has its expected duration left (`expected_seconds`), no
 step starts after the budget and a running one is killed at it. A row left unfinished keeps
-its figures; the next run on the same kind of machine (same CPU or GPU model, core count,
-torch and transformers) continues it. Its checkpoint need not be there: ROW.checkpoint.json
+its figures; the next run on the same kind of machine (same CPU or GPU model, vector unit,
+core count, torch and transformers) continues it. Its checkpoint need not be there: ROW.checkpoint.json
 records the identity (sha256) of the checkpoint the figures were measured on, and a row
 quantized again keeps them only if the new checkpoint is bit for bit the same (deterministic
 methods on the same machine, e.g. RTN or BCQ on one CPU thread); otherwise every figure is
@@ -328,7 +328,10 @@ def process_row(args: argparse.Namespace, exe: str, row: str, machine: dict[str,
 
 
 PROTOCOL_KEYS = ("model", "task_dtype", "limit", "mmlu_limit")  # one protocol per folder
-ROW_MACHINE_KEYS = ("gpu", "cpu", "cpu_count", "torch", "transformers", "device")  # one machine per row
+# One machine per row. A virtual machine may name its CPU only "AMD EPYC" whatever its
+# generation, so the vector unit torch uses is part of it: bfloat16 matmuls take other code
+# paths (and run ~5x slower) without AVX-512.
+ROW_MACHINE_KEYS = ("gpu", "cpu", "cpu_capability", "cpu_count", "torch", "transformers", "device")
 
 
 def machine_record(args: argparse.Namespace) -> dict[str, Any]:
@@ -337,7 +340,8 @@ def machine_record(args: argparse.Namespace) -> dict[str, Any]:
     import transformers
 
     gpu = torch.cuda.get_device_name(args.device) if args.device != "cpu" and torch.cuda.is_available() else None
-    return {"gpu": gpu, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+    return {"gpu": gpu, "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "transformers": transformers.__version__, "device": args.device, "model": args.model, "task_dtype": args.task_dtype, "limit": args.limit,
             "mmlu_limit": args.mmlu_limit, "jobs": args.jobs, "threads": args.threads,
             "python": platform.python_version(),
@@ -446,7 +450,8 @@ def summary_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
 def describe_machine(machine: dict[str, Any]) -> str:
     """'one NVIDIA H100 80GB HBM3 GPU, 16 CPU cores (...), torch ..., 8 rows at a time ..., DATE'."""
     where = f"one {machine['gpu']} GPU" if machine.get("gpu") else "no GPU"
-    return (f"{where}, {machine['cpu_count']} CPU cores ({machine['cpu']}), torch {machine['torch']}, "
+    cpu = ", ".join(str(part) for part in (machine["cpu"], machine.get("cpu_capability")) if part)
+    return (f"{where}, {machine['cpu_count']} CPU cores ({cpu}), torch {machine['torch']}, "
             f"{machine['jobs']} rows at a time with {machine['threads'] or 'default'} CPU "
             f"thread{'' if machine['threads'] == 1 else 's'} each, "
             f"{machine['date']}")

@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import smollm2_full_protocol as protocol  # noqa: E402
 
-HERE = {"gpu": None, "cpu": "cpu-a", "cpu_count": 2, "torch": "2.13.0", "transformers": "5.0.0", "device": "cpu",
+HERE = {"gpu": None, "cpu": "cpu-a", "cpu_capability": "AVX2", "cpu_count": 2, "torch": "2.13.0", "transformers": "5.0.0", "device": "cpu",
         "jobs": 1, "threads": 1, "date": "2026-11-26"}
 ELSEWHERE = {**HERE, "gpu": "NVIDIA H100 80GB HBM3", "cpu_count": 16, "device": "cuda", "jobs": 8}
 
@@ -146,6 +147,19 @@ def test_a_row_begun_on_another_machine_starts_over_there(tmp_path):
     assert _steps(args, "fp") == ["short", "full", "tasks", "mmlu"]
 
 
+def test_a_cpu_of_the_same_name_with_another_vector_unit_is_another_machine(tmp_path):
+    """Virtual machines call Zen 2 and Zen 4 alike 'AMD EPYC'; their bfloat16 arithmetic differs."""
+    args = _args(tmp_path)
+    _touch(protocol.result_paths(args, "fp")["short"])
+    _touch(tmp_path / "fp.machine.json", {**HERE, "cpu_capability": "AVX512"})
+    assert _steps(args, "fp") == ["short", "full", "tasks", "mmlu"]
+    _touch(tmp_path / "fp.machine.json", {k: v for k, v in HERE.items() if k != "cpu_capability"})
+    assert _steps(args, "fp") == ["short", "full", "tasks", "mmlu"]  # a record without it cannot be matched
+    _touch(tmp_path / "fp.machine.json", HERE)
+    assert _steps(args, "fp") == ["full", "tasks", "mmlu"]
+    assert protocol.machine_record(args)["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
 def test_a_failed_requantization_leaves_no_old_figures_and_records_the_machine(tmp_path):
     args = _args(tmp_path)
     for path in protocol.result_paths(args, "rtn-w3-g128").values():
@@ -209,7 +223,7 @@ def test_an_out_folder_holds_one_protocol(tmp_path):
 
 def test_the_docs_name_each_machine_with_its_rows():
     one = protocol.machines_note([("fp", {"machine": ELSEWHERE}), ("rtn-w3-g128", {"machine": ELSEWHERE})])
-    assert one.startswith("one NVIDIA H100 80GB HBM3 GPU, 16 CPU cores (cpu-a)") and "fp" not in one
+    assert one.startswith("one NVIDIA H100 80GB HBM3 GPU, 16 CPU cores (cpu-a, AVX2)") and "fp" not in one
     two = protocol.machines_note([("fp", {"machine": ELSEWHERE}), ("rtn-w3-g128", {"machine": HERE}),
                                   ("rtn-w2-g128", {"machine": None})])
     assert "H100 80GB HBM3 GPU" in two and ": fp." in two
