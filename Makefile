@@ -2,6 +2,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# The shared datasets sit beside the checkout on CI and developer machines; without them the
+# tests that need real text are skipped.
+ifneq ($(wildcard ../shared/datasets),)
+export UNIBCQ_DATA_DIR ?= $(abspath ../shared/datasets)
+endif
 
 .PHONY: setup test test-slow bench clean
 
