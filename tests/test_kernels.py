@@ -29,18 +29,39 @@ SHAPES = [(40, 72), (24, 100), (96, 256), (33, 576)]
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("group_size", [8, 24, 32, 64, 128, -1])
 @pytest.mark.parametrize("offset", [True, False])
-def test_bitplane_backend_matches_reference(bits, group_size, offset):
-    """Every bit count and input-row block the kernel specialises for, odd byte counts per group included."""
+def test_bitplane_backend_matches_reference(bits, group_size, offset, monkeypatch):
+    """Every bit count and input-row block the kernel specialises for, odd byte counts per group
+    included, whichever rows per pass this CPU would choose."""
     for index, (out_features, in_features) in enumerate(SHAPES):
         if not cpu_bitplane.supports(in_features, group_size):
             continue
         weight = random_bcq(out_features, in_features, bits, group_size, offset, seed=index)
-        for batch in (1, 2, 3, 4, 5, 9, 16, 64):
-            x = torch.randn(batch, in_features, generator=torch.Generator().manual_seed(batch))
-            ref = bcq_linear_reference(x, weight)
-            got = bcq_linear(x, weight, backend="bitplane")
-            assert got.shape == ref.shape and got.dtype == ref.dtype
-            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+        for row_block in range(1, cpu_bitplane.BATCH_BLOCK + 1):
+            monkeypatch.setattr(cpu_bitplane, "rows_per_pass", lambda bits, row_block=row_block: row_block)
+            for batch in (1, 2, 3, 4, 5, 9, 16, 64):
+                x = torch.randn(batch, in_features, generator=torch.Generator().manual_seed(batch))
+                ref = bcq_linear_reference(x, weight)
+                got = bcq_linear(x, weight, backend="bitplane")
+                assert got.shape == ref.shape and got.dtype == ref.dtype
+                torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("avx512", [True, False])
+def test_rows_per_pass_and_gemv_rows_follow_the_vector_unit(avx512, monkeypatch):
+    """Without AVX-512 fewer accumulators fit in registers: fewer rows a pass, fewer rows to the GEMV."""
+    monkeypatch.setattr(cpu_bitplane, "has_avx512", lambda: avx512)
+    monkeypatch.delenv("UNIBCQ_BACKEND", raising=False)
+    passes = [cpu_bitplane.rows_per_pass(bits) for bits in range(1, 9)]
+    assert all(1 <= rows <= cpu_bitplane.BATCH_BLOCK for rows in passes)
+    most = {bits: cpu_bitplane.gemv_max_rows(bits) for bits in (None, 2, 3, 4)}
+    if avx512:
+        assert passes == [cpu_bitplane.BATCH_BLOCK] * 8 and set(most.values()) == {4}
+    else:
+        assert passes[:4] == [4, 2, 1, 1] and most == {None: 1, 2: 2, 3: 2, 4: 1}
+    if cpu_bitplane.AVAILABLE:
+        for bits, rows in most.items():
+            assert choose_backend(torch.randn(rows, 128), 128, 32, bits=bits) == "bitplane"
+            assert choose_backend(torch.randn(rows + 1, 128), 128, 32, bits=bits) == "reference"
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

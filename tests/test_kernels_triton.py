@@ -159,7 +159,7 @@ def test_auto_falls_back_to_the_reference_once_triton_fails(monkeypatch):
 
     monkeypatch.delenv("UNIBCQ_BACKEND", raising=False)
     monkeypatch.setattr(dispatch, "_triton_failure", None)
-    monkeypatch.setattr(dispatch, "choose_backend", lambda *args: "triton")
+    monkeypatch.setattr(dispatch, "choose_backend", lambda *args, **kwargs: "triton")
 
     def broken(*args, **kwargs):
         raise RuntimeError("PTX .version 9.4 does not support .target sm_200")
@@ -175,7 +175,7 @@ def test_auto_falls_back_to_the_reference_once_triton_fails(monkeypatch):
     monkeypatch.setattr(dispatch, "_triton_failure", "RuntimeError: earlier")
     if DEVICE == "cuda":
         assert choose_backend(x.cuda(), 64, 32) == "reference"
-    monkeypatch.setattr(dispatch, "choose_backend", lambda *args: "triton")
+    monkeypatch.setattr(dispatch, "choose_backend", lambda *args, **kwargs: "triton")
     monkeypatch.setattr(kernels, "bcq_matmul_triton", broken)
     with pytest.raises(RuntimeError, match="sm_200"):
         dispatch.bcq_matmul(x, weight.planes, weight.alpha, weight.offset, 64, 32, "triton")

@@ -18,7 +18,10 @@ slower at 4096x4096, 3 bits); the masked add handles 16 columns per instruction 
 into gathers, so the inner loop is written as LLVM IR (`_masked_plane_sums`): vector
 accumulators for every (plane, input row) pair, specialised for 1..MAX_BITS planes and up
 to BATCH_BLOCK input rows that share each mask load. On CPUs without AVX-512 LLVM lowers the
-same IR to compares and blends: still correct, less fast.
+same IR to compares and blends, and a 16-lane accumulator takes two of AVX2's sixteen 256-bit
+registers instead of one of AVX-512's thirty-two, so fewer (plane, row) accumulators fit
+before they spill: `rows_per_pass` shares each mask load between fewer input rows there, and
+`gemv_max_rows` hands fewer rows to the GEMV (both measured, docs/BENCHMARKS.md).
 
 Groups must start on byte boundaries (group size a multiple of 8, or per-channel); other
 layouts go to the reference path. The fp16 scales are converted to float32 once per weight
@@ -29,6 +32,7 @@ stored scale, e.g. 0.75 bits per weight at 3 bits, group 128.
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 
@@ -56,6 +60,43 @@ BATCH_BLOCK = 4  # input rows that share one pass over a weight row's packed byt
 LANES = 16  # columns per masked add: two packed bytes
 PAD_COLUMNS = 8  # the last single-byte step reads a full LANES-wide vector of x
 PARALLEL_MIN_BYTES = 1 << 19  # packed bytes x input rows below which the GEMV runs on one thread
+
+
+# (plane, input row) accumulator pairs one pass keeps in registers without AVX-512. On a Zen 3
+# (AVX2) 2-bit planes ran fastest two rows a pass and 3- and 4-bit planes one row a pass, at
+# 4096x4096 and SmolLM2's MLP shapes (2026-12-07, docs/BENCHMARKS.md).
+NARROW_ACCUMULATORS = 4
+# Input rows up to which the GEMV beat the reference path (dequantize + BLAS) at 4096x4096 and
+# SmolLM2's shapes: 4 at every width with AVX-512 (Zen 4, 2026-11-26); without it (Zen 3, AVX2,
+# 2026-12-07) 2 up to 3 bits, while 4-bit planes lost at 2 rows on SmolLM2's shapes.
+GEMV_MAX_ROWS_WIDE, GEMV_MAX_ROWS_NARROW, NARROW_MAX_BITS_FOR_TWO_ROWS = 4, 2, 3
+
+
+@functools.cache
+def has_avx512() -> bool:
+    """Whether the kernels are compiled for AVX-512, whose mask registers make the masked add one
+    instruction. numba compiles for the host CPU unless NUMBA_CPU_NAME names another target,
+    which is then taken to lack it."""
+    if not AVAILABLE or numba.config.CPU_NAME not in (None, "host"):
+        return False
+    from llvmlite import binding
+
+    return bool(binding.get_host_cpu_features().get("avx512f", False))
+
+
+def rows_per_pass(bits: int) -> int:
+    """Input rows that share one pass over a weight row's packed bytes (1..BATCH_BLOCK)."""
+    if has_avx512():
+        return BATCH_BLOCK
+    return max(1, min(BATCH_BLOCK, NARROW_ACCUMULATORS // bits))
+
+
+def gemv_max_rows(bits: int | None = None) -> int:
+    """Most input rows for which `auto` takes the GEMV over the reference path on this CPU, for
+    `bits` planes (None: a width not known, which gets the bound that holds for every width)."""
+    if has_avx512():
+        return GEMV_MAX_ROWS_WIDE
+    return GEMV_MAX_ROWS_NARROW if bits is not None and bits <= NARROW_MAX_BITS_FOR_TWO_ROWS else 1
 
 
 def supports(in_features: int, group_size: int) -> bool:
@@ -265,8 +306,9 @@ if AVAILABLE:
         return sig, codegen
 
     def _gemv_body(x: np.ndarray, planes: np.ndarray, alpha: np.ndarray, offset: np.ndarray, group_size: int,
-                   chunks_per_group: int, has_offset: bool) -> np.ndarray:
-        """(B, in) float32 -> (B, out) float32; compiled twice, serial and parallel (see `bitplane_linear`)."""
+                   chunks_per_group: int, has_offset: bool, row_block: int) -> np.ndarray:
+        """(B, in) float32 -> (B, out) float32, `row_block` input rows a pass; compiled twice,
+        serial and parallel (see `bitplane_linear`)."""
         batch, in_features = x.shape
         bits, rows, chunks = planes.shape
         groups = alpha.shape[1]
@@ -278,8 +320,8 @@ if AVAILABLE:
                 group_sums[b, g] = padded[b, g * group_size:(g + 1) * group_size].sum()
         out = np.empty((batch, rows), dtype=np.float32)
         for r in prange(rows):
-            for first in range(0, batch, BATCH_BLOCK):
-                _masked_plane_sums(padded, first, min(BATCH_BLOCK, batch - first), planes, r, alpha,
+            for first in range(0, batch, row_block):
+                _masked_plane_sums(padded, first, min(row_block, batch - first), planes, r, alpha,
                                    chunks_per_group, out)
             for b in range(batch):
                 acc = np.float32(2.0) * out[b, r]
@@ -467,7 +509,7 @@ def bitplane_linear(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, 
     if x.shape[0] == 0 or planes.shape[1] == 0 or in_features == 0:
         return torch.zeros(x.shape[0], planes.shape[1])
     args = (x.detach().to(torch.float32).contiguous().numpy(), planes.contiguous().numpy(), alpha_np, offset_np, gs,
-            bytes_per_group, offset is not None)
+            bytes_per_group, offset is not None, rows_per_pass(planes.shape[0]))
     if numba.get_num_threads() > 1 and planes.numel() * x.shape[0] >= PARALLEL_MIN_BYTES:
         with _PARALLEL_LOCK:
             return torch.from_numpy(_gemv_parallel(*args))

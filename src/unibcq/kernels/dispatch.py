@@ -11,8 +11,10 @@ same as the torch `kernels.reference` ground truth the tests compare every backe
 CPU bit-plane GEMV of `cpu_bitplane`, for few rows) and "triton" (`triton_bcq`: a bit-plane GEMV
 for few rows and a dequantize-in-tile GEMM for more; CUDA tensors, or CPU tensors under
 TRITON_INTERPRET=1). "auto" takes the bit-plane GEMV on the CPU and the Triton GEMV on a GPU
-when the input has at most `CPU_GEMV_MAX_ROWS` / `triton_bcq.GEMV_MAX_ROWS` rows, and the
-reference path otherwise: large batches are compute-bound, where BLAS wins. The Triton GEMM
+when the input has at most `cpu_bitplane.gemv_max_rows` (4 with AVX-512; without it 2 up to
+3 bits, else 1) /
+`triton_bcq.GEMV_MAX_ROWS` rows, and the reference path otherwise: large batches are
+compute-bound, where BLAS wins. The Triton GEMM
 stays opt-in: on an H200 (2026-11-27, docs/BENCHMARKS.md) it ran 9x slower than cuBLAS at
 64 rows, and at prefill sizes it has not been timed. The choice can be forced per process
 with the environment variable UNIBCQ_BACKEND. Should a Triton kernel that `auto` chose fail
@@ -37,7 +39,6 @@ from unibcq.formats.bcq import BCQTensor
 from unibcq.kernels import cpu_bitplane
 
 BACKENDS = ("auto", "reference", "bitplane", "triton")
-CPU_GEMV_MAX_ROWS = 4
 
 
 def _triton() -> ModuleType | None:
@@ -91,8 +92,10 @@ def _unless_triton_fails(call: Callable[[], torch.Tensor], forced: bool) -> torc
         return None
 
 
-def choose_backend(x: torch.Tensor, in_features: int, group_size: int, backend: str = "auto") -> str:
-    """Which backend runs a call with these inputs (see the module docstring)."""
+def choose_backend(x: torch.Tensor, in_features: int, group_size: int, backend: str = "auto",
+                   bits: int | None = None) -> str:
+    """Which backend runs a call with these inputs (see the module docstring); `bits`, the
+    weight's planes, refines the CPU GEMV's row bound (None takes the bound every width meets)."""
     backend = _requested(backend)
     rows = x.numel() // max(x.shape[-1], 1)
     if backend == "triton" or (backend == "auto" and x.is_cuda):
@@ -108,7 +111,7 @@ def choose_backend(x: torch.Tensor, in_features: int, group_size: int, backend: 
     if backend == "bitplane" and not gemv_ok:
         raise UnibcqError("the bitplane backend needs a CPU input without grad, numba, and byte-aligned groups")
     if backend == "auto":
-        return "bitplane" if gemv_ok and rows <= CPU_GEMV_MAX_ROWS else "reference"
+        return "bitplane" if gemv_ok and rows <= cpu_bitplane.gemv_max_rows(bits) else "reference"
     return backend
 
 
@@ -161,7 +164,7 @@ def bcq_matmul(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, offse
                in_features: int, group_size: int, backend: str = "auto") -> torch.Tensor:
     """x (..., in) @ W^T for the packed BCQ weight W; the result has x's dtype."""
     out_features = planes.shape[1]
-    chosen = choose_backend(x, in_features, group_size, backend)
+    chosen = choose_backend(x, in_features, group_size, backend, bits=planes.shape[0])
     if chosen == "bitplane":
         y = cpu_bitplane.bitplane_linear(x.reshape(-1, in_features), planes, alpha, offset, in_features, group_size)
         return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
