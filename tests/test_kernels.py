@@ -105,6 +105,27 @@ def test_op_is_registered_and_traceable():
     torch.library.opcheck(bcq_matmul, (x, weight.planes, weight.alpha, None, 64, 32, "reference"))
 
 
+def test_eager_calls_skip_the_op_and_compiled_graphs_keep_it():
+    """Eager inference calls the op's computation directly (same values); torch.compile still
+    sees one opaque `unibcq::bcq_matmul` node."""
+    weight = random_bcq(16, 64, 3, 32, True, seed=6)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        direct = bcq_linear(x, weight)
+    assert torch.equal(direct, bcq_matmul(x, weight.planes, weight.alpha, weight.offset, 64, 32))
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: bcq_linear(t, weight), backend=capture, fullgraph=True)
+    torch.testing.assert_close(compiled(x), direct)
+    targets = [node.target for graph in graphs for node in graph.graph.nodes]
+    assert torch.ops.unibcq.bcq_matmul.default in targets
+
+
 def test_scale_cache_follows_in_place_updates():
     weight = random_bcq(16, 64, 2, 32, True, seed=5)
     x = torch.randn(1, 64)

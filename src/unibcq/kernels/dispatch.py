@@ -159,10 +159,9 @@ def dequantize_weight(weight, dtype: torch.dtype = torch.float32, scratch: bool 
     return weight.dequantize(dtype)
 
 
-@torch.library.custom_op("unibcq::bcq_matmul", mutates_args=())
-def bcq_matmul(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None,
-               in_features: int, group_size: int, backend: str = "auto") -> torch.Tensor:
-    """x (..., in) @ W^T for the packed BCQ weight W; the result has x's dtype."""
+def _bcq_matmul_eager(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None,
+                     in_features: int, group_size: int, backend: str = "auto") -> torch.Tensor:
+    """`bcq_matmul`'s computation, callable without the op (see `bcq_linear`)."""
     out_features = planes.shape[1]
     chosen = choose_backend(x, in_features, group_size, backend, bits=planes.shape[0])
     if chosen == "bitplane":
@@ -176,6 +175,13 @@ def bcq_matmul(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, offse
             return y.reshape(*x.shape[:-1], out_features)  # already in x's dtype
     weight = BCQTensor(planes, alpha, offset, (out_features, in_features), group_size)
     return F.linear(x, dequantize_weight(weight, x.dtype, scratch=True))
+
+
+@torch.library.custom_op("unibcq::bcq_matmul", mutates_args=())
+def bcq_matmul(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor | None,
+               in_features: int, group_size: int, backend: str = "auto") -> torch.Tensor:
+    """x (..., in) @ W^T for the packed BCQ weight W; the result has x's dtype."""
+    return _bcq_matmul_eager(x, planes, alpha, offset, in_features, group_size, backend)
 
 
 @bcq_matmul.register_fake
@@ -201,10 +207,21 @@ def _backward(ctx, grad):
 bcq_matmul.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _needs_the_op(x: torch.Tensor) -> bool:
+    """Whether a BCQ matmul on `x` must go through the registered op: under torch.compile (one
+    opaque node), for tensor subclasses such as fake tensors (its fake kernel), and when a
+    gradient must flow to `x` (its autograd formula). Otherwise the same computation is called
+    directly: the op's Python dispatch cost ~60 us a call on a Zen 3, as much as a SmolLM2 layer's
+    GEMV, 210 times per decoded token (docs/BENCHMARKS.md)."""
+    return (torch.compiler.is_compiling() or type(x) is not torch.Tensor
+            or (x.requires_grad and torch.is_grad_enabled()))
+
+
 def bcq_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """y = x W^T + b for any packed weight: BCQ through `bcq_matmul`, other formats by dequantizing."""
     if isinstance(weight, BCQTensor):
-        y = bcq_matmul(x, weight.planes, weight.alpha, weight.offset, weight.shape[1], weight.group_size, backend)
+        matmul = bcq_matmul if _needs_the_op(x) else _bcq_matmul_eager
+        y = matmul(x, weight.planes, weight.alpha, weight.offset, weight.shape[1], weight.group_size, backend)
     else:
         y = F.linear(x, dequantize_weight(weight, x.dtype))
     return y + bias.to(y.dtype) if bias is not None else y
