@@ -46,6 +46,20 @@ def test_bitplane_backend_matches_reference(bits, group_size, offset, monkeypatc
                 torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
+@pytest.mark.skipif(not cpu_bitplane.AVAILABLE, reason="numba missing")
+def test_the_vector_unit_is_the_one_numba_compiles_for(monkeypatch):
+    import numba
+
+    try:
+        for features, expected in (("+avx2,+avx512f", True), ("+avx2,-avx512f", False), ("", False)):
+            monkeypatch.setattr(numba.config, "CPU_FEATURES", features)
+            cpu_bitplane.has_avx512.cache_clear()
+            assert cpu_bitplane.has_avx512() is expected
+    finally:
+        monkeypatch.undo()
+        cpu_bitplane.has_avx512.cache_clear()
+
+
 @pytest.mark.parametrize("avx512", [True, False])
 def test_rows_per_pass_and_gemv_rows_follow_the_vector_unit(avx512, monkeypatch):
     """Without AVX-512 fewer accumulators fit in registers: fewer rows a pass, fewer rows to the GEMV."""
@@ -57,7 +71,7 @@ def test_rows_per_pass_and_gemv_rows_follow_the_vector_unit(avx512, monkeypatch)
     if avx512:
         assert passes == [cpu_bitplane.BATCH_BLOCK] * 8 and set(most.values()) == {4}
     else:
-        assert passes[:4] == [4, 2, 1, 1] and most == {None: 1, 2: 2, 3: 2, 4: 1}
+        assert passes[:4] == [4, 2, 1, 1] and most == {None: 1, 2: 3, 3: 2, 4: 1}
     if cpu_bitplane.AVAILABLE:
         for bits, rows in most.items():
             assert choose_backend(torch.randn(rows, 128), 128, 32, bits=bits) == "bitplane"
@@ -105,14 +119,34 @@ def test_op_is_registered_and_traceable():
     torch.library.opcheck(bcq_matmul, (x, weight.planes, weight.alpha, None, 64, 32, "reference"))
 
 
-def test_eager_calls_skip_the_op_and_compiled_graphs_keep_it():
-    """Eager inference calls the op's computation directly (same values); torch.compile still
-    sees one opaque `unibcq::bcq_matmul` node."""
+def test_eager_calls_skip_the_op_and_compiled_graphs_keep_it(monkeypatch):
+    """Plain eager inference calls the op's computation directly (same values); an input that
+    needs a gradient, fake tensors and torch.compile still go through `unibcq::bcq_matmul`."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from unibcq.kernels import dispatch
+
     weight = random_bcq(16, 64, 3, 32, True, seed=6)
     x = torch.randn(2, 64)
+    calls = []
+
+    def spy(*args):
+        calls.append(type(args[0]).__name__)
+        return bcq_matmul(*args)
+
+    monkeypatch.setattr(dispatch, "bcq_matmul", spy)
     with torch.no_grad():
         direct = bcq_linear(x, weight)
+    with torch.inference_mode():
+        assert torch.equal(bcq_linear(x, weight), direct)
+    assert calls == []
     assert torch.equal(direct, bcq_matmul(x, weight.planes, weight.alpha, weight.offset, 64, 32))
+    bcq_linear(x.clone().requires_grad_(), weight)
+    assert calls == ["Tensor"]
+    with FakeTensorMode() as mode:
+        fake = bcq_linear(mode.from_tensor(x), random_bcq(16, 64, 3, 32, True, seed=6))
+    assert fake.shape == (2, 16) and calls[1:] == ["FakeTensor"]
+    monkeypatch.undo()
     graphs = []
 
     def capture(graph_module, example_inputs):

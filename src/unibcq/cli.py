@@ -267,7 +267,8 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
                              "tokens on a CPU, 16384 on a GPU)")
     parser.add_argument("--task-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="--tasks: dtype the model scores in (bfloat16: 1.2-1.8x faster on a CPU with "
-                             "AVX512-BF16 in our runs, and on GPUs); perplexity and KL always run in float32")
+                             "AVX512-BF16 in our runs, and on GPUs; 7-10x slower on a CPU without AVX-512); "
+                             "perplexity and KL always run in float32")
     parser.add_argument("--chat-template", action="store_true",
                         help="gsm8k: render the 8-shot prompt as a multi-turn chat with the tokenizer's template "
                              "(instruct models; lm-eval's --apply_chat_template --fewshot_as_multiturn)")

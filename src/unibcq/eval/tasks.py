@@ -22,6 +22,7 @@ stay in float32.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from contextlib import contextmanager
@@ -157,6 +158,18 @@ def check_tasks(
     return root, names
 
 
+def note_slow_cpu_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Say so before half-precision scoring crawls: on a CPU without AVX-512, torch's bfloat16
+    and float16 linear layers ran 7-10x slower than float32 (Zen 3, AVX2, one thread,
+    2026-12-07, docs/BENCHMARKS.md); with AVX512-BF16 bfloat16 was the faster one."""
+    param = next(iter(model.parameters()), None)
+    on_cpu = param is None or param.device.type == "cpu"
+    if on_cpu and dtype != torch.float32 and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        print(f"unibcq: note: this CPU has no AVX-512 ({torch.backends.cpu.get_cpu_capability()}); "
+              f"{str(dtype).removeprefix('torch.')} scoring runs several times slower here than "
+              "--task-dtype float32", file=sys.stderr)
+
+
 def run_tasks(
     model: nn.Module,
     tokenizer,
@@ -182,6 +195,7 @@ def run_tasks(
     results = {name: dict(finished[name]) for name in names if name in finished}
     pending = [name for name in names if name not in results]
     if pending:
+        note_slow_cpu_dtype(model, torch_dtype)
         with (torch.inference_mode(), dense_weights(model, torch_dtype), parameters_as(model, torch_dtype),
               progress_bar(show_progress) as bar):
             for name in pending:

@@ -56,7 +56,7 @@ if AVAILABLE:
     # resets torch's intra-op thread count on its first parallel call.
     numba.config.THREADING_LAYER = "workqueue"
 
-BATCH_BLOCK = 4  # input rows that share one pass over a weight row's packed bytes
+BATCH_BLOCK = 4  # most input rows that share one pass over a weight row's packed bytes (see rows_per_pass)
 LANES = 16  # columns per masked add: two packed bytes
 PAD_COLUMNS = 8  # the last single-byte step reads a full LANES-wide vector of x
 PARALLEL_MIN_BYTES = 1 << 19  # packed bytes x input rows below which the GEMV runs on one thread
@@ -67,21 +67,26 @@ PARALLEL_MIN_BYTES = 1 << 19  # packed bytes x input rows below which the GEMV r
 # 4096x4096 and SmolLM2's MLP shapes (2026-12-07, docs/BENCHMARKS.md).
 NARROW_ACCUMULATORS = 4
 # Input rows up to which the GEMV beat the reference path (dequantize + BLAS) at 4096x4096 and
-# SmolLM2's shapes: 4 at every width with AVX-512 (Zen 4, 2026-11-26); without it (Zen 3, AVX2,
-# 2026-12-07) 2 up to 3 bits, while 4-bit planes lost at 2 rows on SmolLM2's shapes.
-GEMV_MAX_ROWS_WIDE, GEMV_MAX_ROWS_NARROW, NARROW_MAX_BITS_FOR_TWO_ROWS = 4, 2, 3
+# SmolLM2's shapes: 4 at every width with AVX-512 (Zen 4, 2026-11-26). Without it (Zen 3, AVX2,
+# 2026-12-07): 3 rows at 2 bits, 2 at 3 bits, 1 at 4 bits (4-bit planes lost at 2 rows on
+# SmolLM2's shapes); 1 bit is given 2-bit's bound and 5-8 bits 4-bit's, unmeasured.
+NARROW_GEMV_MAX_ROWS = {1: 3, 2: 3, 3: 2}
+GEMV_MAX_ROWS_WIDE = 4
 
 
 @functools.cache
 def has_avx512() -> bool:
-    """Whether the kernels are compiled for AVX-512, whose mask registers make the masked add one
-    instruction. numba compiles for the host CPU unless NUMBA_CPU_NAME names another target,
-    which is then taken to lack it."""
-    if not AVAILABLE or numba.config.CPU_NAME not in (None, "host"):
+    """Whether the kernels are compiled with AVX-512, whose mask registers make the masked add one
+    instruction: the target features numba's JIT compiles for, i.e. NUMBA_CPU_FEATURES where
+    set, else the host's (less AVX when NUMBA_ENABLE_AVX=0)."""
+    if not AVAILABLE:
         return False
-    from llvmlite import binding
+    from numba.core.codegen import get_host_cpu_features
 
-    return bool(binding.get_host_cpu_features().get("avx512f", False))
+    features = numba.config.CPU_FEATURES
+    if features is None:
+        features = get_host_cpu_features()
+    return "+avx512f" in features.split(",")
 
 
 def rows_per_pass(bits: int) -> int:
@@ -96,7 +101,7 @@ def gemv_max_rows(bits: int | None = None) -> int:
     `bits` planes (None: a width not known, which gets the bound that holds for every width)."""
     if has_avx512():
         return GEMV_MAX_ROWS_WIDE
-    return GEMV_MAX_ROWS_NARROW if bits is not None and bits <= NARROW_MAX_BITS_FOR_TWO_ROWS else 1
+    return NARROW_GEMV_MAX_ROWS.get(bits, 1) if bits is not None else 1
 
 
 def supports(in_features: int, group_size: int) -> bool:
@@ -508,8 +513,12 @@ def bitplane_linear(x: torch.Tensor, planes: torch.Tensor, alpha: torch.Tensor, 
                                                         "bit-plane GEMV")
     if x.shape[0] == 0 or planes.shape[1] == 0 or in_features == 0:
         return torch.zeros(x.shape[0], planes.shape[1])
+    row_block = rows_per_pass(planes.shape[0])
+    if not (1 <= row_block <= BATCH_BLOCK and 1 <= planes.shape[0] <= MAX_BITS):  # no IR case: out left unset
+        raise ValueError(f"the GEMV handles 1..{MAX_BITS} planes and 1..{BATCH_BLOCK} rows a pass, "
+                         f"got {planes.shape[0]} and {row_block}")
     args = (x.detach().to(torch.float32).contiguous().numpy(), planes.contiguous().numpy(), alpha_np, offset_np, gs,
-            bytes_per_group, offset is not None, rows_per_pass(planes.shape[0]))
+            bytes_per_group, offset is not None, row_block)
     if numba.get_num_threads() > 1 and planes.numel() * x.shape[0] >= PARALLEL_MIN_BYTES:
         with _PARALLEL_LOCK:
             return torch.from_numpy(_gemv_parallel(*args))

@@ -11,10 +11,9 @@ same as the torch `kernels.reference` ground truth the tests compare every backe
 CPU bit-plane GEMV of `cpu_bitplane`, for few rows) and "triton" (`triton_bcq`: a bit-plane GEMV
 for few rows and a dequantize-in-tile GEMM for more; CUDA tensors, or CPU tensors under
 TRITON_INTERPRET=1). "auto" takes the bit-plane GEMV on the CPU and the Triton GEMV on a GPU
-when the input has at most `cpu_bitplane.gemv_max_rows` (4 with AVX-512; without it 2 up to
-3 bits, else 1) /
-`triton_bcq.GEMV_MAX_ROWS` rows, and the reference path otherwise: large batches are
-compute-bound, where BLAS wins. The Triton GEMM
+when the input has at most `cpu_bitplane.gemv_max_rows` rows (4 with AVX-512; without it 3,
+2 or 1 at 2, 3 or 4 bits) or `triton_bcq.GEMV_MAX_ROWS` rows, and the reference path
+otherwise: large batches are compute-bound, where BLAS wins. The Triton GEMM
 stays opt-in: on an H200 (2026-11-27, docs/BENCHMARKS.md) it ran 9x slower than cuBLAS at
 64 rows, and at prefill sizes it has not been timed. The choice can be forced per process
 with the environment variable UNIBCQ_BACKEND. Should a Triton kernel that `auto` chose fail
@@ -33,6 +32,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from unibcq.errors import UnibcqError
 from unibcq.formats.bcq import BCQTensor
@@ -208,17 +208,22 @@ bcq_matmul.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _needs_the_op(x: torch.Tensor) -> bool:
-    """Whether a BCQ matmul on `x` must go through the registered op: under torch.compile (one
-    opaque node), for tensor subclasses such as fake tensors (its fake kernel), and when a
-    gradient must flow to `x` (its autograd formula). Otherwise the same computation is called
-    directly: the op's Python dispatch cost ~60 us a call on a Zen 3, as much as a SmolLM2 layer's
-    GEMV, 210 times per decoded token (docs/BENCHMARKS.md)."""
-    return (torch.compiler.is_compiling() or type(x) is not torch.Tensor
-            or (x.requires_grad and torch.is_grad_enabled()))
+    """Whether a BCQ matmul on `x` must go through the registered op rather than its body:
+    whenever anything watches or transforms the call. That is torch.compile and torch.jit.trace
+    (one opaque node), tensor subclasses such as fake tensors (the fake kernel), functorch
+    transforms (vmap, grad) and active dispatch modes (which must see the op), and a gradient
+    due to `x`, backward or forward-mode (the autograd formula). Plain eager inference calls the
+    body directly: the op's Python dispatch cost ~60 us a call on a Zen 3, as much as a SmolLM2
+    layer's GEMV, 210 times per decoded token (docs/BENCHMARKS.md)."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or type(x) is not torch.Tensor
+            or torch._C._functorch.is_functorch_wrapped_tensor(x) or torch._C._len_torch_dispatch_stack() > 0
+            or (x.requires_grad and torch.is_grad_enabled())
+            or forward_ad.unpack_dual(x).tangent is not None)
 
 
 def bcq_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
-    """y = x W^T + b for any packed weight: BCQ through `bcq_matmul`, other formats by dequantizing."""
+    """y = x W^T + b for any packed weight: BCQ through `bcq_matmul` (its body, directly, in plain
+    eager inference: see `_needs_the_op`), other formats by dequantizing."""
     if isinstance(weight, BCQTensor):
         matmul = bcq_matmul if _needs_the_op(x) else _bcq_matmul_eager
         y = matmul(x, weight.planes, weight.alpha, weight.offset, weight.shape[1], weight.group_size, backend)

@@ -1,8 +1,9 @@
 """Deployment linear layers that hold packed weights: `BCQLinear` and `GroupedBinaryLinear`.
 
 The packed tensors are buffers, so a model's `state_dict` is exactly what a checkpoint
-stores and `load_state_dict` restores it. Both compute through the same matmul op, which
-dequantizes with the weight's own `dequantize()`.
+stores and `load_state_dict` restores it. Both compute through `kernels.bcq_linear`: BCQ
+weights through the packed matmul `unibcq::bcq_matmul`, grouped-binary ones by dequantizing
+with the weight's own `dequantize()`.
 """
 
 from __future__ import annotations
