@@ -466,10 +466,10 @@ def test_a_request_without_context_is_refused(llama):
 @pytest.mark.parametrize("capability, dtype, noted", [("AVX2", torch.bfloat16, True), ("AVX2", torch.float32, False),
                                                      ("AVX512", torch.bfloat16, False), ("DEFAULT", torch.float16, True)])
 def test_half_precision_scoring_on_a_cpu_without_avx512_is_noted(llama, capsys, monkeypatch, capability, dtype, noted):
-    from unibcq.eval.tasks import note_slow_cpu_dtype
+    from unibcq.compute_dtype import note_slow_cpu_dtype
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    note_slow_cpu_dtype(llama, dtype)
+    note_slow_cpu_dtype(llama, dtype, "--task-dtype")
     assert ("no AVX-512" in capsys.readouterr().err) is noted
 
 

@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 
 from unibcq.atomic import check_writable, write_json_atomic
+from unibcq.compute_dtype import COMPUTE_DTYPES, compute_dtype, note_slow_cpu_dtype
 from unibcq.errors import UnibcqError
 
 if TYPE_CHECKING:
@@ -204,6 +205,11 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="0 = greedy (default); > 0 samples at this temperature (with any top-k/top-p of the "
                         "model's generation config)")
     g.add_argument("--seed", type=int, help="seed for sampling (--temperature > 0)")
+    g.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")
+    g.add_argument("--dtype", default="float32", choices=tuple(COMPUTE_DTYPES),
+                   help="what the unquantized tensors and activations compute in (packed weights stay packed; "
+                        "bfloat16 is the usual choice on a GPU, and 7-10x slower than float32 on a CPU "
+                        "without AVX-512)")
     g.add_argument("--json", help="write the text and every printed figure to this JSON file")
 
 
@@ -265,7 +271,7 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8,
                         help="--tasks: most scored sequences per forward pass (a pass also stops near 1024 "
                              "tokens on a CPU, 16384 on a GPU)")
-    parser.add_argument("--task-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    parser.add_argument("--task-dtype", default="float32", choices=tuple(COMPUTE_DTYPES),
                         help="--tasks: dtype the model scores in (bfloat16: 1.2-1.8x faster on a CPU with "
                              "AVX512-BF16 in our runs, and on GPUs; 7-10x slower on a CPU without AVX-512); "
                              "perplexity and KL always run in float32")
@@ -546,8 +552,9 @@ def layer_groups(record) -> int:
     return round((record.accounting["bits_per_weight_paper"] - 1) * record.numel / 16)
 
 
-def _load_for_eval(spec: str):
-    """(model, tokenizer, bits_per_weight, default KL reference) for a checkpoint or a model."""
+def _load_for_eval(spec: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, bits_per_weight, default KL reference) for a checkpoint or a model,
+    its unquantized tensors in `dtype`."""
     from unibcq.checkpoint import (
         QUANT_KEY, checkpoint_info, has_unibcq_weights, is_checkpoint, load_checkpoint, read_config,
     )
@@ -557,14 +564,14 @@ def _load_for_eval(spec: str):
     # so the checkpoint loader reports what is wrong with it.
     if is_checkpoint(spec) or has_unibcq_weights(spec):
         source = read_config(spec)[QUANT_KEY].get("source_model")
-        # Computed in float32 like the reference model, whatever the checkpoint stores.
-        model = load_checkpoint(spec, dtype=torch.float32)
+        # Evaluation computes in float32 like the reference model, whatever the checkpoint stores.
+        model = load_checkpoint(spec, dtype=dtype)
         has_tokenizer = (Path(spec) / "tokenizer_config.json").is_file()
         if not has_tokenizer and not source:
             raise UnibcqError(f"{spec} has no tokenizer and no source model to take one from")
         tokenizer = load_tokenizer(spec if has_tokenizer else source)
         return model, tokenizer, checkpoint_info(spec).bits_per_weight, source
-    model = load_model(spec)
+    model = load_model(spec, dtype)
     bits = float(torch.finfo(next(model.parameters()).dtype).bits)
     return model, load_tokenizer(spec), bits, None
 
@@ -786,7 +793,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from unibcq.generate import check_generation_options, generate_text
 
     check_generation_options(args.max_new_tokens, args.temperature)
-    model, tokenizer, bits, _ = _load_for_eval(args.model)
+    device, dtype = _check_device(args.device), compute_dtype(args.dtype, "--dtype")
+    model, tokenizer, bits, _ = _load_for_eval(args.model, dtype)
+    model.to(device)
+    note_slow_cpu_dtype(model, dtype, "--dtype")
     result = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, chat=args.chat,
                            temperature=args.temperature, seed=args.seed, on_text=_write_stdout)
     print(result.summary())
@@ -796,7 +806,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.json:
         write_json_atomic(args.json, {"model": args.model, "prompt": args.prompt, "bits_per_weight": bits,
                                       "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                                      "seed": args.seed, **result.to_dict()}, portable=True)
+                                      "seed": args.seed, "device": str(device), "dtype": args.dtype,
+                                      **result.to_dict()}, portable=True)
 
 
 def _write_stdout(text: str) -> None:

@@ -30,7 +30,8 @@ class GenerationResult:
     `prefill_seconds` runs from the call to the first new token; `decode_seconds` from the
     first to the last new token, i.e. `new_tokens - 1` decode steps. Memory is measured
     right after generating: `model_bytes` is the model's parameters and buffers as stored,
-    `rss_bytes` the whole process (None off Linux). `max_new_tokens` is the limit that applied:
+    `rss_bytes` the whole process (None off Linux), `gpu_peak_bytes` the most the generation
+    held allocated on the model's GPU (None on a CPU). `max_new_tokens` is the limit that applied:
     the one asked for, or less where the model's context window ends first.
     """
 
@@ -44,6 +45,7 @@ class GenerationResult:
     decode_seconds: float
     model_bytes: int
     rss_bytes: int | None
+    gpu_peak_bytes: int | None = None
 
     @property
     def new_tokens(self) -> int:
@@ -65,11 +67,12 @@ class GenerationResult:
         """The one line the CLI prints after the streamed text."""
         decode = self.decode_tokens_per_second
         rss = "-" if self.rss_bytes is None else f"{self.rss_bytes / 2**20:.1f} MiB"
+        gpu = "" if self.gpu_peak_bytes is None else f", GPU peak {self.gpu_peak_bytes / 2**20:.1f} MiB"
         return (
             f"{self.new_tokens} new tokens in {self.seconds:.2f} s ({self.tokens_per_second:.1f} tokens/s): "
             f"prefill {self.prompt_tokens} prompt tokens {self.prefill_seconds:.3f} s, "
             f"decode {'-' if decode is None else f'{decode:.1f}'} tokens/s; "
-            f"memory: RSS {rss}, model {self.model_bytes / 2**20:.1f} MiB"
+            f"memory: RSS {rss}, model {self.model_bytes / 2**20:.1f} MiB{gpu}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,6 +173,9 @@ def generate_text(
     if seed is not None:
         torch.manual_seed(seed)
     streamer = _TimedStreamer(tokenizer, on_text)
+    on_gpu = model.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(model.device)
     start = time.perf_counter()
     output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **options)
     seconds = time.perf_counter() - start
@@ -186,4 +192,5 @@ def generate_text(
         decode_seconds=times[-1] - times[0] if times else 0.0,
         model_bytes=model_memory_bytes(model),
         rss_bytes=resident_memory_bytes(),
+        gpu_peak_bytes=torch.cuda.max_memory_allocated(model.device) if on_gpu else None,
     )

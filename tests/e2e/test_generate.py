@@ -119,8 +119,32 @@ def test_generate_cli_full_precision_model(capsys, tmp_path, tiny_model_dir):
     assert report["bits_per_weight"] == 32 and report["temperature"] == 0.7 and report["seed"] == 1
 
 
+def test_generate_cli_in_bfloat16(capsys, tmp_path, w3_dir, monkeypatch):
+    """--dtype sets what the unquantized tensors compute in; packed weights stay packed."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    code, stdout, err = run(capsys, "generate", w3_dir, "--prompt", PROMPT, "--max-new-tokens", "3", "--dtype",
+                            "bfloat16", "--json", tmp_path / "g.json")
+    assert code == 0, err
+    assert "no AVX-512 (AVX2); bfloat16 runs several times slower here than --dtype float32" in err
+    report = json.loads((tmp_path / "g.json").read_text())
+    assert report["dtype"] == "bfloat16" and report["device"] == "cpu" and 1 <= report["new_tokens"] <= 3
+    assert report["gpu_peak_bytes"] is None and "GPU peak" not in stdout
+    fp32 = unibcq.load(w3_dir)
+    assert report["model_bytes"] < model_memory_bytes(fp32)  # the unquantized tensors in 2 bytes, not 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generate_cli_on_a_gpu_reports_its_memory(capsys, tmp_path, w3_dir):
+    code, stdout, err = run(capsys, "generate", w3_dir, "--prompt", PROMPT, "--max-new-tokens", "3", "--device",
+                            "cuda", "--dtype", "bfloat16", "--json", tmp_path / "g.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "g.json").read_text())
+    assert report["device"].startswith("cuda") and report["gpu_peak_bytes"] > 0 and "GPU peak" in stdout
+
+
 @pytest.mark.parametrize("extra,needle", [
     ([], "missing-dir"),
+    (["--device", "tpu"], "--device"),
     (["--max-new-tokens", "0"], "max-new-tokens"),
     (["--temperature", "-1"], "temperature"),
     (["--temperature", "inf"], "finite"),

@@ -22,7 +22,6 @@ stay in float32.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from unibcq.compute_dtype import compute_dtype, note_slow_cpu_dtype
 from unibcq.errors import UnibcqError
 from unibcq.eval.journal import EvalJournal
 from unibcq.eval.gsm8k import (
@@ -47,14 +47,11 @@ from unibcq.progress import progress_bar
 ZEROSHOT_TASKS = (*MULTIPLE_CHOICE, "lambada")
 TASKS = (*ZEROSHOT_TASKS, "mmlu", "gsm8k")
 MEAN_KEY = "_mean"
-SCORING_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def scoring_dtype(name: str) -> torch.dtype:
     """The torch dtype for a `--task-dtype` name, or an error listing the choices."""
-    if name not in SCORING_DTYPES:
-        raise UnibcqError(f"--task-dtype must be one of {', '.join(SCORING_DTYPES)}, got {name!r}")
-    return SCORING_DTYPES[name]
+    return compute_dtype(name, "--task-dtype")
 
 
 @contextmanager
@@ -158,18 +155,6 @@ def check_tasks(
     return root, names
 
 
-def note_slow_cpu_dtype(model: nn.Module, dtype: torch.dtype) -> None:
-    """Say so before half-precision scoring crawls: on a CPU without AVX-512, torch's bfloat16
-    and float16 linear layers ran 7-10x slower than float32 (Zen 3, AVX2, one thread,
-    2026-12-07, docs/BENCHMARKS.md); with AVX512-BF16 bfloat16 was the faster one."""
-    param = next(iter(model.parameters()), None)
-    on_cpu = param is None or param.device.type == "cpu"
-    if on_cpu and dtype != torch.float32 and torch.backends.cpu.get_cpu_capability() != "AVX512":
-        print(f"unibcq: note: this CPU has no AVX-512 ({torch.backends.cpu.get_cpu_capability()}); "
-              f"{str(dtype).removeprefix('torch.')} scoring runs several times slower here than "
-              "--task-dtype float32", file=sys.stderr)
-
-
 def run_tasks(
     model: nn.Module,
     tokenizer,
@@ -195,7 +180,7 @@ def run_tasks(
     results = {name: dict(finished[name]) for name in names if name in finished}
     pending = [name for name in names if name not in results]
     if pending:
-        note_slow_cpu_dtype(model, torch_dtype)
+        note_slow_cpu_dtype(model, torch_dtype, "--task-dtype")
         with (torch.inference_mode(), dense_weights(model, torch_dtype), parameters_as(model, torch_dtype),
               progress_bar(show_progress) as bar):
             for name in pending:
