@@ -84,3 +84,22 @@ def test_reports_are_strict_json_and_state_files_round_trip(tmp_path):
     write_json_atomic(tmp_path / "state.json", data)
     back = json.loads((tmp_path / "state.json").read_text())
     assert math.isnan(back["ppl"]["wikitext2"]) and back["scores"] == [[-math.inf, 1.5]]
+
+
+def test_a_refused_temporary_names_the_path_the_user_gave(tmp_path, monkeypatch):
+    """A read-only or pseudo file system refuses the hidden temporary: the error names the target."""
+    import errno
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / ".x.tmp-abc"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(OSError) as json_error:
+        write_json_atomic(tmp_path / "report.json", {})
+    with pytest.raises(OSError) as folder_error:
+        with atomic_directory(tmp_path / "ckpt"):
+            pass
+    for error, name in ((json_error.value, "report.json"), (folder_error.value, "ckpt")):
+        assert error.errno == errno.EROFS and error.filename == str(tmp_path / name) and ".tmp-" not in str(error)

@@ -117,6 +117,22 @@ def test_a_checkpoint_is_known_by_its_content_not_its_files_times(tiny_llama, ck
     assert files_fingerprint(again)[0][2] == (again / "config.json").stat().st_mtime_ns
 
 
+def test_a_relative_source_path_is_recorded_absolutely(tiny_llama, ckpt_dir, tmp_path, monkeypatch):
+    """A checkpoint's tokenizer and default KL reference come from its source: a path relative
+    to where it was saved would point elsewhere from any other working directory."""
+    from unibcq.checkpoint import QUANT_KEY, read_config
+
+    model = tiny_llama()
+    config = fast_config("rtn")
+    quantize(model, config)
+    (tmp_path / "src").mkdir()
+    monkeypatch.chdir(tmp_path)
+    out = unibcq.save(model, ckpt_dir("rel"), config, source_model="src")
+    assert read_config(out)[QUANT_KEY]["source_model"] == str((tmp_path / "src").resolve())
+    hub = unibcq.save(model, ckpt_dir("hub"), config, source_model="org/not-a-local-path")
+    assert read_config(hub)[QUANT_KEY]["source_model"] == "org/not-a-local-path"
+
+
 def test_checkpoints_and_json_get_the_modes_of_plain_files(tiny_llama, ckpt_dir, tmp_path):
     """Temporary files are private (0600); a shared checkpoint must not stay so after the rename."""
     from unibcq.atomic import write_json_atomic

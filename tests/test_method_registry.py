@@ -17,7 +17,7 @@ FLAG_FIELDS = {
     "--algorithm": ("algorithm", "greedy"), "--max-groups": ("max_groups", 4), "--lambda": ("lam", 0.1),
     "--raw-lambda": ("normalize_lambda", False), "--window": ("window", 8), "--granularity": ("granularity", "row"),
     "--dp-atom-size": ("dp_atom_size", 2), "--refine-sweeps": ("refine_sweeps", 1),
-    "--merge-rule": ("merge_rule", "paper"), "--damp": ("damp", 0.1),
+    "--merge-rule": ("merge_rule", "paper"), "--damp": ("damp", 0.1), "--group-size": ("group_size", 64),
 }
 METHODS = [*PER_MATRIX_METHODS, *HESSIAN_METHODS]
 

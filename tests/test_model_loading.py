@@ -88,7 +88,7 @@ def test_an_uncached_hub_model_fails_at_once_when_offline(offline_machine, monke
     monkeypatch.setattr(AutoConfig, "from_pretrained", must_not_be_called)
     for attempt in (lambda: loading.context_window_of("org/uncached-model"),
                     lambda: loading.snapshot_dir(loading.resolve_model("org/uncached-model"))):
-        with pytest.raises(UnibcqError, match=f"not in the local Hugging Face cache and {host} cannot be"):
+        with pytest.raises(UnibcqError, match=f"no local file or folder, and as a Hugging Face id it is not in the local cache and {host} cannot be"):
             attempt()
     assert offline_machine == [host, host]
 

@@ -19,9 +19,11 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from unibcq.errors import UnibcqError
+
+T = TypeVar("T")
 
 
 def _umask() -> int:
@@ -103,6 +105,16 @@ def _remove_orphans(target: Path) -> None:
             os.close(fd)
 
 
+def _beside(target: Path, make: Callable[[], T]) -> T:
+    """`make()`, which creates a temporary file or folder beside `target`; a refusal (a
+    read-only or pseudo file system, a full disk) names `target`, the path the user gave, not
+    the hidden temporary name."""
+    try:
+        return make()
+    except OSError as err:
+        raise type(err)(err.errno, err.strerror, str(target)) from None
+
+
 @contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that is renamed to `target` if the block succeeds.
@@ -115,7 +127,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     _remove_orphans(target)  # first: it may put an earlier `target` back
     if target.exists() and not overwrite:
         raise UnibcqError(f"output {target} already exists; remove it or pass --overwrite")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(_beside(target, lambda: tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent)))
     try:
         with _locked(tmp):
             yield tmp
@@ -175,7 +187,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any, portable: bool = False
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = _beside(path, lambda: tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # held until the rename: see `_remove_orphans`
         with os.fdopen(os.dup(fd), "w") as f:

@@ -30,7 +30,7 @@ from unibcq.config import FORMAT_VERSION, QuantConfig
 from unibcq.errors import CheckpointError, UnibcqError, one_line
 from unibcq.finite import refuse_nonfinite
 from unibcq.models.architectures import ARCHITECTURES, set_module
-from unibcq.models.fingerprint import MANIFEST_FILE, MAX_CONFIG_BYTES, QUANT_KEY, files_fingerprint
+from unibcq.models.fingerprint import MANIFEST_FILE, MAX_CONFIG_BYTES, QUANT_KEY, files_fingerprint, source_spec
 from unibcq.models.shards import WEIGHTS_INDEX, read_weight_map
 from unibcq.formats.bcq import MAX_BITS, MIN_BITS, num_groups
 from unibcq.formats.grouped_binary import MAX_GROUPS, parse_granularity
@@ -134,7 +134,7 @@ def quantization_entry(config: QuantConfig, source_model: str, layout: dict[str,
         "format": "bcq",
         "format_version": FORMAT_VERSION,
         "unibcq_version": __version__,
-        "source_model": source_model,
+        "source_model": source_spec(source_model),
         # The identity of a local source's files (`files_fingerprint`): eval tells when the default KL reference
         # is no longer the model this checkpoint was quantized from.
         "source_files": files_fingerprint(source_model),
@@ -653,13 +653,13 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     """
     path = Path(path)
     qcfg, header, hf_config, _ = _verified_layout(path)
-    layers: dict[str, dict[str, Any]] = {}
+    layers: dict[str, dict[str, Any]] = {name: {"bytes": 0} for name in qcfg["layers"]}  # model order, not the header's
     dense_params = dense_bytes = 0
     for key, (shape, dtype) in header.items():
         numel = math.prod(shape)
         nbytes = numel * _SAFETENSORS_DTYPES[dtype].itemsize  # every dtype known: _verified_layout checked them
         if is_packed_key(key, qcfg["layers"]):
-            layers.setdefault(key.rpartition(".")[0], {"bytes": 0})["bytes"] += nbytes
+            layers[key.rpartition(".")[0]]["bytes"] += nbytes
         else:
             dense_params += numel
             dense_bytes += nbytes

@@ -14,14 +14,16 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 import torch
 from safetensors import SafetensorError
 
+from unibcq import __version__
 from unibcq.atomic import check_writable, write_json_atomic
 from unibcq.compute_dtype import COMPUTE_DTYPES, compute_dtype, note_slow_cpu_dtype
 from unibcq.errors import UnibcqError
+from unibcq.models.fingerprint import source_spec
 
 if TYPE_CHECKING:
     from unibcq.config import QuantConfig
@@ -63,8 +65,17 @@ def _parse_overrides(texts: Sequence[str]) -> dict[str, dict[str, int]]:
     return overrides
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line errors every other unibcq error has (exit code 2, as before):
+    the usage block argparse prints first buries the one line that says what is wrong."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"unibcq: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unibcq", description="Binary-coding quantization of causal LMs.")
+    parser = _Parser(prog="unibcq", description="Binary-coding quantization of causal LMs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_quantize_parser, _add_eval_parser, _add_compare_parser, _add_info_parser, _add_generate_parser,
                 _add_bench_parser):
@@ -316,15 +327,9 @@ def _int_list(text: str, flag: str) -> list[int]:
         raise UnibcqError(f"{flag} takes comma-separated integers, got {text!r}") from None
 
 
-def _source_spec(spec: str) -> str:
-    """Record local paths absolutely so the checkpoint's source resolves from anywhere."""
-    path = Path(spec).expanduser()
-    return str(path.resolve()) if path.exists() else spec
-
-
 def flag_methods() -> dict[str, tuple[str, ...]]:
     """quantize flags -> the methods that read them."""
-    from unibcq.methods.registry import CALIBRATED, RECONSTRUCTION_METHODS
+    from unibcq.methods.registry import CALIBRATED, METHODS, PER_MATRIX_METHODS, RECONSTRUCTION_METHODS
 
     bcq = ("bcq-greedy", "bcq-refined", "bcq-alternating")
     dyngroup = ("--algorithm", "--max-groups", "--lambda", "--raw-lambda", "--window", "--granularity",
@@ -338,6 +343,8 @@ def flag_methods() -> dict[str, tuple[str, ...]]:
                                                          "--resume")},
         **{flag: RECONSTRUCTION_METHODS for flag in ("--epochs", "--u-lr", "--batch-size", "--input-prob")},
         **{flag: ("uniquanf",) for flag in ("--b-lr", "--remap-every", "--grid-points", "--mapping", "--shift")},
+        **{flag: tuple(PER_MATRIX_METHODS) for flag in ("--workers", "--backend")},
+        "--group-size": tuple(method for method in METHODS if method != "dyngroup"),
     }
 
 
@@ -445,7 +452,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise UnibcqError(f"{exc}; the finished blocks are kept in {state_dir}: rerun with --resume and a larger "
                           "--max-memory, fewer --calib-samples, a shorter --seq-len or --spill-activations") from exc
     seconds = time.perf_counter() - start
-    save_checkpoint(model, out, config, _source_spec(args.model), tokenizer, overwrite=args.overwrite,
+    save_checkpoint(model, out, config, source_spec(args.model), tokenizer, overwrite=args.overwrite,
                     extra={"quantize_seconds": round(seconds, 3)}, dtype=save_dtype)
     if state_dir is not None:
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -533,7 +540,7 @@ def _quantize_streaming(args: argparse.Namespace, config, source, out: Path, sav
     if args.workers != 1:
         raise UnibcqError("--max-memory runs one weight at a time; drop --workers")
     start = time.perf_counter()
-    records = quantize_streaming(snapshot_dir(source), out, config, _source_spec(args.model), budget,
+    records = quantize_streaming(snapshot_dir(source), out, config, source_spec(args.model), budget,
                                  overwrite=args.overwrite, show_progress=not args.no_progress, dtype=save_dtype)
     seconds = time.perf_counter() - start
     _report_quantize(args, config, records, out, f"streamed in {seconds:.1f} s", seconds,
@@ -569,7 +576,14 @@ def _load_for_eval(spec: str, dtype: torch.dtype = torch.float32):
         has_tokenizer = (Path(spec) / "tokenizer_config.json").is_file()
         if not has_tokenizer and not source:
             raise UnibcqError(f"{spec} has no tokenizer and no source model to take one from")
-        tokenizer = load_tokenizer(spec if has_tokenizer else source)
+        try:
+            tokenizer = load_tokenizer(spec if has_tokenizer else source)
+        except UnibcqError as err:
+            if has_tokenizer:
+                raise
+            raise UnibcqError(f"{spec} holds no tokenizer, and its recorded source model {source!r}, which would "
+                              f"supply one, cannot be loaded ({err}); save the tokenizer into the checkpoint "
+                              "(tokenizer.save_pretrained(DIR))") from None
         return model, tokenizer, checkpoint_info(spec).bits_per_weight, source
     model = load_model(spec, dtype)
     bits = float(torch.finfo(next(model.parameters()).dtype).bits)
@@ -608,9 +622,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
                           "--kl-ref MODEL (where it is now) or --kl-ref none")
     if ref_spec and ref_spec == default_ref:
         _note_a_changed_source(args.model, ref_spec)
-    ref_dtype = (_reference_dtype(ref_spec, device, _journal_reference_dtype(args, settings, ref_spec))
-                 if ref_spec else None)
-    ref_model = load_model(ref_spec, ref_dtype).to(device) if ref_spec else None
+    try:
+        ref_dtype = (_reference_dtype(ref_spec, device, _journal_reference_dtype(args, settings, ref_spec))
+                     if ref_spec else None)
+        ref_model = load_model(ref_spec, ref_dtype).to(device) if ref_spec else None
+    except UnibcqError as err:
+        if args.kl_ref is not None or not ref_spec:
+            raise
+        raise UnibcqError(f"the checkpoint's recorded source model {ref_spec!r}, the default KL reference, cannot "
+                          f"be loaded ({err}); pass --kl-ref MODEL or --kl-ref none") from None
     if ref_model is not None:
         ours, theirs = (m.get_output_embeddings().out_features for m in (model, ref_model))
         if ours != theirs:
@@ -686,8 +706,8 @@ def _journal_key(args: argparse.Namespace, settings: EvalSettings, ref_spec: str
     from unibcq.models.fingerprint import files_fingerprint
 
     key = settings.journal_key() | {
-        "model": _source_spec(args.model), "model_files": files_fingerprint(args.model),
-        "kl_ref": ref_spec and _source_spec(ref_spec), "kl_ref_files": ref_spec and files_fingerprint(ref_spec)}
+        "model": source_spec(args.model), "model_files": files_fingerprint(args.model),
+        "kl_ref": ref_spec and source_spec(ref_spec), "kl_ref_files": ref_spec and files_fingerprint(ref_spec)}
     if ref_dtype not in (None, torch.float32):  # a float32 reference keeps the key journals always had
         key["kl_ref_dtype"] = str(ref_dtype)
     return key

@@ -247,6 +247,29 @@ def test_bad_quantize_flags(capsys, tmp_path, tiny_model_dir, extra, needle):
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["generate", "somewhere"], "the following arguments are required: --prompt (see unibcq generate --help)"),
+    (["quantize", "m", "--method", "rtn", "--out", "o", "--bits", "2.5"], "argument --bits: invalid int value: '2.5'"),
+    (["generate", "m", "--prompt", "p", "--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'"),
+])
+def test_usage_errors_are_one_line_too(capsys, argv, needle):
+    """argparse's own errors read like every other unibcq error: one line, exit code 2."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("unibcq: error: ") and needle in err
+
+
+def test_version(capsys):
+    from unibcq import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"unibcq {__version__}"
+
+
 @pytest.mark.parametrize("method", ["gptq", "uniquanf"])
 def test_nan_weights_are_named_before_calibration(capsys, tmp_path, nan_model_dir, corpus_file, method):
     out = tmp_path / "q"
@@ -400,6 +423,27 @@ def test_a_checkpoint_whose_source_model_is_gone_names_the_kl_reference(capsys, 
     assert run(capsys, *eval_args, "--kl-ref", "none")[0] == 0
 
 
+def test_a_source_model_that_cannot_be_loaded_is_named_as_the_checkpoints_source(capsys, tmp_path, tiny_model_dir,
+                                                                                  corpus_file):
+    """A checkpoint saved from Python with a source that does not resolve here: the error says
+    that it is the recorded source (tokenizer, default KL reference) and what to do."""
+    import unibcq
+
+    model = unibcq.load_model(str(tiny_model_dir))
+    config = unibcq.QuantConfig("rtn", bits=3, group_size=32)
+    unibcq.quantize(model, config)
+    bare = unibcq.save(model, tmp_path / "bare", config, source_model="no-such-source-model")
+    eval_args = ("--ppl", corpus_file, "--seq-len", "16", "--max-windows", "1", "--no-progress")
+    code, _, err = run(capsys, "eval", bare, *eval_args, "--kl-ref", "none")
+    assert code == 2 and "holds no tokenizer" in err and "'no-such-source-model'" in err
+    tokenizer = unibcq.load_tokenizer(str(tiny_model_dir))
+    with_tokenizer = unibcq.save(model, tmp_path / "tok", config, source_model="no-such-source-model",
+                                 tokenizer=tokenizer)
+    code, _, err = run(capsys, "eval", with_tokenizer, *eval_args)
+    assert code == 2 and "recorded source model 'no-such-source-model'" in err and "--kl-ref none" in err
+    assert run(capsys, "eval", with_tokenizer, *eval_args, "--kl-ref", "none")[0] == 0
+
+
 @pytest.mark.parametrize(("method", "hint"), [("gptq", True), ("rtn", False)])
 def test_an_interrupted_calibrated_run_points_at_resume(capsys, tmp_path, tiny_model_dir, monkeypatch, method, hint):
     import unibcq.cli as cli
@@ -419,6 +463,9 @@ def test_flags_the_method_does_not_read_are_reported(capsys, tmp_path, tiny_mode
     code, _, err = run(capsys, "quantize", tiny_model_dir, "--method", "bcq-greedy", "--out", tmp_path / "b",
                        "--no-progress")
     assert code == 0 and "does not read" not in err
+    code, _, err = run(capsys, "quantize", tiny_model_dir, "--method", "dyngroup", "--group-size", "32",
+                       "--workers", "2", "--out", tmp_path / "d", "--no-progress")
+    assert code == 0 and "dyngroup does not read --group-size; ignored" in err
 
 
 def test_corrupt_checkpoint_cli(capsys, tmp_path, tiny_model_dir):

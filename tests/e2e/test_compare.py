@@ -146,7 +146,7 @@ def test_compare_caps_perplexity_windows_at_the_context(capsys, tmp_path, tiny_m
     assert main(["compare", str(tiny_model_dir), "--methods", "rtn", "--bits", "3", "--group-size", "32", "--out",
                  str(out), "--ppl", str(corpus_file), "--seq-len", "128", "--max-windows", "1", "--no-progress"]) == 0
     assert json.loads((out / "results" / "rtn-w3-g32.json").read_text())["seq_len"] == 64
-    assert "windows of 64 tokens" in (out / "report.md").read_text()
+    assert "the first non-overlapping window of 64 tokens" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("own_file", ["report.md", "notes.txt"])

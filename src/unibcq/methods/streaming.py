@@ -254,7 +254,8 @@ def _working_bytes(files: dict[str, Path], linears: Collection[str], max_memory:
     if max_memory < working + largest:
         raise UnibcqError(
             f"--max-memory {max_memory / 2**30:.2f} GiB is too small: quantizing the largest weight "
-            f"({largest / 2**20:.0f} MiB in fp32) needs about {(working + largest) / 2**30:.2f} GiB"
+            f"({largest / 2**20:.0f} MiB in fp32) needs about {(working + largest) / 2**30:.2f} GiB, of which "
+            f"{BASELINE_BYTES / 2**30:.2f} GiB is the process itself (Python, torch, transformers)"
         )
     return working
 

@@ -116,4 +116,4 @@ def check_window_fits(model: nn.Module, seq_len: int, purpose: str) -> None:
     window = context_window(getattr(model, "config", None))
     if window is not None and seq_len > window:
         raise UnibcqError(f"{purpose} of {seq_len} tokens exceed the model's context window of {window} positions; "
-                          f"use {window} or fewer (--seq-len)")
+                          f"use {window} or fewer (--seq-len; QuantConfig.calib_seq_len from Python)")

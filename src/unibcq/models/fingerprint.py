@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +79,11 @@ def _small_json(path: Path) -> Any:
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ValueError(f"{path} is too large")
     return json.loads(path.read_text())
+
+
+def source_spec(spec: str | os.PathLike) -> str:
+    """How a model is recorded as a source: a local path absolutely, so that it resolves from any
+    working directory (a checkpoint's tokenizer and default KL reference come from it); Hub ids
+    and aliases as given."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else str(spec)

@@ -162,8 +162,9 @@ def _fail_fast_when_offline(source: ModelSource) -> None:
     host = None if cached else _unresolvable_hub_host()
     if host is not None:
         raise UnibcqError(
-            f"{source.spec!r} is not in the local Hugging Face cache and {host} cannot be resolved "
-            "(offline?); give a local model directory or .gguf file, or connect and retry"
+            f"{source.spec!r} is no local file or folder, and as a Hugging Face id it is not in the local "
+            f"cache and {host} cannot be resolved (offline?); check the path, give a local model directory "
+            "or .gguf file, or connect and retry"
         )
 
 

@@ -158,7 +158,8 @@ def write_report(settings: "CompareSettings", results: Sequence[dict[str, Any]])
              f"{dataset_label(settings.model)}: accuracy vs memory", log_y=False):
         plots.append(ACCURACY_PLOT)
     date = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    windows = "all" if ev.max_windows is None else f"the first {ev.max_windows}"
+    windows = ("all non-overlapping windows" if ev.max_windows is None else "the first non-overlapping window"
+               if ev.max_windows == 1 else f"the first {ev.max_windows} non-overlapping windows")
     lines = [
         f"{REPORT_TITLE}{settings.model}",
         "",
@@ -173,7 +174,7 @@ def write_report(settings: "CompareSettings", results: Sequence[dict[str, Any]])
         f"`{settings.preset}`, calibration `{settings.calib}`{_calibration_size(results)} (calibrated methods "
         f"only), seed {settings.seed}; "
         "embeddings and lm_head stay unquantized.",
-        f"- **Perplexity:** {', '.join(ev.datasets) or 'none'}; {windows} non-overlapping windows of "
+        f"- **Perplexity:** {', '.join(ev.datasets) or 'none'}; {windows} of "
         f"{ev.seq_len} tokens. KL(P_FP || P_quant) and top-1 agreement against the unquantized model on "
         f"{first or '-'}.",
         f"- **Tasks:** {', '.join(ev.tasks) if ev.tasks else 'none'}"
