@@ -797,7 +797,8 @@ def cmd_info(args: argparse.Namespace) -> None:
                     [(n, s.get("bits", "-"), s.get("group_size", s.get("granularity", "-")), s["bits_per_weight"],
                       s["bytes"]) for n, s in info.layers.items()])
     print_table(str(args.path), ["metric", "value"], [
-        ("method", info.method), ("bits", info.bits), ("group_size", info.group_size),
+        ("method", info.method), ("bits", info.bits),
+        ("group_size", "dynamic (unstructured groups)" if info.method == "dyngroup" else info.group_size),
         ("bits_per_weight (what the file stores: codes + scales + offsets + indices)", info.bits_per_weight),
         *[(f"{k} (paper: no index)" if k.endswith("paper") else k, v) for k, v in info.accounting().items()],
         ("quantized_params", f"{info.quantized_params:,}"), ("quantized MiB", info.quantized_bytes / 2**20),

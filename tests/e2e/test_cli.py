@@ -506,7 +506,7 @@ def test_dyngroup_cli_reports_three_bit_counts(capsys, tmp_path, tiny_model_dir,
     assert info["bits_per_weight_paper"] < info["bits_per_weight_entropy"] <= info["bits_per_weight_fixed"]
     # The file stores a fixed-length 2-bit index: 1 + 2 + scales.
     assert info["bits_per_weight"] == pytest.approx(info["bits_per_weight_fixed"], rel=0.02)
-    assert "paper: no index" in stdout
+    assert "paper: no index" in stdout and "dynamic (unstructured groups)" in stdout
 
 
 def test_dyngroup_rejects_other_bit_widths(capsys, tmp_path, tiny_model_dir):
