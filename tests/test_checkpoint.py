@@ -117,6 +117,31 @@ def test_a_checkpoint_is_known_by_its_content_not_its_files_times(tiny_llama, ck
     assert files_fingerprint(again)[0][2] == (again / "config.json").stat().st_mtime_ns
 
 
+def test_a_checkpoint_records_only_its_methods_settings_and_keeps_its_identity(tiny_llama, ckpt_dir):
+    """An earlier checkpoint listed every setting, read or not; one saved now lists only its
+    method's, and both are the same checkpoint to the journals that resume against it."""
+    from unibcq.models.fingerprint import files_fingerprint
+
+    model = tiny_llama()
+    config = fast_config("rtn")
+    quantize(model, config)
+    path = unibcq.save(model, ckpt_dir("a"), config, source_model="src")
+    stored = json.loads((path / "config.json").read_text())
+    qcfg = stored["quantization_config"]
+    assert {"symmetric", "clip_search", "integer_zero"} <= qcfg.keys()
+    assert not {"epochs", "u_lr", "iters", "offset", "lam", "damp", "calib", "seed"} & qcfg.keys()
+    identity = files_fingerprint(path)
+    stored["quantization_config"] = {**json.loads(json.dumps(config.to_dict())), **qcfg}  # the earlier layout
+    (path / "config.json").write_text(json.dumps(stored))
+    assert files_fingerprint(path) == identity
+    stored["quantization_config"]["epochs"] = 9  # RTN never read it
+    (path / "config.json").write_text(json.dumps(stored))
+    assert files_fingerprint(path) == identity
+    stored["quantization_config"]["clip_search"] = not qcfg["clip_search"]  # RTN reads this one
+    (path / "config.json").write_text(json.dumps(stored))
+    assert files_fingerprint(path) != identity
+
+
 def test_a_relative_source_path_is_recorded_absolutely(tiny_llama, ckpt_dir, tmp_path, monkeypatch):
     """A checkpoint's tokenizer and default KL reference come from its source: a path relative
     to where it was saved would point elsewhere from any other working directory."""

@@ -1,14 +1,15 @@
 """The CLI tells users that a flag their method does not read is ignored (`unread_flags`); these
 tests hold every matrix-level method to that: such a setting neither fails nor changes the result."""
 
-from dataclasses import replace
+import json
+from dataclasses import fields, replace
 
 import pytest
 import torch
 
-from unibcq.cli import flag_methods
-from unibcq.config import QuantConfig
-from unibcq.methods.registry import HESSIAN_METHODS, PER_MATRIX_METHODS
+from unibcq.cli import SETTING_FLAGS, flag_methods
+from unibcq.config import QuantConfig, normalized_record
+from unibcq.methods.registry import HESSIAN_METHODS, METHODS as ALL_METHODS, PER_MATRIX_METHODS, SETTING_READERS
 
 # flag -> (QuantConfig field, a value other than the default)
 FLAG_FIELDS = {
@@ -64,3 +65,33 @@ def test_from_preset_gives_the_preset_and_lets_fields_override():
     alternating = QuantConfig.from_preset("bcq-alternating", "paper")  # calibration-free: its own T, no calibration
     assert (alternating.iters, alternating.calib) == (15, None)
 
+
+
+def test_every_setting_names_its_readers():
+    """A setting added to QuantConfig without readers would be recorded for every method."""
+    common = {"method", "bits", "group_size", "include_lm_head", "overrides", "version"}
+    names = {f.name for f in fields(QuantConfig)}
+    assert set(SETTING_READERS) == names - common
+    assert all(readers and set(readers) <= set(ALL_METHODS) for readers in SETTING_READERS.values())
+    assert set(SETTING_FLAGS.values()) <= set(SETTING_READERS)
+    assert all(flag_methods()[flag] == SETTING_READERS[field] for flag, (field, _) in FLAG_FIELDS.items()
+               if field in SETTING_READERS)
+
+
+def test_the_record_lists_only_what_the_method_reads():
+    rtn = QuantConfig("rtn", bits=2).recorded()
+    assert {"method", "bits", "group_size", "symmetric", "clip_search", "integer_zero"} <= rtn.keys()
+    assert not {"epochs", "iters", "offset", "lam", "damp", "calib", "seed"} & rtn.keys()
+    uniquanf = QuantConfig.from_preset("uniquanf").recorded()
+    assert {"b_lr", "remap_every", "iters", "epochs", "calib", "seed"} <= uniquanf.keys()
+    assert not {"offset", "symmetric", "damp", "lam"} & uniquanf.keys()
+    assert "damp" in QuantConfig("gptq-bcq").recorded() and "symmetric" not in QuantConfig("gptq-bcq").recorded()
+
+
+def test_a_record_that_lists_unread_settings_compares_equal_to_one_that_does_not():
+    config = QuantConfig("bcq-alternating", bits=2)
+    full = json.loads(json.dumps(config.to_dict()))  # what checkpoints recorded before
+    assert normalized_record(json.loads(json.dumps(config.recorded()))) == full == normalized_record(full)
+    assert normalized_record(full | {"epochs": 9, "damp": 0.5}) == full  # never read by bcq-alternating
+    assert normalized_record(full | {"iters": 3}) != full
+    assert normalized_record({"method": "not-ours", "x": 1}) == {"method": "not-ours", "x": 1}

@@ -139,7 +139,7 @@ def quantization_entry(config: QuantConfig, source_model: str, layout: dict[str,
         # is no longer the model this checkpoint was quantized from.
         "source_files": files_fingerprint(source_model),
         "manifest": MANIFEST_FILE,
-        **config.to_dict(),
+        **config.recorded(),
         **(extra or {}),
         "layers": layout,
     }

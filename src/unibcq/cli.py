@@ -327,22 +327,27 @@ def _int_list(text: str, flag: str) -> list[int]:
         raise UnibcqError(f"{flag} takes comma-separated integers, got {text!r}") from None
 
 
-def flag_methods() -> dict[str, tuple[str, ...]]:
-    """quantize flags -> the methods that read them."""
-    from unibcq.methods.registry import CALIBRATED, METHODS, PER_MATRIX_METHODS, RECONSTRUCTION_METHODS
+# quantize flags -> the QuantConfig setting each one sets (methods.registry.SETTING_READERS says who reads it)
+SETTING_FLAGS = {
+    "--symmetric": "symmetric", "--float-zero": "integer_zero", "--clip-search": "clip_search", "--no-offset": "offset",
+    "--iters": "iters", "--init": "init", "--algorithm": "algorithm", "--max-groups": "max_groups", "--lambda": "lam",
+    "--raw-lambda": "normalize_lambda", "--window": "window", "--granularity": "granularity",
+    "--dp-atom-size": "dp_atom_size", "--refine-sweeps": "refine_sweeps", "--merge-rule": "merge_rule",
+    "--damp": "damp", "--calib": "calib", "--calib-samples": "calib_samples", "--seq-len": "calib_seq_len",
+    "--seed": "seed", "--epochs": "epochs", "--u-lr": "u_lr", "--batch-size": "batch_size",
+    "--input-prob": "input_prob", "--b-lr": "b_lr", "--remap-every": "remap_every", "--grid-points": "grid_points",
+    "--mapping": "mapping", "--shift": "shift",
+}
 
-    bcq = ("bcq-greedy", "bcq-refined", "bcq-alternating")
-    dyngroup = ("--algorithm", "--max-groups", "--lambda", "--raw-lambda", "--window", "--granularity",
-                "--dp-atom-size", "--refine-sweeps", "--merge-rule")
+
+def flag_methods() -> dict[str, tuple[str, ...]]:
+    """quantize flags -> the methods that read them (--act-order and --true-sequential, refused
+    outside GPTQ, are not among them)."""
+    from unibcq.methods.registry import CALIBRATED, METHODS, PER_MATRIX_METHODS, SETTING_READERS
+
     return {
-        "--symmetric": ("rtn", "gptq"), "--float-zero": ("rtn", "gptq"), "--clip-search": ("rtn",),
-        "--no-offset": bcq, "--iters": ("bcq-alternating", "gptq-bcq", "uniquanf"), "--init": ("bcq-alternating",),
-        **{flag: ("dyngroup",) for flag in dyngroup},
-        "--damp": ("gptq", "gptq-bcq"),
-        **{flag: tuple(sorted(CALIBRATED)) for flag in ("--calib", "--calib-samples", "--seq-len", "--preset",
-                                                         "--resume")},
-        **{flag: RECONSTRUCTION_METHODS for flag in ("--epochs", "--u-lr", "--batch-size", "--input-prob")},
-        **{flag: ("uniquanf",) for flag in ("--b-lr", "--remap-every", "--grid-points", "--mapping", "--shift")},
+        **{flag: SETTING_READERS[setting] for flag, setting in SETTING_FLAGS.items()},
+        **{flag: tuple(sorted(CALIBRATED)) for flag in ("--preset", "--resume")},
         **{flag: tuple(PER_MATRIX_METHODS) for flag in ("--workers", "--backend")},
         "--group-size": tuple(method for method in METHODS if method != "dyngroup"),
     }
@@ -498,7 +503,7 @@ def _report_quantize(args: argparse.Namespace, config, records, out: Path, timin
     )
     if args.json:
         write_json_atomic(args.json, {
-            "out": str(out), "config": config.to_dict(), "seconds": seconds,
+            "out": str(out), "config": config.recorded(), "seconds": seconds,
             "bits_per_weight": info.bits_per_weight, "file_bytes": info.file_bytes, "peak_rss_mib": peak_mib,
             **extra, "layers": [vars(r) for r in records],
         }, portable=True)

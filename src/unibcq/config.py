@@ -1,14 +1,16 @@
 """Quantization settings: one versioned, JSON-serialisable dataclass.
 
 The same object drives quantization and is recorded in the checkpoint's
-`quantization_config`, together with the per-layer layout needed to rebuild the model.
+`quantization_config`, together with the per-layer layout needed to rebuild the model. The
+record lists only the settings the method reads: a bcq-alternating checkpoint that listed
+UniQuanF's learning rates would claim settings that had no effect on it.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from unibcq.errors import UnibcqError
@@ -172,9 +174,34 @@ class QuantConfig:
                               f"e.g. '*.mlp.down_proj'{hint})")
 
     def to_dict(self) -> dict[str, Any]:
+        """Every setting, read or not (what a resumable run must match to be continued)."""
         return asdict(self)
+
+    def recorded(self) -> dict[str, Any]:
+        """The settings this method reads: what a checkpoint and a compare result record."""
+        from unibcq.methods.registry import reads_setting
+
+        return {k: v for k, v in asdict(self).items() if reads_setting(self.method, k)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def normalized_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A stored quantization config with every setting its method does not read at its default.
+
+    Checkpoints written before 2026-12-07 list every setting; later ones only those their method
+    reads. Two records of one quantization compare equal after this, whichever kind each is (and
+    an earlier checkpoint keeps its identity, `models.fingerprint`, since its unread settings were
+    at their defaults unless a user passed flags the method ignored). Entries that are not
+    settings (the format, the layer layout) are kept as they are.
+    """
+    from unibcq.methods.registry import METHODS, reads_setting
+
+    method = record.get("method")
+    if method not in METHODS:
+        return dict(record)
+    defaults = {f.name: f.default for f in fields(QuantConfig) if f.default is not MISSING}
+    return record | {name: default for name, default in defaults.items() if not reads_setting(method, name)}

@@ -61,8 +61,15 @@ def test_compare_report_end_to_end_and_resume(capsys, tmp_path, tiny_model_dir, 
     for plot in ("ppl_vs_bits.png", "accuracy_vs_bits.png"):
         assert (out / plot).read_bytes()[:8] == PNG_MAGIC and f"]({plot})" in report
 
-    # A rerun finishes nothing new: no quantization, no evaluation, the same results.
+    # A rerun finishes nothing new: no quantization, no evaluation, the same results, also for a
+    # result stored when quantization records listed every setting, read or not.
     import unibcq.report.compare as compare
+    from unibcq.config import normalized_record
+
+    earlier = json.loads((out / "results" / "rtn-w2-g32.json").read_text())
+    assert "epochs" not in earlier["protocol"]["quantization"]
+    earlier["protocol"]["quantization"] = normalized_record(earlier["protocol"]["quantization"])
+    (out / "results" / "rtn-w2-g32.json").write_text(json.dumps(earlier))
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a finished cell was redone")

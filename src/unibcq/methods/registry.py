@@ -1,7 +1,7 @@
 """Method name -> the function that quantizes one matrix: per-matrix methods from the weight alone,
 GPTQ's from the weight and its input Hessian; reconstruction methods train whole blocks
-(`methods.reconstruction`). A new method is an entry here, plus the flags it reads in
-`cli.flag_methods` and its settings' checks in `QuantConfig.validate`."""
+(`methods.reconstruction`). A new method is an entry here, plus the settings it reads in
+`SETTING_READERS` (and their flags in `cli.SETTING_FLAGS`) and their checks in `QuantConfig.validate`."""
 
 from __future__ import annotations
 
@@ -64,6 +64,30 @@ RECONSTRUCTION_METHODS = ("uniquanf", "flexround")
 
 METHODS = [*PER_MATRIX_METHODS, *HESSIAN_METHODS, *RECONSTRUCTION_METHODS]
 CALIBRATED = {*HESSIAN_METHODS, *RECONSTRUCTION_METHODS}
+
+BCQ_METHODS = ("bcq-greedy", "bcq-refined", "bcq-alternating")
+DYNGROUP_SETTINGS = ("algorithm", "max_groups", "lam", "window", "granularity", "normalize_lambda", "dp_atom_size",
+                     "refine_sweeps", "merge_rule")
+
+# QuantConfig setting -> the methods that read it; every method reads the settings not named here
+# (method, bits, group_size, include_lm_head, overrides, version). A checkpoint records only the
+# settings its method read (`QuantConfig.recorded`), and quantize notes the flags a method ignores.
+SETTING_READERS: dict[str, tuple[str, ...]] = {
+    "symmetric": ("rtn", "gptq"), "integer_zero": ("rtn", "gptq"), "clip_search": ("rtn",), "offset": BCQ_METHODS,
+    "iters": ("bcq-alternating", "gptq-bcq", "uniquanf"), "init": ("bcq-alternating",),
+    **{name: ("dyngroup",) for name in DYNGROUP_SETTINGS},
+    **{name: tuple(HESSIAN_METHODS) for name in ("damp", "act_order", "true_sequential")},
+    **{name: RECONSTRUCTION_METHODS for name in ("epochs", "u_lr", "batch_size", "input_prob")},
+    **{name: ("uniquanf",) for name in ("b_lr", "remap_every", "grid_points", "p_norm", "mapping", "shift")},
+    # calibration windows are sampled with the seed, and reconstruction's batches and input mixing
+    **{name: (*HESSIAN_METHODS, *RECONSTRUCTION_METHODS)
+       for name in ("calib", "calib_samples", "calib_seq_len", "seed")},
+}
+
+
+def reads_setting(method: str, setting: str) -> bool:
+    """Whether `method`'s result depends on the QuantConfig field `setting`."""
+    return method in SETTING_READERS.get(setting, (method,))
 
 
 def check_method(method: str) -> None:

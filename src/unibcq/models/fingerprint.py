@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from unibcq.config import normalized_record
+
 MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 MODEL_FILE_NAMES = ("config.json",)
 MANIFEST_FILE = "manifest.json"  # a checkpoint's file list with sizes and sha256 (unibcq.checkpoint)
@@ -54,8 +56,10 @@ def files_fingerprint(spec: str | Path) -> list[tuple[str, int, int | str]] | No
 
 def checkpoint_identity(folder: Path) -> list[tuple[str, int, str]] | None:
     """(name, size, sha256) of a checkpoint's files (weights, tokenizer, generation config) and of
-    its config without the run's entries; None for a folder that is not a unibcq checkpoint whose
-    config names its manifest (the ones `load` verifies), so its files' times identify it."""
+    its config without the run's entries, the settings its method does not read taken at their
+    defaults (a checkpoint that lists them and one that does not are the same); None for a folder
+    that is not a unibcq checkpoint whose config names its manifest (the ones `load` verifies),
+    so its files' times identify it."""
     try:
         config = _small_json(folder / "config.json")
         qcfg = config[QUANT_KEY]
@@ -65,7 +69,7 @@ def checkpoint_identity(folder: Path) -> list[tuple[str, int, str]] | None:
         files = sorted((str(name), int(entry["bytes"]), str(entry["sha256"]))
                        for name, entry in entries.items() if name != "config.json")
         stable = {k: v for k, v in config.items() if k not in RUN_ENTRIES}
-        stable[QUANT_KEY] = {k: v for k, v in qcfg.items() if k not in QUANT_RUN_ENTRIES}
+        stable[QUANT_KEY] = normalized_record({k: v for k, v in qcfg.items() if k not in QUANT_RUN_ENTRIES})
         text = json.dumps(stable, sort_keys=True).encode()
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None

@@ -25,7 +25,7 @@ import torch
 
 from unibcq.atomic import write_json_atomic
 from unibcq.checkpoint import QUANT_KEY, checkpoint_info, is_checkpoint, load_checkpoint, read_config, save_checkpoint
-from unibcq.config import QuantConfig
+from unibcq.config import QuantConfig, normalized_record
 from unibcq.errors import UnibcqError
 from unibcq.eval.journal import EvalJournal
 from unibcq.eval.suite import EvalSettings, evaluate_suite, placed_on
@@ -108,7 +108,16 @@ def _read_result(path: Path, protocol: dict[str, Any]) -> dict[str, Any] | None:
         result = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return result if isinstance(result, dict) and result.get("protocol") == protocol else None
+    if not isinstance(result, dict) or not isinstance(result.get("protocol"), dict):
+        return None
+    return result if _comparable(result["protocol"]) == _comparable(protocol) else None
+
+
+def _comparable(protocol: dict[str, Any]) -> dict[str, Any]:
+    """A result's protocol with its quantization's unread settings at their defaults: results
+    stored before checkpoints recorded only the settings their method reads stay reusable."""
+    quantization = protocol.get("quantization")
+    return protocol | {"quantization": normalized_record(quantization)} if isinstance(quantization, dict) else protocol
 
 
 def _journal(results_dir: Path, name: str, settings: CompareSettings, model: str | Path) -> EvalJournal:
@@ -119,8 +128,9 @@ def _journal(results_dir: Path, name: str, settings: CompareSettings, model: str
 
 
 def _as_stored(config: QuantConfig) -> dict[str, Any]:
-    """The config as JSON stores it (tuples become lists), to compare with what was written."""
-    return json.loads(json.dumps(config.to_dict()))
+    """The settings the method reads as JSON stores them (tuples become lists), to compare with
+    what was written."""
+    return json.loads(json.dumps(config.recorded()))
 
 
 def _cell_protocol(protocol: dict[str, Any], config: QuantConfig) -> dict[str, Any]:
