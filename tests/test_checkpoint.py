@@ -118,9 +118,19 @@ def test_a_checkpoint_is_known_by_its_content_not_its_files_times(tiny_llama, ck
 
 
 def test_a_checkpoint_records_only_its_methods_settings_and_keeps_its_identity(tiny_llama, ckpt_dir):
-    """An earlier checkpoint listed every setting, read or not; one saved now lists only its
-    method's, and both are the same checkpoint to the journals that resume against it."""
-    from unibcq.models.fingerprint import files_fingerprint
+    """An earlier checkpoint listed every setting, read or not, and keeps the identity it had (its
+    journals stay valid); one saved now lists only its method's and is the same checkpoint as an
+    earlier one whose unread settings were at their defaults."""
+    import hashlib
+
+    from unibcq.models.fingerprint import QUANT_RUN_ENTRIES, RUN_ENTRIES, files_fingerprint
+
+    def as_written(config: dict) -> tuple[str, int, str]:  # how every config was hashed before
+        stable = {k: v for k, v in config.items() if k not in RUN_ENTRIES}
+        stable["quantization_config"] = {k: v for k, v in config["quantization_config"].items()
+                                         if k not in QUANT_RUN_ENTRIES}
+        text = json.dumps(stable, sort_keys=True).encode()
+        return ("config.json", len(text), hashlib.sha256(text).hexdigest())
 
     model = tiny_llama()
     config = fast_config("rtn")
@@ -131,13 +141,12 @@ def test_a_checkpoint_records_only_its_methods_settings_and_keeps_its_identity(t
     assert {"symmetric", "clip_search", "integer_zero"} <= qcfg.keys()
     assert not {"epochs", "u_lr", "iters", "offset", "lam", "damp", "calib", "seed"} & qcfg.keys()
     identity = files_fingerprint(path)
-    stored["quantization_config"] = {**json.loads(json.dumps(config.to_dict())), **qcfg}  # the earlier layout
-    (path / "config.json").write_text(json.dumps(stored))
-    assert files_fingerprint(path) == identity
-    stored["quantization_config"]["epochs"] = 9  # RTN never read it
-    (path / "config.json").write_text(json.dumps(stored))
-    assert files_fingerprint(path) == identity
-    stored["quantization_config"]["clip_search"] = not qcfg["clip_search"]  # RTN reads this one
+    for earlier in ({}, {"epochs": 9}, {"seed": 3}):  # RTN never read these
+        stored["quantization_config"] = {**json.loads(json.dumps(config.to_dict())), **qcfg, **earlier}
+        (path / "config.json").write_text(json.dumps(stored))
+        assert files_fingerprint(path)[-1] == as_written(stored)
+        assert (files_fingerprint(path) == identity) == (not earlier)
+    stored["quantization_config"] = qcfg | {"clip_search": not qcfg["clip_search"]}  # RTN reads this one
     (path / "config.json").write_text(json.dumps(stored))
     assert files_fingerprint(path) != identity
 

@@ -15,12 +15,13 @@ from unibcq.methods.registry import HESSIAN_METHODS, METHODS as ALL_METHODS, PER
 FLAG_FIELDS = {
     "--symmetric": ("symmetric", True), "--float-zero": ("integer_zero", False), "--clip-search": ("clip_search", True),
     "--no-offset": ("offset", False), "--iters": ("iters", 3), "--init": ("init", "greedy"),
-    "--algorithm": ("algorithm", "greedy"), "--max-groups": ("max_groups", 4), "--lambda": ("lam", 0.1),
+    "--algorithm": ("algorithm", "greedy"), "--max-groups": ("max_groups", 1), "--lambda": ("lam", 0.1),
     "--raw-lambda": ("normalize_lambda", False), "--window": ("window", 8), "--granularity": ("granularity", "row"),
     "--dp-atom-size": ("dp_atom_size", 2), "--refine-sweeps": ("refine_sweeps", 1),
     "--merge-rule": ("merge_rule", "paper"), "--damp": ("damp", 0.1), "--group-size": ("group_size", 64),
 }
 METHODS = [*PER_MATRIX_METHODS, *HESSIAN_METHODS]
+ONLY_WITH = {"--dp-atom-size": {"algorithm": "dp"}}  # settings that matter only beside another one
 
 
 def _quantize(method: str, config: QuantConfig, weight: torch.Tensor, hessian: torch.Tensor) -> dict:
@@ -53,6 +54,29 @@ def test_a_flag_the_method_does_not_read_changes_nothing(method):
         assert all(torch.equal(got[k], expected[k]) for k in got), f"{method} changed with {flag}"
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_a_setting_the_method_reads_changes_its_result(method):
+    """The other direction: a setting its record keeps is one that matters (a method left out of a
+    setting's readers would have its checkpoints silently drop a setting that shaped them)."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 64, generator=gen)
+    weight[0, :4] *= 8  # outliers, so that clipping has something to clip
+    x = torch.randn(256, 64, generator=gen) * torch.linspace(0.1, 3, 64)
+    hessian = x.T @ x / len(x)
+    base = QuantConfig(method, bits=2, group_size=32)
+    if method == "dyngroup":  # windows of 16 of the 512 magnitudes: room for up to 32 groups
+        base = QuantConfig(method, bits=1, group_size=-1, window=16)
+    read = [flag for flag, (name, _) in FLAG_FIELDS.items() if name in SETTING_READERS and method in flag_methods()[flag]]
+    assert read
+    for flag in read:
+        name, value = FLAG_FIELDS[flag]
+        context = replace(base, **ONLY_WITH.get(flag, {}))
+        expected = _quantize(method, context.validate(), weight, hessian)
+        got = _quantize(method, replace(context, **{name: value}).validate(), weight, hessian)
+        assert got.keys() != expected.keys() or any(not torch.equal(got[k], expected[k]) for k in got), \
+            f"{method} did not change with {flag}"
+
+
 def test_from_preset_gives_the_preset_and_lets_fields_override():
     from unibcq.methods.presets import PRESETS
 
@@ -74,8 +98,7 @@ def test_every_setting_names_its_readers():
     assert set(SETTING_READERS) == names - common
     assert all(readers and set(readers) <= set(ALL_METHODS) for readers in SETTING_READERS.values())
     assert set(SETTING_FLAGS.values()) <= set(SETTING_READERS)
-    assert all(flag_methods()[flag] == SETTING_READERS[field] for flag, (field, _) in FLAG_FIELDS.items()
-               if field in SETTING_READERS)
+    assert all(SETTING_FLAGS.get(flag, field) == field for flag, (field, _) in FLAG_FIELDS.items())
 
 
 def test_the_record_lists_only_what_the_method_reads():

@@ -206,6 +206,22 @@ def test_same_seed_same_checkpoint(tiny_llama):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
+def test_flexround_ignores_the_settings_it_does_not_record(tiny_llama):
+    """FlexRound's checkpoints leave UniQuanF's own settings out of their record: they must not
+    shape its result."""
+    calib = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(2))
+    config = unibcq.QuantConfig("flexround", bits=2, group_size=32, epochs=2, seed=7)
+    recorded = config.recorded()
+    states = []
+    for changes in ({}, {"iters": 3, "b_lr": 0.1, "remap_every": 1, "grid_points": 3, "p_norm": 3.0,
+                         "mapping": "global", "shift": True, "offset": False, "symmetric": True, "damp": 0.5}):
+        assert not set(changes) & recorded.keys()
+        model = tiny_llama()
+        unibcq.quantize(model, dataclasses.replace(config, **changes), calib, show_progress=False)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 @pytest.mark.parametrize("changes,needle", [
     ({"epochs": 0}, "epochs"), ({"input_prob": 1.5}, "input_prob"), ({"mapping": "nearest"}, "mapping"),
     ({"u_lr": -1.0}, "u_lr"), ({"batch_size": 0}, "batch_size"),

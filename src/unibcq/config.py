@@ -189,19 +189,29 @@ class QuantConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def normalized_record(record: dict[str, Any]) -> dict[str, Any]:
-    """A stored quantization config with every setting its method does not read at its default.
-
-    Checkpoints written before 2026-12-07 list every setting; later ones only those their method
-    reads. Two records of one quantization compare equal after this, whichever kind each is (and
-    an earlier checkpoint keeps its identity, `models.fingerprint`, since its unread settings were
-    at their defaults unless a user passed flags the method ignored). Entries that are not
-    settings (the format, the layer layout) are kept as they are.
-    """
+def _unread_defaults(record: dict[str, Any]) -> dict[str, Any]:
+    """The defaults of the settings a stored config's method does not read (none for a method
+    unibcq does not know)."""
     from unibcq.methods.registry import METHODS, reads_setting
 
     method = record.get("method")
     if method not in METHODS:
-        return dict(record)
-    defaults = {f.name: f.default for f in fields(QuantConfig) if f.default is not MISSING}
-    return record | {name: default for name, default in defaults.items() if not reads_setting(method, name)}
+        return {}
+    return {f.name: f.default for f in fields(QuantConfig) if f.default is not MISSING
+            and not reads_setting(method, f.name)}
+
+
+def lists_unread_settings(record: dict[str, Any]) -> bool:
+    """Whether a stored quantization config lists settings its method does not read, as every
+    checkpoint written before 2026-12-07 did."""
+    return any(name in record for name in _unread_defaults(record))
+
+
+def normalized_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A stored quantization config with every setting its method does not read at its default,
+    so that two records of one quantization compare equal whether they list unread settings
+    (checkpoints before 2026-12-07) or not. Entries that are not settings (the format, the layer
+    layout) are kept as they are. (Changing the default of a setting changes what records of the
+    methods that never read it normalize to, on both sides of every comparison alike.)
+    """
+    return record | _unread_defaults(record)

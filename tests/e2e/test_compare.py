@@ -68,7 +68,7 @@ def test_compare_report_end_to_end_and_resume(capsys, tmp_path, tiny_model_dir, 
 
     earlier = json.loads((out / "results" / "rtn-w2-g32.json").read_text())
     assert "epochs" not in earlier["protocol"]["quantization"]
-    earlier["protocol"]["quantization"] = normalized_record(earlier["protocol"]["quantization"])
+    earlier["protocol"]["quantization"] = normalized_record(earlier["protocol"]["quantization"]) | {"epochs": 9}
     (out / "results" / "rtn-w2-g32.json").write_text(json.dumps(earlier))
 
     def forbidden(*args, **kwargs):

@@ -2,7 +2,9 @@
 
 `paper` is the authors' UniQuanF run (128 samples x 2048 tokens, 20 epochs, u_lr 5e-3,
 b_lr 5e-4, periodic re-mapping every p = 2 steps, T = 15 alternating rounds at init, a
-one-point clipping grid, batch 1, input_prob 0.5); GPTQ uses the same calibration set.
+one-point clipping grid, batch 1, input_prob 0.5); GPTQ uses the same calibration set. The
+authors sampled C4; the calibration source stays `--calib` (WikiText-2 by default, offline),
+so pass a local C4 `.jsonl` for their data too.
 `fast` keeps the method but shrinks the calibration set and training so SmolLM2-135M
 quantizes in about ten minutes on a 2-core CPU (see docs/BENCHMARKS.md for what it costs).
 """

@@ -69,9 +69,10 @@ BCQ_METHODS = ("bcq-greedy", "bcq-refined", "bcq-alternating")
 DYNGROUP_SETTINGS = ("algorithm", "max_groups", "lam", "window", "granularity", "normalize_lambda", "dp_atom_size",
                      "refine_sweeps", "merge_rule")
 
-# QuantConfig setting -> the methods that read it; every method reads the settings not named here
-# (method, bits, group_size, include_lm_head, overrides, version). A checkpoint records only the
-# settings its method read (`QuantConfig.recorded`), and quantize notes the flags a method ignores.
+# QuantConfig setting -> the methods that read it. A checkpoint records only the settings its
+# method read (`QuantConfig.recorded`), and quantize notes the flags a method ignores. Every
+# method records the ones not named here: method, bits, group_size (-1 for dyngroup, whose groups
+# are found, not fixed), include_lm_head, overrides, version.
 SETTING_READERS: dict[str, tuple[str, ...]] = {
     "symmetric": ("rtn", "gptq"), "integer_zero": ("rtn", "gptq"), "clip_search": ("rtn",), "offset": BCQ_METHODS,
     "iters": ("bcq-alternating", "gptq-bcq", "uniquanf"), "init": ("bcq-alternating",),

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from unibcq.config import normalized_record
+from unibcq.config import lists_unread_settings, normalized_record
 
 MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 MODEL_FILE_NAMES = ("config.json",)
@@ -56,10 +56,14 @@ def files_fingerprint(spec: str | Path) -> list[tuple[str, int, int | str]] | No
 
 def checkpoint_identity(folder: Path) -> list[tuple[str, int, str]] | None:
     """(name, size, sha256) of a checkpoint's files (weights, tokenizer, generation config) and of
-    its config without the run's entries, the settings its method does not read taken at their
-    defaults (a checkpoint that lists them and one that does not are the same); None for a folder
-    that is not a unibcq checkpoint whose config names its manifest (the ones `load` verifies),
-    so its files' times identify it."""
+    its config without the run's entries; None for a folder that is not a unibcq checkpoint whose
+    config names its manifest (the ones `load` verifies), so its files' times identify it.
+
+    A config written before 2026-12-07 lists every setting and is hashed as written; a later one
+    lists only its method's and is hashed with the others at their defaults, so a checkpoint
+    quantized again now, bit for bit the same, keeps the progress saved against the earlier one
+    whenever that one's unread settings were at their defaults.
+    """
     try:
         config = _small_json(folder / "config.json")
         qcfg = config[QUANT_KEY]
@@ -69,7 +73,8 @@ def checkpoint_identity(folder: Path) -> list[tuple[str, int, str]] | None:
         files = sorted((str(name), int(entry["bytes"]), str(entry["sha256"]))
                        for name, entry in entries.items() if name != "config.json")
         stable = {k: v for k, v in config.items() if k not in RUN_ENTRIES}
-        stable[QUANT_KEY] = normalized_record({k: v for k, v in qcfg.items() if k not in QUANT_RUN_ENTRIES})
+        settings = {k: v for k, v in qcfg.items() if k not in QUANT_RUN_ENTRIES}
+        stable[QUANT_KEY] = settings if lists_unread_settings(settings) else normalized_record(settings)
         text = json.dumps(stable, sort_keys=True).encode()
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None

@@ -4,6 +4,9 @@ All functions take X (R, g), R independent groups of g values, and return `Group
 Each group is approximated as sum_i alpha_i b_i (+ offset), b_i in {-1, +1}^g.
 
 - greedy (Guo et al. 2017): b_i = sign(residual), alpha_i = mean |residual|; codes kept.
+  With an offset (the default; the format stores one per group either way) the residual
+  starts from the group minus its mean, the offset; without (`offset=False`, `--no-offset`)
+  it is Guo et al.'s greedy exactly.
 - refined: greedy codes kept, alpha (and offset) refit by least squares.
 - alternating (Xu et al. 2018): repeat { least-squares alpha | nearest-level codes }.
   The nearest of the 2^n levels is found by sorting the levels of each group and a batched
@@ -143,8 +146,9 @@ def finalize(x: torch.Tensor, codes: GroupCodes) -> GroupCodes:
 
 
 def bcq_greedy_groups(x: torch.Tensor, bits: int, offset: bool = True) -> GroupCodes:
-    """Greedy as Guo et al. define it: the residual-sign codes are kept as found (re-picking
-    the nearest levels would be a step of alternating, and a stronger baseline than greedy)."""
+    """Greedy as Guo et al. define it, on the group less its mean when `offset`: the
+    residual-sign codes are kept as found (re-picking the nearest levels would be a step of
+    alternating, and a stronger baseline than greedy)."""
     b, alpha, o = greedy_codes(x, bits, offset)
     return canonical(b, alpha, o)
 
