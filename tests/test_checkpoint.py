@@ -117,6 +117,34 @@ def test_a_checkpoint_is_known_by_its_content_not_its_files_times(tiny_llama, ck
     assert files_fingerprint(again)[0][2] == (again / "config.json").stat().st_mtime_ns
 
 
+def test_save_with_overwrite_replaces_only_an_earlier_checkpoint(tiny_llama, ckpt_dir, tmp_path, monkeypatch):
+    """The Python API keeps what the CLI keeps: overwrite=True never deletes a user's folder,
+    the working directory or the source model, nor files added to a checkpoint."""
+    model = tiny_llama()
+    config = fast_config("rtn")
+    quantize(model, config)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("mine")
+    source = tmp_path / "source-model"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    for out, source_model, needle in ((notes, "src", "not a unibcq checkpoint"), (work, "src", "working directory"),
+                                      (tmp_path, "src", "working directory"), (source, str(source), "holds the model")):
+        with pytest.raises(UnibcqError, match=needle):
+            unibcq.save(model, out, config, source_model=source_model, overwrite=True)
+    assert (notes / "mine.txt").read_text() == "mine" and (work / "sub").is_dir() and (source / "config.json").is_file()
+    first = unibcq.save(model, ckpt_dir("a"), config, source_model="src")
+    assert unibcq.save(model, first, config, source_model="src", overwrite=True) == first
+    (first / "eval.json").write_text("{}")
+    with pytest.raises(UnibcqError, match="did not write"):
+        unibcq.save(model, first, config, source_model="src", overwrite=True)
+    assert (first / "eval.json").is_file()
+
+
 def test_a_checkpoint_records_only_its_methods_settings_and_keeps_its_identity(tiny_llama, ckpt_dir):
     """An earlier checkpoint listed every setting, read or not, and keeps the identity it had (its
     journals stay valid); one saved now lists only its method's and is the same checkpoint as an
@@ -600,8 +628,11 @@ def test_save_refuses_existing_dir(tiny_llama, ckpt_dir, hidden_entries):
     assert (out / "keep.txt").read_text() == "precious"
     assert hidden_entries(out.parent) == []
 
+    with pytest.raises(UnibcqError, match="not a unibcq checkpoint"):  # overwrite replaces checkpoints only
+        unibcq.save(model, out, config, source_model="tiny", overwrite=True)
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
     unibcq.save(model, out, config, source_model="tiny", overwrite=True)
-    assert not (out / "keep.txt").exists()
     assert quantized_layers(unibcq.load(out))
     assert hidden_entries(out.parent) == []
 

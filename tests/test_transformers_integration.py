@@ -25,11 +25,42 @@ def test_from_pretrained_equals_unibcq_load(tiny_model, tmp_path, input_ids, con
     with torch.no_grad():
         expected = unibcq.load(tmp_path / "ck")(input_ids).logits
         assert torch.equal(hf(input_ids).logits, expected)
-    # save_pretrained writes a checkpoint both loaders read back identically.
-    hf.save_pretrained(tmp_path / "again")
-    with torch.no_grad():
-        assert torch.equal(unibcq.load(tmp_path / "again")(input_ids).logits, expected)
-        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "again")(input_ids).logits, expected)
+    # save_pretrained writes a checkpoint both loaders read back identically, whichever way the
+    # packed model came about: from_pretrained, unibcq.load, or unibcq.quantize just now.
+    for source, name in ((hf, "again"), (unibcq.load(tmp_path / "ck"), "from-load"), (model, "fresh")):
+        source.save_pretrained(tmp_path / name)
+        with torch.no_grad():
+            assert torch.equal(unibcq.load(tmp_path / name)(input_ids).logits, expected), name
+            assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / name)(input_ids).logits, expected), name
+
+
+def test_from_pretrained_checks_what_unibcq_load_checks(tiny_llama, tmp_path):
+    """A flipped byte (caught by the manifest) and a NaN scale (caught after loading) are refused
+    by both loaders, not turned into a model that computes garbage."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama()
+    config = unibcq.QuantConfig("rtn", bits=3, group_size=32)
+    unibcq.quantize(model, config, show_progress=False)
+    path = unibcq.save(model, tmp_path / "ck", config, source_model="tiny")
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 1
+    weights.write_bytes(bytes(data))
+    for loader in (unibcq.load, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(unibcq.CheckpointError, match="checksum"):
+            loader(path)
+    path = unibcq.save(model, tmp_path / "nan", config, source_model="tiny")
+    tensors = load_file(path / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("bcq_alpha"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "manifest.json").unlink()  # a save_pretrained copy has no manifest either
+    config_file = path / "config.json"
+    config_file.write_text(config_file.read_text().replace('"manifest": "manifest.json",', ""))
+    for loader in (unibcq.load, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(unibcq.CheckpointError, match="NaN"):
+            loader(path)
 
 
 def test_from_pretrained_rejects_a_layout_for_a_missing_layer(tiny_llama, tmp_path):

@@ -260,9 +260,20 @@ def test_input_prob_is_the_chance_of_the_quantized_input(input_prob, expected):
     assert float(torch.cat(block.seen).mean()) == pytest.approx(expected, abs=0.02)
 
 
-def test_calibrated_method_needs_data(tiny_llama):
-    with pytest.raises(unibcq.UnibcqError, match="calibration"):
-        unibcq.quantize(tiny_llama(), unibcq.QuantConfig("gptq", bits=3), show_progress=False)
+@pytest.mark.parametrize("calibration,needle", [
+    (None, "needs calibration data"),
+    (torch.randint(0, 256, (16,)), r"shape \(windows, tokens\), got \(16,\)"),
+    (torch.rand(2, 16), "torch.float32"),
+    ([[1, 2, 3]], "got list"),
+    (torch.randint(0, 256, (2, 16)) + 256, r"\[0, 256\)"),
+])
+def test_calibrated_method_needs_token_ids(tiny_llama, calibration, needle):
+    """Calibration that is not (windows, tokens) ids of this vocabulary is named before any work,
+    not met as a size mismatch in attention or an index error in the embedding."""
+    model = tiny_llama()
+    with pytest.raises(unibcq.UnibcqError, match=needle):
+        unibcq.quantize(model, unibcq.QuantConfig("gptq", bits=3), calibration, show_progress=False)
+    assert not any(isinstance(m, unibcq.BCQLinear) for m in model.modules())
 
 
 def test_gptq_on_the_sequential_pipeline_beats_rtn(tiny_llama, input_ids):

@@ -126,7 +126,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(target)  # first: it may put an earlier `target` back
     if target.exists() and not overwrite:
-        raise UnibcqError(f"output {target} already exists; remove it or pass --overwrite")
+        raise UnibcqError(f"output {target} already exists; remove it or pass --overwrite (overwrite=True)")
     tmp = Path(_beside(target, lambda: tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent)))
     try:
         with _locked(tmp):

@@ -115,6 +115,7 @@ def save_checkpoint(
     state = cast_dense(state, layout, dtype)
     hf_config = model.config.to_dict() | {"dtype": dtype_name(dtype)}
     hf_config[QUANT_KEY] = quantization_entry(config, source_model, layout, extra)
+    check_output_dir(out_dir, overwrite, source_model)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata=WEIGHTS_METADATA)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
@@ -123,7 +124,21 @@ def save_checkpoint(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_manifest(tmp)
+    describe_quantization(model, hf_config[QUANT_KEY])
     return Path(out_dir)
+
+
+def describe_quantization(model: PreTrainedModel, config: QuantConfig | dict[str, Any], source_model: str = "",
+                          extra: dict[str, Any] | None = None) -> None:
+    """Set `model.config.quantization_config` to what a checkpoint of `model` records (or to a
+    checkpoint's stored entry `config`), so that transformers' `save_pretrained` writes a folder
+    that `from_pretrained` and `load` read back as this packed model. Without it, `save_pretrained`
+    writes the packed tensors with a plain config, and `from_pretrained` builds ordinary linear
+    layers with random weights beside them, with only a load report to say so."""
+    from unibcq.integrations.transformers import UnibcqHfConfig
+
+    entry = config if isinstance(config, dict) else quantization_entry(config, source_model, layer_layout(model), extra)
+    model.config.quantization_config = UnibcqHfConfig(**entry)
 
 
 def quantization_entry(config: QuantConfig, source_model: str, layout: dict[str, dict[str, Any]],
@@ -286,14 +301,15 @@ def _check_layer_spec(where: str, name: str, spec: Any) -> None:
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool, source: str | None = None) -> None:
-    """Refuse an --out that would lose something: an existing path without `overwrite`; with
-    it, anything but an earlier unibcq checkpoint (or an empty folder) -- never the working
-    directory, a folder holding it, or the model being quantized."""
+    """Refuse an output folder that would lose something: an existing path without `overwrite`;
+    with it, anything but an earlier unibcq checkpoint (or an empty folder) -- never the working
+    directory, a folder holding it, or the model being quantized. The CLI checks before any
+    work and every save checks again, so `unibcq.save(..., overwrite=True)` is as safe."""
     out = Path(out).expanduser()
     if not out.exists():
         return
     if not overwrite:
-        raise UnibcqError(f"output {out} already exists; remove it or pass --overwrite")
+        raise UnibcqError(f"output {out} already exists; remove it or pass --overwrite (overwrite=True)")
     if not out.is_dir():
         raise UnibcqError(f"output {out} is a file; --overwrite replaces only an earlier checkpoint folder")
     target = out.resolve()
@@ -533,8 +549,8 @@ def _check_tensor_specs(path: Path, expected: dict[str, TensorSpec], found: dict
             )
 
 
-def _check_values(path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Reject stored values no quantizer writes: NaN/inf, group indices past the scales."""
+def check_stored_values(path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Reject loaded values no quantizer writes: NaN/inf, group indices past the scales."""
     for key, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(
@@ -591,7 +607,8 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(hf_config, "tie_word_embeddings", False):
         model.tie_weights()
-    _check_values(path, model, state)
+    check_stored_values(path, model, state)
+    describe_quantization(model, qcfg)
     model.eval()
     return model
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unibcq.errors import UnibcqError
+from unibcq.models.architectures import check_window_fits
 from unibcq.nn.qlinear import dense_weights
 from unibcq.progress import progress_bar
 
@@ -67,7 +68,11 @@ def evaluate_windows(
     description: str = "eval",
     show_progress: bool = True,
 ) -> WindowStats:
-    """Perplexity of `model` on `ids`, plus KL / agreement vs `ref_model` when given."""
+    """Perplexity of `model` on `ids`, plus KL / agreement vs `ref_model` when given; windows
+    longer than either model's context are refused (the CLI caps --seq-len there)."""
+    for checked in (model, ref_model):
+        if checked is not None:
+            check_window_fits(checked, seq_len, "perplexity windows", "seq_len")
     windows = windows_of(ids, seq_len, max_windows)
     device = next(model.parameters()).device
     nll_sum = ref_nll_sum = kl_sum = 0.0

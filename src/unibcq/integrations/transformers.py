@@ -4,13 +4,14 @@ A unibcq checkpoint's config.json carries `quantization_config` with `quant_meth
 "unibcq"` and the per-layer layout. Registering a config class and an `HfQuantizer` for that
 method (transformers' out-of-tree registration API) lets transformers build the model, swap
 the listed linear layers for unibcq's packed modules before the weights are read, and load
-the packed tensors as ordinary buffers. The result is the same model `unibcq.load()` builds,
-so anything that takes a transformers model (pipelines, lm-evaluation-harness's
-`HFLM(pretrained=model)`) works with it.
+the packed tensors as ordinary buffers, then check them as `unibcq.load()` does. The result
+is the same model `unibcq.load()` builds, so anything that takes a transformers model
+(pipelines, lm-evaluation-harness's `HFLM(pretrained=model)`) works with it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,6 +52,15 @@ class UnibcqHfQuantizer(HfQuantizer):
                               dtype if isinstance(dtype, torch.dtype) else torch.float32)
 
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
+        """The checks `unibcq.load` makes once the tensors are in: a local checkpoint's files
+        against its manifest (when its config declares one; a `save_pretrained` copy has none),
+        then the loaded values (NaN/inf scales, group indices past the scales)."""
+        from unibcq.checkpoint import QUANT_KEY, check_stored_values, read_config, verify_manifest
+
+        folder = Path(getattr(model.config, "_name_or_path", "") or "")
+        if folder.name and (folder / "config.json").is_file():
+            verify_manifest(folder, read_config(folder)[QUANT_KEY])
+        check_stored_values(folder, model, model.state_dict())
         model.eval()
         return model
 

@@ -9,8 +9,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from unibcq.finite import refuse_nonfinite
+from unibcq.checkpoint import describe_quantization
 from unibcq.config import QuantConfig
+from unibcq.finite import refuse_nonfinite
 from unibcq.errors import UnibcqError
 from unibcq.memory import MemoryCap
 from unibcq.methods.per_matrix import LayerRecord, quantize_per_matrix
@@ -68,24 +69,45 @@ def quantize_model(
         raise UnibcqError(f"{config.method} runs block by block on one machine; --backend {backend} is for "
                           "per-matrix methods")
     if config.method in CALIBRATED:
-        if calibration is None:
-            raise UnibcqError(f"{config.method} needs calibration data (token windows)")
         if config.include_lm_head:
             raise UnibcqError(f"{config.method} quantizes decoder blocks only; drop --quantize-lm-head")
-        check_window_fits(model, calibration.shape[-1], "calibration windows")
+        _check_calibration(model, config.method, calibration)
         state = (RunState.open(state_dir, run_fingerprint(model, config, calibration), resume)
                  if state_dir is not None else None)
         try:
             with tempfile.TemporaryDirectory(prefix=SPILL_PREFIX, dir=state_dir) as spill:
                 spill_dir = spill if spill_activations else None
                 if config.method in HESSIAN_METHODS:
-                    return quantize_sequential(model, config, calibration, HESSIAN_METHODS[config.method], device,
-                                               show_progress, state, onload, spill_dir, memory_cap)
-                return reconstruct_blocks(model, config, calibration, device, show_progress, state, onload,
-                                          spill_dir, memory_cap)[0]
+                    records = quantize_sequential(model, config, calibration, HESSIAN_METHODS[config.method], device,
+                                                  show_progress, state, onload, spill_dir, memory_cap)
+                else:
+                    records = reconstruct_blocks(model, config, calibration, device, show_progress, state, onload,
+                                                 spill_dir, memory_cap)[0]
         finally:
             if state is not None:
                 state.close()
-    if onload is not None:
+    elif onload is not None:
         raise UnibcqError("per-matrix methods stream weights themselves; onloading is for calibrated methods")
-    return quantize_per_matrix(model, config, show_progress, workers, backend)
+    else:
+        records = quantize_per_matrix(model, config, show_progress, workers, backend)
+    describe_quantization(model, config, getattr(model.config, "_name_or_path", None) or "")
+    return records
+
+
+def _check_calibration(model: nn.Module, method: str, calibration: object) -> None:
+    """Calibration must be (n, L) token ids the model can embed: anything else fails deep in a
+    forward pass (a size mismatch in attention, an index error in the embedding)."""
+    if calibration is None:
+        raise UnibcqError(f"{method} needs calibration data (token windows)")
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.is_floating_point() \
+            or calibration.dtype == torch.bool or calibration.numel() == 0:
+        shape = tuple(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
+        raise UnibcqError(f"{method} needs calibration token ids as a non-empty integer tensor of shape "
+                          f"(windows, tokens), got {shape}" + (f" {calibration.dtype}" if isinstance(
+                              calibration, torch.Tensor) else ""))
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    low, high = int(calibration.min()), int(calibration.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise UnibcqError(f"calibration token ids must lie in [0, {vocab}) for this model's vocabulary, "
+                          f"got ids from {low} to {high} (a tokenizer of another model?)")
+    check_window_fits(model, calibration.shape[-1], "calibration windows")

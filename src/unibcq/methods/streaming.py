@@ -31,8 +31,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from unibcq.atomic import atomic_directory
 from unibcq.checkpoint import (
-    QUANT_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, WEIGHTS_METADATA, cast_checked, dtype_name, quantization_entry,
-    write_manifest,
+    QUANT_KEY, WEIGHTS_FILE, WEIGHTS_INDEX, WEIGHTS_METADATA, cast_checked, check_output_dir, dtype_name,
+    quantization_entry, write_manifest,
 )
 from unibcq.config import QuantConfig
 from unibcq.errors import UnibcqError, one_line
@@ -221,6 +221,7 @@ def quantize_streaming(
     records: list[LayerRecord] = []
     layout: dict[str, dict[str, Any]] = {}
     start = time.perf_counter()
+    check_output_dir(out_dir, overwrite, str(model_dir))
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         writer = _ShardWriter(tmp, shard_bytes or min(max_memory - working, MAX_SHARD_BYTES))
         with progress_bar(show_progress) as bar:

@@ -110,10 +110,11 @@ def context_window(config: object) -> int | None:
     return value
 
 
-def check_window_fits(model: nn.Module, seq_len: int, purpose: str) -> None:
+def check_window_fits(model: nn.Module, seq_len: int, purpose: str,
+                      setting: str = "--seq-len; QuantConfig.calib_seq_len from Python") -> None:
     """Refuse windows longer than the model's context: positions past it were never trained, so a
     perplexity or a calibration over them measures extrapolation, not the model."""
     window = context_window(getattr(model, "config", None))
     if window is not None and seq_len > window:
         raise UnibcqError(f"{purpose} of {seq_len} tokens exceed the model's context window of {window} positions; "
-                          f"use {window} or fewer (--seq-len; QuantConfig.calib_seq_len from Python)")
+                          f"use {window} or fewer ({setting})")
