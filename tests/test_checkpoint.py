@@ -117,6 +117,33 @@ def test_a_checkpoint_is_known_by_its_content_not_its_files_times(tiny_llama, ck
     assert files_fingerprint(again)[0][2] == (again / "config.json").stat().st_mtime_ns
 
 
+def test_save_refuses_a_config_the_layers_were_not_quantized_with(tiny_llama, ckpt_dir):
+    model = tiny_llama()
+    config = fast_config("rtn", bits=4, overrides={"*.mlp.down_proj": {"bits": 2}})
+    quantize(model, config)
+    for wrong, needle in ((fast_config("rtn", bits=3), "holds 4-bit BCQ in groups of 32, but the config describes "
+                                                       "rtn at 3 bits"),
+                          (fast_config("rtn", bits=4), "down_proj holds 2-bit"),
+                          (fast_config("rtn", bits=4, group_size=64), "in groups of 64"),
+                          (unibcq.QuantConfig("dyngroup", bits=1, group_size=-1), "describes dyngroup")):
+        with pytest.raises(UnibcqError, match=needle):
+            unibcq.save(model, ckpt_dir("wrong"), wrong, source_model="tiny")
+        assert not ckpt_dir("wrong").exists()
+    unibcq.save(model, ckpt_dir("right"), config, source_model="tiny")
+
+
+def test_load_takes_a_dtype_name_and_names_a_missing_tokenizer(tiny_llama, ckpt_dir):
+    model = tiny_llama()
+    config = fast_config("rtn")
+    quantize(model, config)
+    path = unibcq.save(model, ckpt_dir("a"), config, source_model="tiny")
+    assert unibcq.load(path, dtype="bfloat16").get_input_embeddings().weight.dtype == torch.bfloat16
+    with pytest.raises(UnibcqError, match="one of float32, bfloat16, float16"):
+        unibcq.load(path, dtype="int8")
+    with pytest.raises(UnibcqError, match="holds no tokenizer"):
+        unibcq.load_tokenizer(str(path))
+
+
 def test_save_with_overwrite_replaces_only_an_earlier_checkpoint(tiny_llama, ckpt_dir, tmp_path, monkeypatch):
     """The Python API keeps what the CLI keeps: overwrite=True never deletes a user's folder,
     the working directory or the source model, nor files added to a checkpoint."""

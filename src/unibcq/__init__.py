@@ -17,13 +17,15 @@ from unibcq.errors import CheckpointError, UnibcqError  # noqa: E402
 from unibcq.integrations.transformers import register as _register_with_transformers  # noqa: E402
 from unibcq.methods import quantize_model as quantize  # noqa: E402
 from unibcq.models import load_model, load_tokenizer  # noqa: E402
-from unibcq.nn import BCQLinear  # noqa: E402
+from unibcq.nn import BCQLinear, GroupedBinaryLinear, PackedLinear  # noqa: E402
 
 _register_with_transformers()
 
 __all__ = [
     "BCQLinear",
     "CheckpointError",
+    "GroupedBinaryLinear",
+    "PackedLinear",
     "QuantConfig",
     "UnibcqError",
     "checkpoint_info",

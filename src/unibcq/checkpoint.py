@@ -26,6 +26,7 @@ from transformers.initialization import no_init_weights
 
 from unibcq import __version__
 from unibcq.atomic import atomic_directory
+from unibcq.compute_dtype import compute_dtype
 from unibcq.config import FORMAT_VERSION, QuantConfig
 from unibcq.errors import CheckpointError, UnibcqError, one_line
 from unibcq.finite import refuse_nonfinite
@@ -102,6 +103,7 @@ def save_checkpoint(
     layout = layer_layout(model)
     if not layout:
         raise UnibcqError("the model has no quantized layers; run unibcq.quantize first")
+    check_config_matches(config, layout)
     state = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         # Tied weights are one tensor; safetensors stores each storage once.
@@ -126,6 +128,23 @@ def save_checkpoint(
         write_manifest(tmp)
     describe_quantization(model, hf_config[QUANT_KEY])
     return Path(out_dir)
+
+
+def check_config_matches(config: QuantConfig, layout: dict[str, dict[str, Any]]) -> None:
+    """Refuse to record a config the layers were not quantized with: the checkpoint would claim
+    one method and width (in `info`, reports and compare's reuse) while holding another."""
+    binary = config.method == "dyngroup"
+    for name, spec in layout.items():
+        wanted = config.for_layer(name)
+        if spec["format"] == "grouped-binary":
+            found, matches = "dyngroup's grouped signs", binary
+        else:
+            found = f"{spec['bits']}-bit BCQ in groups of {spec['group_size']}"
+            matches = not binary and (spec["bits"], spec["group_size"]) == (wanted.bits, wanted.group_size)
+        if not matches:
+            claimed = "dyngroup" if binary else f"{config.method} at {wanted.bits} bits in groups of {wanted.group_size}"
+            raise UnibcqError(f"layer {name} holds {found}, but the config describes {claimed}; save with the "
+                              "QuantConfig the model was quantized with")
 
 
 def describe_quantization(model: PreTrainedModel, config: QuantConfig | dict[str, Any], source_model: str = "",
@@ -583,17 +602,19 @@ def _verified_layout(path: Path) -> tuple[dict[str, Any], dict[str, tuple[tuple[
     return qcfg, header, hf_config, expected
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -> PreTrainedModel:
+def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
     """Rebuild the quantized model: config -> empty model -> packed layers -> tensors.
 
     The whole layout is checked against the file header first (`_verified_layout`), so the
     real model, built next, is no larger than the files; then every file against the
     manifest's checksums, which catches damage that leaves the layout intact (a flipped
     bit in a tensor). A structural problem is reported as such before any checksum.
-    `dtype` is what the unquantized tensors compute in (default: as stored); evaluation
+    `dtype` (a torch dtype or its name) is what the unquantized tensors compute in (default: as stored); evaluation
     asks for float32 so that a bfloat16 checkpoint is compared with its float32 reference
     on quantization error alone.
     """
+    if isinstance(dtype, str):
+        dtype = compute_dtype(dtype, "dtype")
     path = Path(path)
     qcfg, _, hf_config, expected = _verified_layout(path)
     verify_manifest(path, qcfg)

@@ -26,5 +26,6 @@ def refuse_nonfinite(key: str, tensor: torch.Tensor) -> torch.Tensor:
     loading calls corrupt; quantized, NaNs surface far from their cause."""
     bad = nonfinite_count(tensor)
     if bad:
-        raise UnibcqError(f"{key} has {bad} NaN/inf values; fix or re-export the model before quantizing")
+        raise UnibcqError(f"{key} has {bad} NaN/inf values; quantizing and saving need finite values (fix or "
+                          "re-export the model, and quantize it from there)")
     return tensor

@@ -307,5 +307,14 @@ def float32_bytes(spec: str) -> int | None:
     return None if stored is None else 4 * sum(math.prod(shape) for shape, _ in stored)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
-    return _from_pretrained(AutoTokenizer, resolve_model(spec))
+    """The tokenizer of a model or checkpoint (any source `load_model` takes); a folder without
+    tokenizer files is named as such, not as a malformed one."""
+    source = resolve_model(spec)
+    if source.kind == "dir" and not any((Path(source.path) / name).is_file() for name in TOKENIZER_FILES):
+        raise UnibcqError(f"{source.path} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); a checkpoint saved "
+                          "without tokenizer= has none: load the tokenizer of the model it was quantized from")
+    return _from_pretrained(AutoTokenizer, source)

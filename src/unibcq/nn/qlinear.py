@@ -60,6 +60,11 @@ class PackedLinear(nn.Module):
 
 
 class BCQLinear(PackedLinear):
+    """A linear layer stored as packed BCQ: `bits` sign planes, one fp16 scale per plane and
+    group of `group_size` input columns (-1: the whole row), and an optional fp16 offset per
+    group (formats/bcq.py). Every method but dyngroup produces it; dyngroup's layers are
+    `GroupedBinaryLinear`, and `PackedLinear` is the type both share."""
+
     format_name = "bcq"
 
     def __init__(
