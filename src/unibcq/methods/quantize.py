@@ -43,7 +43,9 @@ def quantize_model(
     there, and `resume=True` continues a killed run from its last committed block (same
     result as an uninterrupted run). The caller removes `state_dir` once it has saved the
     checkpoint. Per-matrix methods keep no state: rerunning them costs minutes, not hours;
-    they run on `workers` local processes, or as Ray tasks with `backend="ray"`. `onload`
+    they run on `workers` local processes, or as Ray tasks with `backend="ray"`. The local
+    processes are spawned, so a script that asks for `workers > 1` must run its work under
+    `if __name__ == "__main__":` (each worker imports the script anew). `onload`
     (calibrated methods) reads each block from disk when its turn comes (`methods.onload`);
     `spill_activations` keeps the calibration activations between blocks in files (in a
     temporary folder inside `state_dir`, else in the system's) instead of memory.
