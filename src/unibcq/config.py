@@ -30,6 +30,10 @@ class QuantConfig:
     Calibrated methods' training and calibration fields default to values that are neither
     preset (2 epochs on 128 x 2048-token windows, say); build them with `from_preset` for
     the settings the CLI uses, the authors' (`paper`) or the CPU-sized `fast`.
+
+    A checkpoint leaves out the settings its method does not read, and they count at these
+    defaults when records are compared (`normalized_record`): changing a default here changes
+    which checkpoints of the methods that ignore it compare equal to earlier ones.
     """
 
     method: str
