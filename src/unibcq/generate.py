@@ -153,6 +153,10 @@ def generate_text(
     """
     check_generation_options(max_new_tokens, temperature)
     input_ids, used_chat = encode_prompt(tokenizer, prompt, chat)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and input_ids.numel() and int(input_ids.max()) >= vocab:
+        raise UnibcqError(f"the tokenizer gave token id {int(input_ids.max())}, past the model's vocabulary of "
+                          f"{vocab}; is it the tokenizer of another model?")
     input_ids = input_ids.to(model.device)
     context = context_window(getattr(model, "config", None))
     if context is not None:

@@ -261,3 +261,9 @@ def test_a_mistyped_kernel_backend_is_one_error_line(capsys, monkeypatch, w3_dir
     monkeypatch.setenv("UNIBCQ_BACKEND", "fastest")
     code, _, err = run(capsys, "generate", w3_dir, "--prompt", PROMPT, "--max-new-tokens", "2")
     assert code == 2 and "UNIBCQ_BACKEND='fastest'" in err and "Traceback" not in err, err
+
+
+def test_a_tokenizer_of_another_model_is_named(tiny_model_dir, tiny_llama):
+    tokenizer = unibcq.load_tokenizer(str(tiny_model_dir))
+    with pytest.raises(unibcq.UnibcqError, match="past the model's vocabulary of 8"):
+        generate_text(tiny_llama(vocab_size=8), tokenizer, PROMPT, max_new_tokens=2, chat=False)
