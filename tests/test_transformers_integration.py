@@ -77,3 +77,44 @@ def test_from_pretrained_rejects_a_layout_for_a_missing_layer(tiny_llama, tmp_pa
     cfg_file.write_text(json.dumps(data))
     with pytest.raises(unibcq.CheckpointError, match="layers.7"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+
+
+def test_from_pretrained_of_a_subfolder_and_with_offloaded_weights(tiny_llama, tmp_path, input_ids):
+    """The manifest checked is the loaded folder's (a subfolder beside a full-precision root),
+    and weights a device map leaves on disk are not read to be checked."""
+    model = tiny_llama()
+    model.save_pretrained(tmp_path)  # the unquantized model at the root
+    config = unibcq.QuantConfig("rtn", bits=3, group_size=32)
+    unibcq.quantize(model, config, show_progress=False)
+    path = unibcq.save(model, tmp_path / "w3", config, source_model="tiny")
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path, subfolder="w3")(input_ids).logits, expected)
+        offloaded = AutoModelForCausalLM.from_pretrained(path, device_map="auto", max_memory={"cpu": "100KB"},
+                                                         offload_folder=tmp_path / "offload")
+        assert torch.allclose(offloaded(input_ids).logits, expected)
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(unibcq.CheckpointError, match="checksum"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, subfolder="w3")
+
+
+def test_a_model_without_a_source_records_none(tiny_llama, tmp_path, monkeypatch):
+    """A model built from a config has no source: the working directory is not recorded as one."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    model = tiny_llama()
+    unibcq.quantize(model, unibcq.QuantConfig("rtn", bits=3, group_size=32), show_progress=False)
+    model.save_pretrained(tmp_path / "copy")
+    stored = json.loads((tmp_path / "copy" / "config.json").read_text())["quantization_config"]
+    assert stored["source_model"] == "" and stored["source_files"] is None
+
+
+def test_stored_keys_never_replace_the_config_class_attributes():
+    from unibcq.integrations.transformers import UnibcqHfConfig
+
+    config = UnibcqHfConfig(layers={}, to_dict=1, __class__=2, _private=3, bits=3)
+    assert config.bits == 3 and callable(config.to_dict) and not hasattr(config, "_private")

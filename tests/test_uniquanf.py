@@ -264,6 +264,7 @@ def test_input_prob_is_the_chance_of_the_quantized_input(input_prob, expected):
     (None, "needs calibration data"),
     (torch.randint(0, 256, (16,)), r"shape \(windows, tokens\), got \(16,\)"),
     (torch.rand(2, 16), "torch.float32"),
+    (torch.randint(0, 256, (2, 16), dtype=torch.uint8), "torch.uint8"),
     ([[1, 2, 3]], "got list"),
     (torch.randint(0, 256, (2, 16)) + 256, r"\[0, 256\)"),
 ])

@@ -569,13 +569,16 @@ def _check_tensor_specs(path: Path, expected: dict[str, TensorSpec], found: dict
 
 
 def check_stored_values(path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Reject loaded values no quantizer writes: NaN/inf, group indices past the scales."""
+    """Reject loaded values no quantizer writes: NaN/inf, group indices past the scales. Tensors
+    left on the meta device (offloaded by a transformers device map) are not in memory to check."""
     for key, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(
                 f"{path / WEIGHTS_FILE}: tensor {key} holds NaN/inf values; the checkpoint is corrupt"
             )
     for name, layer in quantized_layers(model).items():
+        if any(buffer.is_meta for buffer in layer.buffers()):
+            continue
         try:
             layer.weight_tensor().check_values()
         except UnibcqError as exc:

@@ -641,9 +641,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if ours != theirs:
             raise UnibcqError(f"the KL reference {ref_spec} predicts {theirs} tokens and {args.model} {ours}: KL needs "
                               "the same vocabulary; pass the model it was quantized from, or --kl-ref none")
-    capped = settings.capped_to(context_window(getattr(model, "config", None)))  # before the journal is keyed
+    # Windows fit both the model and its KL reference; capped before the journal is keyed.
+    contexts = {whose: context_window(getattr(m, "config", None))
+                for whose, m in (("model's", model), ("KL reference's", ref_model)) if m is not None}
+    known = {whose: c for whose, c in contexts.items() if c is not None}
+    whose = min(known, key=known.get) if known else None
+    capped = settings.capped_to(known[whose] if whose else None)
     if capped is not settings:
-        print(f"unibcq: note: the model's context holds {capped.seq_len} positions; perplexity windows are capped "
+        print(f"unibcq: note: the {whose} context holds {capped.seq_len} positions; perplexity windows are capped "
               f"there (--seq-len {settings.seq_len})", file=sys.stderr)
         settings = capped
     model.to(device)

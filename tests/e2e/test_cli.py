@@ -396,6 +396,16 @@ def test_a_kl_reference_with_another_vocabulary_is_refused(capsys, tmp_path, tin
     assert code == 2 and "same vocabulary" in err and "300" in err
 
 
+def test_perplexity_windows_fit_the_kl_reference_too(capsys, tmp_path, tiny_model_dir, corpus_file, tiny_llama):
+    short = tmp_path / "short-context"
+    tiny_llama(seed=1, vocab_size=256, max_position_embeddings=32).save_pretrained(short)
+    code, _, err = run(capsys, "eval", tiny_model_dir, "--kl-ref", short, "--ppl", corpus_file, "--seq-len", "64",
+                       "--max-windows", "1", "--no-progress", "--json", tmp_path / "e.json")
+    assert code == 0, err
+    assert "the KL reference's context holds 32 positions" in err
+    assert json.loads((tmp_path / "e.json").read_text())["seq_len"] == 32
+
+
 def test_output_paths_that_cannot_be_written_fail_before_any_work(capsys, tmp_path, tiny_model_dir, corpus_file):
     quantize = ("quantize", tiny_model_dir, "--method", "rtn", "--no-progress")
     code, _, err = run(capsys, *quantize, "--out", corpus_file / "q")

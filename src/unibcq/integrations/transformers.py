@@ -35,7 +35,8 @@ class UnibcqHfConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         self.layers = layers or {}
         for key, value in kwargs.items():
-            if key not in ("quant_method", "manifest"):
+            # A stored key never replaces the class's own attributes (to_dict, __class__, ...).
+            if key not in ("quant_method", "manifest") and not key.startswith("_") and not hasattr(type(self), key):
                 setattr(self, key, value)
 
 
@@ -47,20 +48,24 @@ class UnibcqHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
         from unibcq.checkpoint import install_packed_layers
 
+        files = kwargs.get("checkpoint_files") or []
+        self.checkpoint_folder = Path(files[0]).parent if files else None  # the folder loaded, subfolder included
         dtype = kwargs.get("dtype") or getattr(model.config, "dtype", None)
         install_packed_layers(model, self.quantization_config.layers,
                               dtype if isinstance(dtype, torch.dtype) else torch.float32)
 
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
         """The checks `unibcq.load` makes once the tensors are in: a local checkpoint's files
-        against its manifest (when its config declares one; a `save_pretrained` copy has none),
-        then the loaded values (NaN/inf scales, group indices past the scales)."""
+        against its manifest (when its config declares one; a `save_pretrained` copy has none;
+        a Hub snapshot holds only the files transformers fetched, so it is not checked), then the
+        loaded values (NaN/inf scales, group indices past the scales)."""
         from unibcq.checkpoint import QUANT_KEY, check_stored_values, read_config, verify_manifest
 
-        folder = Path(getattr(model.config, "_name_or_path", "") or "")
-        if folder.name and (folder / "config.json").is_file():
+        folder = getattr(self, "checkpoint_folder", None)
+        given = str(getattr(model.config, "_name_or_path", "") or "")
+        if folder is not None and given and Path(given).expanduser().is_dir() and (folder / "config.json").is_file():
             verify_manifest(folder, read_config(folder)[QUANT_KEY])
-        check_stored_values(folder, model, model.state_dict())
+        check_stored_values(folder or Path(given), model, model.state_dict())
         model.eval()
         return model
 

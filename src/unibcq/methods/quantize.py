@@ -101,10 +101,10 @@ def _check_calibration(model: nn.Module, method: str, calibration: object) -> No
     forward pass (a size mismatch in attention, an index error in the embedding)."""
     if calibration is None:
         raise UnibcqError(f"{method} needs calibration data (token windows)")
-    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.is_floating_point() \
-            or calibration.dtype == torch.bool or calibration.numel() == 0:
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 \
+            or calibration.dtype not in (torch.int64, torch.int32) or calibration.numel() == 0:
         shape = tuple(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
-        raise UnibcqError(f"{method} needs calibration token ids as a non-empty integer tensor of shape "
+        raise UnibcqError(f"{method} needs calibration token ids as a non-empty int64 (or int32) tensor of shape "
                           f"(windows, tokens), got {shape}" + (f" {calibration.dtype}" if isinstance(
                               calibration, torch.Tensor) else ""))
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)

@@ -40,6 +40,8 @@ def files_fingerprint(spec: str | Path) -> list[tuple[str, int, int | str]] | No
     file, or of a folder's weight and config files (not the eval outputs a user keeps beside
     them), so a model rewritten under the same path no longer matches its old pieces.
     """
+    if not str(spec):
+        return None
     path = Path(spec).expanduser()
     if path.is_file():
         files = [path]
@@ -94,5 +96,7 @@ def source_spec(spec: str | os.PathLike) -> str:
     """How a model is recorded as a source: a local path absolutely, so that it resolves from any
     working directory (a checkpoint's tokenizer and default KL reference come from it); Hub ids
     and aliases as given."""
+    if not str(spec):
+        return ""  # no source (a model built from a config): not the working directory
     path = Path(spec).expanduser()
     return str(path.resolve()) if path.exists() else str(spec)

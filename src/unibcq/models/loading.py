@@ -307,14 +307,18 @@ def float32_bytes(spec: str) -> int | None:
     return None if stored is None else 4 * sum(math.prod(shape) for shape, _ in stored)
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# How the files of the tokenizers transformers reads begin (tokenizer.json, tokenizer.model,
+# tokenizer_config.json, vocab.json / merges.txt, spiece.model, tekken.json, tiktoken.model, ...).
+TOKENIZER_FILE_PREFIXES = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece", "tekken", "tiktoken")
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     """The tokenizer of a model or checkpoint (any source `load_model` takes); a folder without
     tokenizer files is named as such, not as a malformed one."""
     source = resolve_model(spec)
-    if source.kind == "dir" and not any((Path(source.path) / name).is_file() for name in TOKENIZER_FILES):
-        raise UnibcqError(f"{source.path} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); a checkpoint saved "
-                          "without tokenizer= has none: load the tokenizer of the model it was quantized from")
+    folder = Path(source.path)
+    if source.kind == "dir" and not any(f.name.startswith(TOKENIZER_FILE_PREFIXES) for f in folder.iterdir()):
+        raise UnibcqError(f"{source.path} holds no tokenizer files (tokenizer.json, tokenizer_config.json, ...); a "
+                          "checkpoint saved without tokenizer= has none: load the tokenizer of the model it was "
+                          "quantized from")
     return _from_pretrained(AutoTokenizer, source)

@@ -24,7 +24,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from unibcq.atomic import write_json_atomic
-from unibcq.checkpoint import QUANT_KEY, checkpoint_info, is_checkpoint, load_checkpoint, read_config, save_checkpoint
+from unibcq.checkpoint import (
+    QUANT_KEY, check_output_dir, checkpoint_info, is_checkpoint, load_checkpoint, read_config, save_checkpoint,
+)
 from unibcq.config import QuantConfig, normalized_record
 from unibcq.errors import UnibcqError
 from unibcq.eval.journal import EvalJournal
@@ -209,6 +211,7 @@ def _quantized_cell(path: Path, config: QuantConfig, settings: CompareSettings, 
     is there, else `model` quantized now (resuming a run killed mid-way) and saved to `path`."""
     if _reusable_checkpoint(path, config, settings.model):
         return load_checkpoint(path, dtype=torch.float32)  # computed like the reference
+    check_output_dir(path, is_checkpoint(path), settings.model)  # before the work, not at the save after it
     quantized = copy.deepcopy(model)
     start = time.perf_counter()
     quantize_model(quantized, config, windows(config) if config.method in CALIBRATED else None,
