@@ -144,6 +144,26 @@ def test_load_takes_a_dtype_name_and_names_a_missing_tokenizer(tiny_llama, ckpt_
         unibcq.load_tokenizer(str(path))
 
 
+@pytest.mark.parametrize("method", ["rtn", "dyngroup"])
+def test_casting_a_packed_model_keeps_its_scales_in_storage_precision(tiny_llama, ckpt_dir, input_ids, method):
+    """`model.to(torch.bfloat16)` computes in bfloat16 but leaves the fp16 scales as stored, so the
+    model saves to a checkpoint that loads, and casting back to float32 restores it exactly."""
+    model = tiny_llama()
+    config = fast_config(method, bits=1, group_size=-1, max_groups=4, window=8) if method == "dyngroup" \
+        else fast_config(method)
+    quantize(model, config)
+    scales = {n: b.clone() for n, b in model.named_buffers() if b.dtype == torch.float16}
+    assert scales
+    model.to(torch.bfloat16)
+    assert all(b.dtype == torch.float16 and torch.equal(b, scales[n]) for n, b in model.named_buffers() if n in scales)
+    with torch.no_grad():
+        assert model(input_ids).logits.dtype == torch.bfloat16
+    path = unibcq.save(model, ckpt_dir("bf16"), config, source_model="tiny")
+    assert unibcq.load(path).get_input_embeddings().weight.dtype == torch.bfloat16
+    model.float()
+    assert all(torch.equal(b, scales[n]) for n, b in model.named_buffers() if n in scales)
+
+
 def test_save_with_overwrite_replaces_only_an_earlier_checkpoint(tiny_llama, ckpt_dir, tmp_path, monkeypatch):
     """The Python API keeps what the CLI keeps: overwrite=True never deletes a user's folder,
     the working directory or the source model, nor files added to a checkpoint."""

@@ -9,7 +9,7 @@ with the weight's own `dequantize()`.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ class PackedLinear(nn.Module):
     """Common part: shape, bias, the forward pass and the layout a checkpoint records."""
 
     format_name: str = ""
+    scale_buffers: tuple[str, ...] = ()  # the fp16 scales (and offsets) of the packed format
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
@@ -41,6 +42,17 @@ class PackedLinear(nn.Module):
 
     def weight_tensor(self) -> PackedTensor:
         raise NotImplementedError
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "PackedLinear":
+        """Under `model.to(dtype)`, `.bfloat16()` or `.float()` the packed scales keep their storage
+        dtype and only follow the device: cast, they would lose precision (fp16 -> bf16) and make a
+        checkpoint that loading refuses. The forward pass computes in its input's dtype either way."""
+        stored = {name: self._buffers[name] for name in self.scale_buffers if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, original in stored.items():
+            if self._buffers[name].dtype != original.dtype:
+                self._buffers[name] = original.to(self._buffers[name].device)
+        return self
 
     def layout(self) -> dict[str, Any]:
         """What the loader needs to rebuild this module."""
@@ -66,6 +78,7 @@ class BCQLinear(PackedLinear):
     `GroupedBinaryLinear`, and `PackedLinear` is the type both share."""
 
     format_name = "bcq"
+    scale_buffers = ("bcq_alpha", "bcq_offset")
 
     def __init__(
         self,
@@ -124,6 +137,7 @@ class GroupedBinaryLinear(PackedLinear):
     """1-bit signs with per-weight dynamic group indices (see formats/grouped_binary.py)."""
 
     format_name = "grouped-binary"
+    scale_buffers = ("gb_scales",)
 
     def __init__(
         self,
