@@ -815,3 +815,16 @@ def test_checkpoint_without_manifest_key_still_loads(broken):
     cfg.write_text(json.dumps(data))
     (broken / "manifest.json").unlink()
     assert quantized_layers(unibcq.load(broken))
+
+
+@pytest.mark.parametrize("method,bits,group_size", [("dyngroup", 1, -1), ("rtn", 3, 128), ("uniquanf", 3, 128)])
+def test_config_defaults_follow_the_method(method, bits, group_size):
+    config = unibcq.QuantConfig(method).validate()
+    assert (config.bits, config.group_size) == (bits, group_size)
+    assert unibcq.QuantConfig.from_dict(config.recorded()) == config
+
+
+def test_dyngroup_config_with_defaults_quantizes(tiny_llama):
+    model = tiny_llama()
+    records = quantize(model, unibcq.QuantConfig("dyngroup", window=16))
+    assert records and all(r.bits == 1 and r.group_size == -1 for r in records)

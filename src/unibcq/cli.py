@@ -382,15 +382,13 @@ def _quant_config(args: argparse.Namespace) -> QuantConfig:
     unread = unread_flags(args.method, getattr(args, "argv", [])) if args.method in METHODS else []
     if unread:
         print(f"unibcq: note: {args.method} does not read {', '.join(unread)}; ignored", file=sys.stderr)
-    binary = args.method == "dyngroup"
     preset = preset_values(args.preset, {
         "calib_samples": args.calib_samples, "seq_len": args.seq_len, "epochs": args.epochs, "u_lr": args.u_lr,
         "b_lr": args.b_lr, "remap_every": args.remap_every, "grid_points": args.grid_points,
         "batch_size": args.batch_size, "input_prob": args.input_prob, "iters": args.iters,
     })
     return apply_preset(QuantConfig(
-        method=args.method, bits=args.bits if args.bits is not None else (1 if binary else 3),
-        group_size=args.group_size if args.group_size is not None else (-1 if binary else 128),
+        method=args.method, bits=args.bits, group_size=args.group_size,
         symmetric=args.symmetric, clip_search=args.clip_search, integer_zero=args.integer_zero, offset=args.offset,
         iters=args.iters if args.iters is not None else 15,
         init=args.init, include_lm_head=args.quantize_lm_head,

@@ -24,6 +24,10 @@ FORMAT_VERSION = 1
 class QuantConfig:
     """What to quantize and how.
 
+    bits and group_size default to the method's own: 1-bit signs in groups the algorithm
+    finds (-1) for dyngroup, 3 bits in groups of 128 for the rest, so `QuantConfig("dyngroup")`
+    is valid as written, as `unibcq quantize --method dyngroup` is.
+
     overrides: fnmatch pattern on the layer's full name -> {"bits": n, "group_size": g};
     the first matching pattern wins (e.g. {"*.mlp.down_proj": {"bits": 4}}).
 
@@ -37,8 +41,8 @@ class QuantConfig:
     """
 
     method: str
-    bits: int = 3
-    group_size: int = 128
+    bits: int = None  # type: ignore[assignment]  # the method's default, set in __post_init__
+    group_size: int = None  # type: ignore[assignment]
     symmetric: bool = False
     clip_search: bool = False
     integer_zero: bool = True
@@ -74,6 +78,13 @@ class QuantConfig:
     overrides: dict[str, dict[str, int]] = field(default_factory=dict)
     seed: int = 0
     version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        binary = self.method == "dyngroup"
+        if self.bits is None:
+            self.bits = 1 if binary else 3
+        if self.group_size is None:
+            self.group_size = -1 if binary else 128
 
     @classmethod
     def from_preset(cls, method: str, preset: str = "fast", calib: str = "wikitext2", **fields: Any) -> QuantConfig:
