@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 
 from unibcq import __version__
 from unibcq.atomic import check_writable, write_json_atomic
-from unibcq.compute_dtype import COMPUTE_DTYPES, compute_dtype, note_slow_cpu_dtype
+from unibcq.compute_dtype import COMPUTE_DTYPES, compute_dtype
 from unibcq.errors import UnibcqError
 from unibcq.models.fingerprint import source_spec
 
@@ -219,8 +219,9 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")
     g.add_argument("--dtype", default="float32", choices=tuple(COMPUTE_DTYPES),
                    help="what the unquantized tensors and activations compute in (packed weights stay packed; "
-                        "bfloat16 is the usual choice on a GPU, and 7-10x slower than float32 on a CPU "
-                        "without AVX-512)")
+                        "bfloat16 is the usual choice on a GPU; on a CPU without AVX-512 a prompt's products "
+                        "run as float32 GEMMs of the bfloat16 values, and decoding stays somewhat slower than "
+                        "float32)")
     g.add_argument("--json", help="write the text and every printed figure to this JSON file")
 
 
@@ -284,8 +285,8 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
                              "tokens on a CPU, 16384 on a GPU)")
     parser.add_argument("--task-dtype", default="float32", choices=tuple(COMPUTE_DTYPES),
                         help="--tasks: dtype the model scores in (bfloat16: 1.2-1.8x faster on a CPU with "
-                             "AVX512-BF16 in our runs, and on GPUs; 7-10x slower on a CPU without AVX-512); "
-                             "perplexity and KL always run in float32")
+                             "AVX512-BF16 in our runs, and on GPUs; on a CPU without AVX-512 its products run "
+                             "as float32 GEMMs of the bfloat16 values); perplexity and KL always run in float32")
     parser.add_argument("--chat-template", action="store_true",
                         help="gsm8k: render the 8-shot prompt as a multi-turn chat with the tokenizer's template "
                              "(instruct models; lm-eval's --apply_chat_template --fewshot_as_multiturn)")
@@ -825,7 +826,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
     device, dtype = _check_device(args.device), compute_dtype(args.dtype, "--dtype")
     model, tokenizer, bits, _ = _load_for_eval(args.model, dtype)
     model.to(device)
-    note_slow_cpu_dtype(model, dtype, "--dtype")
     result = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, chat=args.chat,
                            temperature=args.temperature, seed=args.seed, on_text=_write_stdout)
     print(result.summary())

@@ -1,12 +1,33 @@
 """The dtype a model computes in, chosen by name on the command line, and the one pitfall of
-half precision on a CPU."""
+half precision on a CPU.
+
+Torch's bfloat16 and float16 matrix products run 5-7x slower than float32 ones on a CPU
+without AVX-512 (Zen 3, AVX2, one thread, 2026-12-07: 87-99% of a bfloat16 forward pass of
+SmolLM2-135M was `aten::mm`). The product of two bfloat16 (or float16) numbers is exact in
+float32 and torch's half-precision GEMM sums in float32 and rounds once, so a float32 GEMM
+of the same values, rounded once to the input's dtype, computes the same product up to the
+order of the sums (99.99% of outputs bit-equal, the rest one unit in the last place, in our
+check). `half_linear_in_float32` runs the large linear layers that way there: a bfloat16
+scoring run of PIQA and ARC-Challenge took 96 s instead of 673 s.
+
+A whole bfloat16 model is another matter: one unit in the last place anywhere grows into
+bfloat16's usual noise, so SmolLM2-135M's per-token log-probabilities on WikiText-2 moved by
+0.066 on average between torch's product and this one, as far as either lies from float32
+(0.0660 and 0.0656); the same 150 PIQA and ARC-Challenge questions scored the same but one.
+Summation order is no more part of a bfloat16 protocol than the machine is.
+Decoding one token at a time keeps torch's product: there converting the weight costs more
+than it saves.
+"""
 
 from __future__ import annotations
 
-import sys
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from unibcq.errors import UnibcqError
 
@@ -20,13 +41,46 @@ def compute_dtype(name: str, flag: str) -> torch.dtype:
     return COMPUTE_DTYPES[name]
 
 
-def note_slow_cpu_dtype(model: nn.Module, dtype: torch.dtype, flag: str) -> None:
-    """Say so before half precision crawls: on a CPU without AVX-512, torch's bfloat16 and
-    float16 linear layers ran 7-10x slower than float32 (Zen 3, AVX2, one thread, 2026-12-07,
-    docs/BENCHMARKS.md), while with AVX512-BF16 bfloat16 was the faster one."""
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+# Below this many input rows (a decode step, a short prompt) converting the weight to float32
+# costs more than the slow product saves: at 16 rows SmolLM2's 49152x576 output layer took
+# 94 ms either way, small layers break even at 2-4 rows (same machine and day as above).
+FLOAT32_GEMM_MIN_ROWS = 32
+
+
+def slow_half_matmul(model: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether `model` computes in half precision on a CPU whose torch half GEMM is the slow one."""
     param = next(iter(model.parameters()), None)
     on_cpu = param is None or param.device.type == "cpu"
-    capability = torch.backends.cpu.get_cpu_capability()
-    if on_cpu and dtype != torch.float32 and capability != "AVX512":
-        print(f"unibcq: note: this CPU has no AVX-512 ({capability}); {str(dtype).removeprefix('torch.')} "
-              f"runs several times slower here than {flag} float32", file=sys.stderr)
+    return on_cpu and dtype in HALF_DTYPES and torch.backends.cpu.get_cpu_capability() != "AVX512"
+
+
+class _Float32Linear(TorchFunctionMode):
+    """Computes `F.linear` on CPU half-precision inputs of at least FLOAT32_GEMM_MIN_ROWS rows as
+    a float32 GEMM of the same values, rounded once to the input dtype (see the module docstring)."""
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x = args[0] if args else kwargs["input"]
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            rows = x.numel() // max(x.shape[-1], 1)
+            if (x.dtype in HALF_DTYPES and x.device.type == "cpu" and weight.dtype == x.dtype
+                    and rows >= FLOAT32_GEMM_MIN_ROWS):
+                wide_bias = bias.float() if bias is not None else None
+                return F.linear(x.float(), weight.float(), wide_bias).to(x.dtype)
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def half_linear_in_float32(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """While `model` runs in bfloat16 or float16 on a CPU without AVX-512, compute its large
+    linear layers as float32 GEMMs of the same values (5x faster there, same results up to
+    the order of the sums); anywhere else this does nothing."""
+    if not slow_half_matmul(model, dtype):
+        yield
+        return
+    with _Float32Linear():
+        yield

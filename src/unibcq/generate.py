@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 from transformers import TextStreamer
 
+from unibcq.compute_dtype import half_linear_in_float32
 from unibcq.errors import UnibcqError
 from unibcq.models.architectures import context_window
 from unibcq.memory import model_memory_bytes, resident_memory_bytes
@@ -181,7 +182,8 @@ def generate_text(
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(model.device)
     start = time.perf_counter()
-    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **options)
+    with half_linear_in_float32(model, model.dtype):
+        output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **options)
     seconds = time.perf_counter() - start
     new_ids = output[0, input_ids.shape[1]:].tolist()
     times = streamer.token_times

@@ -125,7 +125,6 @@ def test_generate_cli_in_bfloat16(capsys, tmp_path, w3_dir, monkeypatch):
     code, stdout, err = run(capsys, "generate", w3_dir, "--prompt", PROMPT, "--max-new-tokens", "3", "--dtype",
                             "bfloat16", "--json", tmp_path / "g.json")
     assert code == 0, err
-    assert "no AVX-512 (AVX2); bfloat16 runs several times slower here than --dtype float32" in err
     report = json.loads((tmp_path / "g.json").read_text())
     assert report["dtype"] == "bfloat16" and report["device"] == "cpu" and 1 <= report["new_tokens"] <= 3
     assert report["gpu_peak_bytes"] is None and "GPU peak" not in stdout

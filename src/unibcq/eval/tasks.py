@@ -16,8 +16,9 @@ flexible match). A summary sits under the key "_mean" (leading underscore: not a
 "tasks": their names}; mean_acc is None when no zero-shot task ran.
 
 Scoring may run in bfloat16 (`dtype`): 1.2-1.8x faster than float32 on a CPU with
-AVX512-BF16 in our runs, which helps make task sets affordable there; perplexity and KL
-stay in float32.
+AVX512-BF16 in our runs, which helps make task sets affordable there (on a CPU without
+AVX-512 its large products run as float32 GEMMs of the bfloat16 values, see
+`unibcq.compute_dtype`); perplexity and KL stay in float32.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from unibcq.compute_dtype import compute_dtype, note_slow_cpu_dtype
+from unibcq.compute_dtype import compute_dtype, half_linear_in_float32
 from unibcq.errors import UnibcqError
 from unibcq.eval.journal import EvalJournal
 from unibcq.eval.gsm8k import (
@@ -180,9 +181,8 @@ def run_tasks(
     results = {name: dict(finished[name]) for name in names if name in finished}
     pending = [name for name in names if name not in results]
     if pending:
-        note_slow_cpu_dtype(model, torch_dtype, "--task-dtype")
         with (torch.inference_mode(), dense_weights(model, torch_dtype), parameters_as(model, torch_dtype),
-              progress_bar(show_progress) as bar):
+              half_linear_in_float32(model, torch_dtype), progress_bar(show_progress) as bar):
             for name in pending:
                 bar_id = bar.add_task(name, total=None)
 
