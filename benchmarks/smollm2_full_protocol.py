@@ -330,7 +330,8 @@ def process_row(args: argparse.Namespace, exe: str, row: str, machine: dict[str,
 PROTOCOL_KEYS = ("model", "task_dtype", "limit", "mmlu_limit")  # one protocol per folder
 # One machine per row. A virtual machine may name its CPU only "AMD EPYC" whatever its
 # generation, so the vector unit torch uses is part of it: bfloat16 matmuls take other code
-# paths (and run ~5x slower) without AVX-512.
+# paths without AVX-512 (torch's: 6-10x slower; since 2026-12-07 unibcq runs scoring passes
+# there as float32 GEMMs of the bfloat16 values, see `unibcq.compute_dtype`).
 ROW_MACHINE_KEYS = ("gpu", "cpu", "cpu_capability", "cpu_count", "torch", "transformers", "device")
 
 

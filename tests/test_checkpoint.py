@@ -828,3 +828,8 @@ def test_dyngroup_config_with_defaults_quantizes(tiny_llama):
     model = tiny_llama()
     records = quantize(model, unibcq.QuantConfig("dyngroup", window=16))
     assert records and all(r.bits == 1 and r.group_size == -1 for r in records)
+
+
+def test_an_override_without_a_value_is_refused():
+    with pytest.raises(UnibcqError, match="gives no value for bits"):
+        unibcq.QuantConfig("rtn", overrides={"*.down_proj": {"bits": None}}).validate()

@@ -17,7 +17,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from unibcq.cli import main
@@ -464,54 +463,16 @@ def test_a_request_without_context_is_refused(llama):
         zeroshot.loglikelihoods(llama, [([], [5])])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("bias", [False, True])
-def test_half_linear_runs_as_a_rounded_float32_gemm_without_avx512(llama, monkeypatch, dtype, bias):
-    from unibcq.compute_dtype import FLOAT32_GEMM_MIN_ROWS, half_linear_in_float32
-
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, FLOAT32_GEMM_MIN_ROWS // 2, 64, generator=gen).to(dtype)
-    w = torch.randn(48, 64, generator=gen).to(dtype)
-    b = torch.randn(48, generator=gen).to(dtype) if bias else None
-    with half_linear_in_float32(llama, dtype):
-        got = F.linear(x, w, b)
-        few_rows = F.linear(x[:1, :1], w, bias=b)
-        as_keywords = F.linear(input=x, weight=w, bias=b)
-    wide = F.linear(x.float(), w.float(), b.float() if bias else None).to(dtype)
-    assert got.dtype == dtype and torch.equal(got, wide) and torch.equal(as_keywords, wide)
-    assert torch.equal(few_rows, F.linear(x[:1, :1], w, b))  # a decode step keeps torch's own product
-
-
-@pytest.mark.parametrize("capability, dtype", [("AVX512", torch.bfloat16), ("AVX2", torch.float32)])
-def test_half_linear_in_float32_leaves_other_cases_to_torch(llama, monkeypatch, capability, dtype):
-    from unibcq import compute_dtype
-
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    monkeypatch.setattr(compute_dtype._Float32Linear, "__torch_function__",
-                        lambda *a, **k: pytest.fail("the float32 GEMM mode was entered"))
-    x, w = torch.randn(64, 64).to(dtype), torch.randn(8, 64).to(dtype)
-    with compute_dtype.half_linear_in_float32(llama, dtype):
-        F.linear(x, w)
-
-
-def test_bfloat16_task_scoring_without_avx512_uses_float32_gemms(llama, tok, data_dir, monkeypatch):
+def test_bfloat16_task_scoring_without_avx512_runs_float32_gemms(llama, tok, data_dir, monkeypatch):
+    from linear_recorder import LinearDtypes
     from unibcq import compute_dtype
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     monkeypatch.setattr(compute_dtype, "FLOAT32_GEMM_MIN_ROWS", 4)  # the tiny task's passes are short
-    widened = []
-    original = compute_dtype._Float32Linear.__torch_function__
-
-    def spy(self, func, types, args=(), kwargs=None):
-        if func is F.linear and args[0].dtype == torch.bfloat16:
-            widened.append(args[0].numel() // args[0].shape[-1] >= compute_dtype.FLOAT32_GEMM_MIN_ROWS)
-        return original(self, func, types, args, kwargs)
-
-    monkeypatch.setattr(compute_dtype._Float32Linear, "__torch_function__", spy)
-    run_tasks(llama, tok, ["piqa"], limit=None, data_dir=data_dir, batch_size=8, show_progress=False,
-              dtype="bfloat16")
-    assert any(widened)
+    with LinearDtypes() as seen:
+        run_tasks(llama, tok, ["piqa"], limit=None, data_dir=data_dir, batch_size=8, show_progress=False,
+                  dtype="bfloat16")
+    assert torch.float32 in seen.dtypes
 
 
 def test_bfloat16_scoring_restores_the_exact_float32_parameters(llama):

@@ -1,13 +1,13 @@
 """The dtype a model computes in, chosen by name on the command line, and the one pitfall of
 half precision on a CPU.
 
-Torch's bfloat16 and float16 matrix products run 5-7x slower than float32 ones on a CPU
-without AVX-512 (Zen 3, AVX2, one thread, 2026-12-07: 87-99% of a bfloat16 forward pass of
-SmolLM2-135M was `aten::mm`). The product of two bfloat16 (or float16) numbers is exact in
+Torch's bfloat16 and float16 matrix products run 6-10x slower than float32 ones on a CPU
+without AVX-512 (Zen 3, AVX2, one thread, 2026-12-07, docs/BENCHMARKS.md: 9.4-11.2 GFLOP/s
+against 69.6-92.8; 98.5% of a bfloat16 forward pass of SmolLM2-135M was `aten::mm`). The product of two bfloat16 (or float16) numbers is exact in
 float32 and torch's half-precision GEMM sums in float32 and rounds once, so a float32 GEMM
 of the same values, rounded once to the input's dtype, computes the same product up to the
-order of the sums (99.99% of outputs bit-equal, the rest one unit in the last place, in our
-check). `half_linear_in_float32` runs the large linear layers that way there: a bfloat16
+order of the sums (in our checks 99.97-99.99% of bfloat16 outputs and 99.8-99.9% of float16
+ones bit-equal, the rest one unit in the last place). `half_linear_in_float32` runs the large linear layers that way there: a bfloat16
 scoring run of PIQA and ARC-Challenge took 96 s instead of 673 s.
 
 A whole bfloat16 model is another matter: one unit in the last place anywhere grows into
@@ -57,7 +57,8 @@ def slow_half_matmul(model: nn.Module, dtype: torch.dtype) -> bool:
 
 class _Float32Linear(TorchFunctionMode):
     """Computes `F.linear` on CPU half-precision inputs of at least FLOAT32_GEMM_MIN_ROWS rows as
-    a float32 GEMM of the same values, rounded once to the input dtype (see the module docstring)."""
+    a float32 GEMM of the same values, rounded once to the input dtype (see the module docstring).
+    Operands of mixed dtypes are left to torch, which refuses them."""
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
@@ -66,21 +67,53 @@ class _Float32Linear(TorchFunctionMode):
             x = args[0] if args else kwargs["input"]
             weight = args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            rows = x.numel() // max(x.shape[-1], 1)
-            if (x.dtype in HALF_DTYPES and x.device.type == "cpu" and weight.dtype == x.dtype
-                    and rows >= FLOAT32_GEMM_MIN_ROWS):
+            if (x.dtype in HALF_DTYPES and x.device.type == "cpu" and x.dim() > 0 and weight.dtype == x.dtype
+                    and (bias is None or bias.dtype == x.dtype)
+                    and x.numel() // max(x.shape[-1], 1) >= FLOAT32_GEMM_MIN_ROWS):
                 wide_bias = bias.float() if bias is not None else None
                 return F.linear(x.float(), weight.float(), wide_bias).to(x.dtype)
         return func(*args, **kwargs)
 
 
+def _token_rows(args: tuple, kwargs: dict[str, Any]) -> int:
+    """Token positions in one call of a causal LM (its input_ids, or its inputs_embeds)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if isinstance(ids, torch.Tensor):
+        return ids.numel()
+    embeds = kwargs.get("inputs_embeds")
+    if isinstance(embeds, torch.Tensor) and embeds.dim() > 0:
+        return embeds.numel() // max(embeds.shape[-1], 1)
+    return 0
+
+
 @contextmanager
 def half_linear_in_float32(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
-    """While `model` runs in bfloat16 or float16 on a CPU without AVX-512, compute its large
-    linear layers as float32 GEMMs of the same values (5x faster there, same results up to
-    the order of the sums); anywhere else this does nothing."""
+    """While `model` runs in bfloat16 or float16 on a CPU without AVX-512, compute the linear
+    layers of its calls on at least FLOAT32_GEMM_MIN_ROWS token positions (a scoring batch, a
+    long prompt) as float32 GEMMs of the same values: 7x faster task scoring there, the same
+    products up to the order of the sums. Anywhere else, and for decode steps, this does
+    nothing: the mode is entered per call of `model`, since a mode intercepting every torch
+    call of a one-token step cost that step 18%."""
     if not slow_half_matmul(model, dtype):
         yield
         return
-    with _Float32Linear():
+    entered: list[_Float32Linear | None] = []
+
+    def enter(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        mode = _Float32Linear() if _token_rows(args, kwargs) >= FLOAT32_GEMM_MIN_ROWS else None
+        if mode is not None:
+            mode.__enter__()
+        entered.append(mode)
+
+    def leave(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        mode = entered.pop() if entered else None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+
+    hooks = [model.register_forward_pre_hook(enter, with_kwargs=True),
+             model.register_forward_hook(leave, with_kwargs=True, always_call=True)]
+    try:
         yield
+    finally:
+        for hook in hooks:
+            hook.remove()

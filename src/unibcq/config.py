@@ -168,6 +168,9 @@ class QuantConfig:
         extra = set(self.overrides[pattern]) - allowed
         if extra:
             raise UnibcqError(f"override {pattern!r} sets {sorted(extra)}; only {sorted(allowed)} can be overridden")
+        unset = sorted(k for k, v in self.overrides[pattern].items() if v is None)
+        if unset:  # None would mean the method's default, not this layer's setting
+            raise UnibcqError(f"override {pattern!r} gives no value for {', '.join(unset)}")
         return replace(self, overrides={}, **self.overrides[pattern])
 
     def for_layer(self, name: str) -> "QuantConfig":

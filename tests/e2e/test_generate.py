@@ -60,6 +60,21 @@ def test_greedy_tokens_match_model_generate(w3_dir, ignore_eos):
     assert 0 < result.prefill_seconds <= result.seconds and result.decode_seconds <= result.seconds
 
 
+def test_bfloat16_prefill_without_avx512_runs_float32_gemms_and_decoding_keeps_torchs(w3_dir, monkeypatch):
+    from linear_recorder import LinearDtypes
+    from unibcq import compute_dtype
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(compute_dtype, "FLOAT32_GEMM_MIN_ROWS", 4)  # the prompt's 4 tokens
+    model, tokenizer = unibcq.load(w3_dir, dtype="bfloat16"), unibcq.load_tokenizer(str(w3_dir))
+    with LinearDtypes() as seen:
+        result = generate_text(model, tokenizer, PROMPT, 3, ignore_eos=True)
+    assert result.new_tokens == 3
+    prefill = seen.dtypes.count(torch.float32)  # the prompt's products, widened
+    assert prefill and seen.dtypes[:prefill] == [torch.float32] * prefill
+    assert seen.dtypes[prefill:] and set(seen.dtypes[prefill:]) == {torch.bfloat16}  # decode steps: torch's
+
+
 def test_sampling_is_seeded(w3_dir):
     model, tokenizer = unibcq.load(w3_dir), unibcq.load_tokenizer(str(w3_dir))
     runs = [generate_text(model, tokenizer, PROMPT, 10, temperature=1.5, seed=s, ignore_eos=True).token_ids
