@@ -80,3 +80,16 @@ def test_other_machines_and_float32_keep_torchs_products(tiny_llama, monkeypatch
     with torch.no_grad(), LinearDtypes() as seen, half_linear_in_float32(model, dtype):
         model(torch.randint(0, 64, (2, 40)))
     assert seen.dtypes and set(seen.dtypes) == {dtype}
+
+
+def test_a_bfloat16_kl_reference_is_scored_with_float32_gemms(tiny_llama, avx2):
+    from unibcq.eval.perplexity import evaluate_windows
+
+    model, reference = tiny_llama(), tiny_llama(seed=1).to(torch.bfloat16)
+    ids = torch.randint(0, 64, (200,), generator=torch.Generator().manual_seed(0))
+    with LinearDtypes() as seen:
+        stats = evaluate_windows(model, ids, seq_len=40, ref_model=reference, show_progress=False)
+    assert stats.kl is not None and seen.dtypes and torch.bfloat16 not in seen.dtypes  # the reference widened
+    with torch.no_grad(), LinearDtypes() as after:
+        reference(ids[:40][None])  # outside evaluate_windows, torch's product again
+    assert set(after.dtypes) == {torch.bfloat16}

@@ -48,9 +48,12 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 FLOAT32_GEMM_MIN_ROWS = 32
 
 
-def slow_half_matmul(model: nn.Module, dtype: torch.dtype) -> bool:
-    """Whether `model` computes in half precision on a CPU whose torch half GEMM is the slow one."""
-    param = next(iter(model.parameters()), None)
+def slow_half_matmul(model: nn.Module, dtype: torch.dtype | None = None) -> bool:
+    """Whether `model` computes in half precision (`dtype`, by default its floating-point
+    parameters') on a CPU whose torch half GEMM is the slow one."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is None:
+        dtype = param.dtype if param is not None else torch.float32
     on_cpu = param is None or param.device.type == "cpu"
     return on_cpu and dtype in HALF_DTYPES and torch.backends.cpu.get_cpu_capability() != "AVX512"
 
@@ -87,11 +90,12 @@ def _token_rows(args: tuple, kwargs: dict[str, Any]) -> int:
 
 
 @contextmanager
-def half_linear_in_float32(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
-    """While `model` runs in bfloat16 or float16 on a CPU without AVX-512, compute the linear
-    layers of its calls on at least FLOAT32_GEMM_MIN_ROWS token positions (a scoring batch, a
-    long prompt) as float32 GEMMs of the same values: 7x faster task scoring there, the same
-    products up to the order of the sums. Anywhere else, and for decode steps, this does
+def half_linear_in_float32(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[None]:
+    """While `model` runs in bfloat16 or float16 (`dtype`, by default its floating-point
+    parameters') on a CPU without AVX-512, compute the linear layers of its calls on at least
+    FLOAT32_GEMM_MIN_ROWS token positions (a scoring batch, a perplexity window, a long prompt)
+    as float32 GEMMs of the same values: 7x faster task scoring there, the same products up to
+    the order of the sums. Anywhere else, and for decode steps, this does
     nothing: the mode is entered per call of `model`, since a mode intercepting every torch
     call of a one-token step cost that step 18%."""
     if not slow_half_matmul(model, dtype):

@@ -182,7 +182,7 @@ def generate_text(
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(model.device)
     start = time.perf_counter()
-    with half_linear_in_float32(model, model.dtype):
+    with half_linear_in_float32(model):
         output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **options)
     seconds = time.perf_counter() - start
     new_ids = output[0, input_ids.shape[1]:].tolist()

@@ -12,12 +12,14 @@ and how often both models' top-1 next tokens agree, as llama.cpp's KL statistics
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unibcq.compute_dtype import half_linear_in_float32
 from unibcq.errors import UnibcqError
 from unibcq.models.architectures import check_window_fits
 from unibcq.nn.qlinear import dense_weights
@@ -77,7 +79,10 @@ def evaluate_windows(
     device = next(model.parameters()).device
     nll_sum = ref_nll_sum = kl_sum = 0.0
     agree = tokens = 0
-    with dense_weights(model), progress_bar(show_progress) as bar:
+    with dense_weights(model), ExitStack() as stack, progress_bar(show_progress) as bar:
+        for scored in (model, ref_model):  # a reference loaded in bfloat16 to fit, a caller's bfloat16 model
+            if scored is not None:
+                stack.enter_context(half_linear_in_float32(scored))
         task = bar.add_task(description, total=len(windows))
         for window in windows:
             x = window.unsqueeze(0).to(device)
