@@ -3,12 +3,13 @@ half precision on a CPU.
 
 Torch's bfloat16 and float16 matrix products run 6-10x slower than float32 ones on a CPU
 without AVX-512 (Zen 3, AVX2, one thread, 2026-12-07, docs/BENCHMARKS.md: 9.4-11.2 GFLOP/s
-against 69.6-92.8; 98.5% of a bfloat16 forward pass of SmolLM2-135M was `aten::mm`). The product of two bfloat16 (or float16) numbers is exact in
-float32 and torch's half-precision GEMM sums in float32 and rounds once, so a float32 GEMM
-of the same values, rounded once to the input's dtype, computes the same product up to the
-order of the sums (in our checks 99.97-99.99% of bfloat16 outputs and 99.8-99.9% of float16
-ones bit-equal, the rest one unit in the last place). `half_linear_in_float32` runs the large linear layers that way there: a bfloat16
-scoring run of PIQA and ARC-Challenge took 96 s instead of 673 s.
+against 69.6-92.8; 98.5% of a bfloat16 forward pass of SmolLM2-135M was `aten::mm`). The
+product of two bfloat16 (or float16) numbers is exact in float32 and torch's half-precision
+GEMM sums in float32 and rounds once, so a float32 GEMM of the same values, rounded once to
+the input's dtype, computes the same product up to the order of the sums (in our checks
+99.97-99.99% of bfloat16 outputs and 99.8-99.9% of float16 ones bit-equal, the rest one unit
+in the last place). `half_linear_in_float32` runs the large linear layers that way there: a
+bfloat16 scoring run of PIQA and ARC-Challenge took 96 s instead of 673 s.
 
 A whole bfloat16 model is another matter: one unit in the last place anywhere grows into
 bfloat16's usual noise, so SmolLM2-135M's per-token log-probabilities on WikiText-2 moved by
@@ -95,9 +96,9 @@ def half_linear_in_float32(model: nn.Module, dtype: torch.dtype | None = None) -
     parameters') on a CPU without AVX-512, compute the linear layers of its calls on at least
     FLOAT32_GEMM_MIN_ROWS token positions (a scoring batch, a perplexity window, a long prompt)
     as float32 GEMMs of the same values: 7x faster task scoring there, the same products up to
-    the order of the sums. Anywhere else, and for decode steps, this does
-    nothing: the mode is entered per call of `model`, since a mode intercepting every torch
-    call of a one-token step cost that step 18%."""
+    the order of the sums. Anywhere else, and for decode steps, this does nothing: the mode
+    is entered per call of `model`, since a mode intercepting every torch call of a one-token
+    step cost that step 18%."""
     if not slow_half_matmul(model, dtype):
         yield
         return
