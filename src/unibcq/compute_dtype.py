@@ -13,8 +13,8 @@ bfloat16 scoring run of PIQA and ARC-Challenge took 96 s instead of 673 s.
 
 A whole bfloat16 model is another matter: one unit in the last place anywhere grows into
 bfloat16's usual noise, so SmolLM2-135M's per-token log-probabilities on WikiText-2 moved by
-0.066 on average between torch's product and this one, as far as either lies from float32
-(0.0660 and 0.0656); the same 150 PIQA and ARC-Challenge questions scored the same but one.
+0.0656 on average between torch's product and this one, as far as either lies from float32
+(0.0652 and 0.0655; benchmarks/half_gemm_check.py); the same 150 PIQA and ARC-Challenge questions scored the same but one.
 Summation order is no more part of a bfloat16 protocol than the machine is.
 Decoding one token at a time keeps torch's product: there converting the weight costs more
 than it saves.
