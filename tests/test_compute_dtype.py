@@ -1,5 +1,5 @@
 """`unibcq.compute_dtype`: dtype names, and half-precision products as float32 GEMMs on CPUs
-without AVX-512."""
+whose torch has no fast GEMM in that dtype."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from unibcq.errors import UnibcqError
 
 @pytest.fixture
 def avx2(monkeypatch):
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(compute_dtype, "native_half_gemm", lambda dtype: False)
 
 
 def test_dtype_names():
@@ -73,13 +73,33 @@ def test_the_mode_is_gone_after_a_failed_call_and_after_the_block(tiny_llama, av
     assert not model._forward_hooks and not model._forward_pre_hooks
 
 
-@pytest.mark.parametrize("capability, dtype", [("AVX512", torch.bfloat16), ("AVX2", torch.float32)])
-def test_other_machines_and_float32_keep_torchs_products(tiny_llama, monkeypatch, capability, dtype):
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+@pytest.mark.parametrize("native, dtype", [(True, torch.bfloat16), (False, torch.float32)])
+def test_other_machines_and_float32_keep_torchs_products(tiny_llama, monkeypatch, native, dtype):
+    monkeypatch.setattr(compute_dtype, "native_half_gemm", lambda dtype: native)
     model = tiny_llama().to(dtype)
     with torch.no_grad(), LinearDtypes() as seen, half_linear_in_float32(model, dtype):
         model(torch.randint(0, 64, (2, 40)))
     assert seen.dtypes and set(seen.dtypes) == {dtype}
+
+
+def test_each_half_dtype_asks_torchs_own_onednn_check(tiny_llama, monkeypatch):
+    """A Zen 4 (AVX-512 without AVX512-FP16): oneDNN takes bfloat16, not float16."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    model = tiny_llama()
+    assert not compute_dtype.slow_half_matmul(model, torch.bfloat16)
+    assert compute_dtype.slow_half_matmul(model, torch.float16)
+    assert not compute_dtype.slow_half_matmul(model, torch.float32)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # the user turned oneDNN off: torch's loop
+    assert compute_dtype.slow_half_matmul(model, torch.bfloat16)
+
+
+@pytest.mark.parametrize("capability, native", [("AVX512", True), ("AVX2", False)])
+def test_a_torch_without_the_onednn_checks_goes_by_avx512(monkeypatch, capability, native):
+    monkeypatch.setitem(compute_dtype._ONEDNN_HALF_CHECKS, torch.float16, "_no_such_check")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert compute_dtype.native_half_gemm(torch.float16) is native
 
 
 def test_a_bfloat16_kl_reference_is_scored_with_float32_gemms(tiny_llama, avx2):

@@ -463,11 +463,11 @@ def test_a_request_without_context_is_refused(llama):
         zeroshot.loglikelihoods(llama, [([], [5])])
 
 
-def test_bfloat16_task_scoring_without_avx512_runs_float32_gemms(llama, tok, data_dir, monkeypatch):
+def test_bfloat16_task_scoring_without_a_fast_bfloat16_gemm_runs_float32_gemms(llama, tok, data_dir, monkeypatch):
     from linear_recorder import LinearDtypes
     from unibcq import compute_dtype
 
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(compute_dtype, "native_half_gemm", lambda dtype: False)
     monkeypatch.setattr(compute_dtype, "FLOAT32_GEMM_MIN_ROWS", 4)  # the tiny task's passes are short
     with LinearDtypes() as seen:
         run_tasks(llama, tok, ["piqa"], limit=None, data_dir=data_dir, batch_size=8, show_progress=False,

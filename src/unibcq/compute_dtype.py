@@ -2,7 +2,8 @@
 half precision on a CPU.
 
 Torch's bfloat16 and float16 matrix products run 6-10x slower than float32 ones on a CPU
-without AVX-512 (Zen 3, AVX2, one thread, 2026-12-07, docs/BENCHMARKS.md: 9.4-11.2 GFLOP/s
+where oneDNN does not take them: bfloat16 without AVX-512, float16 without AVX512-FP16 or
+AMX-FP16 (measured on Zen 3, AVX2, one thread, 2026-12-07, docs/BENCHMARKS.md: 9.4-11.2 GFLOP/s
 against 69.6-92.8; 98.5% of a bfloat16 forward pass of SmolLM2-135M was `aten::mm`). The
 product of two bfloat16 (or float16) numbers is exact in float32 and torch's half-precision
 GEMM sums in float32 and rounds once, so a float32 GEMM of the same values, rounded once to
@@ -49,14 +50,32 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 FLOAT32_GEMM_MIN_ROWS = 32
 
 
+# Torch's own check of whether oneDNN computes a dtype's CPU GEMMs (the fast path), per dtype.
+_ONEDNN_HALF_CHECKS = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
+
+
+def native_half_gemm(dtype: torch.dtype) -> bool:
+    """Whether torch hands CPU GEMMs in `dtype` (bfloat16 or float16) to oneDNN rather than to its
+    slow generic loop. Asked per dtype because CPUs differ: by torch's rule oneDNN takes bfloat16
+    on any AVX-512 core but float16 only with AVX512-FP16 or AMX-FP16, so a Zen 4 has the fast
+    bfloat16 GEMM and the slow float16 one. Torch's own device check answers when this torch has it; otherwise an AVX-512
+    capability stands in for it."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    try:
+        return bool(getattr(torch.ops.mkldnn, _ONEDNN_HALF_CHECKS[dtype])())
+    except (AttributeError, RuntimeError):
+        return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 def slow_half_matmul(model: nn.Module, dtype: torch.dtype | None = None) -> bool:
     """Whether `model` computes in half precision (`dtype`, by default its floating-point
-    parameters') on a CPU whose torch half GEMM is the slow one."""
+    parameters') on a CPU whose torch GEMM in that dtype is the slow one."""
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     if dtype is None:
         dtype = param.dtype if param is not None else torch.float32
     on_cpu = param is None or param.device.type == "cpu"
-    return on_cpu and dtype in HALF_DTYPES and torch.backends.cpu.get_cpu_capability() != "AVX512"
+    return on_cpu and dtype in HALF_DTYPES and not native_half_gemm(dtype)
 
 
 class _Float32Linear(TorchFunctionMode):
@@ -93,7 +112,7 @@ def _token_rows(args: tuple, kwargs: dict[str, Any]) -> int:
 @contextmanager
 def half_linear_in_float32(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[None]:
     """While `model` runs in bfloat16 or float16 (`dtype`, by default its floating-point
-    parameters') on a CPU without AVX-512, compute the linear layers of its calls on at least
+    parameters') on a CPU without oneDNN GEMMs in that dtype (`native_half_gemm`), compute the linear layers of its calls on at least
     FLOAT32_GEMM_MIN_ROWS token positions (a scoring batch, a perplexity window, a long prompt)
     as float32 GEMMs of the same values: 7x faster task scoring there, the same products up to
     the order of the sums. Anywhere else, and for decode steps, this does nothing: the mode

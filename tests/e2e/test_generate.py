@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import unibcq
+from unibcq import compute_dtype
 from unibcq.cli import main
 from unibcq.generate import generate_text
 from unibcq.memory import model_memory_bytes
@@ -60,11 +61,10 @@ def test_greedy_tokens_match_model_generate(w3_dir, ignore_eos):
     assert 0 < result.prefill_seconds <= result.seconds and result.decode_seconds <= result.seconds
 
 
-def test_bfloat16_prefill_without_avx512_runs_float32_gemms_and_decoding_keeps_torchs(w3_dir, monkeypatch):
+def test_bfloat16_prefill_without_a_fast_bfloat16_gemm_runs_float32_gemms_and_decoding_keeps_torchs(w3_dir, monkeypatch):
     from linear_recorder import LinearDtypes
-    from unibcq import compute_dtype
 
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(compute_dtype, "native_half_gemm", lambda dtype: False)
     monkeypatch.setattr(compute_dtype, "FLOAT32_GEMM_MIN_ROWS", 4)  # the prompt's 4 tokens
     model, tokenizer = unibcq.load(w3_dir, dtype="bfloat16"), unibcq.load_tokenizer(str(w3_dir))
     with LinearDtypes() as seen:
@@ -136,7 +136,7 @@ def test_generate_cli_full_precision_model(capsys, tmp_path, tiny_model_dir):
 
 def test_generate_cli_in_bfloat16(capsys, tmp_path, w3_dir, monkeypatch):
     """--dtype sets what the unquantized tensors compute in; packed weights stay packed."""
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(compute_dtype, "native_half_gemm", lambda dtype: False)
     code, stdout, err = run(capsys, "generate", w3_dir, "--prompt", PROMPT, "--max-new-tokens", "3", "--dtype",
                             "bfloat16", "--json", tmp_path / "g.json")
     assert code == 0, err
