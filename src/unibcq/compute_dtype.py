@@ -58,8 +58,8 @@ def native_half_gemm(dtype: torch.dtype) -> bool:
     """Whether torch hands CPU GEMMs in `dtype` (bfloat16 or float16) to oneDNN rather than to its
     slow generic loop. Asked per dtype because CPUs differ: by torch's rule oneDNN takes bfloat16
     on any AVX-512 core but float16 only with AVX512-FP16 or AMX-FP16, so a Zen 4 has the fast
-    bfloat16 GEMM and the slow float16 one. Torch's own device check answers when this torch has it; otherwise an AVX-512
-    capability stands in for it."""
+    bfloat16 GEMM and the slow float16 one. Torch's own device check answers where this torch
+    has it; otherwise an AVX-512 capability stands in for it."""
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
     try:
@@ -112,12 +112,12 @@ def _token_rows(args: tuple, kwargs: dict[str, Any]) -> int:
 @contextmanager
 def half_linear_in_float32(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[None]:
     """While `model` runs in bfloat16 or float16 (`dtype`, by default its floating-point
-    parameters') on a CPU without oneDNN GEMMs in that dtype (`native_half_gemm`), compute the linear layers of its calls on at least
-    FLOAT32_GEMM_MIN_ROWS token positions (a scoring batch, a perplexity window, a long prompt)
-    as float32 GEMMs of the same values: 7x faster task scoring there, the same products up to
-    the order of the sums. Anywhere else, and for decode steps, this does nothing: the mode
-    is entered per call of `model`, since a mode intercepting every torch call of a one-token
-    step cost that step 18%."""
+    parameters') on a CPU without oneDNN GEMMs in that dtype (`native_half_gemm`), compute the
+    linear layers of its calls on at least FLOAT32_GEMM_MIN_ROWS token positions (a scoring
+    batch, a perplexity window, a long prompt) as float32 GEMMs of the same values: 7x faster
+    task scoring there, the same products up to the order of the sums. Anywhere else, and for
+    decode steps, this does nothing: the mode is entered per call of `model`, since a mode
+    intercepting every torch call of a one-token step cost that step 18%."""
     if not slow_half_matmul(model, dtype):
         yield
         return
