@@ -219,9 +219,9 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")
     g.add_argument("--dtype", default="float32", choices=tuple(COMPUTE_DTYPES),
                    help="what the unquantized tensors and activations compute in (packed weights stay packed; "
-                        "bfloat16 is the usual choice on a GPU; on a CPU without torch's fast GEMM in that dtype (bfloat16: "
-                        "no AVX-512; float16: no AVX512-FP16) a prompt of 32 tokens or more runs its products "
-                        "as float32 GEMMs of the half-precision values, and decode steps "
+                        "bfloat16 is the usual choice on a GPU; on a CPU without torch's fast GEMM in that "
+                        "dtype (bfloat16: no AVX-512; float16: no AVX512-FP16) a prompt of 32 tokens or more "
+                        "runs its products as float32 GEMMs of the half-precision values, and decode steps "
                         "stay somewhat slower than in float32)")
     g.add_argument("--json", help="write the text and every printed figure to this JSON file")
 
