@@ -23,7 +23,7 @@ The merges rank adjacent pairs by one of two rules (`merge_rule`):
 * "paper": the authors' rule, the cost of the merged group |g| Var + lam / |g|, merging
   until exactly max_groups runs remain.
 * "objective": the increase of J the merge causes (the merged cost less the two runs'
-  costs), then merging below max_groups while that still lowers J. This is the greedy step
+  costs), then merging below max_groups while that does not raise J. This is the greedy step
   on J itself; the paper's rank ignores what the two runs cost apart, so from singletons
   with lam > 0 it keeps merging cheap small runs and leaves far worse segmentations.
 
@@ -386,8 +386,11 @@ def _greedy_merge(counts: np.ndarray, sums: np.ndarray, squares: np.ndarray, max
     With rule="objective" each step merges the adjacent pair with the smallest increase of J,
     ``dJ = nA nB / (nA + nB) (muA - muB)^2 + lam (1/(nA+nB) - 1/nA - 1/nB)``, which only
     needs sizes and sums. Merging continues until at most `max_groups` runs remain and then
-    only while a merge still lowers J (dJ < 0): J is minimised over *at most* max_groups
-    runs, and the extra merges only ever help. With rule="paper" the pair whose merged run
+    only while a merge does not raise J (dJ <= 0): J is minimised over *at most* max_groups
+    runs, and the extra merges only ever help. A merge that leaves J unchanged (equal means
+    with lam = 0, as in an all-zero or constant-magnitude segment, whose normalised lam is 0)
+    still goes ahead: it costs no error and saves a scale and index bits, as the exact DP,
+    which keeps the fewer groups on ties, would. With rule="paper" the pair whose merged run
     costs least goes first (`_merged_cost`, which needs the sums of squares too) and merging
     stops at exactly max_groups runs, as in the authors' code.
 
@@ -429,7 +432,7 @@ def _greedy_merge(counts: np.ndarray, sums: np.ndarray, squares: np.ndarray, max
         d, left, ver = pop(heap)
         if pair_version[left] != ver:
             continue
-        if runs <= max_groups and (paper or d >= 0.0):
+        if runs <= max_groups and (paper or d > 0.0):
             break
         right = nxt[left]
         after = nxt[right]
