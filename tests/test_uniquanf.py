@@ -11,6 +11,7 @@ from torch import nn
 
 import unibcq
 from unibcq.nn.fake_quant import FlexRoundLinear, UniQuanFLinear
+from unibcq.nn.qlinear import PackedLinear
 from unibcq.quantizers import quantize_bcq, quantize_rtn
 from unibcq.quantizers.bcq import level_values
 from unibcq.quantizers.uniquanf import clipping_grid, global_remap, local_remap, unified_init
@@ -194,6 +195,29 @@ def test_reconstruction_engine(tiny_llama, tmp_path, input_ids, method):
     with torch.no_grad():
         assert torch.equal(unibcq.load(tmp_path / "ck")(input_ids).logits, out)
 
+
+
+@pytest.mark.parametrize("method", ["uniquanf", "flexround"])
+def test_half_precision_model_reconstructs_in_float32(tiny_llama, input_ids, method):
+    """A bfloat16 model (the Python API takes models as loaded) trains each block in float32 and
+    keeps its own dtype: its packed layers come out as from the float32 copy of the same weights,
+    the only difference being the bfloat16 activations that enter the first block."""
+    calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3))
+    config = unibcq.QuantConfig(method, bits=3, group_size=32, epochs=2, iters=2)
+    half = tiny_llama(dtype=torch.bfloat16)
+    full = copy.deepcopy(half).float()
+    unibcq.quantize(half, config, calib, show_progress=False)
+    unibcq.quantize(full, config, calib, show_progress=False)
+    assert half.model.norm.weight.dtype == half.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert half(input_ids).logits.dtype == torch.bfloat16
+        for (name, a), b in zip(_packed_weights(half).items(), _packed_weights(full).values()):
+            assert (a - b).abs().mean() <= 0.01 * b.abs().mean(), name
+
+
+def _packed_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: module.weight_tensor().dequantize() for name, module in model.named_modules()
+            if isinstance(module, PackedLinear)}
 
 def test_same_seed_same_checkpoint(tiny_llama):
     calib = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(2))

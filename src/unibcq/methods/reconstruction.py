@@ -9,7 +9,9 @@ MSE(block(X), Y_fp), where X mixes X_q and X_fp element-wise (an element is take
 with probability `input_prob`, else from X_fp, as in QDrop and the UniQuanF authors' code).
 Then the block is frozen, each layer exported to packed BCQ (for UniQuanF through the
 unification theorem), and the block's quantized outputs become the next block's X_q. Only
-one block's trainable state exists at a time. With a `RunState`, every finished block is
+one block's trainable state exists at a time. Blocks train in float32 whatever the model's
+dtype (a bfloat16 loss cannot resolve the small errors being minimised, and the fake-quant
+weights are float32); each block returns to the model's dtype once exported. With a `RunState`, every finished block is
 committed to disk and a killed run continues from the last committed block with the same
 result.
 """
@@ -39,6 +41,9 @@ from unibcq.nn.qlinear import packed_module
 from unibcq.progress import print_table, progress_bar
 
 
+TRAIN_DTYPE = torch.float32
+
+
 @dataclass
 class BlockRecord:
     """One row of the reconstruction summary: loss on quantized inputs before / after training."""
@@ -60,11 +65,11 @@ def make_fake_quant(linear: nn.Linear, config: QuantConfig) -> UniQuanFLinear | 
 @torch.no_grad()
 def block_loss(block: nn.Module, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], kwargs: dict,
                device: torch.device) -> float:
-    """Mean MSE of the block on quantized inputs against the FP targets."""
+    """Mean MSE of the (float32) block on quantized inputs against the FP targets."""
     total = 0.0
     for x, y in zip(inputs, targets):
-        out = block(x.to(device), **kwargs)
-        total += F.mse_loss((out[0] if isinstance(out, tuple) else out), y.to(device)).item()
+        out = block(x.to(device, TRAIN_DTYPE), **kwargs)
+        total += F.mse_loss((out[0] if isinstance(out, tuple) else out), y.to(device, TRAIN_DTYPE)).item()
     return total / len(inputs)
 
 
@@ -89,9 +94,9 @@ def _train_block(block: nn.Module, fakes: dict[str, nn.Module], q_in: Sequence[t
         order = torch.randperm(samples, generator=generator)
         for start in range(0, steps_per_epoch * config.batch_size, config.batch_size):
             idx = order[start : start + config.batch_size].tolist()
-            x_q = torch.cat([q_in[i] for i in idx]).to(device)
-            x_fp = torch.cat([fp_in[i] for i in idx]).to(device)
-            y = torch.cat([targets[i] for i in idx]).to(device)
+            x_q = torch.cat([q_in[i] for i in idx]).to(device, TRAIN_DTYPE)
+            x_fp = torch.cat([fp_in[i] for i in idx]).to(device, TRAIN_DTYPE)
+            y = torch.cat([targets[i] for i in idx]).to(device, TRAIN_DTYPE)
             take_fp = torch.rand(x_q.shape, generator=generator).to(device) < 1 - config.input_prob
             out = block(torch.where(take_fp, x_fp, x_q), **kwargs)
             loss = F.mse_loss(out[0] if isinstance(out, tuple) else out, y)
@@ -139,6 +144,11 @@ def _install_exports(model: nn.Module, fakes: dict[str, nn.Module], layers: dict
     return records
 
 
+def _floating_dtype(block: nn.Module) -> torch.dtype:
+    """The dtype the model keeps this block's weights in (float32 for a block without any)."""
+    return next((p.dtype for p in block.parameters() if p.is_floating_point()), torch.float32)
+
+
 def reconstruct_blocks(
     model: nn.Module,
     config: QuantConfig,
@@ -167,7 +177,7 @@ def reconstruct_blocks(
         param.requires_grad_(False)
     captured = capture_block_inputs(model, windows, spill_dir)
     block_kwargs = captured.kwargs
-    kwargs = {k: _to(v, device) for k, v in block_kwargs.items()}
+    kwargs = {k: _to(v, device, TRAIN_DTYPE) for k, v in block_kwargs.items()}
     q_in, fp_in = captured.hidden, captured.hidden
     del captured  # at most three streams alive at once: q_in, fp_in and the one being written
     layer_records: list[LayerRecord] = []
@@ -188,8 +198,9 @@ def reconstruct_blocks(
             if onload is not None:
                 onload(index)
             start = time.perf_counter()
-            block.to(device)
-            targets = run_block(block, BlockInputs(fp_in, block_kwargs), device, spill_dir)
+            model_dtype = _floating_dtype(block)
+            block.to(device, TRAIN_DTYPE)
+            targets = run_block(block, BlockInputs(fp_in, block_kwargs), device, spill_dir, dtype=TRAIN_DTYPE)
             layers = block_linears(model, index)
             fakes = _install_fake_quants(model, layers, config, device)
             initial = block_loss(block, q_in, targets, kwargs, device)
@@ -207,8 +218,8 @@ def reconstruct_blocks(
             del fakes
             final = block_loss(block, q_in, targets, kwargs, device)
             fp_in = targets
-            q_in = run_block(block, BlockInputs(q_in, block_kwargs), device, spill_dir)
-            block.to("cpu")
+            q_in = run_block(block, BlockInputs(q_in, block_kwargs), device, spill_dir, dtype=TRAIN_DTYPE)
+            block.to("cpu", model_dtype)
             block_records.append(BlockRecord(index, initial, final, iterations, time.perf_counter() - start))
             if memory_cap is not None:
                 memory_cap.check(f"block {index}")

@@ -81,25 +81,29 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor,
     return BlockInputs(hidden, shared)
 
 
-def _to(value: Any, device: torch.device) -> Any:
+def _to(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """A block input (a tensor or a tuple of them) on `device`, its floating tensors in `dtype`
+    when one is given (masks and position ids keep theirs)."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        return value.to(device, dtype) if dtype is not None and value.is_floating_point() else value.to(device)
     if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
+        return tuple(_to(v, device, dtype) for v in value)
     return value
 
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device,
-              spill_dir: str | os.PathLike | None = None, keep: bool = True) -> ActivationStore:
+              spill_dir: str | os.PathLike | None = None, keep: bool = True,
+              dtype: torch.dtype | None = None) -> ActivationStore:
     """The block's outputs for every captured sample (on the CPU, or spilled under `spill_dir`).
 
-    With `keep=False` the outputs are dropped as they come (a pass run for its hooks).
+    With `keep=False` the outputs are dropped as they come (a pass run for its hooks). With
+    `dtype` the inputs are cast to it first (a block run in another precision than the model's).
     """
-    kwargs = {k: _to(v, device) for k, v in inputs.kwargs.items()}
+    kwargs = {k: _to(v, device, dtype) for k, v in inputs.kwargs.items()}
     outputs = ActivationStore(spill_dir if keep else None)
     for hidden in inputs.hidden:
-        out = block(hidden.to(device), **kwargs)
+        out = block(_to(hidden, device, dtype), **kwargs)
         if keep:
             outputs.append(out[0] if isinstance(out, tuple) else out)
     return outputs
