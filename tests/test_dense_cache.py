@@ -95,3 +95,23 @@ def test_memory_cap_counts_the_whole_process_unless_told_to_start_now():
     with pytest.raises(MemoryCapExceeded, match="past the --max-memory budget"):
         MemoryCap(limit).check("a test")
     MemoryCap(limit, from_now=True).check("a test")
+
+
+@pytest.mark.parametrize("budget", [None, 0])
+def test_dense_paths_add_the_bias_in_the_input_dtype(budget):
+    """Cached or dequantized per call, a layer gives what its kernel path gives: a float32 bias
+    added to a bfloat16 input's output in bfloat16; a bias-free layer has no parameter at all."""
+    from unibcq.formats.bcq import BCQTensor
+    from unibcq.nn.qlinear import BCQLinear
+
+    gen = torch.Generator().manual_seed(0)
+    weight = BCQTensor.from_codes(torch.rand(3, 4, 16, generator=gen) > 0.5, torch.rand(4, 1, 3, generator=gen),
+                                  torch.randn(4, 1, generator=gen), -1)
+    x = torch.randn(2, 16, generator=gen).to(torch.bfloat16)
+    for bias in (torch.randn(4, generator=gen), None):
+        layer = BCQLinear.from_tensor(weight, bias)
+        expected = layer(x)
+        with dense_weights(layer, budget_bytes=budget):
+            got = layer(x)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)

@@ -224,3 +224,19 @@ def test_empty_products():
     weight = random_bcq(0, 64, 2, 32, True, seed=7)
     assert bcq_linear(torch.randn(2, 64), weight, backend="bitplane").shape == (2, 0)
     assert cpu_bitplane.dequantize(weight.planes, weight.alpha, weight.offset, 64, 32).shape == (0, 64)
+
+
+@pytest.mark.skipif(not cpu_bitplane.AVAILABLE, reason="numba missing")
+@pytest.mark.parametrize("batch", [1, 9])
+def test_weights_made_under_inference_mode(batch):
+    """Inference tensors have no version counter to stamp the scale cache with: a model loaded
+    under `torch.inference_mode()` must still run, and follow in-place edits made there."""
+    x = torch.randn(batch, 64)
+    with torch.inference_mode():
+        weight = random_bcq(16, 64, 2, 32, True, seed=8)
+        assert weight.alpha.is_inference()
+        before = bcq_linear(x, weight, backend="bitplane")
+        torch.testing.assert_close(before, bcq_linear_reference(x, weight), rtol=1e-4, atol=1e-4)
+        weight.alpha.mul_(2)
+        weight.offset.mul_(2)
+        torch.testing.assert_close(bcq_linear(x, weight, backend="bitplane"), 2 * before, rtol=1e-4, atol=1e-4)

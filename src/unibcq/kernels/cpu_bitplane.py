@@ -451,7 +451,14 @@ _PARALLEL_LOCK = threading.Lock()
 
 
 def _float32(tensor: torch.Tensor) -> np.ndarray:
-    """`tensor` as a contiguous float32 array, converted once per stored version."""
+    """`tensor` as a contiguous float32 array, converted once per stored version.
+
+    The version counter sees in-place writes (`no_grad` ops, `load_state_dict`), not writes
+    through `.data`, which has its own. Tensors made under `torch.inference_mode()` have no
+    counter at all, so they are converted on every call (scales are small next to the matmul).
+    """
+    if tensor.is_inference():
+        return tensor.detach().float().contiguous().numpy()
     key = id(tensor)
     cached = _FLOAT32_CACHE.get(key)
     stamp = (tensor._version, tensor.data_ptr())  # in-place writes bump the version; `.data =` moves the data

@@ -65,10 +65,14 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense_cache is not None:
-            return F.linear(x, self.dense_cache.to(x.dtype), self.bias)
+            return F.linear(x, self.dense_cache.to(x.dtype), self._bias_as(x))
         if self.dense_dtype is not None:
-            return F.linear(x, dequantize_weight(self.weight_tensor(), self.dense_dtype).to(x.dtype), self.bias)
+            return F.linear(x, dequantize_weight(self.weight_tensor(), self.dense_dtype).to(x.dtype), self._bias_as(x))
         return bcq_linear(x, self.weight_tensor(), self.bias)
+
+    def _bias_as(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The bias in the input's dtype, as the kernels add it (the output follows the input)."""
+        return None if self.bias is None else self.bias.to(x.dtype)
 
 
 class BCQLinear(PackedLinear):
@@ -213,7 +217,7 @@ def dense_weights(model: nn.Module, dtype: torch.dtype = torch.float32,
     """
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     if budget_bytes is None and layers:
-        available = available_memory_bytes(next(model.parameters()).device)
+        available = available_memory_bytes(next(layers[0].buffers()).device)  # packed layers may have no parameter
         budget_bytes = int(available * DENSE_CACHE_SHARE) if available is not None else None
     element = torch.empty((), dtype=dtype).element_size()
     used = 0
