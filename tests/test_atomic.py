@@ -64,6 +64,48 @@ def test_an_earlier_output_moved_aside_by_a_killed_writer_is_put_back(tmp_path, 
     assert (tmp_path / "ckpt" / "weights").read_bytes() == b"old" and _hidden(tmp_path) == []
 
 
+
+def test_an_output_that_appears_during_the_write_is_kept(tmp_path):
+    """Another job or a user made the folder while this run wrote: neither is lost."""
+    target = tmp_path / "ckpt"
+    with pytest.raises(UnibcqError, match="appeared while this run was writing it") as info:
+        with atomic_directory(target) as tmp:
+            (tmp / "weights").write_bytes(b"new")
+            target.mkdir()
+            (target / "notes.txt").write_text("mine")
+    assert (target / "notes.txt").read_text() == "mine"
+    [kept] = [path for path in tmp_path.iterdir() if path.name.startswith("ckpt.new-")]
+    assert (kept / "weights").read_bytes() == b"new" and str(kept) in str(info.value) and _hidden(tmp_path) == []
+
+
+def test_overwrite_checks_the_target_again_before_replacing_it(tmp_path):
+    target = tmp_path / "ckpt"
+    target.mkdir()
+
+    def check() -> None:
+        if (target / "notes.txt").exists():
+            raise UnibcqError("output holds files the checkpoint did not write")
+
+    with pytest.raises(UnibcqError, match="did not write; nothing was replaced"):
+        with atomic_directory(target, overwrite=True, check=check) as tmp:
+            (tmp / "weights").write_bytes(b"new")
+            (target / "notes.txt").write_text("added mid-run")
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]
+    with atomic_directory(target, overwrite=True, check=lambda: None) as tmp:
+        (tmp / "weights").write_bytes(b"newer")
+    assert [p.name for p in target.iterdir()] == ["weights"]
+
+
+def test_a_dead_writers_temporary_is_cleared_after_a_write_too(tmp_path):
+    """A run killed moments before this one began leaves a temporary too young to judge at the
+    start; by the end of a long write it is judged, so a partial copy does not stay hidden."""
+    orphan = tmp_path / ".ckpt.tmp-dead01"
+    with atomic_directory(tmp_path / "ckpt") as tmp:
+        orphan.mkdir()
+        _age(orphan)
+        (tmp / "weights").write_bytes(b"x")
+    assert _hidden(tmp_path) == []
+
 def test_a_live_writers_temporary_is_left_alone(tmp_path):
     live = tmp_path / ".out.json.tmp-abc123"
     live.write_text("{}")

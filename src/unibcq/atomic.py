@@ -115,12 +115,24 @@ def _beside(target: Path, make: Callable[[], T]) -> T:
         raise type(err)(err.errno, err.strerror, str(target)) from None
 
 
+def _keep_aside(tmp: Path, target: Path, why: str) -> UnibcqError:
+    """Move a finished temporary that may not replace `target` to a visible sibling, and return
+    the error that says why and where the result now is: hours of work are not thrown away."""
+    kept = Path(tempfile.mkdtemp(prefix=f"{target.name}.new-", dir=target.parent))
+    os.replace(tmp, kept)
+    return UnibcqError(f"{why}; nothing was replaced, and the finished result is kept in {kept}")
+
+
 @contextmanager
-def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
+                     check: Callable[[], None] | None = None) -> Iterator[Path]:
     """Yield a temporary directory that is renamed to `target` if the block succeeds.
 
     On any exception the temporary directory is removed and `target` is left untouched.
-    With `overwrite`, an existing `target` is replaced only after the new one is complete.
+    With `overwrite`, an existing `target` is replaced only after the new one is complete,
+    and only if `check()` (the caller's test of what may be replaced) still passes then: the
+    folder may have changed since the run began. A `target` that appeared during a run
+    without `overwrite` (another job, a user) is never replaced: the result is kept beside it.
     """
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -132,6 +144,13 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
         with _locked(tmp):
             yield tmp
             _publish_modes(tmp)
+            if target.exists() and not overwrite:
+                raise _keep_aside(tmp, target, f"output {target} appeared while this run was writing it")
+            if target.exists() and check is not None:
+                try:
+                    check()
+                except UnibcqError as exc:
+                    raise _keep_aside(tmp, target, str(exc)) from None
             if target.exists():
                 trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
                 with _locked(trash):
@@ -147,6 +166,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _remove_orphans(target)  # a run killed moments before this one began left its temporary
 
 
 def check_writable(path: str | os.PathLike, flag: str, directory: bool = False) -> None:

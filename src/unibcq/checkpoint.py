@@ -118,7 +118,7 @@ def save_checkpoint(
     hf_config = model.config.to_dict() | {"dtype": dtype_name(dtype)}
     hf_config[QUANT_KEY] = quantization_entry(config, source_model, layout, extra)
     check_output_dir(out_dir, overwrite, source_model)
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite, lambda: check_output_dir(out_dir, overwrite, source_model)) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata=WEIGHTS_METADATA)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if getattr(model, "generation_config", None) is not None:

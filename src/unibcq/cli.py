@@ -570,6 +570,7 @@ def _load_for_eval(spec: str, dtype: torch.dtype = torch.float32):
     from unibcq.checkpoint import (
         QUANT_KEY, checkpoint_info, has_unibcq_weights, is_checkpoint, load_checkpoint, read_config,
     )
+    from unibcq.finite import refuse_nonfinite_model
     from unibcq.models import load_model, load_tokenizer
 
     # A checkpoint whose config.json is damaged is still recognised by its weights' header,
@@ -590,7 +591,7 @@ def _load_for_eval(spec: str, dtype: torch.dtype = torch.float32):
                               f"supply one, cannot be loaded ({err}); save the tokenizer into the checkpoint "
                               "(tokenizer.save_pretrained(DIR))") from None
         return model, tokenizer, checkpoint_info(spec).bits_per_weight, source
-    model = load_model(spec, dtype)
+    model = refuse_nonfinite_model(load_model(spec, dtype), spec)
     bits = float(torch.finfo(next(model.parameters()).dtype).bits)
     return model, load_tokenizer(spec), bits, None
 
@@ -612,6 +613,7 @@ def _note_a_changed_source(checkpoint: str, source: str) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from unibcq.eval.suite import evaluate_suite
     from unibcq.eval.tasks import SUMMARY_COLUMNS, summary_rows
+    from unibcq.finite import refuse_nonfinite_model
     from unibcq.models import load_model
     from unibcq.models.architectures import context_window
     from unibcq.progress import print_table
@@ -630,7 +632,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     try:
         ref_dtype = (_reference_dtype(ref_spec, device, _journal_reference_dtype(args, settings, ref_spec))
                      if ref_spec else None)
-        ref_model = load_model(ref_spec, ref_dtype).to(device) if ref_spec else None
+        ref_model = refuse_nonfinite_model(load_model(ref_spec, ref_dtype), ref_spec).to(device) if ref_spec else None
     except UnibcqError as err:
         if args.kl_ref is not None or not ref_spec:
             raise

@@ -29,3 +29,14 @@ def refuse_nonfinite(key: str, tensor: torch.Tensor) -> torch.Tensor:
         raise UnibcqError(f"{key} has {bad} NaN/inf values; quantizing and saving need finite values (fix or "
                           "re-export the model, and quantize it from there)")
     return tensor
+
+
+def refuse_nonfinite_model(model: torch.nn.Module, spec: str) -> torch.nn.Module:
+    """`model`, or an error naming its first tensor that holds NaN/inf: evaluated or run, such a
+    model gives NaN perplexity or empty text with no word of why."""
+    for key, tensor in model.state_dict().items():
+        bad = nonfinite_count(tensor)
+        if bad:
+            raise UnibcqError(f"{spec}: {key} has {bad} NaN/inf values, so every output would be NaN; fix or "
+                              "re-export the model")
+    return model

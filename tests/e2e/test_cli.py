@@ -279,6 +279,28 @@ def test_nan_weights_are_named_before_calibration(capsys, tmp_path, nan_model_di
     assert not out.exists() and not (tmp_path / "q.partial").exists()
 
 
+
+def test_nan_weights_are_named_by_eval_and_generate(capsys, tmp_path, nan_model_dir, tiny_model_dir, corpus_file):
+    """Run as it is, a model with a NaN weight gives perplexity NaN or empty text: say why instead."""
+    for argv in (("eval", nan_model_dir, "--ppl", corpus_file, "--kl-ref", "none", "--no-progress"),
+                 ("eval", tiny_model_dir, "--ppl", corpus_file, "--kl-ref", nan_model_dir, "--no-progress"),
+                 ("generate", nan_model_dir, "--prompt", "w1")):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "layers.1.mlp.up_proj.weight has 1 NaN/inf" in err, argv
+
+
+def test_a_foreign_folder_where_the_run_state_goes_is_refused(capsys, tmp_path, tiny_model_dir, corpus_file):
+    """OUT.partial is where a calibrated run keeps its progress and what it deletes when done: a
+    folder of other files there (even the source model) is refused, not adopted and deleted."""
+    notes = tmp_path / "q.partial" / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_text("mine")
+    for resume in ((), ("--resume",)):
+        code, _, err = run(capsys, "quantize", tiny_model_dir, "--method", "gptq", "--out", tmp_path / "q", "--calib",
+                           corpus_file, "--calib-samples", "2", "--seq-len", "16", "--no-progress", *resume)
+        assert code == 2 and "holds other files" in err
+        assert notes.read_text() == "mine" and not (tmp_path / "q").exists()
+
 def test_windows_past_the_context_are_capped_or_refused(capsys, tmp_path, tiny_model_dir, corpus_file):
     """The tiny model's context is 64 positions: past it nothing was trained."""
     code, _, err = run(capsys, "eval", tiny_model_dir, "--ppl", corpus_file, "--max-windows", "1", "--no-progress",

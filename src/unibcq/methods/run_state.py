@@ -101,13 +101,18 @@ class RunState:
         """A fresh state at `path`, or (with `resume`) the one saved there by the same run.
 
         Without `resume` an existing state is an error, so a half-finished run is never
-        discarded by accident; with `resume` and nothing saved the run simply starts.
+        discarded by accident; with `resume` and nothing saved the run simply starts. A folder
+        at `path` that is no run state (no state file, yet more than a killed run's scratch)
+        is refused either way: the run would take it over and delete it when done.
         """
         state = cls(path, fingerprint)
         record = state.path / STATE_FILE
-        if not record.is_file() and resume and state.path.is_dir():
+        if state.path.exists() and not state.path.is_dir():
+            raise UnibcqError(f"{state.path} is a file, where this run keeps its progress; move it away")
+        if not record.is_file() and state.path.is_dir():
             if any(not _is_scratch(p) for p in state.path.iterdir()):
-                raise UnibcqError(f"{state.path} has no {STATE_FILE}; it is not a unibcq run state, remove it")
+                raise UnibcqError(f"{state.path} is where this run keeps its progress, but it holds other files "
+                                  f"(no {STATE_FILE}: not a unibcq run state); move it away or choose another --out")
         state.path.mkdir(parents=True, exist_ok=True)
         # Locked before anything is read or advised: a live run's directory must not be called
         # half-finished (and removed by the user on that advice).

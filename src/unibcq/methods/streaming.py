@@ -222,7 +222,7 @@ def quantize_streaming(
     layout: dict[str, dict[str, Any]] = {}
     start = time.perf_counter()
     check_output_dir(out_dir, overwrite, str(model_dir))
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite, lambda: check_output_dir(out_dir, overwrite, str(model_dir))) as tmp:
         writer = _ShardWriter(tmp, shard_bytes or min(max_memory - working, MAX_SHARD_BYTES))
         with progress_bar(show_progress) as bar:
             task = bar.add_task(f"{config.method} w{config.bits} (streaming)", total=len(expected))
