@@ -130,6 +130,41 @@ def test_a_reused_folder_never_passes_off_another_runs_checkpoints(capsys, tmp_p
     assert (out / "checkpoints" / "gptq-w3-g32").is_dir()
 
 
+
+def test_new_weights_or_text_under_the_same_names_are_measured_anew(capsys, tmp_path, tiny_model_dir, tiny_llama,
+                                                                   corpus_file, monkeypatch):
+    """A path names files, not their content: a model rewritten in place, or a relative --ppl file
+    read from another folder, makes other numbers, never the stored ones."""
+    import os
+
+    import unibcq.report.compare as compare
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "text.txt").write_text(corpus_file.read_text())
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "text.txt").write_text(corpus_file.read_text()[::-1])
+    out = tmp_path / "report"
+    argv = ["compare", str(tiny_model_dir), "--methods", "rtn", "--bits", "3", "--group-size", "32",
+            "--out", str(out), "--ppl", "text.txt", "--seq-len", "32", "--max-windows", "1", "--no-progress"]
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(argv) == 0, capsys.readouterr().err
+    first = json.loads((out / "results" / "unquantized.json").read_text())["ppl"]["text.txt"]
+    quantized, measured = [], []
+    original_quantize, original_evaluate = compare.quantize_model, compare.evaluate_suite
+    monkeypatch.setattr(compare, "quantize_model", lambda *a, **k: quantized.append(1) or original_quantize(*a, **k))
+    monkeypatch.setattr(compare, "evaluate_suite", lambda *a, **k: measured.append(1) or original_evaluate(*a, **k))
+
+    monkeypatch.chdir(tmp_path / "b")
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (quantized, len(measured)) == ([], 2)  # the checkpoint stands, both rows are measured on the new text
+    assert json.loads((out / "results" / "unquantized.json").read_text())["ppl"]["text.txt"] != first
+
+    measured.clear()
+    tiny_llama(seed=5, vocab_size=256).save_pretrained(tiny_model_dir)  # new weights, same path
+    os.utime(tiny_model_dir / "model.safetensors", ns=(1, 1))  # whatever the clock's resolution
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (len(quantized), len(measured)) == (1, 2)
+
 @pytest.mark.parametrize("extra,needle", [
     (["--methods", "rtn,nope"], "unknown method"),
     (["--methods", "rtn", "--bits", "3,x"], "--bits"),

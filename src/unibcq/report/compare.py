@@ -30,7 +30,7 @@ from unibcq.checkpoint import (
 from unibcq.config import QuantConfig, normalized_record
 from unibcq.errors import UnibcqError
 from unibcq.eval.journal import EvalJournal
-from unibcq.eval.suite import EvalSettings, evaluate_suite, placed_on
+from unibcq.eval.suite import EvalSettings, evaluate_suite, piece_name, placed_on
 from unibcq.methods import CALIBRATED, quantize_model
 from unibcq.methods.presets import apply_preset, cap_calibration_length, preset_values
 from unibcq.methods.run_state import state_dir_for
@@ -100,9 +100,16 @@ def cell_config(cell: Cell, settings: CompareSettings, context: int | None = Non
 
 
 def _protocol(settings: CompareSettings) -> dict[str, Any]:
-    """The evaluation settings a stored result must match to be reused."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings.evaluation).items()} | {
-        "reference": settings.model}
+    """The evaluation settings a stored result must match to be reused, with what the names in
+    them stand for: the model's files (new weights under the same path), the data folder and
+    the local text files (a relative --ppl path run from another folder) as they are now."""
+    evaluation = settings.evaluation
+    identity = {"reference_files": files_fingerprint(settings.model),
+                "data_dir": evaluation.journal_key()["data_dir"],
+                "datasets": {piece_name(d): files_fingerprint(d) for d in evaluation.datasets}}
+    protocol = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(evaluation).items()} | {
+        "reference": settings.model, "identity": identity}
+    return json.loads(json.dumps(protocol))  # as a stored result reads back (tuples become lists)
 
 
 def _read_result(path: Path, protocol: dict[str, Any]) -> dict[str, Any] | None:
@@ -141,12 +148,15 @@ def _cell_protocol(protocol: dict[str, Any], config: QuantConfig) -> dict[str, A
 
 
 def _reusable_checkpoint(path: Path, config: QuantConfig, model: str) -> bool:
-    """Whether `path` is a checkpoint of `model` made with `config` (a folder reused with
-    another model, calibration, seed or preset holds checkpoints that are not)."""
+    """Whether `path` is a checkpoint of `model`, as its files are now, made with `config` (a
+    folder reused with another model, new weights under the model's path, another calibration,
+    seed or preset holds checkpoints that are not)."""
     if not is_checkpoint(path):
         return False
     stored = read_config(path)[QUANT_KEY]
-    return stored.get("source_model") == model and all(stored.get(k) == v for k, v in _as_stored(config).items())
+    same_source = (stored.get("source_model") == model
+                   and stored.get("source_files") == json.loads(json.dumps(files_fingerprint(model))))
+    return same_source and all(stored.get(k) == v for k, v in _as_stored(config).items())
 
 
 def _written_by_compare(report: Path) -> bool:
