@@ -953,6 +953,20 @@ def test_generation_stops_once_the_completion_holds_a_stop_sequence():
     assert stop(ids, None).tolist() == [True, False, True]  # a stop inside the prompt does not count
 
 
+def test_a_stop_that_is_a_special_token_stops_and_cuts():
+    """`<|im_end|>` ends a chat turn as a special token: decoding with special tokens skipped
+    would hide it, and generation would run on past the answer into what the score then reads."""
+    special = word_tokenizer()
+    special.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    prompt = special.encode("w1 w2", add_special_tokens=False)
+    done = special.encode("w5 <|im_end|> w7 w8", add_special_tokens=False)
+    running = special.encode("w5 w6 w7 w8", add_special_tokens=False)
+    ids = torch.tensor([prompt + done, prompt + running])
+    assert gsm8k._StopOnText(special, len(prompt), gsm8k.STOP_SEQUENCES)(ids, None).tolist() == [True, False]
+    texts = gsm8k.completions(special, ids[:, len(prompt):], gsm8k.STOP_SEQUENCES)
+    assert [t.split() for t in texts] == [["w5"], ["w5", "w6", "w7", "w8"]]
+
+
 def test_slot_normalizers_are_chunked_without_changing_a_number():
     """Scoring normalises read slots a chunk at a time (bounded memory); the figures are the
     unchunked float32 ones exactly, for a slot count that is not a multiple of the chunk."""

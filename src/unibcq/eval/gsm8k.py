@@ -159,6 +159,7 @@ class _StopOnText(StoppingCriteria):
 
     transformers' own `stop_strings` maps stop strings onto the vocabulary and fails on
     some tokenizers (word-level ones, for instance); decoding the completion works for all.
+    Special tokens are decoded too: `<|im_end|>` is a stop and a special token at once.
     """
 
     def __init__(self, tokenizer, prompt_width: int, stops: Sequence[str]):
@@ -167,8 +168,20 @@ class _StopOnText(StoppingCriteria):
         self.stops = tuple(stops)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=False)
         return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+
+
+def completions(tokenizer, ids: torch.Tensor, stops: Sequence[str]) -> list[str]:
+    """The generated rows `ids` as text, each cut at its first stop sequence or end-of-text token
+    (found with special tokens decoded, since some stops are special tokens; the padding of rows
+    that finished first follows them), then without any special-token text left."""
+    ends = [*stops, *(t for t in (tokenizer.eos_token, tokenizer.pad_token) if t)]
+    specials = [t for t in tokenizer.all_special_tokens if t]
+    texts = [truncate_at_stop(t, ends) for t in tokenizer.batch_decode(ids, skip_special_tokens=False)]
+    for special in specials:
+        texts = [t.replace(special, "") for t in texts]
+    return texts
 
 
 def greedy_generator(
@@ -199,8 +212,7 @@ def greedy_generator(
             do_sample=False, pad_token_id=pad,
             stopping_criteria=StoppingCriteriaList([_StopOnText(tokenizer, width, stops)]),
         )
-        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        return [truncate_at_stop(t, stops) for t in texts]
+        return completions(tokenizer, out[:, width:], stops)
 
     return generate
 
