@@ -413,7 +413,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from unibcq.methods.presets import cap_calibration_length
     from unibcq.methods.run_state import state_dir_for
     from unibcq.methods.streaming import parse_memory
-    from unibcq.models.loading import context_window_of
+    from unibcq.models.loading import check_supported, context_window_of
 
     _check_workers(args.workers, args.backend)
     config = _quant_config(args)
@@ -427,6 +427,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     out = Path(args.out)
     check_output_dir(out, args.overwrite, args.model)
     source = resolve_model(args.model)
+    check_supported(args.model)
     save_dtype = _save_dtype(args)
     if args.max_memory is not None and not calibrated:
         return _quantize_streaming(args, config, source, out, save_dtype)

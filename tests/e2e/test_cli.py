@@ -301,6 +301,21 @@ def test_a_foreign_folder_where_the_run_state_goes_is_refused(capsys, tmp_path, 
         assert code == 2 and "holds other files" in err
         assert notes.read_text() == "mine" and not (tmp_path / "q").exists()
 
+
+@pytest.mark.parametrize("extra", [["--method", "rtn"], ["--method", "gptq", "--data-dir", "missing"],
+                                   ["--method", "rtn", "--max-memory", "1GiB"]])
+def test_an_unsupported_architecture_is_refused_from_its_config(capsys, tmp_path, corpus_file, extra):
+    """Before its weights are read (for a Hub id, downloaded) or any calibration text: a folder
+    holding a GPT-2 config alone gets the refusal, not a complaint about what it lacks."""
+    from transformers import GPT2Config
+
+    GPT2Config(vocab_size=256, n_embd=32, n_layer=1, n_head=2).save_pretrained(tmp_path / "gpt2")
+    code, _, err = run(capsys, "quantize", tmp_path / "gpt2", "--out", tmp_path / "q", "--no-progress", *extra)
+    assert code == 2 and "unsupported architecture 'gpt2'" in err
+    code, _, err = run(capsys, "compare", tmp_path / "gpt2", "--methods", "rtn", "--bits", "3", "--ppl", corpus_file,
+                       "--out", tmp_path / "c", "--no-progress")
+    assert code == 2 and "unsupported architecture 'gpt2'" in err
+
 def test_windows_past_the_context_are_capped_or_refused(capsys, tmp_path, tiny_model_dir, corpus_file):
     """The tiny model's context is 64 positions: past it nothing was trained."""
     code, _, err = run(capsys, "eval", tiny_model_dir, "--ppl", corpus_file, "--max-windows", "1", "--no-progress",

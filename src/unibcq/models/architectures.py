@@ -46,7 +46,13 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 def architecture_of(model: nn.Module) -> Architecture:
     """The layout of `model`, or a clear error naming the supported model types."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return architecture_for(getattr(model, "config", None))
+
+
+def architecture_for(config: object) -> Architecture:
+    """The layout a model with this (transformers) config has, or a clear error naming the
+    supported model types: asked of the config alone, before weights or data are read."""
+    model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
         raise UnsupportedModelError(
             f"unsupported architecture {model_type!r}; unibcq supports "

@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from unibcq.atomic import atomic_directory
 from unibcq.errors import UnibcqError, one_line
-from unibcq.models.architectures import context_window
+from unibcq.models.architectures import architecture_for, context_window
 from unibcq.models.shards import WEIGHTS_INDEX, read_weight_map
 
 # alias -> (pip package holding the file, file name inside it)
@@ -224,6 +224,12 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel
 def context_window_of(spec: str) -> int | None:
     """The model's context window from its config alone (no weights are read)."""
     return context_window(_from_pretrained(AutoConfig, resolve_model(spec)))
+
+
+def check_supported(spec: str) -> None:
+    """Refuse a model of an unsupported architecture from its config alone, before its weights
+    are read (for a Hub id, downloaded) and before any calibration data is."""
+    architecture_for(_from_pretrained(AutoConfig, resolve_model(spec)))
 
 
 # safetensors' names of the floating dtypes a published model stores

@@ -36,7 +36,7 @@ from unibcq.methods.presets import apply_preset, cap_calibration_length, preset_
 from unibcq.methods.run_state import state_dir_for
 from unibcq.methods.registry import check_method
 from unibcq.models.fingerprint import files_fingerprint
-from unibcq.models.loading import context_window_of, declared_dtype
+from unibcq.models.loading import check_supported, context_window_of, declared_dtype
 from unibcq.progress import progress_bar
 from unibcq.report.render import ACCURACY_PLOT, PPL_PLOT, REPORT_FILE, REPORT_TITLE, write_report
 
@@ -260,6 +260,7 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
     fp_done = _read_result(results_dir / f"{FP_NAME}.json", protocol) is not None
 
     if pending or not fp_done:
+        check_supported(settings.model)  # before the unquantized row is measured for nothing
         model = load_model(settings.model)
         tokenizer = load_tokenizer(settings.model)
         calibration: list[torch.Tensor] = []
