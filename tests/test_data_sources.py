@@ -46,6 +46,7 @@ def fake_hub(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     monkeypatch.delenv("UNIBCQ_DATA_DIR", raising=False)
+    monkeypatch.setattr("unibcq.models.loading.hub_unreachable", lambda: None)  # online, whatever this machine is
 
 
 def test_wikitext2_lines_are_joined_by_blank_lines_keeping_their_leading_space(data_dir):
@@ -59,6 +60,26 @@ def test_ptb_is_gptqs_ptb_new_text(data_dir):
 @pytest.mark.parametrize(("name", "role"), [("wikitext2", EVAL), ("wikitext2", CALIB), ("ptb", EVAL)])
 def test_the_hub_and_the_local_folder_give_the_same_text(name, role, data_dir, fake_hub):
     assert load_text(name, role) == load_text(name, role, data_dir)
+
+
+def test_offline_a_hub_dataset_fails_at_once_naming_the_local_folder(fake_hub, monkeypatch):
+    """The datasets library retries an unresolvable host for ~23 s; the folder is the way out."""
+    def must_not_be_called(*args, **kwargs):
+        raise AssertionError("reached the Hub (and its retries)")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=must_not_be_called))
+    monkeypatch.setattr("unibcq.models.loading.hub_unreachable", lambda: "huggingface.co")
+    with pytest.raises(UnibcqError, match="huggingface.co cannot be resolved.*--data-dir / set UNIBCQ_DATA_DIR"):
+        load_text("wikitext2", CALIB)
+
+
+def test_a_failed_hub_fetch_names_the_local_folder(fake_hub, monkeypatch):
+    def refused(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'wikitext' on the Hub\n(LocalEntryNotFoundError)")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=refused))
+    with pytest.raises(UnibcqError, match="could not fetch wikitext2 .*Couldn't reach.*--data-dir / set UNIBCQ_DATA_DIR"):
+        load_text("wikitext2", EVAL)
 
 
 def test_a_missing_file_names_what_to_point_at(tmp_path):

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 import torch
 
-from unibcq.errors import UnibcqError, not_utf8
+from unibcq.errors import UnibcqError, not_utf8, one_line
 
 EVAL = "eval"
 CALIB = "calib"
@@ -126,10 +126,17 @@ def _from_hub(name: str, role: str) -> str:
             f"{name} is not in a local data directory; pass --data-dir / set UNIBCQ_DATA_DIR "
             "(e.g. to the shared datasets folder), or `pip install datasets` when online"
         ) from exc
+    from unibcq.models.loading import hub_unreachable
+
+    local = "pass --data-dir / set UNIBCQ_DATA_DIR to a folder holding it (e.g. the shared datasets folder)"
+    host = hub_unreachable()
+    if host is not None:
+        raise UnibcqError(f"{name} is not in a local data directory, and {host} cannot be resolved (offline?); "
+                          f"{local}, or set HF_HUB_OFFLINE=1 to read a copy in the datasets cache")
     try:
         rows = datasets.load_dataset(hub_path, hub_config, split=split)[column]
     except Exception as exc:  # the datasets library raises many kinds of network errors
-        raise UnibcqError(f"could not fetch {name} from the Hugging Face Hub: {exc}") from exc
+        raise UnibcqError(f"could not fetch {name} from the Hugging Face Hub ({one_line(exc)}); {local}") from exc
     return KNOWN[name].joined("\n".join(rows))
 
 

@@ -140,6 +140,19 @@ def _unresolvable_hub_host() -> str | None:
     return None
 
 
+def hub_unreachable() -> str | None:
+    """The Hub's host name when a request would only retry for ~23 s before failing (no proxy,
+    HF_HUB_OFFLINE unset, the name does not resolve), else None; models and datasets alike."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    proxies = urllib.request.getproxies()
+    if "https" in proxies or "all" in proxies:
+        return None
+    return _unresolvable_hub_host()
+
+
 def _fail_fast_when_offline(source: ModelSource) -> None:
     """Raise at once for a Hub model that is not cached when the Hub's host does not resolve.
 
@@ -148,18 +161,15 @@ def _fail_fast_when_offline(source: ModelSource) -> None:
     without that wait, so they pass; so does everything behind a proxy (which resolves names
     itself) and HF_HUB_OFFLINE=1 (where the Hub fails fast on its own).
     """
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
 
-    if source.kind != "hub" or constants.HF_HUB_OFFLINE:
-        return
-    proxies = urllib.request.getproxies()
-    if "https" in proxies or "all" in proxies:
+    if source.kind != "hub":
         return
     try:
         cached = isinstance(try_to_load_from_cache(source.spec, "config.json"), str)
     except ValueError:  # not a valid repo id; let from_pretrained word the error
         return
-    host = None if cached else _unresolvable_hub_host()
+    host = None if cached else hub_unreachable()
     if host is not None:
         raise UnibcqError(
             f"{source.spec!r} is no local file or folder, and as a Hugging Face id it is not in the local "
