@@ -117,6 +117,21 @@ def test_a_checkpoint_is_known_by_its_content_not_its_files_times(tiny_llama, ck
     assert files_fingerprint(again)[0][2] == (again / "config.json").stat().st_mtime_ns
 
 
+
+def test_a_loaded_checkpoint_stops_and_samples_as_its_source(tiny_llama, ckpt_dir):
+    """The source's generation config (several EOS ids, top-k) is saved, and loading uses it:
+    `from_config` alone would rebuild one from config.json and generate otherwise."""
+    model = tiny_llama()
+    model.generation_config.eos_token_id = [2, 6]
+    model.generation_config.do_sample, model.generation_config.top_k = True, 1
+    config = fast_config("rtn", bits=3)
+    quantize(model, config)
+    loaded = unibcq.load(unibcq.save(model, ckpt_dir("g"), config, source_model="tiny"))
+    assert loaded.generation_config.eos_token_id == [2, 6] and loaded.generation_config.top_k == 1
+    assert loaded.generation_config.do_sample
+    (ckpt_dir("g") / "generation_config.json").write_text("{not json")
+    _expect_checkpoint_error(ckpt_dir("g"), "generation_config.json")  # the manifest sees the change
+
 def test_save_refuses_a_config_the_layers_were_not_quantized_with(tiny_llama, ckpt_dir):
     model = tiny_llama()
     config = fast_config("rtn", bits=4, overrides={"*.mlp.down_proj": {"bits": 2}})

@@ -540,7 +540,22 @@ def _build_model(path: Path, hf_config: PretrainedConfig, layers: dict[str, Any]
             f"{path / 'config.json'} does not describe a model transformers can build: {one_line(exc)}"
         ) from exc
     install_packed_layers(model, layers, dtype)
+    _load_generation_config(path, model)
     return model
+
+
+def _load_generation_config(path: Path, model: PreTrainedModel) -> None:
+    """The checkpoint's generation_config.json (saved from the source model), which `from_config`
+    does not read: without it a quantized model would stop and sample otherwise than its source
+    (another EOS list, top-k, top-p)."""
+    from transformers import GenerationConfig
+
+    if not (path / "generation_config.json").is_file():
+        return
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except Exception as exc:  # JSON and validation errors of many types
+        raise CheckpointError(f"{path / 'generation_config.json'} is malformed: {one_line(exc)}") from exc
 
 
 def _expected_tensors(model: torch.nn.Module, hf_config: PretrainedConfig) -> dict[str, TensorSpec]:
