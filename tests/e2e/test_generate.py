@@ -10,6 +10,7 @@ import torch
 
 import unibcq
 from unibcq import compute_dtype
+from unibcq import generate as generate_module
 from unibcq.cli import main
 from unibcq.generate import generate_text
 from unibcq.memory import model_memory_bytes
@@ -69,6 +70,7 @@ def test_bfloat16_prefill_without_a_fast_bfloat16_gemm_runs_float32_gemms_and_de
     # The packed layers' products through F.linear, as past the GEMV's row bound: on an AVX-512
     # CPU that bound is above the prompt's 4 rows, and the GEMV computes in float32 by itself.
     monkeypatch.setenv("UNIBCQ_BACKEND", "reference")
+    monkeypatch.setattr(generate_module, "_warm_up", lambda model, input_ids: None)  # only generate's own products
     model, tokenizer = unibcq.load(w3_dir, dtype="bfloat16"), unibcq.load_tokenizer(str(w3_dir))
     with LinearDtypes() as seen:
         result = generate_text(model, tokenizer, PROMPT, 3, ignore_eos=True)
@@ -77,6 +79,24 @@ def test_bfloat16_prefill_without_a_fast_bfloat16_gemm_runs_float32_gemms_and_de
     assert prefill and seen.dtypes[:prefill] == [torch.float32] * prefill
     assert seen.dtypes[prefill:] and set(seen.dtypes[prefill:]) == {torch.bfloat16}  # decode steps: torch's
 
+
+
+def test_timing_starts_after_a_warm_up_of_both_product_paths(w3_dir):
+    """A process's first packed matmul compiles its kernel: one untimed forward of the prompt
+    and one of a single token come first, so prefill time is the prefill's."""
+    model, tokenizer = unibcq.load(w3_dir), unibcq.load_tokenizer(str(w3_dir))
+    widths: list[int] = []
+
+    def record(module, args, kwargs):
+        widths.append((kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).shape[1])
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        generate_text(model, tokenizer, PROMPT, 2, ignore_eos=True)
+    finally:
+        hook.remove()
+    prompt = tokenizer(PROMPT, return_tensors="pt").input_ids.shape[1]
+    assert widths == [prompt, 1, prompt, 1]  # warm-up, then generate's prefill and one decode step
 
 def test_sampling_is_seeded(w3_dir):
     model, tokenizer = unibcq.load(w3_dir), unibcq.load_tokenizer(str(w3_dir))
