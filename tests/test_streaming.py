@@ -63,6 +63,22 @@ def test_streaming_stores_the_unquantized_tensors_in_the_asked_dtype(tmp_path, t
         assert a.dtype == b.dtype and torch.equal(a, b), name
 
 
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_quantized_lm_head_streams_from_a_tied_source_too(tmp_path, tiny_llama, tie, input_ids):
+    """A tied source stores the output layer only as the input embedding: --quantize-lm-head
+    reads it there and gives what the in-memory run gives."""
+    source = saved_model(tiny_llama(tie_word_embeddings=tie), tmp_path / "src")
+    config = QuantConfig(method="rtn", bits=3, group_size=32, include_lm_head=True)
+    quantize_streaming(source, tmp_path / "streamed", config, "src", BUDGET, show_progress=False)
+    reference = tiny_llama(tie_word_embeddings=tie)
+    quantize_model(reference, config, show_progress=False)
+    save_checkpoint(reference, tmp_path / "in-memory", config, "src")
+    streamed, expected = load(tmp_path / "streamed"), load(tmp_path / "in-memory")
+    assert "lm_head" in checkpoint_info(tmp_path / "streamed").layers
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(input_ids).logits, expected(input_ids).logits, rtol=0, atol=0)
+
 def test_budget_too_small_fails_before_writing(tmp_path, tiny_llama):
     source = saved_model(tiny_llama(), tmp_path / "src")
     with pytest.raises(UnibcqError, match="too small"):

@@ -427,10 +427,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     out = Path(args.out)
     check_output_dir(out, args.overwrite, args.model)
     source = resolve_model(args.model)
-    check_supported(args.model)
     save_dtype = _save_dtype(args)
     if args.max_memory is not None and not calibrated:
-        return _quantize_streaming(args, config, source, out, save_dtype)
+        return _quantize_streaming(args, config, source, out, save_dtype)  # checks the architecture itself
+    check_supported(args.model)
     # Before the memory estimate, which depends on it; an explicit --seq-len past the context is refused instead.
     replaced = (cap_calibration_length(config, context_window_of(args.model))
                 if calibrated and args.seq_len is None else None)

@@ -207,15 +207,19 @@ def quantize_streaming(
     config.check_overrides(linears)
     dtype = dtype or hf_config.dtype or torch.float32
     expected = dict(skeleton.state_dict())
-    tied = getattr(hf_config, "tie_word_embeddings", False) and not config.include_lm_head
-    if tied:
+    source_tied = getattr(hf_config, "tie_word_embeddings", False)
+    if source_tied and not config.include_lm_head:
         expected.pop("lm_head.weight", None)
     files = source_weight_map(model_dir)
+    # A tied source stores the output layer once, as the input embedding: a quantized lm_head reads it there.
+    stored_as = ({"lm_head.weight": _input_embedding_key(skeleton)}
+                 if source_tied and config.include_lm_head and "lm_head.weight" not in files else {})
+    files |= {key: files[name] for key, name in stored_as.items() if name in files}
     missing = sorted(set(expected) - set(files))
     if missing:
         raise UnibcqError(f"{model_dir} lacks tensors the config implies, e.g. {missing[:3]}")
 
-    working = _working_bytes(files, linears, max_memory)
+    working = _working_bytes(files, linears, max_memory, stored_as)
     if config.include_lm_head:
         hf_config.tie_word_embeddings = False
     records: list[LayerRecord] = []
@@ -232,7 +236,7 @@ def quantize_streaming(
                     continue  # written with its layer's packed weight
                 if layer in linears:
                     layout[layer], record = _write_quantized(writer, layer, files, f"{layer}.bias" in expected,
-                                                             config, dtype)
+                                                             config, dtype, stored_as.get(key, key))
                     records.append(record)
                 else:
                     writer.add(key, cast_checked(key, _read_finite(files, key), dtype))
@@ -247,10 +251,17 @@ def quantize_streaming(
     return records
 
 
-def _working_bytes(files: dict[str, Path], linears: Collection[str], max_memory: int) -> int:
+def _input_embedding_key(skeleton: torch.nn.Module) -> str:
+    """The state-dict name of the model's input embedding weight."""
+    embedding = skeleton.get_input_embeddings()
+    return next(f"{name}.weight" for name, module in skeleton.named_modules() if module is embedding)
+
+
+def _working_bytes(files: dict[str, Path], linears: Collection[str], max_memory: int,
+                   stored_as: dict[str, str]) -> int:
     """Memory the quantization of the largest weight needs besides the output shard being filled;
     refuse, before any weight is read, a budget that cannot also hold that weight's read."""
-    largest = max(fp32_nbytes(files[f"{name}.weight"], f"{name}.weight") for name in linears)
+    largest = max(fp32_nbytes(files[key], stored_as.get(key, key)) for key in (f"{name}.weight" for name in linears))
     working = BASELINE_BYTES + QUANTIZER_COPIES * largest
     if max_memory < working + largest:
         raise UnibcqError(
@@ -262,11 +273,12 @@ def _working_bytes(files: dict[str, Path], linears: Collection[str], max_memory:
 
 
 def _write_quantized(writer: _ShardWriter, layer: str, files: dict[str, Path], has_bias: bool,
-                     config: QuantConfig, dtype: torch.dtype) -> tuple[dict[str, Any], LayerRecord]:
-    """Quantize one linear layer read from the source, add its packed tensors (and bias) to the
-    output shards, and return its layout and record; nothing of it stays in memory."""
-    key = f"{layer}.weight"
-    packed, error, seconds = quantize_matrix(layer, read_tensor(files[key], key), config.for_layer(layer))
+                     config: QuantConfig, dtype: torch.dtype, stored: str) -> tuple[dict[str, Any], LayerRecord]:
+    """Quantize one linear layer read from the source (its weight stored there as `stored`), add
+    its packed tensors (and bias) to the output shards, and return its layout and record;
+    nothing of it stays in memory."""
+    packed, error, seconds = quantize_matrix(layer, read_tensor(files[f"{layer}.weight"], stored),
+                                             config.for_layer(layer))
     bias = cast_checked(f"{layer}.bias", _read_finite(files, f"{layer}.bias"), dtype) if has_bias else None
     module = packed_module(packed, bias)
     for name, tensor in module.state_dict().items():
