@@ -94,13 +94,13 @@ def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--group-size", type=int,
                    help="input columns per group; -1 = per output channel (default 128; unused by dyngroup)")
     q.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
-    q.add_argument("--symmetric", action="store_true", help="rtn: symmetric grid")
+    q.add_argument("--symmetric", action="store_true", help="rtn, gptq: symmetric grid")
     q.add_argument("--float-zero", dest="integer_zero", action="store_false",
                    help="rtn/gptq: real-valued zero point over the exact [min, max] (default: GPTQ's integer zero "
                         "point with 0 on the grid, which measured much better)")
     q.add_argument("--clip-search", action="store_true", help="rtn: per-group clipping search on an Lp error")
     q.add_argument("--no-offset", dest="offset", action="store_false", help="bcq-*: no per-group offset")
-    q.add_argument("--iters", type=int, help="alternating BCQ rounds (bcq-alternating: 15; uniquanf init T: preset)")
+    q.add_argument("--iters", type=int, help="alternating BCQ rounds (bcq-alternating, gptq-bcq: 15; uniquanf init T: preset)")
     q.add_argument("--init", default="greedy+uniform", choices=["greedy", "greedy+uniform"], help="bcq-alternating start")
     q.add_argument("--override", action="append", default=[], metavar="PATTERN:bits=N[,group_size=G]",
                    help="per-layer settings for layers whose full name matches PATTERN (fnmatch, e.g. "
@@ -131,13 +131,13 @@ def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--spill-activations", action="store_true",
                    help="calibrated methods: keep the activations between blocks in files next to the output "
                         "instead of memory (automatic under --max-memory when they do not fit)")
-    q.add_argument("--damp", type=float, default=0.01, help="gptq: Hessian damping, fraction of the mean diagonal")
-    q.add_argument("--act-order", action="store_true", help="gptq: process columns by decreasing Hessian diagonal")
+    q.add_argument("--damp", type=float, default=0.01, help="gptq, gptq-bcq: Hessian damping, fraction of the mean diagonal")
+    q.add_argument("--act-order", action="store_true", help="gptq, gptq-bcq: process columns by decreasing Hessian diagonal")
     q.add_argument("--true-sequential", action="store_true",
-                   help="gptq: collect each layer's Hessian after the layers before it in its block are quantized "
+                   help="gptq, gptq-bcq: collect each layer's Hessian after the layers before it in its block are quantized "
                         "(AutoGPTQ's default; one calibration pass per group of layers sharing an input)")
     q.add_argument("--device", default="cpu", help="compute device for calibrated methods (cpu, cuda, cuda:N)")
-    q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (unties embeddings)")
+    q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (unties embeddings; per-matrix methods only)")
     q.add_argument("--calib", default="wikitext2", help=f"calibration text source ({PRESET_HELP})")
     q.add_argument("--calib-samples", type=int, help="calibration windows (preset: fast 32, paper 128)")
     q.add_argument("--seq-len", type=int, help="tokens per calibration window (preset: fast 256, paper 2048, "

@@ -144,7 +144,8 @@ def test_new_weights_or_text_under_the_same_names_are_measured_anew(capsys, tmp_
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "text.txt").write_text(corpus_file.read_text()[::-1])
     out = tmp_path / "report"
-    argv = ["compare", str(tiny_model_dir), "--methods", "rtn", "--bits", "3", "--group-size", "32",
+    relative_model = Path("..") / tiny_model_dir.relative_to(tmp_path)  # the same folder from a/ and b/
+    argv = ["compare", str(relative_model), "--methods", "rtn", "--bits", "3", "--group-size", "32",
             "--out", str(out), "--ppl", "text.txt", "--seq-len", "32", "--max-windows", "1", "--no-progress"]
     monkeypatch.chdir(tmp_path / "a")
     assert main(argv) == 0, capsys.readouterr().err

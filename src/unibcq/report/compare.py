@@ -35,7 +35,7 @@ from unibcq.methods import CALIBRATED, quantize_model
 from unibcq.methods.presets import apply_preset, cap_calibration_length, preset_values
 from unibcq.methods.run_state import state_dir_for
 from unibcq.methods.registry import check_method
-from unibcq.models.fingerprint import files_fingerprint
+from unibcq.models.fingerprint import files_fingerprint, source_spec
 from unibcq.models.loading import check_supported, context_window_of, declared_dtype
 from unibcq.progress import progress_bar
 from unibcq.report.render import ACCURACY_PLOT, PPL_PLOT, REPORT_FILE, REPORT_TITLE, write_report
@@ -154,7 +154,7 @@ def _reusable_checkpoint(path: Path, config: QuantConfig, model: str) -> bool:
     if not is_checkpoint(path):
         return False
     stored = read_config(path)[QUANT_KEY]
-    same_source = (stored.get("source_model") == model
+    same_source = (stored.get("source_model") == source_spec(model)
                    and stored.get("source_files") == json.loads(json.dumps(files_fingerprint(model))))
     return same_source and all(stored.get(k) == v for k, v in _as_stored(config).items())
 
