@@ -21,13 +21,15 @@ def nonfinite_count(tensor: torch.Tensor) -> int:
     return int((~torch.isfinite(tensor)).sum())
 
 
-def refuse_nonfinite(key: str, tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor`, or an error naming it when it holds NaN/inf: saved, it would be a checkpoint that
-    loading calls corrupt; quantized, NaNs surface far from their cause."""
+def refuse_nonfinite(key: str, tensor: torch.Tensor,
+                     consequence: str = "quantizing and saving need finite values (fix or re-export the model, "
+                                        "and quantize it from there)") -> torch.Tensor:
+    """`tensor`, or an error naming it when it holds NaN/inf, with the `consequence` for the task at
+    hand: saved, it would be a checkpoint that loading calls corrupt; quantized, NaNs surface far
+    from their cause."""
     bad = nonfinite_count(tensor)
     if bad:
-        raise UnibcqError(f"{key} has {bad} NaN/inf values; quantizing and saving need finite values (fix or "
-                          "re-export the model, and quantize it from there)")
+        raise UnibcqError(f"{key} has {bad} NaN/inf values; {consequence}")
     return tensor
 
 
@@ -35,8 +37,5 @@ def refuse_nonfinite_model(model: torch.nn.Module, spec: str) -> torch.nn.Module
     """`model`, or an error naming its first tensor that holds NaN/inf: evaluated or run, such a
     model gives NaN perplexity or empty text with no word of why."""
     for key, tensor in model.state_dict().items():
-        bad = nonfinite_count(tensor)
-        if bad:
-            raise UnibcqError(f"{spec}: {key} has {bad} NaN/inf values, so every output would be NaN; fix or "
-                              "re-export the model")
+        refuse_nonfinite(f"{spec}: {key}", tensor, "every output would be NaN; fix or re-export the model")
     return model

@@ -11,9 +11,9 @@ Then the block is frozen, each layer exported to packed BCQ (for UniQuanF throug
 unification theorem), and the block's quantized outputs become the next block's X_q. Only
 one block's trainable state exists at a time. Blocks train in float32 whatever the model's
 dtype (a bfloat16 loss cannot resolve the small errors being minimised, and the fake-quant
-weights are float32); each block returns to the model's dtype once exported. With a `RunState`, every finished block is
-committed to disk and a killed run continues from the last committed block with the same
-result.
+weights are float32); each block returns to the model's dtype once exported. With a
+`RunState`, every finished block is committed to disk and a killed run continues from the
+last committed block with the same result.
 """
 
 from __future__ import annotations
