@@ -112,6 +112,26 @@ def test_gradient_flows_to_the_input():
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_forward_mode_tangents_are_the_dense_products():
+    """Forward-mode AD (forward_ad, torch.func.jvp and jacfwd) gets the tangent v W^T: the
+    custom op has no forward formula, and through it the tangent used to vanish silently."""
+    from torch.autograd import forward_ad
+
+    weight = random_bcq(16, 64, 3, 32, True, seed=5)
+    dense = weight.dequantize()
+    x, v = torch.randn(4, 64), torch.randn(4, 64)
+    with forward_ad.dual_level():
+        y = bcq_linear(forward_ad.make_dual(x, v), weight)
+        tangent = forward_ad.unpack_dual(y).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent, v @ dense.T, rtol=1e-5, atol=1e-5)
+    output, tangent = torch.func.jvp(lambda inp: bcq_linear(inp, weight), (x,), (v,))
+    torch.testing.assert_close(tangent, v @ dense.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(output, bcq_linear(x, weight), rtol=1e-5, atol=1e-5)
+    jacobian = torch.func.jacfwd(lambda inp: bcq_linear(inp, weight))(x[0])
+    torch.testing.assert_close(jacobian, dense, rtol=1e-5, atol=1e-5)
+
+
 def test_op_is_registered_and_traceable():
     weight = random_bcq(16, 64, 2, 32, False, seed=4)
     x = torch.randn(2, 64)

@@ -212,19 +212,29 @@ def _needs_the_op(x: torch.Tensor) -> bool:
     whenever anything watches or transforms the call. That is torch.compile and torch.jit.trace
     (one opaque node), tensor subclasses such as fake tensors (the fake kernel), functorch
     transforms (vmap, grad) and active dispatch modes (which must see the op), and a gradient
-    due to `x`, backward or forward-mode (the autograd formula). Plain eager inference calls the
-    body directly: the op's Python dispatch cost ~60 us a call on a Zen 3, as much as a SmolLM2
-    layer's GEMV, 210 times per decoded token (docs/BENCHMARKS.md)."""
+    due to `x` (the autograd formula). Plain eager inference calls the body directly: the op's
+    Python dispatch cost ~60 us a call on a Zen 3, as much as a SmolLM2 layer's GEMV, 210 times
+    per decoded token (docs/BENCHMARKS.md)."""
     return (torch.compiler.is_compiling() or torch.jit.is_tracing() or type(x) is not torch.Tensor
             or torch._C._functorch.is_functorch_wrapped_tensor(x) or torch._C._len_torch_dispatch_stack() > 0
-            or (x.requires_grad and torch.is_grad_enabled())
-            or forward_ad.unpack_dual(x).tangent is not None)
+            or (x.requires_grad and torch.is_grad_enabled()))
+
+
+def _has_tangent(x: torch.Tensor) -> bool:
+    """Whether `x` carries a forward-mode AD tangent. A custom op has no forward-mode formula
+    (torch.library registers backward only), and through it the tangent would silently vanish."""
+    return type(x) is torch.Tensor and forward_ad.unpack_dual(x).tangent is not None
 
 
 def bcq_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """y = x W^T + b for any packed weight: BCQ through `bcq_matmul` (its body, directly, in plain
-    eager inference: see `_needs_the_op`), other formats by dequantizing."""
-    if isinstance(weight, BCQTensor):
+    eager inference: see `_needs_the_op`), other formats by dequantizing. An input carrying a
+    forward-mode tangent (forward_ad, torch.func.jvp) takes the dense product of torch's own
+    dequantization, whose every op has a forward formula: the custom op has none, and the
+    compiled kernels hand torch arrays it cannot trace."""
+    if _has_tangent(x):
+        y = F.linear(x, weight.dequantize(x.dtype))
+    elif isinstance(weight, BCQTensor):
         matmul = bcq_matmul if _needs_the_op(x) else _bcq_matmul_eager
         y = matmul(x, weight.planes, weight.alpha, weight.offset, weight.shape[1], weight.group_size, backend)
     else:
