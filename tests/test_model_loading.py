@@ -37,6 +37,30 @@ def test_concurrent_first_loads_dequantize_a_gguf_once(tmp_path, monkeypatch):
     assert len(found) == 4 and len(set(found)) == 1 and (found[0] / "config.json").is_file()
 
 
+def test_a_rewritten_gguf_replaces_its_stale_cache(tmp_path, monkeypatch):
+    """A GGUF changed in place gets a new cache; the old one (540 MB for SmolLM2) is removed,
+    another GGUF's cache with the same file name is not."""
+    monkeypatch.setenv("UNIBCQ_CACHE_DIR", str(tmp_path / "cache"))
+
+    def dequantize(source, cached: Path) -> None:
+        with atomic_directory(cached, overwrite=True) as tmp:
+            (tmp / "config.json").write_text("{}")
+
+    monkeypatch.setattr(loading, "_dequantize_gguf", dequantize)
+    gguf, other = tmp_path / "a" / "Tiny.gguf", tmp_path / "b" / "Tiny.gguf"
+    for path in (gguf, other):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF")
+    old = loading._cache_gguf(loading.resolve_model(str(gguf)))
+    neighbour = loading._cache_gguf(loading.resolve_model(str(other)))
+    gguf.write_bytes(b"GGUF v2")
+    new = loading._cache_gguf(loading.resolve_model(str(gguf)))
+    assert new != old and (new / "config.json").is_file()
+    assert not old.exists() and not Path(f"{old}.source").exists()
+    assert (neighbour / "config.json").is_file()
+    assert loading._cache_gguf(loading.resolve_model(str(other))) == neighbour
+
+
 def test_context_window_reads_the_config_and_stretching_rope():
     from transformers import GPT2Config, LlamaConfig
 

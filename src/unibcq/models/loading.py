@@ -2,16 +2,19 @@
 
 GGUF files are dequantized by transformers on load (~17 s for SmolLM2-135M), so the fp32
 result is cached once as a safetensors directory that later runs load in a fraction of a
-second. The cache lives in $UNIBCQ_CACHE_DIR (default ~/.cache/unibcq).
+second. The cache lives in $UNIBCQ_CACHE_DIR (default ~/.cache/unibcq); a GGUF rewritten in
+place gets a new cache and its stale one (hundreds of MB) is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import math
 import os
+import shutil
 import socket
 import urllib.request
 from dataclasses import dataclass
@@ -93,13 +96,36 @@ def _cache_gguf(source: ModelSource) -> Path:
     replacing the folder while another process reads it.
     """
     cached = gguf_cache_dir(source)
+    record = Path(f"{cached}.source")
     if (cached / "config.json").is_file():
+        if not record.is_file():  # built before caches recorded their GGUF; a read-only cache stays so
+            with contextlib.suppress(OSError):
+                record.write_text(source.path)
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{cached}.lock"):
         if not (cached / "config.json").is_file():
             _dequantize_gguf(source, cached)
+            record.write_text(source.path)
+            _prune_stale_caches(source, cached)
     return cached
+
+
+def _prune_stale_caches(source: ModelSource, current: Path) -> None:
+    """Remove the caches of earlier versions of the same GGUF file (same path, other size or
+    modification time): nothing can load them again. Each cache records its GGUF's path in
+    `NAME.source` beside it; caches without that record are left alone, and so are lock
+    files (a process may be waiting on one)."""
+    for record in current.parent.glob("*.source"):
+        stale = record.with_suffix("")
+        try:
+            if stale == current or record.read_text() != source.path:
+                continue
+        except OSError:  # removed meanwhile by another process pruning the same caches
+            continue
+        with FileLock(f"{stale}.lock"):
+            shutil.rmtree(stale, ignore_errors=True)
+            record.unlink(missing_ok=True)
 
 
 def _dequantize_gguf(source: ModelSource, cached: Path) -> None:
