@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -115,3 +117,16 @@ def test_dense_paths_add_the_bias_in_the_input_dtype(budget):
             got = layer(x)
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_a_perplexity_past_float_range_is_inf_not_an_overflow_error(quantized):
+    """A broken model's mean NLL past ~709.8 gives ppl inf (the CLI's JSON writes null) instead
+    of an OverflowError after the whole evaluation ran, in the progress text too."""
+    from unibcq.eval.perplexity import perplexity_of
+
+    assert perplexity_of(2.0) == pytest.approx(math.exp(2.0)) and perplexity_of(710.0) == math.inf
+    with torch.no_grad():
+        quantized.lm_head.weight.mul_(1e6)
+    ids = torch.randint(0, quantized.config.vocab_size, (100,), generator=torch.Generator().manual_seed(1))
+    stats = evaluate_windows(quantized, ids, seq_len=32, ref_model=quantized, show_progress=True)
+    assert stats.nll > 710 and stats.ppl == math.inf and stats.ref_ppl == math.inf

@@ -12,6 +12,7 @@ and how often both models' top-1 next tokens agree, as llama.cpp's KL statistics
 from __future__ import annotations
 
 import math
+import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -24,6 +25,12 @@ from unibcq.errors import UnibcqError
 from unibcq.models.architectures import check_window_fits
 from unibcq.nn.qlinear import dense_weights
 from unibcq.progress import progress_bar
+
+
+def perplexity_of(mean_nll: float) -> float:
+    """exp(mean NLL), inf past float range (mean NLL > ~709.8): a broken model's perplexity is
+    a figure to report, not an OverflowError after the whole evaluation ran."""
+    return math.exp(mean_nll) if mean_nll < math.log(sys.float_info.max) else math.inf
 
 
 @dataclass
@@ -96,11 +103,11 @@ def evaluate_windows(
                 kl, same = kl_terms(logits, ref_logits)
                 kl_sum += kl.sum().item()
                 agree += int(same.sum())
-            bar.update(task, advance=1, description=f"{description} ppl {math.exp(nll_sum / tokens):.3f}")
+            bar.update(task, advance=1, description=f"{description} ppl {perplexity_of(nll_sum / tokens):.3f}")
     nll = nll_sum / tokens
-    stats = WindowStats(ppl=math.exp(nll), nll=nll, tokens=tokens, windows=len(windows), seq_len=seq_len)
+    stats = WindowStats(ppl=perplexity_of(nll), nll=nll, tokens=tokens, windows=len(windows), seq_len=seq_len)
     if ref_model is not None:
         stats.kl = kl_sum / tokens
         stats.top1_agreement = agree / tokens
-        stats.ref_ppl = math.exp(ref_nll_sum / tokens)
+        stats.ref_ppl = perplexity_of(ref_nll_sum / tokens)
     return stats

@@ -58,6 +58,7 @@ from transformers import PreTrainedTokenizerBase
 
 from unibcq.data.sources import read_jsonl, read_utf8, resolve_data_dir
 from unibcq.errors import UnibcqError
+from unibcq.eval.perplexity import perplexity_of
 from unibcq.models.architectures import context_window
 
 # Reports (done, total) in the caller's units; run_tasks turns it into a progress bar.
@@ -802,5 +803,5 @@ def evaluate_lambada(
     acc = sum(bool(greedy) for _, greedy in results) / n
     return {
         "acc": acc, "acc_norm": None, "stderr": stderr_of_mean(acc, n), "n": n,
-        "ppl": math.exp(-sum(ll for ll, _ in results) / n), "seconds": time.perf_counter() - began + reused_seconds,
+        "ppl": perplexity_of(-sum(ll for ll, _ in results) / n), "seconds": time.perf_counter() - began + reused_seconds,
     }
