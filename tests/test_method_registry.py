@@ -118,3 +118,36 @@ def test_a_record_that_lists_unread_settings_compares_equal_to_one_that_does_not
     assert normalized_record(full | {"epochs": 9, "damp": 0.5}) == full  # never read by bcq-alternating
     assert normalized_record(full | {"iters": 3}) != full
     assert normalized_record({"method": "not-ours", "x": 1}) == {"method": "not-ours", "x": 1}
+
+
+def test_validation_checks_only_what_the_method_reads_and_names_the_valid_range():
+    """flexround ignores uniquanf's settings (quantize says so), so a value of one that uniquanf
+    would refuse passes; dyngroup records group size -1 whatever it was given; a rate's error
+    names the range it was checked against."""
+    from unibcq.errors import UnibcqError
+
+    QuantConfig("flexround", grid_points=0, remap_every=0, b_lr=-1.0, p_norm=0.0, mapping="?").validate()
+    for bad in ({"grid_points": 0}, {"b_lr": -1.0}, {"p_norm": 0.0}, {"mapping": "?"}):
+        with pytest.raises(UnibcqError, match=next(iter(bad))):
+            QuantConfig("uniquanf", **bad).validate()
+    assert QuantConfig("dyngroup", group_size=128).validate().recorded()["group_size"] == -1
+    for name in ("damp", "u_lr"):
+        with pytest.raises(UnibcqError, match=rf"{name} must be a finite number in \[0, 1000\), got 1000"):
+            QuantConfig("flexround" if name == "u_lr" else "gptq", **{name: 1000.0}).validate()
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_a_one_bit_uniform_grid_with_zero_as_a_level_is_refused(method):
+    """At 1 bit a symmetric grid, or GPTQ's integer zero point, makes 0 one of the two levels:
+    rtn quantized 99% of the weights to 0 (relative error 0.99). With a float zero point the
+    levels are the group's min and max."""
+    from unibcq.errors import UnibcqError
+
+    for settings in ({}, {"symmetric": True}, {"symmetric": True, "integer_zero": False},
+                     {"bits": 3, "overrides": {"*.q_proj": {"bits": 1}}}):
+        with pytest.raises(UnibcqError, match="1 bit needs --float-zero"):
+            QuantConfig(method, **{"bits": 1, **settings}).validate()
+    QuantConfig(method, bits=1, integer_zero=False).validate()
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    packed = PER_MATRIX_METHODS["rtn"](weight, QuantConfig("rtn", bits=1, group_size=32, integer_zero=False))
+    assert (packed.dequantize() != 0).float().mean() > 0.99

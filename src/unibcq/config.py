@@ -83,8 +83,10 @@ class QuantConfig:
         binary = self.method == "dyngroup"
         if self.bits is None:
             self.bits = 1 if binary else 3
-        if self.group_size is None:
-            self.group_size = -1 if binary else 128
+        if binary:  # its groups are found per weight, not fixed: what every dyngroup record says
+            self.group_size = -1
+        elif self.group_size is None:
+            self.group_size = 128
 
     @classmethod
     def from_preset(cls, method: str, preset: str = "fast", calib: str = "wikitext2", **fields: Any) -> QuantConfig:
@@ -109,10 +111,10 @@ class QuantConfig:
                     f"bits must be an integer in {MIN_BITS}..{MAX_BITS} for method {self.method}, got {cfg.bits!r}"
                 )
             validate_group_size(cfg.group_size)
+            self._validate_uniform_bits(cfg.bits)
         if self.method == "dyngroup":
             self._validate_dyngroup()
-        if not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1e3:
-            raise UnibcqError(f"damp must be a number >= 0, got {self.damp!r}")
+        _check_rate("damp", self.damp)
         if self.method in ("uniquanf", "flexround"):
             self._validate_reconstruction()
         gptq_only = [name for name in ("act_order", "true_sequential") if getattr(self, name)]
@@ -123,6 +125,14 @@ class QuantConfig:
         if self.init not in ("greedy", "greedy+uniform"):
             raise UnibcqError(f"unknown alternating init {self.init!r}; use 'greedy' or 'greedy+uniform'")
         return self
+
+    def _validate_uniform_bits(self, bits: int) -> None:
+        """A 1-bit uniform grid has two levels; a symmetric one or one with GPTQ's integer zero
+        point puts 0 on one of them, which quantizes most weights of a row to 0."""
+        if bits == 1 and self.method in ("rtn", "gptq") and (self.symmetric or self.integer_zero):
+            raise UnibcqError(f"{self.method} at 1 bit needs --float-zero without --symmetric (the grid's two "
+                              "levels are then the group's min and max; with an integer zero point or a "
+                              "symmetric grid one level is 0); for 1-bit signs use a bcq-* method or dyngroup")
 
     def _validate_dyngroup(self) -> None:
         from unibcq.formats.grouped_binary import parse_granularity
@@ -150,17 +160,24 @@ class QuantConfig:
         parse_granularity(self.granularity)
 
     def _validate_reconstruction(self) -> None:
-        for name in ("epochs", "remap_every", "grid_points", "batch_size"):
+        """The training settings of uniquanf and flexround, each checked only for a method that
+        reads it (flexround ignores uniquanf's re-mapping and BCQ settings, as quantize notes)."""
+        from unibcq.methods.registry import reads_setting
+
+        def read(name: str) -> bool:
+            return reads_setting(self.method, name)
+
+        for name in filter(read, ("epochs", "remap_every", "grid_points", "batch_size")):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise UnibcqError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("u_lr", "b_lr", "p_norm"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 <= value < 1e3:
-                raise UnibcqError(f"{name} must be a number >= 0, got {value!r}")
+        for name in filter(read, ("u_lr", "b_lr")):
+            _check_rate(name, getattr(self, name))
+        if read("p_norm") and (not isinstance(self.p_norm, (int, float)) or not 0 < self.p_norm < 1e3):
+            raise UnibcqError(f"p_norm must be a finite number in (0, 1000), got {self.p_norm!r}")
         if not isinstance(self.input_prob, (int, float)) or not 0 <= self.input_prob <= 1:
             raise UnibcqError(f"input_prob must be in [0, 1], got {self.input_prob!r}")
-        if self.mapping not in ("local", "global", "direct"):
+        if read("mapping") and self.mapping not in ("local", "global", "direct"):
             raise UnibcqError(f"mapping must be local, global or direct, got {self.mapping!r}")
 
     def for_pattern(self, pattern: str) -> "QuantConfig":
@@ -205,6 +222,12 @@ class QuantConfig:
     def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _check_rate(name: str, value: object) -> None:
+    """A damping fraction or learning rate: a finite number in [0, 1000) (bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e3:
+        raise UnibcqError(f"{name} must be a finite number in [0, 1000), got {value!r}")
 
 
 def _unread_defaults(record: dict[str, Any]) -> dict[str, Any]:
