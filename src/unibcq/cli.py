@@ -659,7 +659,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     measured = evaluate_suite(model, tokenizer, settings, ref_model, show_progress=not args.no_progress,
                               journal=journal)
     report = {"model": args.model, "ref_model": ref_spec, "ref_dtype": ref_dtype and str(ref_dtype).removeprefix("torch."),
-              "bits_per_weight": bits, **measured}
+              "bits_per_weight": bits, **measured,
+              "settings": settings.record() | {"data_dir": settings.journal_key()["data_dir"], "device": args.device}}
     tasks = report["tasks"]
     per_ref = {key: report[key] or {} for key in ("ref_ppl", "kl", "top1")}
     rows = [(name, report["windows"][name], report["tokens"][name], ppl,

@@ -62,6 +62,9 @@ def test_quantize_info_eval(capsys, tmp_path, tiny_model_dir, corpus_file, metho
     assert report["kl_vs_ref"] > 0 and 0 <= report["top1_agreement"] <= 1
     assert report["windows"][str(corpus_file)] == 3 and report["seq_len"] == 32
     assert report["bits_per_weight"] == pytest.approx(info["bits_per_weight"])
+    settings = report["settings"]  # what was measured: a --max-windows run must not read as a full one
+    assert (settings["max_windows"], settings["seq_len"], settings["datasets"]) == (3, 32, [str(corpus_file)])
+    assert settings["limit"] is None and settings["device"] == "cpu"
 
 
 def test_save_dtype_defaults_to_the_published_dtype(capsys, tmp_path, tiny_model_dir, corpus_file):

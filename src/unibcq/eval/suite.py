@@ -69,6 +69,11 @@ class EvalSettings:
             return self
         return replace(self, seq_len=context)
 
+    def record(self) -> dict[str, Any]:
+        """Every setting as a JSON value: what a report says its figures were measured with
+        (a --limit run must not read as a full one)."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
     def journal_key(self) -> dict[str, Any]:
         """The settings every journal piece depends on (see `unibcq.eval.journal`).
 

@@ -17,7 +17,7 @@ import copy
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -107,8 +107,7 @@ def _protocol(settings: CompareSettings) -> dict[str, Any]:
     identity = {"reference_files": files_fingerprint(settings.model),
                 "data_dir": evaluation.journal_key()["data_dir"],
                 "datasets": {piece_name(d): files_fingerprint(d) for d in evaluation.datasets}}
-    protocol = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(evaluation).items()} | {
-        "reference": settings.model, "identity": identity}
+    protocol = evaluation.record() | {"reference": settings.model, "identity": identity}
     return json.loads(json.dumps(protocol))  # as a stored result reads back (tuples become lists)
 
 
