@@ -654,6 +654,14 @@ def test_chat_template_is_refused_without_gsm8k(data_dir):
         EvalSettings.from_flags("wikitext2", None, chat_template=True).check()
 
 
+def test_task_options_without_tasks_are_refused_not_ignored():
+    """--limit and --mmlu-shots only shape benchmark tasks; without --tasks they did nothing, silently."""
+    for options, flag in (({"limit": 10}, "--limit"), ({"mmlu_shots": 0}, "--mmlu-shots")):
+        with pytest.raises(UnibcqError, match=f"{flag} applies to benchmark tasks; add --tasks"):
+            EvalSettings.from_flags("wikitext2", None, **options).check()
+    EvalSettings.from_flags("wikitext2", None, mmlu_shots=5).check()
+
+
 def test_gsm8k_runs_end_to_end_plain_and_as_a_chat(tiny_llama, tok, data_dir, monkeypatch):
     monkeypatch.setattr(tasks_module, "greedy_generator", functools.partial(gsm8k.greedy_generator, max_new_tokens=4))
     llama = tiny_llama(seed=3, hidden_size=64, vocab_size=VOCAB_SIZE, max_position_embeddings=1024)

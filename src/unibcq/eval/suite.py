@@ -61,6 +61,9 @@ class EvalSettings:
             check_tasks(self.tasks, self.limit, self.data_dir, self.mmlu_shots, self.batch_size, self.chat_template)
         elif self.chat_template:
             raise UnibcqError("--chat-template applies to gsm8k; add --tasks gsm8k")
+        elif self.limit is not None or self.mmlu_shots != type(self).mmlu_shots:
+            raise UnibcqError(f"{'--limit' if self.limit is not None else '--mmlu-shots'} applies to benchmark "
+                              "tasks; add --tasks (e.g. --tasks piqa,mmlu), or --max-windows to shorten perplexity")
 
     def capped_to(self, context: int | None) -> "EvalSettings":
         """These settings with perplexity windows no longer than the model's `context`: positions
