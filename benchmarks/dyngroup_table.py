@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -51,12 +52,23 @@ def row(args: argparse.Namespace, exe: str, name: str, flags: list[str]) -> dict
     info_json, eval_json = args.out / f"{name}.info.json", args.out / f"{name}.eval.json"
     if not (args.no_run and info_json.is_file()):
         run([exe, "info", str(ckpt), "--json", str(info_json)], args.out / "logs" / f"{name}.info.log")
+    if eval_json.is_file() and not same_windows(args, read_json(eval_json)):
+        if args.no_run:
+            print(f"{name}: {eval_json} was measured on other windows than --seq-len {args.seq_len} "
+                  f"--max-windows {args.max_windows}; left out", file=sys.stderr)
+            return None
+        eval_json.unlink()
     if not eval_json.is_file():
         run([exe, "eval", str(ckpt), *eval_flags(args), "--json", str(eval_json)], args.out / "logs" / f"{name}.eval.log")
     info, ev, quant = read_json(info_json), read_json(eval_json), read_json(args.out / f"{name}.quantize.json")
     return {"name": name, "flags": " ".join(flags), **{k: info[k] for k in info if k.startswith("bits_per_weight")},
             "ppl": ev["ppl"]["wikitext2"], "kl": ev["kl_vs_ref"], "top1": ev["top1_agreement"],
             "seconds": quant["seconds"]}
+
+
+def same_windows(args: argparse.Namespace, ev: dict) -> bool:
+    """Whether an evaluation JSON measured the windows this run asks for (its name does not say)."""
+    return ev.get("seq_len") == args.seq_len and ev.get("windows", {}).get("wikitext2") == args.max_windows
 
 
 def markdown(rows: list[dict], fp_ppl: float) -> str:
@@ -97,7 +109,7 @@ def main() -> int:
 {command_line()}
 ```
 
-Machine: {cpu_model()}, 2 cores, no GPU, shared with other work while it ran (times are noisy).
+Machine: {cpu_model()}, {os.cpu_count()} cores, no GPU, shared with other work while it ran (times are noisy).
 Protocol as in the main SmolLM2 table below (WikiText-2 test, first {args.max_windows} windows of {args.seq_len} tokens,
 KL and top-1 against the unquantized model). dyngroup: windowed greedy merge, window 256,
 lambda 0.75 (normalised), one set of groups per matrix, as in the paper; `--refine-sweeps 20`

@@ -60,6 +60,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -70,10 +71,13 @@ from smollm2_table import (
     REPO, OutOfTime, command_line, default_unibcq, is_complete_checkpoint, parse_configs, parse_methods, read_json,
     run, section_head, write_docs,
 )
-from smollm2_tasks import FP_ROW, UNQUANTIZED_BITS, ZERO_SHOT, add_run_options, label, pending_note, row_figures
+from smollm2_tasks import (
+    FP_ROW, UNQUANTIZED_BITS, ZERO_SHOT, add_run_options, label, pending_note, plus_minus, row_figures,
+)
 from smollm2_tasks import markdown_table as task_table
 
 from unibcq.atomic import write_json_atomic
+from unibcq.methods.registry import CALIBRATED
 from unibcq.models.fingerprint import files_fingerprint
 from unibcq.report.render import cpu_model
 
@@ -83,12 +87,17 @@ SHORT = ("512", "40")  # the main table's windows: seq_len, count
 MMLU_SHOTS = 5
 PART_NAMES = {"short": "40 x 512", "full": "full test", "tasks": "zero-shot", "mmlu": "MMLU"}
 RESULTS = REPO / "benchmarks" / "results" / "smollm2-full-protocol"
-# Seconds a row started afresh needs with 8 rows sharing an H100: its quantization (the
-# 2026-11-26 run's slowest for uniquanf, flexround and gptq; no more than gptq's for the
-# others) plus its evaluations (243 s there without MMLU, plus about 60 s of MMLU).
-EXPECTED_QUANTIZE_SECONDS = {"uniquanf": 220, "flexround": 100, "gptq": 140, "gptq-bcq": 140,
-                             "bcq-alternating": 140, "rtn": 140}
-EXPECTED_EVAL_SECONDS = 300
+# Seconds a row started afresh needs, by device. On a GPU, with 8 rows sharing an H100: its
+# quantization (the 2026-11-26 run's slowest for uniquanf, flexround and gptq; no more than
+# gptq's for the others) plus its evaluations (243 s there without MMLU, plus about 60 s of
+# MMLU). On a CPU, with 2 rows on 2 cores at one thread each: the main table's quantization
+# seconds (uniquanf 812, flexround 614, gptq 197) and rtn-w2-g128's evaluations on
+# 2026-12-06/07 (185 + 4657 + 9463 + 6877 s: about 6 hours).
+EXPECTED_QUANTIZE_SECONDS = {
+    "cuda": {"uniquanf": 220, "flexround": 100, "gptq": 140, "gptq-bcq": 140, "bcq-alternating": 140, "rtn": 140},
+    "cpu": {"uniquanf": 820, "flexround": 620, "gptq": 210, "gptq-bcq": 210, "bcq-alternating": 210, "rtn": 210},
+}
+EXPECTED_EVAL_SECONDS = {"cuda": 300, "cpu": 21200}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,7 +215,7 @@ def row_plan(args: argparse.Namespace, exe: str, row: str,
             steps.append(("quantize", [exe, "quantize", args.model, "--method", method, "--bits", bits, "--group-size",
                                        group, "--out", str(checkpoint), "--json",
                                        str(args.out / f"{row}.quantize.json"), "--no-progress", "--overwrite",
-                                       *device, *data]))
+                                       *(["--resume"] if method in CALIBRATED else []), *device, *data]))
             fresh = fresh or recorded_identity(args, row) is None
         steps.append(("info", [exe, "info", str(checkpoint), "--json", str(info_path)]))
     kl = ["--kl-ref", "none"] if row == FP_ROW else []
@@ -271,11 +280,14 @@ class Unfinished:
         return f"{self.row}: {self.why}"
 
 
-def expected_seconds(row: str) -> int:
-    """How long a row started afresh takes on the lent GPU (EXPECTED_QUANTIZE_SECONDS)."""
+def expected_seconds(row: str, device: str) -> int:
+    """How long a row started afresh takes on `device` (EXPECTED_QUANTIZE_SECONDS): a CPU row's
+    hours must not pass for a GPU row's minutes, or a budget too short for it would discard
+    another machine's figures for nothing."""
+    kind = "cpu" if device == "cpu" else "cuda"
+    quantize = EXPECTED_QUANTIZE_SECONDS[kind]
     method = row.partition("-w")[0]
-    quantize = 0 if row == FP_ROW else EXPECTED_QUANTIZE_SECONDS.get(method, max(EXPECTED_QUANTIZE_SECONDS.values()))
-    return quantize + EXPECTED_EVAL_SECONDS
+    return (0 if row == FP_ROW else quantize.get(method, max(quantize.values()))) + EXPECTED_EVAL_SECONDS[kind]
 
 
 def process_row(args: argparse.Namespace, exe: str, row: str, machine: dict[str, Any],
@@ -296,14 +308,18 @@ def process_row(args: argparse.Namespace, exe: str, row: str, machine: dict[str,
         elif not checkpoint_matches(args, row):  # e.g. quantized anew by hand, or figures pulled from elsewhere
             steps = figures_dropped(args, exe, row, machine, "is not the checkpoint")
     left = None if deadline is None else deadline - time.monotonic()
-    if steps and left is not None and (left <= 0 or (fresh and left < expected_seconds(row))):
+    expected = expected_seconds(row, args.device)
+    if steps and left is not None and (left <= 0 or (fresh and left < expected)):
         return Unfinished(row, f"not started (time budget: {max(left, 0):.0f} s left, a fresh row expects "
-                               f"{expected_seconds(row)} s)" if fresh else "not started (time budget)", False)
+                               f"{expected} s)" if fresh else "not started (time budget)", False)
     if fresh:
-        changes = machine_changes(row_machine(args, row), machine)
+        recorded = row_machine(args, row)
+        changes = machine_changes(recorded, machine)
         if changes and any(p.is_file() for p in result_paths(args, row).values()):
             print(f"smollm2_full_protocol: note: {row} began on another machine ({changes}); its figures are "
                   "dropped and it starts over", flush=True)
+        if recorded is None or not same_machine(recorded, machine):  # its half-finished quantization too
+            shutil.rmtree(args.out / f"{row}.partial", ignore_errors=True)
         discard_figures(args, row)
         (args.out / f"{row}.quantize.json").unlink(missing_ok=True)
         write_json_atomic(args.out / f"{row}.machine.json", machine)
@@ -440,8 +456,8 @@ def summary_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
              "zero-shot mean | MMLU 5-shot | quantize s | eval s |", "|---|---|" + "---:|" * 9]
     for row, f in rows:
         tasks, mmlu = f["tasks"], f["mmlu"]
-        mean = "-" if tasks is None else f"**{100 * tasks['mean']:.1f} ± {100 * (tasks['mean_stderr'] or 0):.1f}**"
-        mmlu_cell = "-" if mmlu is None else f"{100 * mmlu['acc']:.1f} ± {100 * mmlu['stderr']:.1f}"
+        mean = "-" if tasks is None else f"**{plus_minus(tasks['mean'], tasks['mean_stderr'])}**"
+        mmlu_cell = "-" if mmlu is None else plus_minus(mmlu["acc"], mmlu["stderr"])
         lines.append(f"| {label(row)} | {_cell(f['bits'], '.3f')} | {_cell(f['short_ppl'], '.2f')} | "
                      f"{_cell(f['short_kl'], '.4f')} | {_cell(f['full_ppl'], '.2f')} | {_cell(f['full_kl'], '.4f')} | "
                      f"{mean} | {mmlu_cell} | {_cell(f['quantize_s'], '.0f')} | {f['eval_s']:.0f} |")

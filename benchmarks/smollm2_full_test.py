@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     exe = args.unibcq or default_unibcq()
     rows, missing = [], []
-    for row in checked_rows(args.out, args.rows):
+    for row in checked_rows(args.out, args.rows, measuring=not args.no_run):
         path = evaluate_row(args, exe, row)
         if path.is_file():
             rows.append((row, row_figures(args, row, read_json(path))))

@@ -189,6 +189,8 @@ def eval_flags(args: argparse.Namespace) -> list[str]:
 def fp_row(args: argparse.Namespace, exe: str) -> Row:
     eval_json = args.out / f"fp.eval-L{args.seq_len}-N{args.max_windows}.json"
     if not eval_json.is_file():
+        if args.no_run:
+            raise SystemExit(f"smollm2_table: --no-run, and {eval_json} is missing: nothing to tabulate")
         run([exe, "eval", args.model, "--kl-ref", "none", *eval_flags(args), "--json", str(eval_json)],
             args.out / "logs" / "fp.eval.log")
     ev = read_json(eval_json)
@@ -197,29 +199,41 @@ def fp_row(args: argparse.Namespace, exe: str) -> Row:
                checkpoint_mb=None, quant_seconds=None)
 
 
-def quant_row(args: argparse.Namespace, exe: str, spec: str, bits: int, group: int) -> Row:
-    method, extra = split_method(spec, dict(args.variant))
+def row_paths(args: argparse.Namespace, spec: str, bits: int, group: int) -> dict[str, Path]:
+    """A row's checkpoint and JSONs."""
     name = f"{spec}-w{bits}-g{group}"
-    ckpt = args.out / name
-    quant_json = args.out / f"{name}.quantize.json"
-    info_json = args.out / f"{name}.info.json"
-    eval_json = args.out / f"{name}.eval-L{args.seq_len}-N{args.max_windows}.json"
-    logs = args.out / "logs"
+    return {"checkpoint": args.out / name, "quantize": args.out / f"{name}.quantize.json",
+            "info": args.out / f"{name}.info.json",
+            "eval": args.out / f"{name}.eval-L{args.seq_len}-N{args.max_windows}.json"}
+
+
+def measure_row(args: argparse.Namespace, exe: str, spec: str, bits: int, group: int) -> None:
+    """Quantize (unless the checkpoint exists), size and evaluate (unless measured) one row."""
+    method, extra = split_method(spec, dict(args.variant))
+    paths = row_paths(args, spec, bits, group)
+    ckpt, logs = paths["checkpoint"], args.out / "logs"
+    name = ckpt.name
     if not is_complete_checkpoint(ckpt):
         if ckpt.exists():
             raise SystemExit(f"smollm2_table: {ckpt} exists but is not a complete checkpoint; remove it")
         run([exe, "quantize", args.model, "--method", method, "--bits", str(bits), "--group-size", str(group),
-             "--out", str(ckpt), "--json", str(quant_json), "--no-progress", *extra, *common_flags(args)],
+             "--out", str(ckpt), "--json", str(paths["quantize"]), "--no-progress", *extra, *common_flags(args)],
             logs / f"{name}.quantize.log")
     else:
         print(f"= {ckpt} exists; not re-quantizing", flush=True)
-    run([exe, "info", str(ckpt), "--json", str(info_json)], logs / f"{name}.info.log")
-    if not eval_json.is_file():
-        run([exe, "eval", str(ckpt), *eval_flags(args), "--json", str(eval_json)], logs / f"{name}.eval.log")
+    run([exe, "info", str(ckpt), "--json", str(paths["info"])], logs / f"{name}.info.log")
+    if not paths["eval"].is_file():
+        run([exe, "eval", str(ckpt), *eval_flags(args), "--json", str(paths["eval"])], logs / f"{name}.eval.log")
     else:
-        print(f"= {eval_json} exists; not re-evaluating", flush=True)
-    info = read_json(info_json)
-    ev = read_json(eval_json)
+        print(f"= {paths['eval']} exists; not re-evaluating", flush=True)
+
+
+def quant_row(args: argparse.Namespace, spec: str, bits: int, group: int) -> Row:
+    """A row's figures, from its JSONs."""
+    method, extra = split_method(spec, dict(args.variant))
+    paths = row_paths(args, spec, bits, group)
+    quant_json = paths["quantize"]
+    info, ev = read_json(paths["info"]), read_json(paths["eval"])
     seconds = info.get("quantize_seconds")
     rel_error = None
     if quant_json.is_file():
@@ -338,9 +352,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [fp_row(args, exe)]
     for method in args.methods:
         for bits, group in args.configs:
-            done = (args.out / f"{method}-w{bits}-g{group}.eval-L{args.seq_len}-N{args.max_windows}.json").is_file()
-            if not args.no_run or done:
-                rows.append(quant_row(args, exe, method, bits, group))
+            if not args.no_run:
+                measure_row(args, exe, method, bits, group)
+            paths = row_paths(args, method, bits, group)
+            if paths["info"].is_file() and paths["eval"].is_file():  # --no-run tabulates what was measured
+                rows.append(quant_row(args, method, bits, group))
     total = time.perf_counter() - start
     (args.out / "summary.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
     print()

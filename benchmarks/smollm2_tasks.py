@@ -141,7 +141,8 @@ def label(row: str) -> str:
     return f"{method}{f' (+{variant})' if variant else ''} | {config}"
 
 
-def _pm(value: float, stderr: float | None) -> str:
+def plus_minus(value: float, stderr: float | None) -> str:
+    """A percentage with its standard error, or alone when that is unknown (a task of one item)."""
     return f"{100 * value:.1f}" + ("" if stderr is None else f" ± {100 * stderr:.1f}")
 
 
@@ -152,8 +153,8 @@ def markdown_table(rows: Sequence[tuple[str, float | None, dict[str, Any]]], sho
     for row, bits, f in rows:
         cells = [label(row), "-" if bits is None else f"{bits:.3f}",
                  *(f"{100 * f['scores'][t]:.1f}" for t in ZERO_SHOT),
-                 f"**{_pm(f['mean'], f['mean_stderr'])}**",
-                 "-" if f["mmlu"] is None else _pm(f["mmlu"], f["mmlu_stderr"]),
+                 f"**{plus_minus(f['mean'], f['mean_stderr'])}**",
+                 "-" if f["mmlu"] is None else plus_minus(f["mmlu"], f["mmlu_stderr"]),
                  f"{f['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -164,7 +165,7 @@ def docs_section(args: argparse.Namespace, table: str, first: dict[str, Any], mi
     items = "the full sets" if not args.limit else f"the first {first['n']} items of each task"
     questions = ("every test question" if not args.mmlu_limit
                  else f"the first {args.mmlu_limit} test questions of each subject ({first['mmlu_n']} in all)")
-    caveat = "" if not args.limit else f"""
+    caveat = "" if not args.limit or first["mean_stderr"] is None else f"""
 - **Not full sets:** with {items} a task's standard error is
   {100 * max(first['stderrs']):.0f} points or less and the mean's about {100 * first['mean_stderr']:.1f}
   (first row), so only differences of several points in the mean are meaningful. A full-set row
@@ -194,10 +195,12 @@ def pending_note(missing: Sequence[str]) -> str:
     return f"\n- **Not measured yet:** {', '.join(missing)}." if missing else ""
 
 
-def checked_rows(out: Path, rows: str) -> list[str]:
-    """The --rows names, each the unquantized row or a checkpoint smollm2_table.py wrote under `out`."""
+def checked_rows(out: Path, rows: str, measuring: bool = True) -> list[str]:
+    """The --rows names. When `measuring`, each must be the unquantized row or a checkpoint
+    smollm2_table.py wrote under `out`; --no-run tabulates JSONs, whose (git-ignored)
+    checkpoints a fresh clone lacks."""
     names = [r.strip() for r in rows.split(",") if r.strip()]
-    for row in names:
+    for row in names if measuring else ():
         if row != FP_ROW and not (out / row).is_dir():
             raise SystemExit(f"{Path(sys.argv[0]).name}: no checkpoint {out / row}; run smollm2_table.py first")
     return names
@@ -207,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     exe = args.unibcq or default_unibcq()
     rows, missing = [], []
-    for row in checked_rows(args.out, args.rows):
+    for row in checked_rows(args.out, args.rows, measuring=not args.no_run):
         zero_shot, mmlu = evaluate_row(args, exe, row)
         if not zero_shot.is_file():
             missing.append(row)

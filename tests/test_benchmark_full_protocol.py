@@ -171,7 +171,7 @@ def test_a_failed_requantization_leaves_no_old_figures_and_records_the_machine(t
 
 
 def test_the_time_budget_stops_a_running_step_and_starts_no_other(tmp_path, monkeypatch):
-    monkeypatch.setattr(protocol, "EXPECTED_EVAL_SECONDS", 0)
+    monkeypatch.setattr(protocol, "EXPECTED_EVAL_SECONDS", {"cuda": 0, "cpu": 0})
     args = _args(tmp_path)
     start = time.monotonic()
     reason = protocol.process_row(args, _fake_cli(tmp_path, 30), "fp", HERE, deadline=time.monotonic() + 0.5)
@@ -186,8 +186,9 @@ def test_a_fresh_row_starts_only_with_its_expected_time_left(tmp_path, capsys):
     args = _args(tmp_path)
     _touch(tmp_path / "rtn-w3-g128.machine.json", ELSEWHERE)
     _touch(protocol.result_paths(args, "rtn-w3-g128")["short"])
-    expected = protocol.expected_seconds("rtn-w3-g128")
-    assert expected > protocol.expected_seconds("fp")
+    expected = protocol.expected_seconds("rtn-w3-g128", args.device)
+    assert expected > protocol.expected_seconds("fp", args.device)
+    assert expected > 10 * protocol.expected_seconds("rtn-w3-g128", "cuda")  # a CPU row takes hours
     reason = protocol.process_row(args, _fake_cli(tmp_path, 0), "rtn-w3-g128", HERE,
                                   deadline=time.monotonic() + expected - 5)
     assert not reason.failed and reason.why.startswith("not started (time budget:")
@@ -198,6 +199,21 @@ def test_a_fresh_row_starts_only_with_its_expected_time_left(tmp_path, capsys):
     assert not protocol.result_paths(args, "rtn-w3-g128")["short"].is_file()  # started over: the fake wrote none
     assert "rtn-w3-g128 began on another machine (gpu NVIDIA H100 80GB HBM3 -> None, cpu_count 16 -> 2, " \
            "device cuda -> cpu)" in capsys.readouterr().out
+
+
+def test_a_killed_calibrated_quantization_resumes_and_another_machines_is_removed(tmp_path):
+    """The quantize step of a calibrated row passes --resume (a run killed at the time budget
+    left its finished blocks in ROW.partial, which refuses a plain rerun); a row that starts
+    over on this machine removes the half-finished run another machine left."""
+    args = _args(tmp_path, "--methods", "gptq,rtn")
+    commands = dict(protocol.row_plan(args, "unibcq", "gptq-w3-g128", HERE)[1])
+    assert "--resume" in commands["quantize"]
+    assert "--resume" not in dict(protocol.row_plan(args, "unibcq", "rtn-w3-g128", HERE)[1])["quantize"]
+    for machine, kept in ((HERE, True), (ELSEWHERE, False)):
+        _touch(tmp_path / "gptq-w3-g128.partial" / "state.json")
+        _touch(tmp_path / "gptq-w3-g128.machine.json", machine)
+        protocol.process_row(args, str(tmp_path / "no-such-unibcq"), "gptq-w3-g128", HERE)
+        assert (tmp_path / "gptq-w3-g128.partial").exists() == kept
 
 
 def test_rows_this_machine_began_go_first_and_other_machines_rows_last(tmp_path):
