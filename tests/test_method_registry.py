@@ -132,7 +132,8 @@ def test_validation_checks_only_what_the_method_reads_and_names_the_valid_range(
             QuantConfig("uniquanf", **bad).validate()
     assert QuantConfig("dyngroup", group_size=128).validate().recorded()["group_size"] == -1
     for name in ("damp", "u_lr"):
-        with pytest.raises(UnibcqError, match=rf"{name} must be a finite number in \[0, 1000\), got 1000"):
+        flag = "--" + name.replace("_", "-")  # the CLI user's name of it beside the Python API's
+        with pytest.raises(UnibcqError, match=rf"{name} \({flag}\) must be a finite number in \[0, 1000\), got 1000"):
             QuantConfig("flexround" if name == "u_lr" else "gptq", **{name: 1000.0}).validate()
 
 
@@ -148,6 +149,8 @@ def test_a_one_bit_uniform_grid_with_zero_as_a_level_is_refused(method):
         with pytest.raises(UnibcqError, match="1 bit needs --float-zero"):
             QuantConfig(method, **{"bits": 1, **settings}).validate()
     QuantConfig(method, bits=1, integer_zero=False).validate()
+    with pytest.raises(UnibcqError, match=r"got 9 \(--override \*\.q_proj\)"):  # names the override at fault
+        QuantConfig(method, overrides={"*.q_proj": {"bits": 9}}).validate()
     weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     packed = PER_MATRIX_METHODS["rtn"](weight, QuantConfig("rtn", bits=1, group_size=32, integer_zero=False))
     assert (packed.dequantize() != 0).float().mean() > 0.99

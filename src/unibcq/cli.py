@@ -65,12 +65,35 @@ def _parse_overrides(texts: Sequence[str]) -> dict[str, dict[str, int]]:
     return overrides
 
 
+NO_PROGRESS_HELP = "no progress bars (for logs and CI; the summary tables are still printed)"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the one-line errors every other unibcq error has (exit code 2, as before):
-    the usage block argparse prints first buries the one line that says what is wrong."""
+    the usage block argparse prints first buries the one line that says what is wrong. Flags
+    are never abbreviated: `--sym` would set --symmetric past the note that names the flags a
+    method ignores, and a later flag sharing the prefix would change its meaning."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"unibcq: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:
+        """As argparse's, but an unknown flag is reported by the subcommand that was given it,
+        whose --help lists the flags it knows (the top-level help lists none)."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self._chosen(parsed).error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
+
+    def _chosen(self, parsed: argparse.Namespace) -> "_Parser":
+        """The innermost (sub)command parser that `parsed` went through."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None) in action.choices:
+                return action.choices[getattr(parsed, action.dest)]._chosen(parsed)
+        return self
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +178,9 @@ def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
                    help="uniquanf: re-mapping to value-neighbour levels (local), all levels every p steps "
                         "(global), or all levels every step (direct, for ablation)")
     q.add_argument("--shift", action="store_true", help="uniquanf: fit a BCQ shift beta at init (authors: off)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0,
+                   help="calibrated methods: seed of the calibration windows drawn and of reconstruction's "
+                        "batches and input mixing (default 0)")
     q.add_argument("--data-dir", help="folder with the datasets (default: $UNIBCQ_DATA_DIR)")
     q.add_argument("--save-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="dtype of the tensors left unquantized (embeddings, norms, biases) in the checkpoint; "
@@ -165,7 +190,7 @@ def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
                    help="calibrated methods: continue a killed run from its last finished block (progress is "
                         "kept in OUT.partial until the checkpoint is written)")
     q.add_argument("--json", help="also write the per-layer summary as JSON here")
-    q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
 
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -176,7 +201,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     _add_eval_flags(e)
     e.add_argument("--json", help="write every printed figure to this JSON file; finished datasets, tasks and parts "
                                   "of tasks are kept in JSON.partial meanwhile, so a killed eval rerun resumes there")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
 
 
 def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
@@ -189,17 +214,17 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", required=True, help="report folder: checkpoints/, results/, report.md, plots")
     c.add_argument("--preset", default="fast", help="calibrated methods: fast (default) or paper")
     c.add_argument("--calib", default="wikitext2", help="calibration text (validation split of wikitext2/ptb, or a file)")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and training (default 0)")
     c.add_argument("--workers", type=int, default=1, help="parallel worker processes for per-matrix methods")
     _add_eval_flags(c)
-    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
 
 
 def _add_info_parser(sub: argparse._SubParsersAction) -> None:
     """`unibcq info`: a checkpoint's method, bits and honest bits per weight."""
     i = sub.add_parser("info", help="method, bits and honest bits per weight of a checkpoint")
-    i.add_argument("path")
-    i.add_argument("--json")
+    i.add_argument("path", help="a unibcq checkpoint directory")
+    i.add_argument("--json", help="also write the figures (and every layer's) as JSON here")
     i.add_argument("--layers", action="store_true", help="print the per-layer table")
 
 
@@ -231,14 +256,15 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="benchmarks that print tables")
     bench = b.add_subparsers(dest="bench", required=True)
     bd = bench.add_parser("dyngroup", help="dynamic-grouping solvers: seconds and objective on one core")
-    bd.add_argument("--rows", type=int, default=4096)
-    bd.add_argument("--cols", type=int, default=4096)
-    bd.add_argument("--max-groups", type=int, default=32)
-    bd.add_argument("--lambda", dest="lam", type=float, default=0.75)
-    bd.add_argument("--window", type=int, default=256)
+    bd.add_argument("--rows", type=int, default=4096, help="rows of the large random matrix (default 4096)")
+    bd.add_argument("--cols", type=int, default=4096, help="columns of the large random matrix (default 4096)")
+    bd.add_argument("--max-groups", type=int, default=32, help="groups per segment (default 32)")
+    bd.add_argument("--lambda", dest="lam", type=float, default=0.75,
+                    help="penalty on small groups, normalised (default 0.75)")
+    bd.add_argument("--window", type=int, default=256, help="windowed solver's initial run length (default 256)")
     bd.add_argument("--with-greedy", action="store_true", help="also run plain greedy on the large matrix (minutes)")
     bd.add_argument("--no-real", action="store_true", help="skip the real SmolLM2 matrix")
-    bd.add_argument("--json")
+    bd.add_argument("--json", help="also write the table as JSON here")
     bk = bench.add_parser(
         "kernels", help="packed BCQ matmul backends vs dense fp32/bf16 matmul: time, speedup, effective GB/s",
         description="Times every bcq_matmul backend on RTN-quantized random weights next to the dense fp32 and "
@@ -264,8 +290,8 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bk.add_argument("--device", default="cpu", help="where the weights live and the calls run: cpu, cuda or cuda:N")
     bk.add_argument("--input-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="the packed backends' input dtype (dense rows are timed in fp32 and bf16 either way)")
-    bk.add_argument("--json")
-    bk.add_argument("--no-progress", action="store_true")
+    bk.add_argument("--json", help="also write every measurement as JSON here (keys: see above)")
+    bk.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
 
 
 def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
@@ -620,6 +646,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from unibcq.progress import print_table
 
     settings = _eval_settings(args)
+    if not settings.datasets and args.kl_ref is not None and args.kl_ref.lower() != "none":
+        raise UnibcqError("--kl-ref applies to perplexity (KL is measured on its windows), and --ppl none skips it")
     settings.check()
     device = _check_device(args.device)
     model, tokenizer, bits, default_ref = _load_for_eval(args.model)

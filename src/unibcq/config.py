@@ -105,13 +105,18 @@ class QuantConfig:
             isinstance(k, str) and isinstance(v, dict) for k, v in self.overrides.items()
         ):
             raise UnibcqError("overrides must map a layer-name pattern to {'bits': N, 'group_size': G}")
-        for cfg in [self] + [self.for_pattern(p) for p in self.overrides]:
-            if not isinstance(cfg.bits, int) or isinstance(cfg.bits, bool) or not MIN_BITS <= cfg.bits <= MAX_BITS:
-                raise UnibcqError(
-                    f"bits must be an integer in {MIN_BITS}..{MAX_BITS} for method {self.method}, got {cfg.bits!r}"
-                )
-            validate_group_size(cfg.group_size)
-            self._validate_uniform_bits(cfg.bits)
+        for pattern in [None, *self.overrides]:
+            cfg = self if pattern is None else self.for_pattern(pattern)
+            try:
+                if not isinstance(cfg.bits, int) or isinstance(cfg.bits, bool) or not MIN_BITS <= cfg.bits <= MAX_BITS:
+                    raise UnibcqError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS} for method {self.method}, "
+                                      f"got {cfg.bits!r}")
+                validate_group_size(cfg.group_size)
+                self._validate_uniform_bits(cfg.bits)
+            except UnibcqError as exc:
+                if pattern is None:
+                    raise
+                raise UnibcqError(f"{exc} (--override {pattern})") from None
         if self.method == "dyngroup":
             self._validate_dyngroup()
         _check_rate("damp", self.damp)
@@ -121,7 +126,7 @@ class QuantConfig:
         if gptq_only and self.method not in ("gptq", "gptq-bcq"):
             raise UnibcqError(f"{' and '.join(gptq_only)} apply to gptq and gptq-bcq, not {self.method}")
         if type(self.iters) is not int or self.iters < 0:
-            raise UnibcqError(f"iters must be an integer >= 0, got {self.iters!r}")
+            raise UnibcqError(f"{_named('iters')} must be an integer >= 0, got {self.iters!r}")
         if self.init not in ("greedy", "greedy+uniform"):
             raise UnibcqError(f"unknown alternating init {self.init!r}; use 'greedy' or 'greedy+uniform'")
         return self
@@ -148,15 +153,15 @@ class QuantConfig:
         for name in ("max_groups", "window", "dp_atom_size"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
-                raise UnibcqError(f"{name} must be an integer >= 1, got {value!r}")
+                raise UnibcqError(f"{_named(name)} must be an integer >= 1, got {value!r}")
         if type(self.refine_sweeps) is not int or self.refine_sweeps < 0:
-            raise UnibcqError(f"refine_sweeps must be an integer >= 0, got {self.refine_sweeps!r}")
+            raise UnibcqError(f"{_named('refine_sweeps')} must be an integer >= 0, got {self.refine_sweeps!r}")
         if self.merge_rule not in ("objective", "paper"):
             raise UnibcqError(f"unknown dyngroup merge rule {self.merge_rule!r}; use objective or paper")
         if self.max_groups > MAX_GROUPS:
-            raise UnibcqError(f"max_groups must be <= {MAX_GROUPS} (8-bit group index), got {self.max_groups}")
+            raise UnibcqError(f"{_named('max_groups')} must be <= {MAX_GROUPS} (8-bit group index), got {self.max_groups}")
         if not isinstance(self.lam, (int, float)) or not self.lam >= 0 or self.lam == float("inf"):
-            raise UnibcqError(f"lambda must be a finite number >= 0, got {self.lam!r}")
+            raise UnibcqError(f"{_named('lam')} must be a finite number >= 0, got {self.lam!r}")
         parse_granularity(self.granularity)
 
     def _validate_reconstruction(self) -> None:
@@ -170,15 +175,15 @@ class QuantConfig:
         for name in filter(read, ("epochs", "remap_every", "grid_points", "batch_size")):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
-                raise UnibcqError(f"{name} must be an integer >= 1, got {value!r}")
+                raise UnibcqError(f"{_named(name)} must be an integer >= 1, got {value!r}")
         for name in filter(read, ("u_lr", "b_lr")):
             _check_rate(name, getattr(self, name))
         if read("p_norm") and (not isinstance(self.p_norm, (int, float)) or not 0 < self.p_norm < 1e3):
             raise UnibcqError(f"p_norm must be a finite number in (0, 1000), got {self.p_norm!r}")
         if not isinstance(self.input_prob, (int, float)) or not 0 <= self.input_prob <= 1:
-            raise UnibcqError(f"input_prob must be in [0, 1], got {self.input_prob!r}")
+            raise UnibcqError(f"{_named('input_prob')} must be in [0, 1], got {self.input_prob!r}")
         if read("mapping") and self.mapping not in ("local", "global", "direct"):
-            raise UnibcqError(f"mapping must be local, global or direct, got {self.mapping!r}")
+            raise UnibcqError(f"{_named('mapping')} must be local, global or direct, got {self.mapping!r}")
 
     def for_pattern(self, pattern: str) -> "QuantConfig":
         allowed = {"bits", "group_size"}
@@ -224,10 +229,20 @@ class QuantConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+# Settings whose quantize flag is not --NAME-WITH-DASHES; None: no flag (Python API only).
+_FLAG_NAMES: dict[str, str | None] = {"lam": "--lambda", "p_norm": None, "calib_seq_len": "--seq-len"}
+
+
+def _named(field_name: str) -> str:
+    """A setting as errors name it: the field of the Python API and the flag of the CLI."""
+    flag = _FLAG_NAMES.get(field_name, "--" + field_name.replace("_", "-"))
+    return field_name if flag is None else f"{field_name} ({flag})"
+
+
 def _check_rate(name: str, value: object) -> None:
     """A damping fraction or learning rate: a finite number in [0, 1000) (bool is not one)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e3:
-        raise UnibcqError(f"{name} must be a finite number in [0, 1000), got {value!r}")
+        raise UnibcqError(f"{_named(name)} must be a finite number in [0, 1000), got {value!r}")
 
 
 def _unread_defaults(record: dict[str, Any]) -> dict[str, Any]:

@@ -254,6 +254,13 @@ def test_bad_quantize_flags(capsys, tmp_path, tiny_model_dir, extra, needle):
     (["generate", "somewhere"], "the following arguments are required: --prompt (see unibcq generate --help)"),
     (["quantize", "m", "--method", "rtn", "--out", "o", "--bits", "2.5"], "argument --bits: invalid int value: '2.5'"),
     (["generate", "m", "--prompt", "p", "--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'"),
+    # an unknown flag points at the help of the subcommand that was given it, not at the top level's
+    (["quantize", "m", "--method", "rtn", "--out", "o", "--bogus"],
+     "unrecognized arguments: --bogus (see unibcq quantize --help)"),
+    (["bench", "kernels", "--bogus"], "unrecognized arguments: --bogus (see unibcq bench kernels --help)"),
+    # no abbreviations: --sym set --symmetric past the note naming the flags a method ignores
+    (["quantize", "m", "--method", "bcq-alternating", "--out", "o", "--sym"],
+     "unrecognized arguments: --sym (see unibcq quantize --help)"),
 ])
 def test_usage_errors_are_one_line_too(capsys, argv, needle):
     """argparse's own errors read like every other unibcq error: one line, exit code 2."""
@@ -263,6 +270,22 @@ def test_usage_errors_are_one_line_too(capsys, argv, needle):
     out, err = capsys.readouterr()
     assert exit_info.value.code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("unibcq: error: ") and needle in err
+
+
+def test_every_argument_of_every_subcommand_has_help_text():
+    import argparse
+
+    from unibcq.cli import build_parser
+
+    def undocumented(parser: argparse.ArgumentParser, name: str):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, subparser in action.choices.items():
+                    yield from undocumented(subparser, f"{name} {sub}")
+            elif not action.help:
+                yield f"{name} {'/'.join(action.option_strings) or action.dest}"
+
+    assert list(undocumented(build_parser(), "unibcq")) == []
 
 
 def test_version(capsys):
@@ -426,6 +449,12 @@ def test_a_truncated_source_model_is_a_clear_error(capsys, tmp_path, tiny_model_
     code, _, err = run(capsys, "eval", tiny_model_dir, "--kl-ref", bad, "--ppl", corpus_file, "--seq-len", "16",
                        "--no-progress")
     assert code == 2 and "truncated or corrupt" in err
+
+
+def test_a_kl_reference_without_perplexity_is_refused_not_ignored(capsys, tmp_path, tiny_model_dir):
+    code, _, err = run(capsys, "eval", tiny_model_dir, "--ppl", "none", "--tasks", "piqa", "--kl-ref",
+                       tmp_path / "nowhere", "--no-progress")
+    assert code == 2 and "--kl-ref applies to perplexity" in err
 
 
 def test_a_kl_reference_with_another_vocabulary_is_refused(capsys, tmp_path, tiny_model_dir, corpus_file, tiny_llama):
