@@ -109,3 +109,9 @@ def test_a_file_that_is_not_utf8_is_named_in_one_error(tmp_path, name):
     path.write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
     with pytest.raises(UnibcqError, match=f"{name} is not UTF-8 text"):
         load_text(str(path))
+
+
+def test_an_upper_case_jsonl_suffix_is_read_as_json_lines(tmp_path):
+    upper = tmp_path / "rows.JSONL"
+    upper.write_text('{"text": "a b c"}\n{"text": "d e"}\n')
+    assert load_text(str(upper)) == "a b c\n\nd e"

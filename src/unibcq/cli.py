@@ -432,6 +432,7 @@ def _quant_config(args: argparse.Namespace) -> QuantConfig:
 def cmd_quantize(args: argparse.Namespace) -> None:
     from unibcq.checkpoint import check_output_dir, save_checkpoint
     from unibcq.data import calibration_windows
+    from unibcq.data.sources import CALIB, check_source
     from unibcq.methods import CALIBRATED, quantize_model
     from unibcq.models import load_model, load_tokenizer, resolve_model
 
@@ -457,6 +458,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if args.max_memory is not None and not calibrated:
         return _quantize_streaming(args, config, source, out, save_dtype)  # checks the architecture itself
     check_supported(args.model)
+    if calibrated:  # a missing calibration file or unreachable dataset, before the model loads
+        check_source(args.calib, CALIB, args.data_dir)
     # Before the memory estimate, which depends on it; an explicit --seq-len past the context is refused instead.
     replaced = (cap_calibration_length(config, context_window_of(args.model))
                 if calibrated and args.seq_len is None else None)

@@ -893,3 +893,25 @@ def test_from_preset_builds_what_the_cli_builds(tmp_path, tiny_model_dir, corpus
     built = QuantConfig.from_preset("gptq", calib=str(corpus_file), bits=2, group_size=32, calib_samples=4,
                                     calib_seq_len=16)
     assert {k: v for k, v in stored.items() if k in built.to_dict()} == json.loads(json.dumps(built.recorded()))
+
+
+def test_a_missing_data_source_is_refused_before_any_model_loads(capsys, tmp_path, tiny_model_dir, corpus_file,
+                                                                  monkeypatch):
+    """eval --ppl, quantize --calib and compare --calib name a missing file at once, not after
+    loading the model (compare: after measuring the unquantized row, possibly for hours)."""
+    import unibcq.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data source was checked")
+
+    monkeypatch.setattr(unibcq.models, "load_model", no_loading)
+    missing = tmp_path / "nosuch.txt"
+    for argv in (("eval", tiny_model_dir, "--ppl", missing, "--no-progress"),
+                 ("quantize", tiny_model_dir, "--method", "gptq", "--calib", missing, "--out", tmp_path / "q",
+                  "--no-progress"),
+                 ("compare", tiny_model_dir, "--methods", "rtn,gptq", "--bits", "3", "--calib", missing,
+                  "--ppl", corpus_file, "--out", tmp_path / "report", "--no-progress")):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and f"data file {missing} not found" in err, argv
+    code, _, err = run(capsys, "eval", tiny_model_dir, "--ppl", tmp_path / "rows.json", "--no-progress")
+    assert code == 2 and "give JSON lines (.jsonl" in err

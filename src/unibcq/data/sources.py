@@ -78,11 +78,8 @@ def _join_lines(text: str, separator: str = "\n\n", strip: bool = False) -> str:
 
 
 def _read_local_file(path: Path) -> str:
-    if path.is_dir():
-        raise UnibcqError(f"{path} is a directory; give a text file, or a known dataset with --data-dir")
-    if not path.is_file():
-        raise UnibcqError(f"data file {path} not found")
-    if path.suffix == ".jsonl":
+    """A user's text file: JSON lines with a 'text' field (.jsonl), else the text as it is."""
+    if path.suffix.lower() == ".jsonl":
         rows = []
         for lineno, row in read_jsonl(path):
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
@@ -116,9 +113,9 @@ def read_utf8(path: Path) -> str:
         raise not_utf8(path, exc) from exc
 
 
-def _from_hub(name: str, role: str) -> str:
-    hub_path, splits, column = KNOWN[name].hub
-    hub_config, split = splits[role]
+def _hub_datasets(name: str):
+    """The `datasets` module, once it is known that `name` can be fetched: installed, and the
+    Hub's host resolves (offline, huggingface_hub would retry for ~23 s before failing)."""
     try:
         import datasets
     except ImportError as exc:
@@ -128,36 +125,69 @@ def _from_hub(name: str, role: str) -> str:
         ) from exc
     from unibcq.models.loading import hub_unreachable
 
-    local = "pass --data-dir / set UNIBCQ_DATA_DIR to a folder holding it (e.g. the shared datasets folder)"
     host = hub_unreachable()
     if host is not None:
         raise UnibcqError(f"{name} is not in a local data directory, and {host} cannot be resolved (offline?); "
-                          f"{local}, or set HF_HUB_OFFLINE=1 to read a copy in the datasets cache")
+                          f"{HUB_HINT}, or set HF_HUB_OFFLINE=1 to read a copy in the datasets cache")
+    return datasets
+
+
+HUB_HINT = "pass --data-dir / set UNIBCQ_DATA_DIR to a folder holding it (e.g. the shared datasets folder)"
+
+
+def _from_hub(name: str, role: str) -> str:
+    datasets = _hub_datasets(name)
+    hub_path, splits, column = KNOWN[name].hub
+    hub_config, split = splits[role]
     try:
         rows = datasets.load_dataset(hub_path, hub_config, split=split)[column]
     except Exception as exc:  # the datasets library raises many kinds of network errors
-        raise UnibcqError(f"could not fetch {name} from the Hugging Face Hub ({one_line(exc)}); {local}") from exc
+        raise UnibcqError(f"could not fetch {name} from the Hugging Face Hub ({one_line(exc)}); {HUB_HINT}") from exc
     return KNOWN[name].joined("\n".join(rows))
+
+
+def _local_file(source: str, role: str, data_dir: str | os.PathLike | None) -> Path | None:
+    """The file `source` is read from for `role`, or None for a known dataset that comes from
+    the Hub (no data directory); every source that cannot be read is refused here."""
+    if source in KNOWN:
+        root = resolve_data_dir(data_dir)
+        if root is None:
+            return None
+        path = root / KNOWN[source].files[role]
+        if not path.is_file():
+            raise UnibcqError(
+                f"{source} {role} file {path} not found; point --data-dir / UNIBCQ_DATA_DIR at a "
+                f"folder containing {KNOWN[source].files[role]}"
+            )
+        return path
+    path = Path(source).expanduser()
+    if path.suffix.lower() == ".json":
+        raise UnibcqError(f"{path}: give JSON lines (.jsonl, one object with a 'text' field per line) or a plain "
+                          "text file")
+    if path.suffix.lower() not in (".txt", ".jsonl", ".raw", ".tokens") and not path.exists():
+        raise UnibcqError(f"unknown data source {source!r}; use {', '.join(KNOWN)} or a text file "
+                          "(.jsonl: one JSON row with a 'text' field per line)")
+    if path.is_dir():
+        raise UnibcqError(f"{path} is a directory; give a text file, or a known dataset with --data-dir")
+    if not path.is_file():
+        raise UnibcqError(f"data file {path} not found")
+    return path
+
+
+def check_source(source: str, role: str = EVAL, data_dir: str | os.PathLike | None = None) -> None:
+    """Refuse now, before a model loads (or a compare measures its unquantized row for hours),
+    a source `load_text` would refuse later: an unknown name, a missing file, or a dataset
+    with no data directory and no way to fetch it."""
+    if _local_file(source, role, data_dir) is None:
+        _hub_datasets(source)
 
 
 def load_text(source: str, role: str = EVAL, data_dir: str | os.PathLike | None = None) -> str:
     """The text of `source` for `role` (EVAL or CALIB)."""
-    if source in KNOWN:
-        root = resolve_data_dir(data_dir)
-        if root is not None:
-            path = root / KNOWN[source].files[role]
-            if not path.is_file():
-                raise UnibcqError(
-                    f"{source} {role} file {path} not found; point --data-dir / UNIBCQ_DATA_DIR at a "
-                    f"folder containing {KNOWN[source].files[role]}"
-                )
-            return KNOWN[source].joined(read_utf8(path))
+    path = _local_file(source, role, data_dir)
+    if path is None:
         return _from_hub(source, role)
-    path = Path(source).expanduser()
-    if path.suffix in (".txt", ".jsonl", ".raw", ".tokens") or path.exists():
-        return _read_local_file(path)
-    raise UnibcqError(f"unknown data source {source!r}; use {', '.join(KNOWN)} or a text file "
-                      "(.jsonl: one JSON row with a 'text' field per line)")
+    return KNOWN[source].joined(read_utf8(path)) if source in KNOWN else _read_local_file(path)
 
 
 def _tokenize(tokenizer, text: str, special_tokens: bool = False) -> torch.Tensor:
@@ -184,7 +214,8 @@ def calibration_windows(
         raise UnibcqError(f"need at least 1 calibration sample of >= 2 tokens, got {n_samples} x {seq_len}")
     ids = _tokenize(tokenizer, load_text(source, CALIB, data_dir))
     if len(ids) <= seq_len:
-        raise UnibcqError(f"calibration text {source} has {len(ids)} tokens, fewer than --seq-len {seq_len}")
+        raise UnibcqError(f"calibration text {source} has {len(ids)} tokens; windows of --seq-len {seq_len} "
+                          "need more")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seq_len, (n_samples,), generator=gen)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

@@ -50,6 +50,7 @@ class EvalSettings:
 
     def check(self) -> None:
         """Fail before any model is loaded when a task, its files or its options are wrong."""
+        from unibcq.data.sources import EVAL, check_source
         from unibcq.eval.tasks import check_tasks, scoring_dtype
 
         if self.seq_len < 2:
@@ -57,6 +58,8 @@ class EvalSettings:
         if self.max_windows is not None and self.max_windows < 1:
             raise UnibcqError(f"--max-windows must be >= 1, got {self.max_windows}")
         scoring_dtype(self.task_dtype)
+        for dataset in self.datasets:
+            check_source(dataset, EVAL, self.data_dir)
         if self.tasks is not None:
             check_tasks(self.tasks, self.limit, self.data_dir, self.mmlu_shots, self.batch_size, self.chat_template)
         elif self.chat_template:

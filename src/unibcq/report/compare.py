@@ -236,6 +236,7 @@ def _quantized_cell(path: Path, config: QuantConfig, settings: CompareSettings, 
 def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[dict[str, Any]]:
     """Quantize and evaluate every cell (skipping finished ones); returns all results, FP first."""
     from unibcq.data import calibration_windows
+    from unibcq.data.sources import CALIB, check_source
     from unibcq.models import load_model, load_tokenizer
 
     check_compare_dir(settings.out)
@@ -244,6 +245,8 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
                           "model (this checkpoint's source_model, per `unibcq info`)")
     cells = plan_cells(settings.methods, settings.bits, settings.group_size)
     settings.evaluation.check()
+    if any(c.method in CALIBRATED for c in cells):  # not after the unquantized row's evaluation
+        check_source(settings.calib, CALIB, settings.evaluation.data_dir)
     # Windows longer than the model's context are capped there (perplexity and calibration
     # alike), before anything is keyed on their length.
     results_dir, ckpt_dir = settings.out / "results", settings.out / "checkpoints"
