@@ -578,6 +578,27 @@ def test_mmlu_shots_beyond_the_dev_split_are_refused(tok, data_dir):
         mmlu.evaluate_mmlu(bigram(), tok, data_dir, shots=6)
 
 
+def test_empty_or_missing_task_files_are_refused_before_a_model_loads(tok, data_dir):
+    """An emptied MMLU test file was skipped, shrinking the averages unnoticed; a missing dev
+    file and an empty task file were found only once scoring began, after the model loaded."""
+    (data_dir / "mmlu/test/chemistry_test.csv").write_text("")
+    with pytest.raises(UnibcqError, match="chemistry_test.csv holds no questions"):
+        mmlu.evaluate_mmlu(bigram(), tok, data_dir, shots=1)
+    (data_dir / "mmlu/dev/biology_dev.csv").unlink()
+    with pytest.raises(UnibcqError, match="biology_dev.csv"):
+        check_tasks(["mmlu"], None, data_dir, mmlu_shots=5)
+    check_tasks(["mmlu"], None, data_dir, mmlu_shots=0)  # zero-shot reads no dev file
+    (data_dir / "zeroshot/piqa/valid.jsonl").write_text("\n")
+    with pytest.raises(UnibcqError, match="valid.jsonl holds no rows to score"):
+        check_tasks(["piqa"], None, data_dir)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_mmlu_question(data_dir):
+    path = data_dir / "mmlu/test/biology_test.csv"
+    path.write_bytes("\ufeff".encode() + path.read_bytes())
+    assert mmlu.read_questions(path)[0].question == "w10, w20 ?"
+
+
 # ----------------------------------------------------------------------------- GSM8K
 
 
@@ -654,12 +675,14 @@ def test_chat_template_is_refused_without_gsm8k(data_dir):
         EvalSettings.from_flags("wikitext2", None, chat_template=True).check()
 
 
-def test_task_options_without_tasks_are_refused_not_ignored():
+def test_task_options_without_tasks_are_refused_not_ignored(tmp_path):
     """--limit and --mmlu-shots only shape benchmark tasks; without --tasks they did nothing, silently."""
+    text = tmp_path / "text.txt"
+    text.write_text("w1 w2 w3")
     for options, flag in (({"limit": 10}, "--limit"), ({"mmlu_shots": 0}, "--mmlu-shots")):
         with pytest.raises(UnibcqError, match=f"{flag} applies to benchmark tasks; add --tasks"):
-            EvalSettings.from_flags("wikitext2", None, **options).check()
-    EvalSettings.from_flags("wikitext2", None, mmlu_shots=5).check()
+            EvalSettings.from_flags(str(text), None, **options).check()
+    EvalSettings.from_flags(str(text), None, mmlu_shots=5).check()
 
 
 def test_gsm8k_runs_end_to_end_plain_and_as_a_chat(tiny_llama, tok, data_dir, monkeypatch):

@@ -75,7 +75,7 @@ def _common_prefix(sequences: Sequence[Sequence[int]]) -> list[int]:
 def read_questions(path: Path, limit: int | None = None) -> list[Question]:
     """The first `limit` rows of an MMLU csv (no header: question, A, B, C, D, answer)."""
     questions = []
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:  # a byte-order mark is not question text
         try:
             for lineno, row in enumerate(csv.reader(handle), 1):
                 if limit is not None and len(questions) >= limit:
@@ -130,8 +130,9 @@ def evaluate_mmlu(
         if len(exemplars) < shots:
             raise UnibcqError(f"mmlu/dev/{subject}_dev.csv has {len(exemplars)} exemplars, fewer than {shots} shots")
         questions = read_questions(data_file(root, f"mmlu/test/{subject}_test.csv"), limit)
-        if questions:
-            plans.append((subject, exemplars, questions))
+        if not questions:  # silently skipped, it would shrink the micro and macro averages unnoticed
+            raise UnibcqError(f"mmlu/test/{subject}_test.csv holds no questions (truncated or emptied?)")
+        plans.append((subject, exemplars, questions))
     total = sum(len(LETTERS) * len(questions) for _, _, questions in plans)
     done = 0
     began, reused_seconds = time.perf_counter(), 0.0

@@ -48,9 +48,9 @@ class EvalSettings:
             raise UnibcqError("--ppl none leaves nothing to evaluate; add --tasks")
         return cls(datasets, tasks=task_list, **kwargs)
 
-    def check(self) -> None:
-        """Fail before any model is loaded when a task, its files or its options are wrong."""
-        from unibcq.data.sources import EVAL, check_source
+    def check(self, sources: bool = True) -> None:
+        """Fail before any model is loaded when a task, its files or its options are wrong, and
+        (with `sources`) when a perplexity dataset cannot be read (`check_sources`)."""
         from unibcq.eval.tasks import check_tasks, scoring_dtype
 
         if self.seq_len < 2:
@@ -58,8 +58,6 @@ class EvalSettings:
         if self.max_windows is not None and self.max_windows < 1:
             raise UnibcqError(f"--max-windows must be >= 1, got {self.max_windows}")
         scoring_dtype(self.task_dtype)
-        for dataset in self.datasets:
-            check_source(dataset, EVAL, self.data_dir)
         if self.tasks is not None:
             check_tasks(self.tasks, self.limit, self.data_dir, self.mmlu_shots, self.batch_size, self.chat_template)
         elif self.chat_template:
@@ -67,6 +65,16 @@ class EvalSettings:
         elif self.limit is not None or self.mmlu_shots != type(self).mmlu_shots:
             raise UnibcqError(f"{'--limit' if self.limit is not None else '--mmlu-shots'} applies to benchmark "
                               "tasks; add --tasks (e.g. --tasks piqa,mmlu), or --max-windows to shorten perplexity")
+        if sources:
+            self.check_sources()
+
+    def check_sources(self) -> None:
+        """Refuse a perplexity dataset that cannot be read (a missing file or data folder, no way
+        to fetch it) now, rather than after the model loaded."""
+        from unibcq.data.sources import EVAL, check_source
+
+        for dataset in self.datasets:
+            check_source(dataset, EVAL, self.data_dir)
 
     def capped_to(self, context: int | None) -> "EvalSettings":
         """These settings with perplexity windows no longer than the model's `context`: positions

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from unibcq.compute_dtype import compute_dtype, half_linear_in_float32
+from unibcq.data.sources import read_jsonl
 from unibcq.errors import UnibcqError
 from unibcq.eval.journal import EvalJournal
 from unibcq.eval.gsm8k import (
@@ -146,10 +147,14 @@ def check_tasks(
     names = resolve_tasks(tasks, root)
     for name in names:
         for relative in _required_files(name):
-            data_file(root, relative)
+            path = data_file(root, relative)
+            if path.suffix == ".jsonl" and next(read_jsonl(path), None) is None:
+                raise UnibcqError(f"{path} holds no rows to score (truncated or emptied?)")
     if "mmlu" in names:
         check_shots(mmlu_shots)
-        subjects(root)
+        for subject in subjects(root):  # a missing dev file would stop the run after the model loaded
+            if mmlu_shots:
+                data_file(root, f"mmlu/dev/{subject}_dev.csv")
     if chat_template and "gsm8k" not in names:
         raise UnibcqError("--chat-template applies to gsm8k only (the scored tasks follow lm-eval's plain "
                           "prompts); add gsm8k to --tasks")

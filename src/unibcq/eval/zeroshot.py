@@ -135,6 +135,8 @@ def parse_rows(path: Path, rows: Iterator[tuple[int, Any]], build: Callable[[Any
             items.append(build(row))
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise UnibcqError(f"{path}:{lineno}: unexpected format ({type(exc).__name__}: {exc})") from exc
+    if not items:
+        raise UnibcqError(f"{path} holds no rows to score (truncated or emptied?)")
     return items
 
 

@@ -244,9 +244,7 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
         raise UnibcqError(f"{settings.model} is already a unibcq checkpoint; compare quantizes a full-precision "
                           "model (this checkpoint's source_model, per `unibcq info`)")
     cells = plan_cells(settings.methods, settings.bits, settings.group_size)
-    settings.evaluation.check()
-    if any(c.method in CALIBRATED for c in cells):  # not after the unquantized row's evaluation
-        check_source(settings.calib, CALIB, settings.evaluation.data_dir)
+    settings.evaluation.check(sources=False)  # after every cell's settings: those name the user's mistake first
     # Windows longer than the model's context are capped there (perplexity and calibration
     # alike), before anything is keyed on their length.
     results_dir, ckpt_dir = settings.out / "results", settings.out / "checkpoints"
@@ -254,6 +252,9 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
     context, kept = _model_context(settings.model, results_dir) if needs_context else (None, True)
     settings = replace(settings, evaluation=settings.evaluation.capped_to(context))
     configs = {cell: cell_config(cell, settings, context) for cell in cells}
+    settings.evaluation.check_sources()
+    if any(c.method in CALIBRATED for c in cells):  # not after the unquantized row's evaluation
+        check_source(settings.calib, CALIB, settings.evaluation.data_dir)
     if not kept:  # only once the settings are known to be valid: bad input writes nothing
         _keep_context(settings.model, context, results_dir)
     protocol = _protocol(settings)
