@@ -89,7 +89,7 @@ def docs_section(table: str, first: dict[str, Any], missing: Sequence[str] = ())
 
 - **Protocol (the papers', up to the text's joins):** the whole WikiText-2 raw test split
   (its non-empty lines joined by blank lines; GPTQ's join of the Hub rows also keeps the
-  empty rows, about 1% more tokens, see `unibcq.data.sources`), tokenized as in the main
+  empty rows and each row's newline, 1% more tokens: `--ppl wikitext2-gptq`), tokenized as in the main
   table, cut into {first['windows']} non-overlapping windows of {SEQ_LEN} tokens ({first['tokens']:,}
   predicted tokens), float32. The 40 x 512 columns repeat the main table's figures for the
   same checkpoints; longer windows give each token more context, hence lower perplexity.

@@ -15,6 +15,7 @@ from unibcq.errors import UnibcqError
 
 WIKI_FILE = " = Title = \r\n Para one . \r\n\r\n = = Part = = \r\n Para two . \r\n"
 WIKI_HUB_ROWS = ["", " = Title = \n", "", " Para one . \n", "", " = = Part = = \n", "", " Para two . \n"]
+WIKI_TEST_TOKENS_FILE = " \n = Title = \n \n Para one . \n \n = = Part = = \n \n Para two . \n"  # the Hub's row layout
 WIKI_TOKENS_FILE = " = Valid = \n\n The <unk> was here . \n"
 WIKI_TOKENS_HUB_ROWS = ["", " = Valid = \n", "", " The <unk> was here . \n"]
 PTB_FILE = " no it was n't black monday \n but while the new york stock exchange \n"
@@ -27,6 +28,7 @@ def data_dir(tmp_path):
     (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_bytes(WIKI_FILE.encode())
     (tmp_path / "wikitext-2").mkdir()
     (tmp_path / "wikitext-2" / "wiki.valid.tokens").write_text(WIKI_TOKENS_FILE)
+    (tmp_path / "wikitext-2" / "wiki.test.tokens").write_text(WIKI_TEST_TOKENS_FILE)
     (tmp_path / "ptb").mkdir()
     (tmp_path / "ptb" / "ptb.test.txt").write_text(PTB_FILE)
     return tmp_path
@@ -57,7 +59,20 @@ def test_ptb_is_gptqs_ptb_new_text(data_dir):
     assert load_text("ptb", EVAL, data_dir) == "no it was n't black monday but while the new york stock exchange"
 
 
-@pytest.mark.parametrize(("name", "role"), [("wikitext2", EVAL), ("wikitext2", CALIB), ("ptb", EVAL)])
+def test_wikitext2_gptq_is_gptqs_string_the_hub_rows_joined_as_they_are(data_dir):
+    """The raw file lacks the Hub's empty rows and drops its rows' newlines; the tokens file
+    beside it has the rows' layout, so GPTQ's "\\n\\n".join(rows) is rebuilt exactly."""
+    assert load_text("wikitext2-gptq", EVAL, data_dir) == "\n\n".join(WIKI_HUB_ROWS)
+    (data_dir / "wikitext-2" / "wiki.test.tokens").write_text(WIKI_TEST_TOKENS_FILE + " Extra . \n")
+    with pytest.raises(UnibcqError, match="do not match its raw text line for line"):
+        load_text("wikitext2-gptq", EVAL, data_dir)
+    (data_dir / "wikitext-2" / "wiki.test.tokens").unlink()
+    with pytest.raises(UnibcqError, match="wiki.test.tokens not found"):
+        load_text("wikitext2-gptq", EVAL, data_dir)
+
+
+@pytest.mark.parametrize(("name", "role"), [("wikitext2", EVAL), ("wikitext2", CALIB), ("ptb", EVAL),
+                                            ("wikitext2-gptq", EVAL), ("wikitext2-gptq", CALIB)])
 def test_the_hub_and_the_local_folder_give_the_same_text(name, role, data_dir, fake_hub):
     assert load_text(name, role) == load_text(name, role, data_dir)
 

@@ -297,7 +297,8 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
 def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
     """The evaluation protocol's flags, identical for `eval` and `compare`."""
     parser.add_argument("--ppl", default="wikitext2",
-                        help="comma-separated: wikitext2, ptb, or .txt/.jsonl files; 'none' skips perplexity")
+                        help="comma-separated: wikitext2, wikitext2-gptq (GPTQ's exact string, 1%% more tokens), ptb, or "
+                             ".txt/.jsonl files; 'none' skips perplexity")
     parser.add_argument("--seq-len", type=int, default=2048,
                         help="perplexity window length, capped at the model's context")
     parser.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
