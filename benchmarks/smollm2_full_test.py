@@ -21,14 +21,12 @@ Example:
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from smollm2_table import default_unibcq, read_json, run, section_head, write_docs
+from smollm2_table import default_unibcq, machine_description, read_json, run, section_head, write_docs
 from smollm2_tasks import FP_ROW, bits_per_weight, checked_rows, label, pending_note, row_parser
 
-from unibcq.report.render import cpu_model
 
 START_MARKER = "<!-- smollm2-full-test:start -->"
 END_MARKER = "<!-- smollm2-full-test:end -->"
@@ -94,7 +92,7 @@ def docs_section(table: str, first: dict[str, Any], missing: Sequence[str] = ())
   predicted tokens), float32. The 40 x 512 columns repeat the main table's figures for the
   same checkpoints; longer windows give each token more context, hence lower perplexity.
 - **Checkpoints:** those of the main table (same flags, same calibration).
-- **Machine:** {os.cpu_count()} CPU cores, {cpu_model()}, no GPU. **eval s** is the
+- **Machine:** {machine_description(args.out, not args.no_run)}, no GPU. **eval s** is the
   measuring time (model loading excluded) on a machine shared with other benchmarks (most
   rows ran on one thread beside another run), so it is not a speed figure. The KL columns
   are against the checkpoint's source model; "-" where a row ran without it (`--no-kl`).{pending_note(missing)}

@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from smollm2_table import REPO, default_unibcq, read_json, run, section_head, write_docs
+from smollm2_table import REPO, default_unibcq, machine_description, read_json, run, section_head, write_docs
 
-from unibcq.report.render import cpu_model
 
 SECTION = "smollm2-tasks"
 ZERO_SHOT = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq", "openbookqa", "lambada")
@@ -175,7 +173,7 @@ def docs_section(args: argparse.Namespace, table: str, first: dict[str, Any], mi
     title = "full sets" if not args.limit and not args.mmlu_limit else "quick subsets"
     return section_head(start_marker, f"SmolLM2-135M-Instruct: zero-shot tasks and MMLU per method ({title})") + f"""
 
-- **Machine:** {os.cpu_count()} CPU cores, {cpu_model()}, no GPU; scoring all rows took {minutes:.0f} min
+- **Machine:** {machine_description(args.out, not args.no_run)}, no GPU; scoring all rows took {minutes:.0f} min
   (times are noisy: the machine was shared with other work).
 - **Checkpoints:** the ones of the perplexity table above (same flags, same calibration); the
   unquantized row is SmolLM2-135M-Instruct dequantized from its Q4_1 GGUF to float32.

@@ -36,11 +36,14 @@ def test_table_no_run_tabulates_the_measured_rows_and_runs_nothing(tmp_path, cap
     _write(out / "rtn-w3-g128.info.json", {"bits_per_weight": 3.542, "file_bytes": 9e7, "quantize_seconds": 3.0})
     _write(out / "rtn-w3-g128.quantize.json", {"seconds": 3.0, "layers": []})
     _write(out / "rtn-w2-g128.eval-L512-N40.json", _eval(900.0))  # no info: not measured completely
+    _write(out / "host.json", {"cpu_count": 64, "cpu": "Measuring CPU"})
+    docs = tmp_path / "BENCHMARKS.md"
     assert smollm2_table.main(["--out", str(out), "--methods", "rtn", "--configs", "3:128,2:128", "--no-run",
-                               "--unibcq", _fake_cli(tmp_path)]) == 0
+                               "--unibcq", _fake_cli(tmp_path), "--write-docs", "--docs", str(docs)]) == 0
     assert not (tmp_path / "calls.txt").exists()
     table = capsys.readouterr().out
     assert "61.25" in table and "900.00" not in table
+    assert "64 CPU cores, Measuring CPU" in docs.read_text()  # the machine that measured, not this one
 
 
 def test_tasks_no_run_needs_no_checkpoint(tmp_path, capsys):
