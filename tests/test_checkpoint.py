@@ -145,6 +145,52 @@ def test_save_refuses_a_config_the_layers_were_not_quantized_with(tiny_llama, ck
             unibcq.save(model, ckpt_dir("wrong"), wrong, source_model="tiny")
         assert not ckpt_dir("wrong").exists()
     unibcq.save(model, ckpt_dir("right"), config, source_model="tiny")
+    for wrong, needle in ((fast_config("bcq-greedy", bits=4, overrides={"*.mlp.down_proj": {"bits": 2}}),
+                           "quantized with rtn, but the config describes bcq-greedy"),
+                          (unibcq.QuantConfig("nope", bits=4, group_size=32), "unknown method 'nope'")):
+        with pytest.raises(UnibcqError, match=needle):
+            unibcq.save(model, ckpt_dir("other-method"), wrong, source_model="tiny")
+    assert not ckpt_dir("other-method").exists()
+
+
+def test_a_home_relative_path_is_the_one_checked_and_written(tiny_llama, tmp_path, monkeypatch):
+    """`~/x` was written to ./~/x while --overwrite checked $HOME/x, so a folder of notes at
+    ./~/x could be replaced; load and info did not expand it either."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    (work / "~" / "notes").mkdir(parents=True)
+    (work / "~" / "notes" / "mine.txt").write_text("keep me")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    model = tiny_llama()
+    config = fast_config("rtn")
+    quantize(model, config)
+    unibcq.save(model, "~/notes", config, source_model="tiny", overwrite=True)
+    assert (home / "notes" / "config.json").is_file()
+    assert (work / "~" / "notes" / "mine.txt").read_text() == "keep me"
+    assert unibcq.checkpoint_info("~/notes").bits == 3
+    assert type(unibcq.load("~/notes").model.layers[0].self_attn.q_proj) is BCQLinear
+
+
+def test_save_and_load_refuse_a_dtype_that_is_not_a_float_type(tiny_llama, ckpt_dir):
+    model = tiny_llama()
+    config = fast_config("rtn")
+    quantize(model, config)
+    for dtype in (torch.int8, 32):
+        with pytest.raises(UnibcqError, match="dtype must be a floating-point torch dtype"):
+            unibcq.save(model, ckpt_dir("int"), config, source_model="tiny", dtype=dtype)
+    path = unibcq.save(model, ckpt_dir("half"), config, source_model="tiny", dtype="bfloat16")
+    assert unibcq.load(path).get_input_embeddings().weight.dtype == torch.bfloat16
+    with pytest.raises(UnibcqError, match="dtype must be a floating-point torch dtype"):
+        unibcq.load(path, dtype=torch.int8)
+
+
+def test_a_calibrated_quantization_names_a_device_it_cannot_use(tiny_llama):
+    model = tiny_llama()
+    calibration = torch.randint(0, model.config.vocab_size, (2, 16))
+    for device in ("tpu", *(() if torch.cuda.is_available() else ("cuda",))):
+        with pytest.raises(UnibcqError, match=rf"--device.*\b{device}\b"):
+            unibcq.quantize(model, fast_config("gptq"), calibration, show_progress=False, device=device)
 
 
 def test_load_takes_a_dtype_name_and_names_a_missing_tokenizer(tiny_llama, ckpt_dir):
@@ -153,7 +199,7 @@ def test_load_takes_a_dtype_name_and_names_a_missing_tokenizer(tiny_llama, ckpt_
     quantize(model, config)
     path = unibcq.save(model, ckpt_dir("a"), config, source_model="tiny")
     assert unibcq.load(path, dtype="bfloat16").get_input_embeddings().weight.dtype == torch.bfloat16
-    with pytest.raises(UnibcqError, match="one of float32, bfloat16, float16"):
+    with pytest.raises(UnibcqError, match="or one of float32, bfloat16, float16, got 'int8'"):
         unibcq.load(path, dtype="int8")
     with pytest.raises(UnibcqError, match="holds no tokenizer"):
         unibcq.load_tokenizer(str(path))

@@ -182,7 +182,10 @@ def test_cli_calibrated_max_memory_too_small(tmp_path, tiny_llama, capsys):
     from unibcq.cli import main
 
     source = saved_model(tiny_llama(), tmp_path / "src")
-    code = main(["quantize", str(source), "--method", "gptq", "--max-memory", "100MiB", "--out", str(tmp_path / "o")])
+    calib = tmp_path / "calib.txt"
+    calib.write_text("w1 w2 w3 " * 100)
+    code = main(["quantize", str(source), "--method", "gptq", "--max-memory", "100MiB", "--out", str(tmp_path / "o"),
+                 "--calib", str(calib)])
     assert code == 2 and "too small" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -195,8 +198,10 @@ def test_max_memory_refuses_a_config_transformers_cannot_build_in_one_line(tmp_p
     config = json.loads((source / "config.json").read_text())
     config["rope_parameters"] = {"rope_type": "bogus", "rope_theta": 10000.0}  # loads, but cannot build
     (source / "config.json").write_text(json.dumps(config))
+    calib = tmp_path / "calib.txt"
+    calib.write_text("w1 w2 w3 " * 100)
     code = main(["quantize", str(source), "--method", method, "--max-memory", "4GiB", "--out", str(tmp_path / "o"),
-                 "--no-progress"])
+                 "--no-progress", *(["--calib", str(calib)] if method == "gptq" else [])])
     err = capsys.readouterr().err
     assert code == 2 and f"{source} is not a causal LM transformers can build" in err, err
     assert not (tmp_path / "o").exists()

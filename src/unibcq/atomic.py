@@ -134,7 +134,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
     folder may have changed since the run began. A `target` that appeared during a run
     without `overwrite` (another job, a user) is never replaced: the result is kept beside it.
     """
-    target = Path(target).absolute()
+    target = Path(target).expanduser().absolute()  # the path checked is the path written
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(target)  # first: it may put an earlier `target` back
     if target.exists() and not overwrite:
@@ -204,7 +204,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any, portable: bool = False
     `portable` (reports for users) writes NaN and inf as null; without it they round-trip as
     Python's `json` writes them, which unibcq's own state files (eval journals, resumable
     runs) need: a -inf log-likelihood must read back as -inf."""
-    path = Path(path)
+    path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(path)
     fd, tmp = _beside(path, lambda: tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent))

@@ -26,7 +26,6 @@ from transformers.initialization import no_init_weights
 
 from unibcq import __version__
 from unibcq.atomic import atomic_directory
-from unibcq.compute_dtype import compute_dtype
 from unibcq.config import FORMAT_VERSION, QuantConfig
 from unibcq.errors import CheckpointError, UnibcqError, one_line
 from unibcq.finite import refuse_nonfinite
@@ -45,6 +44,21 @@ WEIGHTS_METADATA = {"format": "pt"}
 ACCOUNTING_KEYS = ("bits_per_weight_paper", "bits_per_weight_fixed", "bits_per_weight_entropy")
 # What a checkpoint may store its unquantized tensors (embeddings, norms, biases) in.
 DENSE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def floating_dtype(dtype: torch.dtype | str | None, argument: str = "dtype") -> torch.dtype | None:
+    """`dtype` (a torch dtype or one of DENSE_DTYPES' names) for the unquantized tensors, or
+    None; anything else is refused by name: integer embeddings would be truncated into a
+    checkpoint that cannot be loaded."""
+    if isinstance(dtype, str):
+        if dtype not in DENSE_DTYPES:
+            raise UnibcqError(f"{argument} must be a floating-point torch dtype or one of "
+                              f"{', '.join(DENSE_DTYPES)}, got {dtype!r}")
+        return DENSE_DTYPES[dtype]
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise UnibcqError(f"{argument} must be a floating-point torch dtype or one of {', '.join(DENSE_DTYPES)}, "
+                          f"got {dtype!r}")
+    return dtype
 
 
 def quantized_layers(model: torch.nn.Module) -> dict[str, PackedLinear]:
@@ -100,10 +114,15 @@ def save_checkpoint(
     published in bfloat16 gains nothing from float32 embeddings: storing them in the
     source's dtype is lossless and halves their share of the file.
     """
+    dtype = floating_dtype(dtype)
     layout = layer_layout(model)
     if not layout:
         raise UnibcqError("the model has no quantized layers; run unibcq.quantize first")
-    check_config_matches(config, layout)
+    check_config_matches(config.validate(), layout)
+    quantized_with = getattr(getattr(model.config, "quantization_config", None), "method", None)
+    if quantized_with is not None and quantized_with != config.method:
+        raise UnibcqError(f"the model was quantized with {quantized_with}, but the config describes {config.method}; "
+                          "save with the QuantConfig the model was quantized with")
     state = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         # Tied weights are one tensor; safetensors stores each storage once.
@@ -251,7 +270,7 @@ def _read_json(file: Path) -> Any:
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's config.json with a validated quantization_config."""
-    path = Path(path)
+    path = Path(path).expanduser()
     cfg_file = path / "config.json"
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} is a file; a checkpoint is the directory `unibcq quantize --out` wrote")
@@ -368,7 +387,7 @@ def _files_added_to(checkpoint: Path) -> list[str]:
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
     """Whether `path` holds a config.json that declares a unibcq checkpoint."""
-    cfg_file = Path(path) / "config.json"
+    cfg_file = Path(path).expanduser() / "config.json"
     if not cfg_file.is_file():
         return False
     try:
@@ -381,7 +400,7 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 def weight_files(path: str | os.PathLike) -> list[Path]:
     """The safetensors files of a checkpoint: `model.safetensors`, or the shards its index lists."""
-    path = Path(path)
+    path = Path(path).expanduser()
     index = path / WEIGHTS_INDEX
     if index.is_file():
         files = [path / name for name in sorted(set(read_weight_map(index, CheckpointError).values()))]
@@ -631,9 +650,8 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     asks for float32 so that a bfloat16 checkpoint is compared with its float32 reference
     on quantization error alone.
     """
-    if isinstance(dtype, str):
-        dtype = compute_dtype(dtype, "dtype")
-    path = Path(path)
+    dtype = floating_dtype(dtype)
+    path = Path(path).expanduser()
     qcfg, _, hf_config, expected = _verified_layout(path)
     verify_manifest(path, qcfg)
     state = _load_tensors(path)
@@ -707,7 +725,7 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     The file header is checked against the config as `load` checks it (shapes and dtypes of
     every tensor), so the figures describe a checkpoint whose layout can load.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     qcfg, header, hf_config, _ = _verified_layout(path)
     layers: dict[str, dict[str, Any]] = {name: {"bytes": 0} for name in qcfg["layers"]}  # model order, not the header's
     dense_params = dense_bytes = 0

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from unibcq import __version__
 from unibcq.atomic import check_writable, write_json_atomic
 from unibcq.compute_dtype import COMPUTE_DTYPES, compute_dtype
+from unibcq.devices import check_device
 from unibcq.errors import UnibcqError
 from unibcq.models.fingerprint import source_spec
 
@@ -332,23 +333,6 @@ def _eval_settings(args: argparse.Namespace):
                                    chat_template=args.chat_template)
 
 
-def _check_device(name: str) -> torch.device:
-    """`--device` as a torch device, or a clear error before any model is loaded."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UnibcqError(f"--device takes cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cpu" and device.index is None:
-        return device
-    if device.type != "cuda":
-        raise UnibcqError(f"--device {name}: use cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise UnibcqError(f"--device {name} requested but no CUDA GPU is available; use --device cpu")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise UnibcqError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -448,7 +432,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     calibrated = config.method in CALIBRATED
     if args.spill_activations and not calibrated:
         raise UnibcqError(f"--spill-activations is for calibrated methods; {config.method} keeps no activations")
-    if _check_device(args.device).type != "cpu" and not calibrated:
+    if check_device(args.device).type != "cpu" and not calibrated:
         more = "" if args.max_memory is not None else " (--workers N for more cores)"
         print(f"unibcq: note: {config.method} quantizes each matrix on the CPU{more}; "
               f"--device {args.device} places calibrated methods' blocks", file=sys.stderr)
@@ -653,7 +637,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if not settings.datasets and args.kl_ref is not None and args.kl_ref.lower() != "none":
         raise UnibcqError("--kl-ref applies to perplexity (KL is measured on its windows), and --ppl none skips it")
     settings.check()
-    device = _check_device(args.device)
+    device = check_device(args.device)
     model, tokenizer, bits, default_ref = _load_for_eval(args.model)
     ref_spec = default_ref if args.kl_ref is None else (None if args.kl_ref.lower() == "none" else args.kl_ref)
     ref_spec = ref_spec if settings.datasets else None  # KL is measured on the perplexity windows only
@@ -803,7 +787,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         evaluation=_eval_settings(args), preset=args.preset, calib=args.calib, seed=args.seed, workers=args.workers,
         device=args.device, command=shlex.join(["unibcq", *map(str, args.argv)]),
     )
-    _check_device(args.device)
+    check_device(args.device)
     resolve_model(args.model)
     results = run_compare(settings, show_progress=not args.no_progress)
     _note_unreported_checkpoints(settings)
@@ -860,7 +844,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from unibcq.generate import check_generation_options, generate_text
 
     check_generation_options(args.max_new_tokens, args.temperature)
-    device, dtype = _check_device(args.device), compute_dtype(args.dtype, "--dtype")
+    device, dtype = check_device(args.device), compute_dtype(args.dtype, "--dtype")
     model, tokenizer, bits, _ = _load_for_eval(args.model, dtype)
     model.to(device)
     result = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, chat=args.chat,
@@ -902,7 +886,7 @@ def _bench_kernels(args: argparse.Namespace) -> None:
 
     shapes = [_parse_shape(s) for s in args.shape] if args.shape else list(kernels.DEFAULT_SHAPES)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
-    device = _check_device(args.device)
+    device = check_device(args.device)
     entries = kernels.benchmark_kernels(shapes, args.bits or kernels.DEFAULT_BITS,
                                         args.batch or kernels.DEFAULT_BATCHES, args.group_size, backends,
                                         args.repeats, show_progress=not args.no_progress, device=device,

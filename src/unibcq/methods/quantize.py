@@ -11,6 +11,7 @@ from torch import nn
 
 from unibcq.checkpoint import describe_quantization
 from unibcq.config import QuantConfig
+from unibcq.devices import check_device
 from unibcq.finite import refuse_nonfinite
 from unibcq.errors import UnibcqError
 from unibcq.memory import MemoryCap
@@ -71,6 +72,7 @@ def quantize_model(
         raise UnibcqError(f"{config.method} runs block by block on one machine; --backend {backend} is for "
                           "per-matrix methods")
     if config.method in CALIBRATED:
+        check_device(device)
         if config.include_lm_head:
             raise UnibcqError(f"{config.method} quantizes decoder blocks only; drop --quantize-lm-head")
         _check_calibration(model, config.method, calibration)

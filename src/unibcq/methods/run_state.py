@@ -52,7 +52,7 @@ def _is_scratch(path: Path) -> bool:
 
 def state_dir_for(out_dir: str | os.PathLike) -> Path:
     """Where a run writing `out_dir` keeps its progress: a sibling `<out>.partial`."""
-    out = Path(out_dir).absolute()
+    out = Path(out_dir).expanduser().absolute()
     return out.with_name(out.name + ".partial")
 
 
