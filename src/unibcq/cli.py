@@ -436,7 +436,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         more = "" if args.max_memory is not None else " (--workers N for more cores)"
         print(f"unibcq: note: {config.method} quantizes each matrix on the CPU{more}; "
               f"--device {args.device} places calibrated methods' blocks", file=sys.stderr)
-    out = Path(args.out)
+    out = Path(args.out).expanduser()  # --out=~/x reaches us unexpanded
     check_output_dir(out, args.overwrite, args.model)
     source = resolve_model(args.model)
     save_dtype = _save_dtype(args)

@@ -74,6 +74,9 @@ class CompareSettings:
     device: str = "cpu"
     command: str = ""
 
+    def __post_init__(self) -> None:
+        self.out = Path(self.out).expanduser()  # what is checked is what is written (--out=~/r is not expanded)
+
 
 def plan_cells(methods: Sequence[str], bits: Sequence[int], group_size: int) -> list[Cell]:
     """Methods x bits; dyngroup is 1-bit by definition, so it gets one cell whatever --bits says."""
