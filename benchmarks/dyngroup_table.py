@@ -16,15 +16,14 @@ Example:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from smollm2_table import (  # noqa: E402
-    REPO, command_line, cpu_model, default_unibcq, eval_flags, fp_row, is_complete_checkpoint, read_json, run,
-    write_docs,
+    REPO, command_line, default_unibcq, eval_flags, fp_row, is_complete_checkpoint, machine_description, read_json,
+    run, write_docs,
 )
 
 RUNS: list[tuple[str, list[str]]] = [
@@ -109,7 +108,7 @@ def main() -> int:
 {command_line()}
 ```
 
-Machine: {cpu_model()}, {os.cpu_count()} cores, no GPU, shared with other work while it ran (times are noisy).
+Machine: {machine_description(args.out, not args.no_run)}, no GPU, shared with other work while it ran (times are noisy).
 Protocol as in the main SmolLM2 table below (WikiText-2 test, first {args.max_windows} windows of {args.seq_len} tokens,
 KL and top-1 against the unquantized model). dyngroup: windowed greedy merge, window 256,
 lambda 0.75 (normalised), one set of groups per matrix, as in the paper; `--refine-sweeps 20`

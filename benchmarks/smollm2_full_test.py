@@ -82,7 +82,7 @@ def markdown_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def docs_section(table: str, first: dict[str, Any], missing: Sequence[str] = ()) -> str:
+def docs_section(args: argparse.Namespace, table: str, first: dict[str, Any], missing: Sequence[str] = ()) -> str:
     return section_head(START_MARKER, "SmolLM2-135M-Instruct: the full WikiText-2 test set at 2048 tokens") + f"""
 
 - **Protocol (the papers', up to the text's joins):** the whole WikiText-2 raw test split
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = markdown_table(rows)
     print(table)
     if args.write_docs:
-        write_docs(args.docs, docs_section(table, rows[0][1], missing), START_MARKER, END_MARKER)
+        write_docs(args.docs, docs_section(args, table, rows[0][1], missing), START_MARKER, END_MARKER)
     return 0
 
 

@@ -59,3 +59,19 @@ def test_tasks_no_run_needs_no_checkpoint(tmp_path, capsys):
                                "--unibcq", _fake_cli(tmp_path)]) == 0
     assert not (tmp_path / "calls.txt").exists()
     assert "50.0 ± 0.4" in capsys.readouterr().out
+
+
+def test_full_test_no_run_writes_its_docs_section(tmp_path):
+    import smollm2_full_test
+
+    out = tmp_path / "out"
+    out.mkdir()
+    full = {"ppl": {"wikitext2": 50.5}, "kl_vs_ref": 0.4, "windows": {"wikitext2": 147},
+            "tokens": {"wikitext2": 300909}, "seconds": 10.0}
+    _write(out / "rtn-w3-g128.eval-L2048-full.json", full)
+    _write(out / "rtn-w3-g128.info.json", {"bits_per_weight": 3.542})
+    docs = tmp_path / "BENCHMARKS.md"
+    assert smollm2_full_test.main(["--out", str(out), "--rows", "rtn-w3-g128", "--no-run", "--write-docs",
+                                   "--docs", str(docs), "--unibcq", _fake_cli(tmp_path)]) == 0
+    assert not (tmp_path / "calls.txt").exists()
+    assert "50.50" in docs.read_text() and "machine not recorded" in docs.read_text()

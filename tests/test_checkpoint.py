@@ -165,7 +165,7 @@ def test_a_home_relative_path_is_the_one_checked_and_written(tiny_llama, tmp_pat
     model = tiny_llama()
     config = fast_config("rtn")
     quantize(model, config)
-    unibcq.save(model, "~/notes", config, source_model="tiny", overwrite=True)
+    assert unibcq.save(model, "~/notes", config, source_model="tiny", overwrite=True) == home / "notes"
     assert (home / "notes" / "config.json").is_file()
     assert (work / "~" / "notes" / "mine.txt").read_text() == "keep me"
     assert unibcq.checkpoint_info("~/notes").bits == 3

@@ -125,6 +125,7 @@ def test_a_perplexity_past_float_range_is_inf_not_an_overflow_error(quantized):
     from unibcq.eval.perplexity import perplexity_of
 
     assert perplexity_of(2.0) == pytest.approx(math.exp(2.0)) and perplexity_of(710.0) == math.inf
+    assert math.isnan(perplexity_of(math.nan))  # a NaN model's failure is not hidden as inf
     with torch.no_grad():
         quantized.lm_head.weight.mul_(1e6)
     ids = torch.randint(0, quantized.config.vocab_size, (100,), generator=torch.Generator().manual_seed(1))

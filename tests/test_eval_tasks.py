@@ -584,6 +584,9 @@ def test_empty_or_missing_task_files_are_refused_before_a_model_loads(tok, data_
     (data_dir / "mmlu/test/chemistry_test.csv").write_text("")
     with pytest.raises(UnibcqError, match="chemistry_test.csv holds no questions"):
         mmlu.evaluate_mmlu(bigram(), tok, data_dir, shots=1)
+    with pytest.raises(UnibcqError, match="chemistry_test.csv holds no questions"):
+        check_tasks(["mmlu"], None, data_dir)
+    (data_dir / "mmlu/test/chemistry_test.csv").unlink()
     (data_dir / "mmlu/dev/biology_dev.csv").unlink()
     with pytest.raises(UnibcqError, match="biology_dev.csv"):
         check_tasks(["mmlu"], None, data_dir, mmlu_shots=5)
@@ -951,6 +954,21 @@ def test_journal_survives_a_corrupt_file_and_commits_each_piece(tmp_path, capsys
     assert again.summary() == "1 task(s)"
     again.remove()
     assert not path.exists()
+
+
+def test_a_home_relative_journal_is_read_where_it_is_written(tmp_path, monkeypatch):
+    """`eval --json=~/r.json` (no shell expansion after "=") wrote its journal to $HOME but
+    looked for it under ./~, so a killed run never resumed and the journal stayed behind."""
+    from unibcq.eval.journal import EvalJournal
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    EvalJournal("~/r.json.partial", {"k": 1}).put("task", "piqa", {"acc": 0.5})
+    again = EvalJournal("~/r.json.partial", {"k": 1})
+    assert again.get("task", "piqa") == {"acc": 0.5}
+    assert EvalJournal.stored_protocol("~/r.json.partial") == {"k": 1}
+    again.remove()
+    assert not (tmp_path / "home" / "r.json.partial").exists() and not (tmp_path / "~").exists()
 
 
 def test_a_journal_that_cannot_be_written_only_costs_the_resume(tmp_path, capsys):

@@ -118,11 +118,11 @@ def save_checkpoint(
     layout = layer_layout(model)
     if not layout:
         raise UnibcqError("the model has no quantized layers; run unibcq.quantize first")
-    check_config_matches(config.validate(), layout)
     quantized_with = getattr(getattr(model.config, "quantization_config", None), "method", None)
-    if quantized_with is not None and quantized_with != config.method:
+    if quantized_with is not None and quantized_with != config.validate().method:
         raise UnibcqError(f"the model was quantized with {quantized_with}, but the config describes {config.method}; "
                           "save with the QuantConfig the model was quantized with")
+    check_config_matches(config.validate(), layout)
     state = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         # Tied weights are one tensor; safetensors stores each storage once.
@@ -146,7 +146,7 @@ def save_checkpoint(
             tokenizer.save_pretrained(tmp)
         write_manifest(tmp)
     describe_quantization(model, hf_config[QUANT_KEY])
-    return Path(out_dir)
+    return Path(out_dir).expanduser()
 
 
 def check_config_matches(config: QuantConfig, layout: dict[str, dict[str, Any]]) -> None:

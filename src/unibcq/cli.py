@@ -82,7 +82,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"unibcq: error: {message} (see {self.prog} --help)\n")
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:
-        """As argparse's, but an unknown flag is reported by the subcommand that was given it,
+        """As argparse's, but unknown flags are reported by the innermost subcommand chosen,
         whose --help lists the flags it knows (the top-level help lists none)."""
         parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:

@@ -135,9 +135,10 @@ class QuantConfig:
         """A 1-bit uniform grid has two levels; a symmetric one or one with GPTQ's integer zero
         point puts 0 on one of them, which quantizes most weights of a row to 0."""
         if bits == 1 and self.method in ("rtn", "gptq") and (self.symmetric or self.integer_zero):
-            raise UnibcqError(f"{self.method} at 1 bit needs --float-zero without --symmetric (the grid's two "
-                              "levels are then the group's min and max; with an integer zero point or a "
-                              "symmetric grid one level is 0); for 1-bit signs use a bcq-* method or dyngroup")
+            raise UnibcqError(f"{self.method} at 1 bit needs --float-zero without --symmetric (integer_zero=False, "
+                              "symmetric=False: the grid's two levels are then the group's min and max; with an "
+                              "integer zero point or a symmetric grid one level is 0); for 1-bit signs use a bcq-* "
+                              "method or dyngroup")
 
     def _validate_dyngroup(self) -> None:
         from unibcq.formats.grouped_binary import parse_granularity

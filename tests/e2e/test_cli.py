@@ -552,7 +552,9 @@ def test_corrupt_checkpoint_cli(capsys, tmp_path, tiny_model_dir):
     assert run(capsys, "quantize", tiny_model_dir, "--method", "rtn", "--out", out, "--no-progress")[0] == 0
     weights = out / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    for command in (["info", out], ["eval", out, "--ppl", "x.txt"]):
+    text = tmp_path / "x.txt"
+    text.write_text("w1 w2 w3 " * 50)
+    for command in (["info", out], ["eval", out, "--ppl", text]):
         code, _, err = run(capsys, *command)
         assert code == 2 and ("corrupt" in err.lower() or "truncated" in err.lower())
     (out / "config.json").write_text("{not json")

@@ -34,6 +34,18 @@ def test_plan_cells():
         plan_cells([], [3], 128)
 
 
+def test_a_one_bit_uniform_cell_takes_the_float_zero_point(tmp_path):
+    """rtn and gptq at 1 bit with GPTQ's integer zero point put 0 on one of the two levels,
+    which QuantConfig refuses; compare has no --float-zero, so such a cell takes it."""
+    from unibcq.eval.suite import EvalSettings
+    from unibcq.report import CompareSettings
+    from unibcq.report.compare import cell_config
+
+    settings = CompareSettings("m", ["rtn", "gptq"], [1, 2], 128, tmp_path, EvalSettings(["wikitext2"]))
+    for cell in plan_cells(settings.methods, settings.bits, settings.group_size):
+        assert cell_config(cell, settings).integer_zero == (cell.bits != 1)
+
+
 def test_compare_report_end_to_end_and_resume(capsys, tmp_path, tiny_model_dir, corpus_file, monkeypatch):
     data = _piqa_dir(tmp_path / "data")
     out = tmp_path / "report"

@@ -29,6 +29,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -150,7 +151,10 @@ def read_utf8(path: Path) -> str:
         raise not_utf8(path, exc) from exc
 
 
-def _hub_datasets(name: str):
+HUB_HINT = "pass --data-dir / set UNIBCQ_DATA_DIR to a folder holding it (e.g. the shared datasets folder)"
+
+
+def _hub_datasets(name: str) -> ModuleType:
     """The `datasets` module, once it is known that `name` can be fetched: installed, and the
     Hub's host resolves (offline, huggingface_hub would retry for ~23 s before failing)."""
     try:
@@ -167,9 +171,6 @@ def _hub_datasets(name: str):
         raise UnibcqError(f"{name} is not in a local data directory, and {host} cannot be resolved (offline?); "
                           f"{HUB_HINT}, or set HF_HUB_OFFLINE=1 to read a copy in the datasets cache")
     return datasets
-
-
-HUB_HINT = "pass --data-dir / set UNIBCQ_DATA_DIR to a folder holding it (e.g. the shared datasets folder)"
 
 
 def _from_hub(name: str, role: str) -> str:

@@ -27,7 +27,7 @@ class EvalJournal:
     """Finished pieces of one evaluation, keyed by kind ("ppl", "task", "mmlu", "part") and name."""
 
     def __init__(self, path: str | Path, protocol: dict[str, Any]) -> None:
-        self.path = Path(path)
+        self.path = Path(path).expanduser()  # where write_json_atomic writes it
         self.protocol = json.loads(json.dumps(protocol, default=str))  # compare as it reads back from disk
         self.pieces: dict[str, dict[str, Any]] = {}
         self.writable = True
@@ -45,7 +45,7 @@ class EvalJournal:
     def stored_protocol(path: str | Path) -> dict[str, Any] | None:
         """The protocol a journal file at `path` was written under, without taking its pieces."""
         try:
-            stored = json.loads(Path(path).read_text())
+            stored = json.loads(Path(path).expanduser().read_text())
         except (OSError, ValueError):
             return None
         return stored.get("protocol") if isinstance(stored, dict) else None

@@ -30,7 +30,7 @@ from unibcq.progress import progress_bar
 def perplexity_of(mean_nll: float) -> float:
     """exp(mean NLL), inf past float range (mean NLL > ~709.8): a broken model's perplexity is
     a figure to report, not an OverflowError after the whole evaluation ran."""
-    return math.exp(mean_nll) if mean_nll < math.log(sys.float_info.max) else math.inf
+    return math.inf if mean_nll > math.log(sys.float_info.max) else math.exp(mean_nll)  # NaN stays NaN
 
 
 @dataclass

@@ -38,7 +38,7 @@ from unibcq.eval.journal import EvalJournal
 from unibcq.eval.gsm8k import (
     GSM8K_FILE, build_chat_prompt, build_prompt, evaluate_gsm8k, greedy_generator, load_gsm8k,
 )
-from unibcq.eval.mmlu import check_shots, evaluate_mmlu, subjects
+from unibcq.eval.mmlu import check_shots, evaluate_mmlu, read_questions, subjects
 from unibcq.eval.zeroshot import (
     LAMBADA_FILE, MULTIPLE_CHOICE, ProgressFn, data_file, data_root, evaluate_lambada, evaluate_multiple_choice,
     load_lambada,
@@ -152,7 +152,9 @@ def check_tasks(
                 raise UnibcqError(f"{path} holds no rows to score (truncated or emptied?)")
     if "mmlu" in names:
         check_shots(mmlu_shots)
-        for subject in subjects(root):  # a missing dev file would stop the run after the model loaded
+        for subject in subjects(root):  # found later, these would stop the run after the model loaded
+            if not read_questions(data_file(root, f"mmlu/test/{subject}_test.csv"), limit=1):
+                raise UnibcqError(f"mmlu/test/{subject}_test.csv holds no questions (truncated or emptied?)")
             if mmlu_shots:
                 data_file(root, f"mmlu/dev/{subject}_dev.csv")
     if chat_template and "gsm8k" not in names:

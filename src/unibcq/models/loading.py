@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -103,19 +103,23 @@ def _cache_gguf(source: ModelSource) -> Path:
                 record.write_text(source.path)
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
+    built = False
     with FileLock(f"{cached}.lock"):
         if not (cached / "config.json").is_file():
             _dequantize_gguf(source, cached)
             record.write_text(source.path)
-            _prune_stale_caches(source, cached)
+            built = True
+    if built:  # after releasing this cache's lock: two builders pruning each other's caches must not deadlock
+        _prune_stale_caches(source, cached)
     return cached
 
 
 def _prune_stale_caches(source: ModelSource, current: Path) -> None:
     """Remove the caches of earlier versions of the same GGUF file (same path, other size or
-    modification time): nothing can load them again. Each cache records its GGUF's path in
+    modification time): no process started from now on can load them (one still loading the
+    old version when the GGUF was rewritten may fail). Each cache records its GGUF's path in
     `NAME.source` beside it; caches without that record are left alone, and so are lock
-    files (a process may be waiting on one)."""
+    files (a process may be waiting on one) and caches whose lock is held (being built)."""
     for record in current.parent.glob("*.source"):
         stale = record.with_suffix("")
         try:
@@ -123,9 +127,12 @@ def _prune_stale_caches(source: ModelSource, current: Path) -> None:
                 continue
         except OSError:  # removed meanwhile by another process pruning the same caches
             continue
-        with FileLock(f"{stale}.lock"):
-            shutil.rmtree(stale, ignore_errors=True)
-            record.unlink(missing_ok=True)
+        try:
+            with FileLock(f"{stale}.lock", timeout=0):
+                shutil.rmtree(stale, ignore_errors=True)
+                record.unlink(missing_ok=True)
+        except Timeout:
+            continue
 
 
 def _dequantize_gguf(source: ModelSource, cached: Path) -> None:

@@ -95,8 +95,12 @@ def plan_cells(methods: Sequence[str], bits: Sequence[int], group_size: int) -> 
 
 
 def cell_config(cell: Cell, settings: CompareSettings, context: int | None = None) -> QuantConfig:
-    """The cell's settings: the preset's, with calibration windows capped at the model's `context`."""
-    config = QuantConfig(cell.method, bits=cell.bits, group_size=cell.group_size, seed=settings.seed)
+    """The cell's settings: the preset's, with calibration windows capped at the model's `context`.
+    A 1-bit uniform cell (rtn, gptq) takes the float zero point: with GPTQ's integer one, 0 is
+    one of its two levels (`QuantConfig` refuses that)."""
+    one_bit_uniform = cell.bits == 1 and cell.method in ("rtn", "gptq")
+    config = QuantConfig(cell.method, bits=cell.bits, group_size=cell.group_size, seed=settings.seed,
+                         integer_zero=not one_bit_uniform)
     config = apply_preset(config, preset_values(settings.preset, {}), settings.calib)
     cap_calibration_length(config, context)
     return config.validate()
