@@ -587,6 +587,7 @@ def _load_for_eval(spec: str, dtype: torch.dtype = torch.float32):
     )
     from unibcq.finite import refuse_nonfinite_model
     from unibcq.models import load_model, load_tokenizer
+    from unibcq.models.loading import declared_dtype
 
     # A checkpoint whose config.json is damaged is still recognised by its weights' header,
     # so the checkpoint loader reports what is wrong with it.
@@ -607,7 +608,7 @@ def _load_for_eval(spec: str, dtype: torch.dtype = torch.float32):
                               "(tokenizer.save_pretrained(DIR))") from None
         return model, tokenizer, checkpoint_info(spec).bits_per_weight, source
     model = refuse_nonfinite_model(load_model(spec, dtype), spec)
-    bits = float(torch.finfo(next(model.parameters()).dtype).bits)
+    bits = float(torch.finfo(declared_dtype(spec)).bits)  # as published (a bfloat16 model is 16), not as computed
     return model, load_tokenizer(spec), bits, None
 
 

@@ -93,6 +93,10 @@ def test_save_dtype_defaults_to_the_published_dtype(capsys, tmp_path, tiny_model
         report = json.loads((tmp_path / f"e-{save_dtype}.json").read_text())
         figures.append((report["ppl"][str(corpus_file)], report["kl_vs_ref"]))
     assert figures[0] == figures[1]  # the bf16 values were exact, so both evaluate the same model
+    code, _, err = run(capsys, "eval", source, "--ppl", corpus_file, "--seq-len", "32", "--max-windows", "2",
+                       "--no-progress", "--json", tmp_path / "e-source.json")
+    assert code == 0, err  # the unquantized model's bits/weight are as published, though computed in float32
+    assert json.loads((tmp_path / "e-source.json").read_text())["bits_per_weight"] == 16
 
 
 def test_published_dtype_is_read_from_the_weights_not_the_config(tmp_path, tiny_model_dir):

@@ -91,6 +91,8 @@ def test_compare_report_end_to_end_and_resume(capsys, tmp_path, tiny_model_dir, 
     monkeypatch.setattr(compare, "context_window_of", forbidden)  # kept from the first run: no model needed
     assert main(argv) == 0, capsys.readouterr().err
     assert json.loads((out / "results" / "gptq-w3-g32.json").read_text()) == results["gptq-w3-g32"]
+    # nor with a smaller batch (a rerun after running out of memory): speed, not what is measured
+    assert main([*argv, "--batch-size", "2"]) == 0, capsys.readouterr().err
 
     # A different protocol re-evaluates every cell but reuses the checkpoints.
     monkeypatch.undo()
@@ -249,12 +251,18 @@ def test_compare_cell_killed_mid_evaluation_keeps_its_finished_datasets(capsys, 
     assert result["kl_vs_ref"] > 0 and result["tasks"]["piqa"]["n"] == 6
 
 
-def test_the_report_names_cells_reused_from_a_run_on_another_device():
-    from unibcq.report.render import _devices_note
+def test_the_report_names_the_machine_each_cell_was_measured_on():
+    """Each result records its machine; a report reusing cells of a run elsewhere credits them
+    there, not to the machine that renders it. Older results record only their device."""
+    from unibcq.report.render import machine_line, machines_note
 
-    results = [{"name": "fp", "device": "cuda"}, {"name": "rtn-w3-g32", "device": "cpu"}, {"name": "gptq-w3-g32"}]
-    assert _devices_note(results, "cuda") == " Reused from a run on cpu: rtn-w3-g32, gptq-w3-g32."
-    assert _devices_note(results[1:], "cpu") == ""
+    here = machine_line("cpu")
+    results = [{"name": "fp", "device": "cpu", "machine": here}, {"name": "rtn-w3-g32", "device": "cpu"},
+               {"name": "gptq-w3-g32", "device": "cuda", "machine": "16 CPU cores (Xeon), NVIDIA H100"},
+               {"name": "rtn-w2-g32", "device": "cuda"}]
+    assert machines_note(results[:2], "cpu") == here
+    assert machines_note(results, "cpu") == (f"{here} (fp, rtn-w3-g32); 16 CPU cores (Xeon), NVIDIA H100 (gptq-w3-g32); "
+                                             "a machine with cuda (not recorded) (rtn-w2-g32)")
 
 
 def test_the_kept_context_window_belongs_to_its_model(tmp_path, monkeypatch):
@@ -279,3 +287,19 @@ def test_compare_refuses_a_quantized_checkpoint_before_any_work(capsys, tmp_path
                  "--out", str(tmp_path / "r"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "already a unibcq checkpoint" in err and not (tmp_path / "r").exists()
+
+
+def test_a_diverged_cell_is_named_in_the_plot_not_silently_dropped(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from unibcq.report.render import _plot
+
+    drawn = []
+    original = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda ax, x, y, **kw: drawn.append((list(x), list(y), kw.get("label")))
+                        or original(ax, x, y, **kw))
+    results = [{"method": "rtn", "bits": b, "bits_per_weight": bpw, "ppl": ppl}
+               for b, bpw, ppl in ((2, 2.406, float("inf")), (3, 3.542, 285.8), (4, 4.117, float("nan")))]
+    assert _plot(tmp_path / "p.png", results, lambda r: r["ppl"], "ppl", "t", log_y=True)
+    assert drawn == [([3.542], [285.8], "rtn (not finite at 2.41, 4.12 bits)")]
+    assert (tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC

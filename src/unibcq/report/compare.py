@@ -38,7 +38,7 @@ from unibcq.methods.registry import check_method
 from unibcq.models.fingerprint import files_fingerprint, source_spec
 from unibcq.models.loading import check_supported, context_window_of, declared_dtype
 from unibcq.progress import progress_bar
-from unibcq.report.render import ACCURACY_PLOT, PPL_PLOT, REPORT_FILE, REPORT_TITLE, write_report
+from unibcq.report.render import ACCURACY_PLOT, PPL_PLOT, REPORT_FILE, REPORT_TITLE, machine_line, write_report
 
 FP_NAME = "unquantized"
 CONTEXT_FILE = "model-context.json"  # in results/
@@ -128,11 +128,23 @@ def _read_result(path: Path, protocol: dict[str, Any]) -> dict[str, Any] | None:
     return result if _comparable(result["protocol"]) == _comparable(protocol) else None
 
 
+# Settings a stored result may differ in and still be reused: the batch size changes speed and
+# memory, not what is measured (the eval journal's key leaves it out too), so a rerun with a
+# smaller batch after running out of memory keeps every finished cell; the task options mean
+# nothing when no task runs.
+SPEED_SETTINGS = ("batch_size",)
+TASK_SETTINGS = ("limit", "mmlu_shots", "task_dtype", "chat_template")
+
+
 def _comparable(protocol: dict[str, Any]) -> dict[str, Any]:
-    """A result's protocol with its quantization's unread settings at their defaults: results
-    stored before checkpoints recorded only the settings their method reads stay reusable."""
-    quantization = protocol.get("quantization")
-    return protocol | {"quantization": normalized_record(quantization)} if isinstance(quantization, dict) else protocol
+    """What must match for a result to be reused: its protocol without `SPEED_SETTINGS` (and
+    without `TASK_SETTINGS` when no task runs), with its quantization's unread settings at their
+    defaults, so that results stored before checkpoints recorded only the settings their method
+    reads stay reusable."""
+    ignored = {*SPEED_SETTINGS, *(TASK_SETTINGS if protocol.get("tasks") is None else ())}
+    kept = {k: v for k, v in protocol.items() if k not in ignored}
+    quantization = kept.get("quantization")
+    return kept | {"quantization": normalized_record(quantization)} if isinstance(quantization, dict) else kept
 
 
 def _journal(results_dir: Path, name: str, settings: CompareSettings, model: str | Path) -> EvalJournal:
@@ -290,10 +302,10 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
                 journal = _journal(results_dir, FP_NAME, settings, settings.model)
                 with placed_on(settings.device, model):
                     measured = evaluate_suite(model, tokenizer, settings.evaluation, None, show_progress, journal)
-                bits = float(torch.finfo(next(model.parameters()).dtype).bits)
+                bits = float(torch.finfo(declared_dtype(settings.model)).bits)  # as published, not as computed
                 write_json_atomic(results_dir / f"{FP_NAME}.json", {
                     "name": FP_NAME, "method": FP_NAME, "bits": None, "group_size": None, "bits_per_weight": bits,
-                    "device": settings.device,
+                    "device": settings.device, "machine": machine_line(settings.device),
                     "checkpoint_mb": None, "quantize_seconds": None, "protocol": protocol, **measured})
                 journal.remove()
                 bar.update(overall, advance=1)
@@ -309,7 +321,7 @@ def run_compare(settings: CompareSettings, show_progress: bool = True) -> list[d
                                               journal)
                 write_json_atomic(results_dir / f"{cell.name}.json", {
                     "name": cell.name, "method": cell.method, "bits": cell.bits, "group_size": cell.group_size,
-                    "device": settings.device,
+                    "device": settings.device, "machine": machine_line(settings.device),
                     "bits_per_weight": info.bits_per_weight, **info.accounting(),
                     "checkpoint_mb": info.file_bytes / 1e6,
                     "quantize_seconds": read_config(path)[QUANT_KEY].get("quantize_seconds"),

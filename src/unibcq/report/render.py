@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import platform
 from pathlib import Path
@@ -38,14 +39,20 @@ def machine_line(device: str = "cpu") -> str:
     return f"{os.cpu_count()} CPU cores ({cpu_model()}), {gpu}; torch {torch.__version__}, unibcq {__version__}"
 
 
-def _devices_note(results: list[dict[str, Any]], device: str) -> str:
-    """Where cells reused from an earlier run were measured, when that was not `device`."""
-    elsewhere: dict[str, list[str]] = {}
+def machines_note(results: list[dict[str, Any]], device: str) -> str:
+    """The machines the rows were measured on, as each result records its own: a report that
+    reuses cells of an earlier run (on another host, or device) must not credit them to the
+    machine that rendered it. Results from before machines were recorded name only a device;
+    those run on `device` are taken to be this machine's."""
+    here = machine_line(device)
+    where: dict[str, list[str]] = {}
     for result in results:
-        where = result.get("device", "cpu")  # results written before devices were recorded ran on the CPU
-        if where != device:
-            elsewhere.setdefault(where, []).append(result["name"])
-    return "".join(f" Reused from a run on {where}: {', '.join(names)}." for where, names in elsewhere.items())
+        ran_on = result.get("device", "cpu")  # results written before devices were recorded ran on the CPU
+        machine = result.get("machine") or (here if ran_on == device else f"a machine with {ran_on} (not recorded)")
+        where.setdefault(machine, []).append(result["name"])
+    if len(where) == 1:
+        return next(iter(where))
+    return "; ".join(f"{machine} ({', '.join(names)})" for machine, names in where.items())
 
 
 def _fmt(value: Any, spec: str = ".4g") -> str:
@@ -106,7 +113,9 @@ def results_table(results: Sequence[dict[str, Any]]) -> str:
 
 
 def _plot(path: Path, results: Sequence[dict[str, Any]], metric, ylabel: str, title: str, log_y: bool) -> bool:
-    """One line per method of metric(result) against honest bits per weight; FP as a dashed line."""
+    """One line per method of metric(result) against honest bits per weight; FP as a dashed line.
+    A cell whose figure is inf or NaN (a diverged 2-bit model) has no point, so its line would
+    just stop; the method's legend entry names the bit widths it lost instead."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,8 +126,11 @@ def _plot(path: Path, results: Sequence[dict[str, Any]], metric, ylabel: str, ti
         return False
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for method in dict.fromkeys(r["method"] for r in quantized):
-        points = sorted((r["bits_per_weight"], metric(r)) for r in quantized if r["method"] == method)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        cells = sorted((r["bits_per_weight"], metric(r)) for r in quantized if r["method"] == method)
+        points = [p for p in cells if math.isfinite(p[1])]
+        lost = ", ".join(f"{bits:.2f}" for bits, value in cells if not math.isfinite(value))
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                label=f"{method} (not finite at {lost} bits)" if lost else method)
     for r in results:
         if r["bits"] is None and metric(r) is not None:
             ax.axhline(metric(r), color="black", linestyle="--", linewidth=1, label=r["method"])
@@ -169,7 +181,7 @@ def write_report(settings: "CompareSettings", results: Sequence[dict[str, Any]])
         settings.command or "(Python API: unibcq.report.run_compare)",
         "```",
         "",
-        f"- **Machine:** {machine_line(settings.device)}.{_devices_note(results, settings.device)}",
+        f"- **Machine:** {machines_note(results, settings.device)}.",
         f"- **Quantization:** group size {settings.group_size} (-1 = per output channel), preset "
         f"`{settings.preset}`, calibration `{settings.calib}`{_calibration_size(results)} (calibrated methods "
         f"only), seed {settings.seed}; "
