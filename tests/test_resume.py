@@ -127,3 +127,27 @@ def test_a_second_run_on_a_locked_state_fails_without_touching_it(tmp_path):
     second = RunState.open(tmp_path / "s", fingerprint, resume=False)
     assert not spill.exists()  # a killed run's scratch is cleared once the directory is ours
     second.close()
+
+
+
+def test_a_resumed_run_counts_the_killed_runs_quantizing_time(tiny_llama, tmp_path, monkeypatch):
+    """The state records the quantizing seconds up to each commit and a resumed run goes on from
+    them, so quantize --resume and compare report the whole quantization's time, not that of
+    its last stretch (3.8 s of a 6.9 s run)."""
+    ticks = iter(range(0, 10_000, 100))  # every reading of the run state's clock is 100 s later
+    monkeypatch.setattr(run_state, "perf_counter", lambda: float(next(ticks)))
+    state = tmp_path / "state"
+    config, calib = _gptq_killed_after_one_block(tiny_llama(num_hidden_layers=3), state, monkeypatch, seed=7)
+    killed = RunState.committed_seconds(state)
+    assert killed == 100.0  # opened at 0, committed block 0 at 100
+    seen = []
+    original = RunState.commit_block
+
+    def commit(self, *args):
+        original(self, *args)
+        seen.append(RunState.committed_seconds(state))
+
+    monkeypatch.setattr(RunState, "commit_block", commit)
+    unibcq.quantize(tiny_llama(num_hidden_layers=3), config, calib, show_progress=False, state_dir=state, resume=True)
+    assert seen == [killed + 100.0, killed + 200.0]  # blocks 1 and 2, after the 100 s already spent
+    assert RunState.committed_seconds(tmp_path / "nothing") == 0.0

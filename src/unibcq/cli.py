@@ -423,7 +423,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     from unibcq.memory import MemoryCap, MemoryCapExceeded
     from unibcq.methods.presets import cap_calibration_length
-    from unibcq.methods.run_state import state_dir_for
+    from unibcq.methods.run_state import RunState, state_dir_for
     from unibcq.methods.streaming import parse_memory
     from unibcq.models.loading import check_supported, context_window_of
 
@@ -461,6 +461,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     windows = (calibration_windows(tokenizer, args.calib, config.calib_samples, config.calib_seq_len, args.seed,
                                    args.data_dir) if calibrated else None)
     state_dir = state_dir_for(out) if calibrated else None
+    earlier_seconds = RunState.committed_seconds(state_dir) if calibrated and args.resume else 0.0
     cap = MemoryCap(parse_memory(args.max_memory)) if args.max_memory else None
     try:
         if cap is not None:
@@ -471,7 +472,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     except MemoryCapExceeded as exc:
         raise UnibcqError(f"{exc}; the finished blocks are kept in {state_dir}: rerun with --resume and a larger "
                           "--max-memory, fewer --calib-samples, a shorter --seq-len or --spill-activations") from exc
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start + (earlier_seconds if calibrated else 0.0)
     save_checkpoint(model, out, config, source_spec(args.model), tokenizer, overwrite=args.overwrite,
                     extra={"quantize_seconds": round(seconds, 3)}, dtype=save_dtype)
     if state_dir is not None:

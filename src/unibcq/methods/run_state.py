@@ -24,6 +24,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from time import perf_counter
 from typing import Any, Callable
 
 import torch
@@ -95,6 +96,18 @@ class RunState:
         self.layouts: dict[str, dict[str, Any]] = {}
         self.streams: dict[str, int] = {}  # samples per saved activation stream
         self._lock_fd: int | None = None
+        self.seconds_before = 0.0  # quantizing time of the killed runs this one continues, to their last commit
+        self._opened = perf_counter()
+
+    @staticmethod
+    def committed_seconds(path: str | os.PathLike) -> float:
+        """The quantizing seconds the run state at `path` records up to its last committed block
+        (0 when there is none): a resumed run adds them, so that its reported time is the whole
+        quantization's, not that of its last stretch."""
+        try:
+            return float(json.loads((Path(path) / STATE_FILE).read_text()).get("seconds", 0.0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return 0.0
 
     @classmethod
     def open(cls, path: str | os.PathLike, fingerprint: dict[str, Any], resume: bool) -> "RunState":
@@ -145,6 +158,7 @@ class RunState:
             raise UnibcqError(f"{self.path} was saved by a different run (differs in: {', '.join(differs)}); "
                               f"rerun the same command to resume, or remove that directory to start over")
         self.completed, self.records, self.layouts, self.streams = completed, records, layouts, streams
+        self.seconds_before = float(saved.get("seconds", 0.0))
 
     def _lock(self) -> None:
         """Lock the directory for this run, released by `close` (or when the process ends), so
@@ -234,6 +248,7 @@ class RunState:
         write_json_atomic(self.path / STATE_FILE, {
             "version": STATE_VERSION, "completed": index + 1, "fingerprint": self.fingerprint,
             "records": self.records, "layouts": self.layouts, "streams": streams,
+            "seconds": self.seconds_before + perf_counter() - self._opened,
         })
         self.completed, self.streams = index + 1, streams
         shutil.rmtree(self.path / f"activations-{index:04d}", ignore_errors=True)

@@ -33,7 +33,7 @@ from unibcq.eval.journal import EvalJournal
 from unibcq.eval.suite import EvalSettings, evaluate_suite, piece_name, placed_on
 from unibcq.methods import CALIBRATED, quantize_model
 from unibcq.methods.presets import apply_preset, cap_calibration_length, preset_values
-from unibcq.methods.run_state import state_dir_for
+from unibcq.methods.run_state import RunState, state_dir_for
 from unibcq.methods.registry import check_method
 from unibcq.models.fingerprint import files_fingerprint, source_spec
 from unibcq.models.loading import check_supported, context_window_of, declared_dtype
@@ -241,11 +241,12 @@ def _quantized_cell(path: Path, config: QuantConfig, settings: CompareSettings, 
         return load_checkpoint(path, dtype=torch.float32)  # computed like the reference
     check_output_dir(path, is_checkpoint(path), settings.model)  # before the work, not at the save after it
     quantized = copy.deepcopy(model)
+    earlier_seconds = RunState.committed_seconds(state_dir_for(path))  # of a run killed mid-way
     start = time.perf_counter()
     quantize_model(quantized, config, windows(config) if config.method in CALIBRATED else None,
                    show_progress=show_progress, workers=settings.workers, device=settings.device,
                    state_dir=state_dir_for(path), resume=True)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start + earlier_seconds
     save_checkpoint(quantized, path, config, settings.model, tokenizer, overwrite=is_checkpoint(path),
                     extra={"quantize_seconds": round(seconds, 3)}, dtype=declared_dtype(settings.model))
     shutil.rmtree(state_dir_for(path), ignore_errors=True)
