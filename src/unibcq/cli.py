@@ -239,8 +239,8 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="wrap the prompt in the tokenizer's chat template as a user turn (default: on when the "
                         "tokenizer has a template)")
     g.add_argument("--temperature", type=float, default=0.0,
-                   help="0 = greedy (default); > 0 samples at this temperature (with any top-k/top-p of the "
-                        "model's generation config)")
+                   help="0 = greedy (default); > 0 samples at this temperature (at least 1e-6), with the "
+                        "top-k/top-p of the model's generation config, else transformers' defaults (top-k 50)")
     g.add_argument("--seed", type=int, help="seed for sampling (--temperature > 0)")
     g.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")
     g.add_argument("--dtype", default="float32", choices=tuple(COMPUTE_DTYPES),
@@ -857,7 +857,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
               f"--max-new-tokens {args.max_new_tokens} was capped there", file=sys.stderr)
     if args.json:
         write_json_atomic(args.json, {"model": args.model, "prompt": args.prompt, "bits_per_weight": bits,
-                                      "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                                      "requested_max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                                       "seed": args.seed, "device": str(device), "dtype": args.dtype,
                                       **result.to_dict()}, portable=True)
 

@@ -108,12 +108,17 @@ class _TimedStreamer(TextStreamer):
         self.on_text(text + "\n" if stream_end else text)
 
 
+MIN_TEMPERATURE = 1e-6
+
+
 def check_generation_options(max_new_tokens: int, temperature: float) -> None:
     """Reject settings generate() cannot honour (called by the CLI before the model loads)."""
     if max_new_tokens < 1:
         raise UnibcqError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if not 0 <= temperature < math.inf:
         raise UnibcqError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if 0 < temperature < MIN_TEMPERATURE:  # logits / 1e-40 overflow float32 to inf, and sampling fails on them
+        raise UnibcqError(f"--temperature {temperature} is below {MIN_TEMPERATURE}; use 0 for greedy decoding")
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool | None = None) -> tuple[torch.Tensor, bool]:
@@ -138,6 +143,14 @@ WARMUP_PROMPT_TOKENS = 16  # past every CPU GEMV row bound, so the prefill's mat
 
 
 @torch.no_grad()
+def _stop_ids(configured: int | list[int] | None, eos: int | None) -> list[int] | None:
+    """The generation config's EOS ids with the tokenizer's EOS added (None when neither has one)."""
+    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    if eos is not None and eos not in ids:
+        ids.append(eos)
+    return ids or None
+
+
 def _warm_up(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
     """One untimed forward of a short prompt slice and one of a single token: the two product
     paths (prefill and decode steps) are compiled and their buffers allocated before timing."""
@@ -182,6 +195,9 @@ def generate_text(
                               f"{context}; shorten it so new tokens fit")
         max_new_tokens = min(max_new_tokens, context - input_ids.shape[1])
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
+    if used_chat:  # the turn ends at the tokenizer's EOS (the template's end of turn) even where the
+        # generation config names another EOS: past it the text would run into a next turn
+        options["eos_token_id"] = _stop_ids(model.generation_config.eos_token_id, tokenizer.eos_token_id)
     if temperature > 0:
         options["temperature"] = temperature
     if ignore_eos:
@@ -196,6 +212,8 @@ def generate_text(
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(model.device)
     _warm_up(model, input_ids)
+    if on_gpu:  # the warm-up's kernels are queued, not done: they must not count as prefill
+        torch.cuda.synchronize(model.device)
     start = time.perf_counter()
     with half_linear_in_float32(model):
         output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **options)

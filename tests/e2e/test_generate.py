@@ -116,6 +116,25 @@ def test_chat_template(w3_dir):
     assert not generate_text(model, tokenizer, PROMPT, 2, chat=False).chat
 
 
+def test_a_chat_turn_ends_at_the_tokenizers_eos_even_when_the_config_names_another(w3_dir):
+    """Where generation_config's EOS is not the tokenizer's (the template's end of turn), the
+    reply ran past the turn into the next one's text; hidden by skip_special_tokens."""
+    model, tokenizer = unibcq.load(w3_dir), unibcq.load_tokenizer(str(w3_dir))
+    tokenizer.chat_template = "{% for m in messages %}w1 {{ m['content'] }} w5{% endfor %}"
+    turn_end, other = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("w9")
+    model.generation_config.eos_token_id = other
+    forced = torch.full((model.config.vocab_size,), -1e4)
+    forced[turn_end] = 1e4  # the model ends its turn at once
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: out + forced)
+    try:
+        chat = generate_text(model, tokenizer, PROMPT, 6)
+        plain = generate_text(model, tokenizer, PROMPT, 6, chat=False)
+    finally:
+        hook.remove()
+    assert chat.chat and chat.token_ids == [turn_end]
+    assert plain.token_ids == [turn_end] * 6  # without a template the model's own EOS rules, as configured
+
+
 def test_model_memory_counts_packed_storage(tmp_path, tiny_model_dir, tiny_llama):
     fp = unibcq.load_model(str(tiny_model_dir))
     w4 = unibcq.load(quantized_dir(tiny_model_dir, tmp_path / "w4", 4, group_size=-1))
@@ -185,6 +204,7 @@ def test_generate_cli_on_a_gpu_reports_its_memory(capsys, tmp_path, w3_dir):
     (["--max-new-tokens", "0"], "max-new-tokens"),
     (["--temperature", "-1"], "temperature"),
     (["--temperature", "inf"], "finite"),
+    (["--temperature", "1e-40"], "use 0 for greedy"),  # logits / 1e-40 overflowed into a sampling traceback
 ])
 def test_generate_cli_bad_input(capsys, tmp_path, extra, needle):
     code, stdout, err = run(capsys, "generate", tmp_path / "missing-dir", "--prompt", "hi", *extra)
@@ -289,6 +309,7 @@ def test_generation_stops_at_the_context_window(capsys, tmp_path, w3_dir):
     report = json.loads((tmp_path / "g.json").read_text())
     room = 64 - report["prompt_tokens"]
     assert report["max_new_tokens"] == room and report["new_tokens"] <= room
+    assert report["requested_max_new_tokens"] == 500  # what was asked for is kept beside what ran
     assert "--max-new-tokens 500 was capped there" in err
     code, _, err = run(capsys, "generate", w3_dir, "--prompt", " ".join([PROMPT] * 20), "--no-chat")
     assert code == 2 and "context window 64" in err
