@@ -107,6 +107,17 @@ def test_local_remap_uses_value_neighbours():
     assert local_remap(torch.tensor([[-5.0]]), alpha, previous).item() == 2
 
 
+def test_local_remap_steps_past_levels_of_equal_value():
+    """Equal alphas (unified init gives them to a group of two distinct weights) make levels of
+    equal value: the step is to the next other value, not a copy, else u = 3.4 stayed at 1.17."""
+    alpha = torch.full((1, 3), 7 / 6)  # levels -3.5, -7/6 (x3), +7/6 (x3), +3.5
+    levels = global_remap(torch.tensor([[7 / 6]]), alpha)
+    current, u = levels, torch.tensor([[3.4]])
+    for _ in range(2):
+        current = local_remap(u, alpha, current)
+    assert torch.equal(current, global_remap(u, alpha))  # reached +3.5 in one step, and stays
+
+
 def test_gradient_filtering_and_alpha_gradient():
     layer = UniQuanFLinear(_linear(), 2, 32, init_iters=2)
     layer.eval()

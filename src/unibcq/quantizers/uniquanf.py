@@ -98,14 +98,21 @@ def local_remap(u: torch.Tensor, alpha: torch.Tensor, previous: torch.Tensor) ->
 
     The authors' code takes index neighbours (k - 1, k + 1), which are value neighbours only
     when alpha is super-increasing; we sort each group's levels and take the levels just
-    below and above the previous one in value, which is what "local" is meant to be.
+    below and above the previous one in value, which is what "local" is meant to be. Levels
+    of equal value (equal or zero alphas, which unified init gives a group of two distinct
+    weights) count as one: the neighbours are the nearest *other* values, else a weight could
+    never step past the copies of its level.
     """
     levels = level_values(alpha)
     sorted_levels, order = torch.sort(levels, dim=1)
     rank = torch.argsort(order, dim=1)
     pos = rank.gather(1, previous)
+    current = sorted_levels.gather(1, pos)
+    below = torch.searchsorted(sorted_levels, current, side="left") - 1
+    above = torch.searchsorted(sorted_levels, current, side="right")
     last = levels.shape[1] - 1
-    candidates = torch.stack([(pos - 1).clamp(min=0), pos, (pos + 1).clamp(max=last)], dim=-1)
+    candidates = torch.stack([torch.where(below < 0, pos, below), pos, torch.where(above > last, pos, above)],
+                             dim=-1)
     values = sorted_levels.gather(1, candidates.reshape(len(u), -1)).reshape(candidates.shape)
     choice = (values - u.unsqueeze(-1)).abs().argmin(dim=-1, keepdim=True)
     return order.gather(1, candidates.gather(-1, choice).squeeze(-1))
