@@ -125,12 +125,12 @@ def test_missing_shard_is_a_clear_error(tmp_path, tiny_llama):
 
 
 @pytest.mark.parametrize("text, expected", [("8GiB", 8 * 2**30), ("512M", 512 * 2**20), ("1.5g", 3 * 2**29),
-                                            ("1000", 1000)])
+                                            ("1000", 1000), ("2Gi", 2 * 2**30)])
 def test_parse_memory(text, expected):
     assert parse_memory(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "lots", "-1G", "0", "8XB"])
+@pytest.mark.parametrize("text", ["", "lots", "-1G", "0", "8XB", "1e400", "0.5", "1e-12G"])
 def test_parse_memory_rejects_nonsense(text):
     with pytest.raises(UnibcqError, match="not a memory size"):
         parse_memory(text)
@@ -205,3 +205,19 @@ def test_max_memory_refuses_a_config_transformers_cannot_build_in_one_line(tmp_p
     err = capsys.readouterr().err
     assert code == 2 and f"{source} is not a causal LM transformers can build" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_budget_counts_the_largest_unquantized_tensor_and_does_not_hold_it(tmp_path, tiny_llama):
+    """A 20,000-word embedding outweighs every linear layer of the tiny model: a budget that fits
+    the largest linear's quantization but not the embedding's read is refused, and an output
+    tensor larger than a shard is written at once rather than held through the next layers."""
+    import unibcq.methods.streaming as streaming
+
+    source = saved_model(tiny_llama(vocab_size=20000), tmp_path / "src")
+    largest_linear = max(p.numel() for n, p in tiny_llama().named_parameters() if "layers." in n and p.dim() == 2) * 4
+    budget = streaming.BASELINE_BYTES + (streaming.QUANTIZER_COPIES + 2) * largest_linear
+    with pytest.raises(UnibcqError, match="largest unquantized tensor"):
+        quantize_streaming(source, tmp_path / "out", QuantConfig(method="rtn"), "src", budget, show_progress=False)
+    writer = streaming._ShardWriter(tmp_path, shard_bytes=100)
+    writer.add("big", torch.zeros(1000))
+    assert writer.held == {} and len(writer.files) == 1

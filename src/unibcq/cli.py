@@ -7,6 +7,7 @@ results go to stdout as tables and, with --json, to a JSON file written atomical
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -379,6 +380,8 @@ def _check_workers(workers: int, backend: str = "local") -> None:
     local processes only take turns (and each holds its own copies)."""
     if workers < 1:
         raise UnibcqError(f"--workers must be an integer >= 1, got {workers}")
+    if backend == "ray" and importlib.util.find_spec("ray") is None:  # before the model loads, not after
+        raise UnibcqError("--backend ray needs Ray: pip install 'unibcq[ray]'")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if backend == "local" and workers > cpus:
         print(f"unibcq: note: --workers {workers} exceeds the {cpus} CPUs this process may use; the extra "
@@ -428,6 +431,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from unibcq.models.loading import check_supported, context_window_of
 
     _check_workers(args.workers, args.backend)
+    budget = parse_memory(args.max_memory) if args.max_memory is not None else None  # "" too: not no budget
     config = _quant_config(args)
     calibrated = config.method in CALIBRATED
     if args.spill_activations and not calibrated:
@@ -452,7 +456,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         print(f"unibcq: note: the preset's {replaced}-token calibration windows exceed the model's context; "
               f"using {config.calib_seq_len}", file=sys.stderr)
     start = time.perf_counter()
-    model, onload, spill = _onload_within_budget(config, source, args.max_memory) if args.max_memory else (
+    model, onload, spill = _onload_within_budget(config, source, budget) if budget is not None else (
         load_model(args.model), None, False)
     spill = spill or args.spill_activations
     tokenizer = load_tokenizer(args.model)
@@ -462,7 +466,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                                    args.data_dir) if calibrated else None)
     state_dir = state_dir_for(out) if calibrated else None
     earlier_seconds = RunState.committed_seconds(state_dir) if calibrated and args.resume else 0.0
-    cap = MemoryCap(parse_memory(args.max_memory)) if args.max_memory else None
+    cap = MemoryCap(budget) if budget is not None else None
     try:
         if cap is not None:
             cap.check("loading the model and the calibration text")
@@ -525,16 +529,14 @@ def _report_quantize(args: argparse.Namespace, config, records, out: Path, timin
         }, portable=True)
 
 
-def _onload_within_budget(config, source, max_memory: str):
+def _onload_within_budget(config, source, budget: int):
     """(model with its blocks left on disk, block loader, spill activations?) once the budget is checked.
 
     Activations are spilled to disk only when they are what makes the run exceed the budget.
     """
     from unibcq.methods.onload import memory_estimate, onload_model
-    from unibcq.methods.streaming import parse_memory
     from unibcq.models.loading import snapshot_dir
 
-    budget = parse_memory(max_memory)
     model, onload = onload_model(snapshot_dir(source))
     workload = (config.method, config.calib_samples, config.calib_seq_len, config.bits)
     needed = memory_estimate(model, *workload, batch_size=config.batch_size)
@@ -558,8 +560,8 @@ def _quantize_streaming(args: argparse.Namespace, config, source, out: Path, sav
     from unibcq.models.loading import snapshot_dir
 
     budget = parse_memory(args.max_memory)
-    if args.workers != 1:
-        raise UnibcqError("--max-memory runs one weight at a time; drop --workers")
+    if args.workers != 1 or args.backend != "local":
+        raise UnibcqError("--max-memory runs one weight at a time in this process; drop --workers and --backend")
     start = time.perf_counter()
     records = quantize_streaming(snapshot_dir(source), out, config, source_spec(args.model), budget,
                                  overwrite=args.overwrite, show_progress=not args.no_progress, dtype=save_dtype)

@@ -871,8 +871,46 @@ def test_more_workers_than_cpus_get_a_note(capsys, monkeypatch):
     assert capsys.readouterr().err == ""
     cli._check_workers(3)
     assert "--workers 3 exceeds the 2 CPUs" in capsys.readouterr().err
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: object() if name == "ray" else real(name, *a))
     cli._check_workers(64, backend="ray")
     assert capsys.readouterr().err == ""
+
+
+def test_budget_and_backend_mistakes_are_refused_before_the_model_loads(capsys, tmp_path, tiny_model_dir,
+                                                                        corpus_file, monkeypatch):
+    """Without Ray, --backend ray failed only once the model had loaded; --backend ray under
+    --max-memory ran locally without a word; an empty --max-memory meant no budget at all."""
+    import unibcq.models
+    from unibcq import cli
+
+    monkeypatch.setattr(unibcq.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    quantize = ["quantize", tiny_model_dir, "--out", tmp_path / "q", "--no-progress"]
+    code, _, err = run(capsys, *quantize, "--method", "rtn", "--backend", "ray")
+    assert code == 2 and "--backend ray needs Ray" in err
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: object() if name == "ray" else real(name, *a))
+    code, _, err = run(capsys, *quantize, "--method", "rtn", "--backend", "ray", "--max-memory", "4GiB")
+    assert code == 2 and "drop --workers and --backend" in err
+    code, _, err = run(capsys, *quantize, "--method", "gptq", "--calib", corpus_file, "--max-memory", "")
+    assert code == 2 and "is not a memory size" in err
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_dead_worker_process_is_one_clear_error(tiny_llama, monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    import unibcq
+    from unibcq.methods import per_matrix
+
+    def broken(*args, **kwargs):
+        raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(per_matrix, "_bounded", broken)
+    with pytest.raises(unibcq.UnibcqError, match="a worker process died .* fewer --workers"):
+        unibcq.quantize(tiny_llama(), unibcq.QuantConfig("rtn", group_size=32), show_progress=False, workers=2)
 
 
 def test_eval_notes_when_the_source_model_changed_since_quantizing(capsys, tmp_path, tiny_model_dir, corpus_file):

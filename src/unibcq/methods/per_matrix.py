@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -151,6 +152,10 @@ def _process_results(layers: dict[str, nn.Module], config: QuantConfig, workers:
 
     try:
         yield from _bounded(list(layers), submit, Future.result, 2 * workers)
+    except BrokenProcessPool:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise UnibcqError(f"a worker process died while quantizing (killed, most often for memory: each of the "
+                          f"{workers} workers holds its own copies of a matrix); rerun with fewer --workers") from None
     except BaseException:
         # Interrupted (Ctrl-C, SIGTERM) or failed: drop the queued matrices instead of finishing them.
         pool.shutdown(wait=False, cancel_futures=True)

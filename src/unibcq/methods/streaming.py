@@ -52,7 +52,8 @@ QUANTIZER_COPIES = 6
 MAX_SHARD_BYTES = 4 * 2**30
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
-          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}  # the last: Kubernetes' spelling
 
 
 def parse_memory(text: str) -> int:
@@ -64,9 +65,10 @@ def parse_memory(text: str) -> int:
         value = float(number)
     except ValueError:
         value = -1.0
-    if value <= 0 or unit not in _UNITS:
+    size = value * _UNITS.get(unit, 0)
+    if not (math.isfinite(size) and size >= 1):  # 1e400 overflowed int(); 0.5 bytes truncated to 0
         raise UnibcqError(f"--max-memory {text!r} is not a memory size; use e.g. 8GiB, 512MiB or a byte count")
-    return int(value * _UNITS[unit])
+    return int(size)
 
 
 def source_weight_map(model_dir: Path) -> dict[str, Path]:
@@ -129,6 +131,8 @@ class _ShardWriter:
             self.flush()
         self.held[name] = tensor.contiguous()
         self.held_bytes += size
+        if self.held_bytes >= self.shard_bytes:  # an oversized tensor (an embedding) is not held on
+            self.flush()                         # while the next weights are quantized
 
     def flush(self) -> None:
         if not self.held:
@@ -219,7 +223,8 @@ def quantize_streaming(
     if missing:
         raise UnibcqError(f"{model_dir} lacks tensors the config implies, e.g. {missing[:3]}")
 
-    working = _working_bytes(files, linears, max_memory, stored_as)
+    dense = [key for key in expected if key.rsplit(".", 1)[0] not in linears]
+    working = _working_bytes(files, linears, dense, max_memory, stored_as)
     if config.include_lm_head:
         hf_config.tie_word_embeddings = False
     records: list[LayerRecord] = []
@@ -257,17 +262,22 @@ def _input_embedding_key(skeleton: torch.nn.Module) -> str:
     return next(f"{name}.weight" for name, module in skeleton.named_modules() if module is embedding)
 
 
-def _working_bytes(files: dict[str, Path], linears: Collection[str], max_memory: int,
+def _working_bytes(files: dict[str, Path], linears: Collection[str], dense: Collection[str], max_memory: int,
                    stored_as: dict[str, str]) -> int:
     """Memory the quantization of the largest weight needs besides the output shard being filled;
-    refuse, before any weight is read, a budget that cannot also hold that weight's read."""
+    refuse, before any weight is read, a budget that cannot also hold that weight's read, or
+    the read and cast of the largest tensor left unquantized (an embedding of a large
+    vocabulary can outweigh every linear layer)."""
     largest = max(fp32_nbytes(files[key], stored_as.get(key, key)) for key in (f"{name}.weight" for name in linears))
+    largest_dense = max((fp32_nbytes(files[key], key) for key in dense), default=0)
     working = BASELINE_BYTES + QUANTIZER_COPIES * largest
-    if max_memory < working + largest:
+    needed = max(working + largest, BASELINE_BYTES + 2 * largest_dense)
+    if max_memory < needed:
+        what = (f"quantizing the largest weight ({largest / 2**20:.0f} MiB in fp32)" if needed == working + largest
+                else f"reading the largest unquantized tensor ({largest_dense / 2**20:.0f} MiB in fp32) and its cast")
         raise UnibcqError(
-            f"--max-memory {max_memory / 2**30:.2f} GiB is too small: quantizing the largest weight "
-            f"({largest / 2**20:.0f} MiB in fp32) needs about {(working + largest) / 2**30:.2f} GiB, of which "
-            f"{BASELINE_BYTES / 2**30:.2f} GiB is the process itself (Python, torch, transformers)"
+            f"--max-memory {max_memory / 2**30:.2f} GiB is too small: {what} needs about {needed / 2**30:.2f} GiB, "
+            f"of which {BASELINE_BYTES / 2**30:.2f} GiB is the process itself (Python, torch, transformers)"
         )
     return working
 
