@@ -298,3 +298,9 @@ def test_groups_never_span_rows(quantize, group_size):
     for r in range(w.shape[0]):
         alone = quantize(w[r : r + 1], group_size).dequantize()
         torch.testing.assert_close(w_hat[r : r + 1], alone, rtol=1e-3, atol=0)
+
+
+def test_signs_of_plus_and_minus_one_are_refused_not_read_as_all_plus():
+    signs = torch.tensor([[[1.0, -1.0] * 4]])
+    with pytest.raises(UnibcqError, match="signs must be a bool tensor"):
+        BCQTensor.from_codes(signs, torch.ones(1, 1, 1), None, 8)

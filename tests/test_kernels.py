@@ -132,6 +132,16 @@ def test_forward_mode_tangents_are_the_dense_products():
     torch.testing.assert_close(jacobian, dense, rtol=1e-5, atol=1e-5)
 
 
+def test_a_compiled_graph_backpropagates_through_the_op():
+    """AOTAutograd traces the backward formula with fake tensors; the compiled dequantize
+    behind it read their (missing) data pointers, so any compiled graph whose input needed a
+    gradient failed."""
+    weight = random_bcq(16, 64, 3, 32, True, seed=9)
+    x = torch.randn(3, 64, requires_grad=True)
+    torch.compile(lambda inp: bcq_linear(inp, weight).sum(), backend="aot_eager")(x).backward()
+    torch.testing.assert_close(x.grad, weight.dequantize().sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)
+
+
 def test_op_is_registered_and_traceable():
     weight = random_bcq(16, 64, 2, 32, False, seed=4)
     x = torch.randn(2, 64)

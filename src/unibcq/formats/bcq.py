@@ -149,8 +149,10 @@ class BCQTensor(StoredSize):
         """Build from unpacked codes: signs bool (bits, out, in), True meaning +1."""
         if signs.dim() != 3:
             raise UnibcqError(f"signs must be (bits, out, in), got shape {tuple(signs.shape)}")
+        if signs.dtype != torch.bool:  # a +-1 tensor's .bool() is all True: every sign would be +1
+            raise UnibcqError(f"signs must be a bool tensor (True = +1), got {signs.dtype}")
         return cls(
-            planes=pack_signs(signs.bool()),
+            planes=pack_signs(signs),
             alpha=alpha.to(STORAGE_DTYPE).contiguous(),
             offset=None if offset is None else offset.to(STORAGE_DTYPE).contiguous(),
             shape=(signs.shape[1], signs.shape[2]),

@@ -196,11 +196,14 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad):
-    """Gradient for the input only (packed weights are frozen): grad @ W."""
+    """Gradient for the input only (packed weights are frozen): grad @ W. Under torch.compile
+    the backward formula is traced, not opaque, so W comes from torch's own dequantization
+    there: the compiled kernel reads data pointers that fake tensors do not have."""
     planes, alpha, offset = ctx.saved_tensors
     in_features, group_size = ctx.layout
-    weight = dequantize_weight(BCQTensor(planes, alpha, offset, (planes.shape[1], in_features), group_size),
-                               grad.dtype)
+    packed = BCQTensor(planes, alpha, offset, (planes.shape[1], in_features), group_size)
+    traced = torch.compiler.is_compiling() or type(grad) is not torch.Tensor
+    weight = packed.dequantize(grad.dtype) if traced else dequantize_weight(packed, grad.dtype)
     return grad @ weight, None, None, None, None, None, None
 
 
