@@ -119,10 +119,11 @@ def save_checkpoint(
     if not layout:
         raise UnibcqError("the model has no quantized layers; run unibcq.quantize first")
     quantized_with = getattr(getattr(model.config, "quantization_config", None), "method", None)
-    if quantized_with is not None and quantized_with != config.validate().method:
+    config.validate()
+    if quantized_with is not None and quantized_with != config.method:
         raise UnibcqError(f"the model was quantized with {quantized_with}, but the config describes {config.method}; "
                           "save with the QuantConfig the model was quantized with")
-    check_config_matches(config.validate(), layout)
+    check_config_matches(config, layout)
     state = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         # Tied weights are one tensor; safetensors stores each storage once.

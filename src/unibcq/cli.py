@@ -445,7 +445,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     source = resolve_model(args.model)
     save_dtype = _save_dtype(args)
     if args.max_memory is not None and not calibrated:
-        return _quantize_streaming(args, config, source, out, save_dtype)  # checks the architecture itself
+        return _quantize_streaming(args, config, source, out, save_dtype, budget)  # checks the architecture itself
     check_supported(args.model)
     if calibrated:  # a missing calibration file or unreachable dataset, before the model loads
         check_source(args.calib, CALIB, args.data_dir)
@@ -554,12 +554,12 @@ def _onload_within_budget(config, source, budget: int):
     return model, onload, True
 
 
-def _quantize_streaming(args: argparse.Namespace, config, source, out: Path, save_dtype: torch.dtype) -> None:
+def _quantize_streaming(args: argparse.Namespace, config, source, out: Path, save_dtype: torch.dtype,
+                        budget: int) -> None:
     """`quantize --max-memory`: the streaming path for models larger than memory."""
-    from unibcq.methods.streaming import parse_memory, quantize_streaming
+    from unibcq.methods.streaming import quantize_streaming
     from unibcq.models.loading import snapshot_dir
 
-    budget = parse_memory(args.max_memory)
     if args.workers != 1 or args.backend != "local":
         raise UnibcqError("--max-memory runs one weight at a time in this process; drop --workers and --backend")
     start = time.perf_counter()
